@@ -1,0 +1,104 @@
+"""Dependencies: database sessions and API-key auth with scopes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from app.api.errors import ApiError
+from app.core.config import Settings, get_settings
+from app.core.security import allows, hash_key, key_prefix, parse_scopes
+from app.db.models import ApiKey
+from app.db.session import get_sessionmaker
+
+
+def get_db() -> Iterator[Session]:
+    with get_sessionmaker()() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_db)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+@dataclass(frozen=True)
+class Principal:
+    key_prefix: str
+    scopes: frozenset[str]
+
+
+_cache: dict[str, tuple[Principal, float]] = {}
+_cache_lock = threading.Lock()
+
+
+def _lookup(key: str, settings: Settings) -> Principal | None:
+    h = hash_key(key)
+    now = time.monotonic()
+    hit = _cache.get(h)
+    if hit is not None and hit[1] > now:
+        return hit[0]
+    principal: Principal | None = None
+    for entry in settings.api_keys:  # keys given by environment ('scope[,scope]:key')
+        scopes, sep, plain = entry.partition(":")
+        if sep and plain == key:
+            principal = Principal("env", parse_scopes(scopes))
+            break
+    if principal is None:
+        with get_sessionmaker()() as s:
+            row = s.execute(
+                select(ApiKey.scopes, ApiKey.prefix).where(ApiKey.key_hash == h, ApiKey.revoked_at.is_(None))
+            ).one_or_none()
+        if row is None:
+            return None
+        principal = Principal(row.prefix, parse_scopes(row.scopes))
+    with _cache_lock:
+        if len(_cache) > 10_000:
+            _cache.clear()
+        _cache[h] = (principal, now + settings.auth_cache_s)
+    return principal
+
+
+def _presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def require(scope: str) -> Callable[[Request], Awaitable[Principal]]:
+    """Dependency factory: the request must carry an API key granting `scope` (admin grants all)."""
+
+    async def dep(request: Request) -> Principal:
+        key = _presented_key(request)
+        challenge = {"WWW-Authenticate": 'Bearer realm="faultfleet"'}
+        if not key:
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'", headers=challenge)
+        settings = get_settings()
+        hit = _cache.get(hash_key(key))
+        if hit is not None and hit[1] > time.monotonic():
+            principal: Principal | None = hit[0]
+        else:
+            principal = await run_in_threadpool(_lookup, key, settings)
+        if principal is None:
+            raise ApiError(401, f"unknown or revoked API key {key_prefix(key)}...", headers=challenge)
+        if not allows(principal.scopes, scope):
+            raise ApiError(403, f"this API key lacks scope {scope!r} (it has: {sorted(principal.scopes)})")
+        return principal
+
+    dep.__name__ = f"require_{scope}"
+    return dep
+
+
+def clear_auth_cache() -> None:
+    with _cache_lock:
+        _cache.clear()

@@ -1,0 +1,88 @@
+"""One JSON error shape for every 4xx/5xx: ``{"detail": str, "errors": [{"loc": [...], "msg": str}]}``."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("faultfleet.api")
+
+
+class ApiError(Exception):
+    """An error answered as JSON with a status code (raised by routes and services)."""
+
+    def __init__(
+        self,
+        status_code: int,
+        detail: str,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+        self.errors = errors if errors is not None else []
+        self.headers = headers
+        self.extra = extra
+
+
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def loc_from_field(field: str, root: str = "body") -> list[str | int]:
+    """'faults[2].bit' -> ['body', 'faults', 2, 'bit']."""
+    loc: list[str | int] = [root] if root else []
+    for name, index in _PATH_PART.findall(field):
+        loc.append(int(index) if index else name)
+    return loc
+
+
+def value_error_to_item(exc: Exception, root: str = "body") -> dict[str, Any]:
+    """Turn `FaultMap.from_dict`'s "field: message" ValueError into an error item."""
+    msg = str(exc) or type(exc).__name__
+    field, sep, _rest = msg.partition(": ")
+    if sep and " " not in field and field:
+        return {"loc": loc_from_field(field, root), "msg": msg}
+    return {"loc": [root] if root else [], "msg": msg}
+
+
+def error_body(detail: str, errors: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
+    return {"detail": detail, "errors": errors or [], **extra}
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(
+            error_body(exc.detail, exc.errors, **exc.extra), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return JSONResponse(error_body(detail), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = []
+        for e in exc.errors():
+            item: dict[str, Any] = {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))}
+            if e.get("type"):
+                item["type"] = e["type"]
+            errors.append(item)
+        status = 400 if any(e.get("type") == "json_invalid" for e in exc.errors()) else 422
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        detail = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+        return JSONResponse(error_body(detail, errors), status_code=status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(req: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", req.method, req.url.path)
+        return JSONResponse(error_body("internal server error"), status_code=500)

@@ -1,0 +1,223 @@
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import SessionDep, require
+from app.api.errors import ApiError
+from app.core.config import get_settings
+from app.db.models import Chip
+from app.db.session import get_sessionmaker
+from app.schemas.chips import FAULT_MAP_SCHEMA, BulkResult, ChipDetail, ChipIngested, ChipPage
+from app.schemas.common import ERROR_RESPONSES
+from app.services import chips as svc
+from app.services.profiles import get_profile, profile_names
+
+router = APIRouter(prefix="/chips", tags=["chips"], responses=ERROR_RESPONSES)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, datetime):
+            v = (v if v.tzinfo else v.replace(tzinfo=UTC)).isoformat()
+        out[k] = v
+    return out
+
+
+def _parse_json(raw: bytes) -> Any:
+    if not raw.strip():
+        raise ApiError(400, "empty request body: expected a JSON fault map", [{"loc": ["body"], "msg": "empty"}])
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"body is not UTF-8: {exc}", [{"loc": ["body"], "msg": "not UTF-8"}]) from None
+    except json.JSONDecodeError as exc:
+        msg = f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        raise ApiError(400, msg, [{"loc": ["body"], "msg": msg}]) from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply", [{"loc": ["body"], "msg": "too deep"}]) from None
+
+
+def _ingest_one(doc: Any, replace: bool) -> tuple[int, dict[str, Any]]:
+    with get_sessionmaker()() as s:
+        try:
+            p = svc.prepare(s, doc)
+        except svc.InvalidFaultMap as exc:
+            first = exc.errors[0]["msg"]
+            raise ApiError(422, f"invalid fault map: {first}", exc.errors) from None
+        status, rev = svc.store_one(s, p, replace)
+        if status == "conflict":
+            s.rollback()
+            msg = (
+                f"chip {p.chip_id!r} already exists with a different fault map (revision {rev}); "
+                "send ?replace=true to store it as a new revision"
+            )
+            raise ApiError(409, msg, [{"loc": ["body", "chip_id"], "msg": msg}], current_revision=rev)
+        s.commit()
+        chip = s.scalars(select(Chip).where(Chip.chip_id == p.chip_id)).one()
+        body = svc.chip_summary(chip, {p.profile_id: p.accelerator})
+    body["status"] = status
+    return (201 if status == "created" else 200), _jsonable(body)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ChipIngested,
+    summary="Store one chip's fault map (201 created; 200 identical re-POST or replaced; 409 different map)",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": FAULT_MAP_SCHEMA}}}},
+    responses={200: {"model": ChipIngested, "description": "unchanged, or replaced with ?replace=true"}},
+)
+async def post_chip(
+    request: Request,
+    replace: bool = Query(False, description="store a different map as a new revision instead of answering 409"),
+    _p: Any = Depends(require("ingest")),
+) -> JSONResponse:
+    doc = _parse_json(await request.body())
+    code, body = await run_in_threadpool(_ingest_one, doc, replace)
+    return JSONResponse(body, status_code=code)
+
+
+def _ingest_bulk(raw: bytes, replace: bool) -> dict[str, Any]:
+    settings = get_settings()
+    lines = raw.split(b"\n")
+    if lines and not lines[-1].strip():
+        lines.pop()
+    if not any(line.strip() for line in lines):
+        raise ApiError(400, "empty body: expected NDJSON, one fault map per line", [{"loc": ["body"], "msg": "empty"}])
+    if len(lines) > settings.max_bulk_lines:
+        msg = f"{len(lines)} lines, more than the limit of {settings.max_bulk_lines} per request"
+        raise ApiError(413, msg, [{"loc": ["body"], "msg": msg}])
+    outcomes: dict[int, svc.BulkOutcome] = {}
+    valid: list[tuple[int, svc.Prepared]] = []
+    with get_sessionmaker()() as s:
+        for i, line in enumerate(lines, start=1):
+            if not line.strip():
+                outcomes[i] = svc.BulkOutcome(i, "rejected", errors=[{"loc": ["line", i], "msg": "empty line"}])
+                continue
+            try:
+                doc = json.loads(line)
+            except (ValueError, RecursionError) as exc:
+                outcomes[i] = svc.BulkOutcome(
+                    i, "rejected", errors=[{"loc": ["line", i], "msg": f"malformed JSON: {exc}"}]
+                )
+                continue
+            try:
+                p = svc.prepare(s, doc, root="")
+            except svc.InvalidFaultMap as exc:
+                cid = doc.get("chip_id") if isinstance(doc, dict) and isinstance(doc.get("chip_id"), str) else None
+                errs = [{"loc": ["line", i, *e["loc"]], "msg": e["msg"]} for e in exc.errors]
+                outcomes[i] = svc.BulkOutcome(i, "rejected", cid, errors=errs)
+                continue
+            valid.append((i, p))
+        s.rollback()  # end the read transaction of profile lookups
+        for o in svc.store_many(s, valid, replace):
+            outcomes[o.line] = o
+    ordered = [outcomes[i] for i in sorted(outcomes)]
+    counts = {k: 0 for k in ("created", "unchanged", "replaced", "rejected")}
+    out_lines = []
+    for o in ordered:
+        counts[o.status] += 1
+        d: dict[str, Any] = {"line": o.line, "status": o.status}
+        if o.chip_id is not None:
+            d["chip_id"] = o.chip_id
+        if o.revision is not None:
+            d["revision"] = o.revision
+        if o.errors:
+            d["errors"] = o.errors
+        out_lines.append(d)
+    return {"lines_total": len(lines), **counts, "lines": out_lines}
+
+
+@router.post(
+    "/bulk",
+    response_model=BulkResult,
+    summary="Store many fault maps: NDJSON, one map per line; per-line created/unchanged/replaced/rejected",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/x-ndjson": {"schema": {"type": "string", "description": "one JSON map a line"}}},
+        }
+    },
+)
+async def post_chips_bulk(
+    request: Request,
+    replace: bool = Query(False, description="store changed maps as new revisions instead of rejecting them"),
+    _p: Any = Depends(require("ingest")),
+) -> JSONResponse:
+    raw = await request.body()
+    body = await run_in_threadpool(_ingest_bulk, raw, replace)
+    return JSONResponse(body)
+
+
+def _encode_cursor(pk: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"after": pk}).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        pad = "=" * (-len(cursor) % 4)
+        after = json.loads(base64.urlsafe_b64decode(cursor + pad))["after"]
+        if not isinstance(after, int):
+            raise ValueError
+        return after
+    except Exception:
+        raise ApiError(
+            422, "invalid cursor", [{"loc": ["query", "cursor"], "msg": "not a cursor this API returned"}]
+        ) from None
+
+
+@router.get("", response_model=ChipPage, dependencies=[Depends(require("read"))], summary="List chips")
+def list_chips(
+    session: SessionDep,
+    lot: str | None = None,
+    wafer: int | None = None,
+    accelerator: str | None = Query(None, description="accelerator profile name"),
+    limit: int = Query(100, ge=1),
+    cursor: str | None = None,
+) -> Any:
+    limit = min(limit, get_settings().page_size_max)
+    q = select(Chip).order_by(Chip.id).limit(limit + 1)
+    if lot is not None:
+        q = q.where(Chip.lot == lot)
+    if wafer is not None:
+        q = q.where(Chip.wafer == wafer)
+    if accelerator is not None:
+        prof = get_profile(session, accelerator)
+        if prof is None:
+            return {"items": [], "next_cursor": None}
+        q = q.where(Chip.accelerator_id == prof.id)
+    if cursor:
+        q = q.where(Chip.id > _decode_cursor(cursor))
+    rows = list(session.scalars(q))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    names = profile_names(session)
+    return {
+        "items": svc.chip_summaries(rows, names),
+        "next_cursor": _encode_cursor(rows[-1].id) if more and rows else None,
+    }
+
+
+@router.get(
+    "/{chip_id}",
+    response_model=ChipDetail,
+    dependencies=[Depends(require("read"))],
+    summary="One chip: current fault map and every revision",
+)
+def get_chip(chip_id: str, session: SessionDep) -> Any:
+    chip = session.scalar(select(Chip).where(Chip.chip_id == chip_id))
+    if chip is None:
+        raise ApiError(404, f"no chip {chip_id!r}", [{"loc": ["path", "chip_id"], "msg": "not found"}])
+    d = svc.chip_summary(chip, profile_names(session))
+    d["fault_map"] = chip.fault_map
+    d["revisions"] = chip.revisions
+    return d

@@ -1,0 +1,191 @@
+"""``faultfleet migrate | serve | worker | keys create | run``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.core.config import Settings
+
+
+def _settings() -> Settings:
+    from app.core.config import get_settings
+
+    return get_settings()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from app.db import migrate
+
+    settings = _settings()
+    settings.ensure_dirs()
+    migrate.upgrade(settings.database_url, args.revision)
+    print(f"database migrated to {args.revision}: {_redact(settings.database_url)}", file=sys.stderr)
+    if settings.create_local_admin_key:
+        _local_admin_key()
+    return 0
+
+
+def _local_admin_key() -> None:
+    from app.db.session import session_scope
+    from app.services.keys import ensure_local_admin_key
+
+    settings = _settings()
+    with session_scope() as s:
+        created = ensure_local_admin_key(s, settings)
+    path = settings.local_admin_key_file
+    if created:
+        print(f"created a local admin API key in {path} (send it as 'Authorization: Bearer <key>')", file=sys.stderr)
+    else:
+        print(f"local admin API key: {path}", file=sys.stderr)
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run(
+        "app.main:app",
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        access_log=not args.no_access_log,
+    )
+    return 0
+
+
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    settings = _settings()
+    argv = ["worker", "--loglevel", args.loglevel, "-Q", settings.queue]
+    pool = args.pool or settings.worker_pool
+    argv += ["--pool", pool]
+    concurrency = args.concurrency or settings.worker_concurrency
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    if settings.broker_is_filesystem:
+        argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+    return argv
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.celery_app import celery_app
+
+    celery_app.worker_main(_worker_argv(args))
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from app.db.session import session_scope
+    from app.services.keys import create_key
+
+    scopes: list[str] = [s for group in args.scope for s in group.replace(",", " ").split()]
+    try:
+        with session_scope() as s:
+            key, row = create_key(s, scopes, name=args.name or "")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(key)
+    print(f"created key {row.prefix}... with scope(s) {row.scopes}; it is shown only once", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Embedded quick start: migrate, one worker subprocess, uvicorn in this process."""
+    rc = cmd_migrate(argparse.Namespace(revision="head"))
+    if rc:
+        return rc
+    settings = _settings()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker", "--loglevel", "INFO", "--concurrency", str(args.concurrency)],
+        env=os.environ.copy(),
+    )
+    print(
+        f"faultfleet: API on http://{args.host}:{args.port} (docs at /docs), worker pid {worker.pid}, "
+        f"state in {settings.var_dir}; Ctrl-C stops both",
+        file=sys.stderr,
+    )
+    try:
+        import uvicorn
+
+        uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="info")
+    finally:
+        _stop(worker)
+    return 0
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)  # Celery: warm shutdown (finish the current task)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if proc.poll() is None:
+        proc.kill()  # a job it was running is recovered by the next worker's sweep
+        proc.wait()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="faultfleet", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("migrate", help="apply the Alembic migrations to the configured database")
+    m.add_argument("revision", nargs="?", default="head")
+    m.set_defaults(fn=cmd_migrate)
+
+    s = sub.add_parser("serve", help="run the API (uvicorn)")
+    s.add_argument("--host", default=os.environ.get("FAULTFLEET_HOST", "127.0.0.1"))
+    s.add_argument("--port", type=int, default=int(os.environ.get("FAULTFLEET_PORT", "8000")))
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--log-level", default="info")
+    s.add_argument("--no-access-log", action="store_true")
+    s.set_defaults(fn=cmd_serve)
+
+    w = sub.add_parser("worker", help="run a Celery worker on the configured broker")
+    w.add_argument("--concurrency", type=int, default=None)
+    w.add_argument("--pool", default=None, help="prefork (default), threads or solo")
+    w.add_argument("--hostname", default=None, help="Celery node name, e.g. w1@%%h")
+    w.add_argument("--loglevel", default="INFO")
+    w.set_defaults(fn=cmd_worker)
+
+    k = sub.add_parser("keys", help="API keys")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="create an API key and print it (shown once)")
+    kc.add_argument("--scope", action="append", required=True, help="ingest, plan, read or admin (repeatable)")
+    kc.add_argument("--name", default="")
+    kc.set_defaults(fn=cmd_keys_create)
+
+    r = sub.add_parser("run", help="embedded quick start: migrate + worker + API; Ctrl-C stops both")
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=int(os.environ.get("FAULTFLEET_PORT", "8000")))
+    r.add_argument("--concurrency", type=int, default=1)
+    r.set_defaults(fn=cmd_run)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

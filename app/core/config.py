@@ -1,0 +1,127 @@
+"""All service settings in one class; environment prefix ``FAULTFLEET_``.
+
+Embedded default (no variables set): a SQLite file and a serverless Celery broker
+(kombu's filesystem transport) under ``./var``. Scale-out: point
+``FAULTFLEET_DATABASE_URL`` at ``postgresql+psycopg://...`` and ``FAULTFLEET_BROKER_URL``
+/ ``FAULTFLEET_RESULT_BACKEND`` at ``redis://...``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FAULTFLEET_", env_file=None, extra="ignore")
+
+    # --- storage ---------------------------------------------------------------
+    var_dir: Path = Field(default=Path("var"), description="Embedded default state: SQLite file, broker folders")
+    database_url: str = Field(default="", description="SQLAlchemy URL; default sqlite:///<var_dir>/faultfleet.db")
+    artifact_dir: Path | None = Field(default=None, description="Artifact store directory; default <var_dir>/artifacts")
+    db_pool_size: int = 10
+    db_max_overflow: int = 20
+
+    # --- Celery ------------------------------------------------------------------
+    broker_url: str = Field(default="", description="Celery broker; default filesystem:// under <var_dir>/broker")
+    result_backend: str = Field(default="", description="Celery result backend; default file://<var_dir>/results")
+    queue: str = Field(default="faultfleet", description="Celery queue name (one per deployment / test session)")
+    redis_key_prefix: str = Field(default="", description="Prefix of every Redis key the broker and backend write")
+    broker_visibility_timeout_s: int = Field(
+        default=600, description="Redis: an unacked message is redelivered after this long (duplicates are harmless)"
+    )
+    broker_polling_interval_s: float = Field(default=0.2, description="Filesystem broker: poll interval")
+    worker_concurrency: int | None = None
+    worker_pool: str = "prefork"
+
+    # --- jobs ----------------------------------------------------------------------
+    job_heartbeat_s: float = Field(default=5.0, description="A running job's worker touches its row this often")
+    job_stale_after_s: float = Field(default=30.0, description="A 'running' job with an older heartbeat is re-enqueued")
+    job_requeue_queued_after_s: float = Field(
+        default=120.0, description="A 'queued' job not picked up for this long is re-sent (lost message)"
+    )
+    job_sweep_interval_s: float = Field(default=10.0, description="How often each worker runs the recovery sweep")
+    job_max_attempts: int = Field(default=5, description="A job claimed this many times without finishing fails")
+
+    # --- API -------------------------------------------------------------------------
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Extra API keys accepted as 'scope:key' (e.g. 'admin:s3cret'); stored keys live hashed in the DB",
+    )
+    create_local_admin_key: bool | None = Field(
+        default=None, description="Create an admin key file on first run; default on for SQLite, off otherwise"
+    )
+    max_body_bytes: int = Field(default=1 << 20, description="Body limit (bytes), all but bulk")
+    max_bulk_bytes: int = Field(default=64 << 20, description="Request body limit (bytes) of POST /chips/bulk")
+    max_bulk_lines: int = Field(default=100_000, description="Most NDJSON lines per bulk request")
+    auth_cache_s: float = Field(default=30.0, description="How long a verified API key is cached in-process")
+    page_size_max: int = 1000
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        self.var_dir = self.var_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.var_dir / 'faultfleet.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if not self.result_backend:
+            self.result_backend = f"file://{self.var_dir / 'results'}"
+        if self.artifact_dir is None:
+            self.artifact_dir = self.var_dir / "artifacts"
+        self.artifact_dir = self.artifact_dir.expanduser().resolve()
+        if self.create_local_admin_key is None:
+            self.create_local_admin_key = self.is_sqlite
+        return self
+
+    # --- derived ------------------------------------------------------------------------
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def broker_is_filesystem(self) -> bool:
+        return self.broker_url.startswith("filesystem")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.var_dir / "broker"
+
+    @property
+    def local_admin_key_file(self) -> Path:
+        return self.var_dir / "admin.key"
+
+    def broker_transport_options(self) -> dict[str, Any]:
+        if self.broker_is_filesystem:
+            d = self.broker_dir
+            return {
+                "data_folder_in": str(d / "queue"),
+                "data_folder_out": str(d / "queue"),
+                "control_folder": str(d / "control"),
+                "processed_folder": str(d / "processed"),
+                "store_processed": False,
+                "polling_interval": self.broker_polling_interval_s,
+            }
+        opts: dict[str, Any] = {"visibility_timeout": self.broker_visibility_timeout_s}
+        if self.redis_key_prefix and self.broker_url.startswith(("redis", "rediss")):
+            opts["global_keyprefix"] = self.redis_key_prefix
+        return opts
+
+    def ensure_dirs(self) -> None:
+        """Create the local folders the embedded default needs."""
+        self.var_dir.mkdir(parents=True, exist_ok=True)
+        assert self.artifact_dir is not None
+        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        if self.broker_is_filesystem:
+            for key in ("data_folder_in", "control_folder", "processed_folder"):
+                Path(self.broker_transport_options()[key]).mkdir(parents=True, exist_ok=True)
+        if self.result_backend.startswith("file://"):
+            Path(self.result_backend.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,41 @@
+"""The ASGI app: ``uvicorn app.main:app`` (or ``faultfleet serve``)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from app.api import errors
+from app.api.limits import BodySizeLimit
+from app.api.main import api_router
+from app.api.routes import health
+from app.core.config import get_settings
+
+API_PREFIX = "/api/v1"
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    settings.ensure_dirs()
+    app = FastAPI(
+        title="faultfleet",
+        version="0.1.0",
+        description="Fault-aware retraining for fleets of faulty systolic-array accelerator chips. "
+        "Every /api/v1 route needs an API key (`Authorization: Bearer <key>` or `X-API-Key`).",
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+    )
+    errors.install(app)
+    app.add_middleware(
+        BodySizeLimit,
+        default_limit=settings.max_body_bytes,
+        overrides={"/chips/bulk": settings.max_bulk_bytes},
+    )
+    app.include_router(health.router)
+    app.include_router(api_router, prefix=API_PREFIX)
+    logging.getLogger("faultfleet").setLevel(logging.INFO)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,311 @@
+"""Fault-map ingestion: validation through `accelerator.faults.FaultMap`, idempotent upserts, revisions.
+
+Rules
+- A chip id seen for the first time is *created* (revision 1).
+- The identical document again is *unchanged* (nothing written).
+- A different document is a conflict unless ``replace`` is set, which stores a new
+  revision (the old ones are kept) and makes it current: *replaced*.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from accelerator.faults import FaultMap
+from app.api.errors import value_error_to_item
+from app.db.base import utcnow
+from app.db.models import Chip, ChipRevision
+from app.services.profiles import get_profile
+
+TOP_LEVEL_FIELDS = frozenset({"chip_id", "accelerator", "array", "faults", "lot", "wafer", "die_x", "die_y"})
+MAX_CHIP_ID = 128
+
+Status = Literal["created", "unchanged", "replaced", "conflict"]
+
+
+class InvalidFaultMap(Exception):
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(errors[0]["msg"] if errors else "invalid fault map")
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated, canonicalised fault map ready to store."""
+
+    chip_id: str
+    profile_id: int
+    accelerator: str
+    lot: str | None
+    wafer: int | None
+    die_x: int | None
+    die_y: int | None
+    doc: dict[str, Any]
+    content_hash: str
+    faults_digest: str
+    n_faults: int
+    fault_rate: float
+
+
+def canonical_hash(doc: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def prepare(session: Session, d: Any, root: str = "body") -> Prepared:
+    """Validate one fault-map document; raises `InvalidFaultMap` naming the offending field."""
+
+    def bad(field: str, msg: str) -> InvalidFaultMap:
+        from app.api.errors import loc_from_field
+
+        return InvalidFaultMap([{"loc": loc_from_field(field, root), "msg": f"{field}: {msg}"}])
+
+    if not isinstance(d, dict):
+        raise InvalidFaultMap(
+            [{"loc": [root] if root else [], "msg": f"must be a JSON object, got {type(d).__name__}"}]
+        )
+    unknown = set(d) - TOP_LEVEL_FIELDS
+    if unknown:
+        raise bad(sorted(unknown)[0], f"unknown field (allowed: {sorted(TOP_LEVEL_FIELDS)})")
+    chip_id = d.get("chip_id")
+    if not isinstance(chip_id, str) or not chip_id.strip():
+        raise bad("chip_id", f"required, a non-empty string, got {chip_id!r}")
+    if len(chip_id) > MAX_CHIP_ID:
+        raise bad("chip_id", f"longer than {MAX_CHIP_ID} characters")
+    name = d.get("accelerator")
+    if not isinstance(name, str) or not name:
+        raise bad("accelerator", f"required, the name of a registered accelerator profile, got {name!r}")
+    profile = get_profile(session, name)
+    if profile is None:
+        raise bad("accelerator", f"unknown accelerator profile {name!r}")
+    for field in ("lot",):
+        v = d.get(field)
+        if v is not None and isinstance(v, str) and len(v) > 64:
+            raise bad(field, "longer than 64 characters")
+    for field in ("wafer", "die_x", "die_y"):
+        v = d.get(field)
+        if isinstance(v, int) and not isinstance(v, bool) and not -(2**31) <= v < 2**31:
+            raise bad(field, f"{v} out of the 32-bit range")
+    try:
+        fm = FaultMap.from_dict(d, array=profile.array)
+    except RecursionError:
+        raise InvalidFaultMap([{"loc": [root] if root else [], "msg": "document nested too deeply"}]) from None
+    except Exception as exc:  # FaultMap raises ValueError; anything else on bad input is still a 422
+        raise InvalidFaultMap([value_error_to_item(exc, root)]) from None
+    doc = fm.to_dict()
+    return Prepared(
+        chip_id=chip_id,
+        profile_id=profile.id,
+        accelerator=profile.name,
+        lot=fm.lot,
+        wafer=fm.wafer,
+        die_x=fm.die_x,
+        die_y=fm.die_y,
+        doc=doc,
+        content_hash=canonical_hash(doc),
+        faults_digest=fm.digest,
+        n_faults=len(fm),
+        fault_rate=fm.rate,
+    )
+
+
+def _insert(session: Session, table: Any) -> Any:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return pg_insert(table)
+    if dialect == "sqlite":
+        return sqlite_insert(table)
+    raise RuntimeError(f"unsupported database dialect {dialect!r}")
+
+
+def _chip_values(p: Prepared, now: datetime, revision: int = 1) -> dict[str, Any]:
+    return {
+        "chip_id": p.chip_id,
+        "accelerator_id": p.profile_id,
+        "lot": p.lot,
+        "wafer": p.wafer,
+        "die_x": p.die_x,
+        "die_y": p.die_y,
+        "revision": revision,
+        "content_hash": p.content_hash,
+        "faults_digest": p.faults_digest,
+        "n_faults": p.n_faults,
+        "fault_rate": p.fault_rate,
+        "fault_map": p.doc,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _rev_values(chip_pk: int, p: Prepared, revision: int, now: datetime) -> dict[str, Any]:
+    return {
+        "chip_pk": chip_pk,
+        "revision": revision,
+        "content_hash": p.content_hash,
+        "faults_digest": p.faults_digest,
+        "n_faults": p.n_faults,
+        "fault_rate": p.fault_rate,
+        "fault_map": p.doc,
+        "created_at": now,
+    }
+
+
+_CURRENT_COLS = (Chip.id, Chip.chip_id, Chip.revision, Chip.content_hash)
+
+
+def _replace(session: Session, p: Prepared, current: Any, now: datetime) -> int | None:
+    """Store `p` as the next revision of the chip; None if another writer got there first."""
+    new_rev = current.revision + 1
+    res = session.execute(
+        update(Chip)
+        .where(Chip.id == current.id, Chip.revision == current.revision)
+        .values(
+            revision=new_rev,
+            accelerator_id=p.profile_id,
+            lot=p.lot,
+            wafer=p.wafer,
+            die_x=p.die_x,
+            die_y=p.die_y,
+            content_hash=p.content_hash,
+            faults_digest=p.faults_digest,
+            n_faults=p.n_faults,
+            fault_rate=p.fault_rate,
+            fault_map=p.doc,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    session.execute(_insert(session, ChipRevision), [_rev_values(current.id, p, new_rev, now)])
+    return new_rev
+
+
+def store_one(session: Session, p: Prepared, replace: bool) -> tuple[Status, int]:
+    """Upsert one chip in the session's transaction (caller commits). Returns (status, revision)."""
+    for _ in range(10):
+        now = utcnow()
+        ins = (
+            _insert(session, Chip)
+            .values(**_chip_values(p, now))
+            .on_conflict_do_nothing(index_elements=["chip_id"])
+            .returning(Chip.id)
+        )
+        pk = session.execute(ins).scalar()
+        if pk is not None:
+            session.execute(_insert(session, ChipRevision), [_rev_values(pk, p, 1, now)])
+            return "created", 1
+        current = session.execute(select(*_CURRENT_COLS).where(Chip.chip_id == p.chip_id)).one_or_none()
+        if current is None:
+            continue  # deleted in between: try the insert again
+        if current.content_hash == p.content_hash:
+            return "unchanged", current.revision
+        if not replace:
+            return "conflict", current.revision
+        rev = _replace(session, p, current, now)
+        if rev is not None:
+            return "replaced", rev
+    raise RuntimeError(f"could not store chip {p.chip_id!r}: too much concurrent churn")
+
+
+@dataclass
+class BulkOutcome:
+    line: int
+    status: str
+    chip_id: str | None = None
+    revision: int | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
+def store_many(
+    session: Session, items: Sequence[tuple[int, Prepared]], replace: bool, chunk: int = 1000
+) -> list[BulkOutcome]:
+    """Store validated maps (line number, map) in chunks, one transaction per chunk.
+
+    Duplicate chip ids inside one request: the first occurrence wins; a later identical
+    line is unchanged, a later different line is rejected (or, with replace, a new revision).
+    """
+    out: list[BulkOutcome] = []
+    for start in range(0, len(items), chunk):
+        part = items[start : start + chunk]
+        out.extend(_store_chunk(session, part, replace))
+        session.commit()
+    return out
+
+
+def _store_chunk(session: Session, part: Sequence[tuple[int, Prepared]], replace: bool) -> list[BulkOutcome]:
+    now = utcnow()
+    ids = list({p.chip_id for _, p in part})
+    existing = {r.chip_id: r for r in session.execute(select(*_CURRENT_COLS).where(Chip.chip_id.in_(ids)))}
+    first: dict[str, tuple[int, Prepared]] = {}
+    later: list[tuple[int, Prepared]] = []
+    for line, p in part:
+        if p.chip_id in existing or p.chip_id in first:
+            later.append((line, p))
+        else:
+            first[p.chip_id] = (line, p)
+    results: dict[int, BulkOutcome] = {}
+    if first:
+        ins = _insert(session, Chip).on_conflict_do_nothing(index_elements=["chip_id"]).returning(Chip.id, Chip.chip_id)
+        rows = session.execute(ins, [_chip_values(p, now) for _, p in first.values()]).all()
+        created = {r.chip_id: r.id for r in rows}
+        if created:
+            session.execute(
+                _insert(session, ChipRevision),
+                [_rev_values(pk, first[cid][1], 1, now) for cid, pk in created.items()],
+            )
+        for cid, (line, p) in first.items():
+            if cid in created:
+                results[line] = BulkOutcome(line, "created", cid, 1)
+            else:  # inserted concurrently by another request: handle like an existing chip
+                later.insert(0, (line, p))
+    for line, p in sorted(later, key=lambda t: t[0]):
+        status, rev = store_one(session, p, replace)
+        if status == "conflict":
+            results[line] = BulkOutcome(
+                line,
+                "rejected",
+                p.chip_id,
+                rev,
+                [
+                    {
+                        "loc": ["line", line, "chip_id"],
+                        "msg": f"chip_id: {p.chip_id!r} already exists with a different fault map "
+                        f"(revision {rev}); send ?replace=true to store a new revision",
+                    }
+                ],
+            )
+        else:
+            results[line] = BulkOutcome(line, status, p.chip_id, rev)
+    return [results[line] for line, _ in part]
+
+
+def chip_summaries(rows: Iterable[Chip], names: dict[int, str]) -> list[dict[str, Any]]:
+    return [chip_summary(c, names) for c in rows]
+
+
+def chip_summary(c: Chip, names: dict[int, str]) -> dict[str, Any]:
+    return {
+        "chip_id": c.chip_id,
+        "accelerator": names.get(c.accelerator_id, str(c.accelerator_id)),
+        "lot": c.lot,
+        "wafer": c.wafer,
+        "die_x": c.die_x,
+        "die_y": c.die_y,
+        "revision": c.revision,
+        "content_hash": c.content_hash,
+        "faults_digest": c.faults_digest,
+        "n_faults": c.n_faults,
+        "fault_rate": c.fault_rate,
+        "created_at": c.created_at,
+        "updated_at": c.updated_at,
+    }

@@ -1,0 +1,46 @@
+"""Accelerator profiles. Profiles never change once stored, so lookups are cached per database."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from accelerator.faults import ArrayConfig
+from app.db.models import AcceleratorProfile
+
+
+@dataclass(frozen=True)
+class ProfileInfo:
+    id: int
+    name: str
+    array: ArrayConfig
+
+
+_cache: dict[tuple[str, str], ProfileInfo] = {}
+_lock = threading.Lock()
+
+
+def _key(session: Session, name: str) -> tuple[str, str]:
+    bind = session.get_bind()
+    return (str(bind.engine.url), name)
+
+
+def get_profile(session: Session, name: str) -> ProfileInfo | None:
+    key = _key(session, name)
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    row = session.scalar(select(AcceleratorProfile).where(AcceleratorProfile.name == name))
+    if row is None:
+        return None
+    info = ProfileInfo(row.id, row.name, ArrayConfig(row.rows, row.cols, row.fmt, row.bypass))
+    with _lock:
+        _cache[key] = info
+    return info
+
+
+def profile_names(session: Session) -> dict[int, str]:
+    return dict(session.execute(select(AcceleratorProfile.id, AcceleratorProfile.name)).tuples().all())

@@ -1,0 +1,1 @@
+"""Alembic schema history of faultfleet (a package so `faultfleet migrate` finds it from any cwd)."""
