@@ -13,7 +13,38 @@ from typing import Any
 from accelerator.faults import NUMBER_FORMATS, SITES, ArrayConfig, DenseFaults, Fault, FaultMap, NumberFormat
 
 # public name -> submodule that defines it (imported lazily: these need torch)
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "systolic_matmul": "accelerator.systolic",
+    "fast_matmul": "accelerator.fast",
+    "QUANTIZERS": "accelerator.quant",
+    "Quantizer": "accelerator.quant",
+    "quantizer": "accelerator.quant",
+    "on_array": "accelerator.layers",
+    "set_faults": "accelerator.layers",
+    "to_float": "accelerator.layers",
+    "calibrate": "accelerator.layers",
+    "uncalibrated_layers": "accelerator.layers",
+    "lowered_layers": "accelerator.layers",
+    "array_layers": "accelerator.layers",
+    "ArrayLinear": "accelerator.layers",
+    "ArrayConv2d": "accelerator.layers",
+    "evaluate": "accelerator.train",
+    "accuracy": "accelerator.train",
+    "train": "accelerator.train",
+    "fault_aware_train": "accelerator.train",
+    "layer_sensitivity": "accelerator.train",
+    "cycles": "accelerator.cycles",
+    "protected_cycles": "accelerator.cycles",
+    "tmr_penalty": "accelerator.cycles",
+    "TMR_FACTOR": "accelerator.cycles",
+    "build_model": "accelerator.zoo",
+    "load_model": "accelerator.zoo",
+    "save_model": "accelerator.zoo",
+    "read_state_dict": "accelerator.zoo",
+    "ARCHS": "accelerator.zoo",
+    "Dataset": "accelerator.data",
+    "load_dataset": "accelerator.data",
+}
 
 __all__ = ["NUMBER_FORMATS", "SITES", "ArrayConfig", "DenseFaults", "Fault", "FaultMap", "NumberFormat", *_LAZY]
 
