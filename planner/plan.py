@@ -1,0 +1,575 @@
+"""eFAT + TRE-Map fleet planning: who needs nothing, how much retraining, which chips share it.
+
+`plan_fleet` places every chip that fails screening on the resilience map by its
+effective rate (`planner.severity`), reads its own amount (epochs), and groups chips
+in two stages:
+
+1. Clustering (scikit-learn `MiniBatchKMeans`, per amount bucket). Each chip is a
+   sparse vector: its severity-weighted faulty PEs, their row and column projections
+   and its fault-class histogram, L2-normalised, so Euclidean k-means is spherical
+   k-means on cosine distance. Chips close in that distance share faulty PEs (their
+   fused map grows least: the union counts a shared PE once) and share rows (act
+   faults hit the same input indices) and columns (weight/psum faults hit the same
+   output channels), so one retrained model compensates for both. MiniBatchKMeans
+   on sparse input is linear in the fleet size: no all-pairs distance matrix.
+2. Reward-driven packing inside each cluster (greedy, deterministic): a group starts
+   from its hardest chip and takes the candidate with the largest reward
+   ``own_amount(candidate) - (amount(group + candidate) - amount(group))`` (epochs
+   saved against retraining it alone), ties broken by the smallest growth of the fused
+   effective rate, then by chip id. A candidate is taken only while the reward is
+   positive, the fused effective rate is one the map says retraining can fix, and the
+   group stays within `max_group_size`. Hence every group costs less than its members
+   alone, and the plan never costs more than per-chip FAT.
+
+Chips the map says no amount can fix are planned alone at the per-chip FAT amount
+(what the baseline spends on them); `replan` escalates them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from accelerator.faults import FaultMap
+from planner.constraint import AccuracyConstraint
+from planner.resilience import ResilienceMap
+from planner.schedules import InjectionSchedule, fuse_fault_maps, schedule_from_spec
+from planner.severity import SiteSeverity, fault_class, fault_classes, screening_equivalent_rate
+
+# chip states
+NEEDS_NOTHING = "needs_nothing"
+PLANNED = "planned"
+VERIFIED = "verified"
+UNRECOVERABLE = "unrecoverable"
+
+
+@dataclass
+class Group:
+    """One retraining job: the base model retrained `amount` epochs on the members' fused map.
+
+    `members` are chip ids, mildest effective rate first (the order of a progressive
+    union); `schedule` is a schedule spec (`planner.schedules`); `protect` asks for the
+    most sensitive layer to run fault-free (3x its cycles). `round` 0 is the initial
+    plan, later rounds come from `replan`; `reason` says why the group exists.
+    """
+
+    group_id: str
+    members: tuple[str, ...]
+    fused: FaultMap
+    amount: int
+    effective_rate: float
+    schedule: dict[str, Any]
+    protect: bool = False
+    round: int = 0
+    reason: str = "grouped"
+    status: str = "pending"  # pending -> done (after verification)
+
+    def injection_schedule(self, maps: Mapping[str, FaultMap], steps_per_epoch: int | None = None) -> InjectionSchedule:
+        """The schedule over the members' own maps (`maps`: chip id -> map)."""
+        spec = {"name": self.schedule["name"], "params": dict(self.schedule.get("params", {}))}
+        if spec["name"] == "progressive_union":
+            spec["params"]["steps_per_epoch"] = steps_per_epoch
+        return schedule_from_spec(spec, [maps[c] for c in self.members])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "group_id": self.group_id,
+            "members": list(self.members),
+            "fused": self.fused.to_dict(),
+            "fused_digest": self.fused.digest,
+            "amount": self.amount,
+            "effective_rate": self.effective_rate,
+            "schedule": self.schedule,
+            "protect": self.protect,
+            "round": self.round,
+            "reason": self.reason,
+            "status": self.status,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Group:
+        return cls(
+            d["group_id"],
+            tuple(d["members"]),
+            FaultMap.from_dict(d["fused"]),
+            int(d["amount"]),
+            float(d["effective_rate"]),
+            dict(d["schedule"]),
+            bool(d.get("protect", False)),
+            int(d.get("round", 0)),
+            d.get("reason", "grouped"),
+            d.get("status", "pending"),
+        )
+
+
+@dataclass
+class ChipState:
+    """Where one chip stands. Accuracies are fractions; `amount` is its own amount on the map (None: beyond)."""
+
+    chip_id: str
+    status: str
+    screening: float
+    effective_rate: float
+    amount: int | None = None
+    group_id: str | None = None
+    accuracy: float | None = None
+    best_accuracy: float | None = None
+    reason: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chip_id": self.chip_id,
+            "status": self.status,
+            "screening": self.screening,
+            "effective_rate": self.effective_rate,
+            "amount": self.amount,
+            "group_id": self.group_id,
+            "accuracy": self.accuracy,
+            "best_accuracy": self.best_accuracy,
+            "reason": self.reason,
+            "history": self.history,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ChipState:
+        return cls(
+            d["chip_id"],
+            d["status"],
+            float(d["screening"]),
+            float(d["effective_rate"]),
+            d.get("amount"),
+            d.get("group_id"),
+            d.get("accuracy"),
+            d.get("best_accuracy"),
+            d.get("reason"),
+            list(d.get("history", [])),
+        )
+
+
+@dataclass
+class PlanSettings:
+    """Knobs of `plan_fleet`, kept with the plan so `replan` applies the same rules."""
+
+    max_group_size: int = 5
+    seed: int = 0
+    schedule: str = "progressive_union"
+    ramp_fraction: float = 0.5
+    placement: str = "severity"  # or "conservative": max(severity rate, screening-equivalent rate)
+    coarse_cluster_size: int = 128
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PlanSettings:
+        return cls(**dict(d))
+
+
+@dataclass
+class Plan:
+    """A fleet plan: groups to retrain, chips' states, and its cost against per-chip FAT (epochs)."""
+
+    constraint: AccuracyConstraint
+    resilience_map: ResilienceMap
+    severity: SiteSeverity
+    settings: PlanSettings
+    maps: dict[str, FaultMap]
+    chips: dict[str, ChipState]
+    groups: list[Group]
+    per_chip_fat_amount: int
+    round: int = 0
+
+    # --- views --------------------------------------------------------------------
+    @property
+    def threshold(self) -> float:
+        return self.constraint.threshold(self.resilience_map.baseline)
+
+    def chips_with(self, status: str) -> list[str]:
+        return [c for c, s in self.chips.items() if s.status == status]
+
+    @property
+    def needs_nothing(self) -> list[str]:
+        return self.chips_with(NEEDS_NOTHING)
+
+    @property
+    def pending_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.status == "pending"]
+
+    @property
+    def done(self) -> bool:
+        return not self.pending_groups
+
+    @property
+    def chips_failing_screening(self) -> int:
+        return sum(1 for s in self.chips.values() if s.status != NEEDS_NOTHING)
+
+    @property
+    def predicted_epochs(self) -> int:
+        """Epochs of the initial plan (round 0)."""
+        return sum(g.amount for g in self.groups if g.round == 0)
+
+    @property
+    def planned_epochs(self) -> int:
+        """Epochs of every group so far, replans included."""
+        return sum(g.amount for g in self.groups)
+
+    @property
+    def per_chip_fat_epochs(self) -> int:
+        """Per-chip FAT: every chip failing screening retrained alone for `per_chip_fat_amount` epochs."""
+        return self.per_chip_fat_amount * self.chips_failing_screening
+
+    def summary(self) -> dict[str, Any]:
+        sizes = [len(g.members) for g in self.groups if g.round == 0]
+        return {
+            "chips": len(self.chips),
+            "needs_nothing": len(self.needs_nothing),
+            "groups": len(sizes),
+            "mean_group_size": float(np.mean(sizes)) if sizes else 0.0,
+            "predicted_epochs": self.predicted_epochs,
+            "planned_epochs": self.planned_epochs,
+            "per_chip_fat_amount": self.per_chip_fat_amount,
+            "per_chip_fat_epochs": self.per_chip_fat_epochs,
+            "verified": len(self.chips_with(VERIFIED)),
+            "unrecoverable": len(self.chips_with(UNRECOVERABLE)),
+            "round": self.round,
+        }
+
+    # --- JSON ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "constraint": self.constraint.to_dict(),
+            "resilience_map": self.resilience_map.to_dict(),
+            "severity": self.severity.to_dict(),
+            "settings": self.settings.to_dict(),
+            "maps": [m.to_dict() for m in self.maps.values()],
+            "chips": [s.to_dict() for s in self.chips.values()],
+            "groups": [g.to_dict() for g in self.groups],
+            "per_chip_fat_amount": self.per_chip_fat_amount,
+            "round": self.round,
+            "summary": self.summary(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Plan:
+        maps = [FaultMap.from_dict(m) for m in d["maps"]]
+        return cls(
+            AccuracyConstraint.from_dict(d["constraint"]),
+            ResilienceMap.from_dict(d["resilience_map"]),
+            SiteSeverity.from_dict(d["severity"]),
+            PlanSettings.from_dict(d["settings"]),
+            {m.chip_id: m for m in maps if m.chip_id is not None},
+            {s["chip_id"]: ChipState.from_dict(s) for s in d["chips"]},
+            [Group.from_dict(g) for g in d["groups"]],
+            int(d["per_chip_fat_amount"]),
+            int(d.get("round", 0)),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        return cls.from_dict(json.loads(text))
+
+
+# --- placement ------------------------------------------------------------------------
+
+
+def chip_effective_rate(
+    fault_map: FaultMap, screening: float, severity: SiteSeverity, rmap: ResilienceMap, placement: str
+) -> float:
+    """Where a single chip sits on the map (faulty-PE fraction), see `planner.severity`."""
+    rate = severity.effective_rate(fault_map)
+    if placement == "conservative":
+        rate = max(rate, screening_equivalent_rate(screening, rmap))
+    elif placement != "severity":
+        raise ValueError(f"placement: {placement!r} is not 'severity' or 'conservative'")
+    return rate
+
+
+class _Packer:
+    """Severity-weighted faulty PEs of a set of chips, for fast fused-rate arithmetic.
+
+    Row i of the CSR matrix `pes` holds chip i's per-PE severity; the fused effective
+    rate of a group is sum over PEs of the max severity among its members / n_pes,
+    and never less than its members' own effective rates (conservative placement).
+    """
+
+    def __init__(self, maps: Sequence[FaultMap], rates: np.ndarray, severity: SiteSeverity) -> None:
+        self.n_pes = maps[0].array.n_pes
+        self.cols = maps[0].array.cols
+        indptr, indices, data = [0], [], []
+        for m in maps:
+            sev = severity.pe_severities(m)
+            for (r, c), s in sorted(sev.items()):
+                indices.append(r * self.cols + c)
+                data.append(s)
+            indptr.append(len(indices))
+        self.indptr = np.asarray(indptr, dtype=np.int64)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.data = np.asarray(data, dtype=float)
+        self.rates = np.asarray(rates, dtype=float)
+
+    def rows(self, chips: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(owner position in `chips`, PE index, severity) of the faulty PEs of `chips`."""
+        starts, ends = self.indptr[chips], self.indptr[chips + 1]
+        lens = ends - starts
+        owner = np.repeat(np.arange(len(chips)), lens)
+        offs = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+        pos = np.repeat(starts, lens) + offs
+        return owner, self.indices[pos], self.data[pos]
+
+
+def _features(maps: Sequence[FaultMap], severity: SiteSeverity) -> sp.csr_matrix:
+    """Sparse L2-normalised chip vectors: PE severities | row sums | column sums | class histogram."""
+    array = maps[0].array
+    n_pes, rows, cols = array.n_pes, array.rows, array.cols
+    classes = {c: i for i, c in enumerate(fault_classes())}
+    ri, ci, vals = [], [], []
+    for i, m in enumerate(maps):
+        sev = severity.pe_severities(m)
+        row_sum: dict[int, float] = {}
+        col_sum: dict[int, float] = {}
+        for (r, c), s in sev.items():
+            ri.append(i)
+            ci.append(r * cols + c)
+            vals.append(s)
+            row_sum[r] = row_sum.get(r, 0.0) + s
+            col_sum[c] = col_sum.get(c, 0.0) + s
+        for r, s in row_sum.items():
+            ri.append(i)
+            ci.append(n_pes + r)
+            vals.append(s / math.sqrt(cols))
+        for c, s in col_sum.items():
+            ri.append(i)
+            ci.append(n_pes + rows + c)
+            vals.append(s / math.sqrt(rows))
+        hist: dict[int, float] = {}
+        for f in m.faults:
+            k = classes[fault_class(f, array)]
+            hist[k] = hist.get(k, 0.0) + 1.0
+        for k, v in hist.items():
+            ri.append(i)
+            ci.append(n_pes + rows + cols + k)
+            vals.append(0.5 * v)
+    x = sp.csr_matrix((vals, (ri, ci)), shape=(len(maps), n_pes + rows + cols + len(classes)), dtype=np.float64)
+    norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
+    norms[norms == 0] = 1.0
+    return sp.csr_matrix(sp.diags(1.0 / norms) @ x)
+
+
+def cluster_chips(features: sp.csr_matrix, target_size: int, seed: int) -> list[np.ndarray]:
+    """Index sets of about `target_size` chips with similar fault maps (MiniBatchKMeans, cosine).
+
+    Clusters bigger than twice the target are cut into target-size chunks in order of
+    their chips' first faulty PE, so a skewed k-means still gives bounded work.
+    """
+    n = features.shape[0]
+    if n <= target_size:
+        return [np.arange(n)]
+    from sklearn.cluster import MiniBatchKMeans
+
+    k = int(math.ceil(n / target_size))
+    km = MiniBatchKMeans(
+        n_clusters=k, random_state=seed, batch_size=4096, n_init=1, max_iter=20, reassignment_ratio=0.0
+    )
+    labels = km.fit_predict(features)
+    first_pe = np.asarray(features.indptr[:-1], dtype=np.int64)
+    first_col = np.where(np.diff(features.indptr) > 0, features.indices[np.minimum(first_pe, features.nnz - 1)], -1)
+    out: list[np.ndarray] = []
+    for lab in range(k):
+        idx = np.nonzero(labels == lab)[0]
+        if len(idx) == 0:
+            continue
+        if len(idx) > 2 * target_size:
+            idx = idx[np.lexsort((idx, first_col[idx]))]
+            out.extend(idx[i : i + target_size] for i in range(0, len(idx), target_size))
+        else:
+            out.append(idx)
+    return out
+
+
+def pack_groups(
+    cluster: np.ndarray,
+    packer: _Packer,
+    own: np.ndarray,
+    rmap: ResilienceMap,
+    constraint: AccuracyConstraint,
+    max_group_size: int,
+) -> list[tuple[list[int], float, int]]:
+    """Reward-driven greedy packing of one cluster: list of (chip indices, fused rate, amount)."""
+    remaining = [int(i) for i in sorted(cluster.tolist(), key=lambda i: (-own[i], -packer.rates[i], i))]
+    groups = []
+    while remaining:
+        seed_chip = remaining.pop(0)
+        members = [seed_chip]
+        pe_max = np.zeros(packer.n_pes)
+        o, idx, val = packer.rows(np.array([seed_chip]))
+        np.maximum.at(pe_max, idx, val)
+        g_rate, g_amount = float(packer.rates[seed_chip]), int(own[seed_chip])
+        g_fused = float(pe_max.sum()) / packer.n_pes
+        while len(members) < max_group_size and remaining:
+            cand = np.asarray(remaining, dtype=np.int64)
+            owner, idx, val = packer.rows(cand)
+            growth = np.bincount(owner, weights=np.maximum(0.0, val - pe_max[idx]), minlength=len(cand))
+            new_rate = np.maximum(np.maximum(g_rate, packer.rates[cand]), g_fused + growth / packer.n_pes)
+            new_amount = rmap.required_epochs_array(new_rate, constraint)
+            reward = np.where(new_amount >= 0, g_amount + own[cand] - new_amount, -1)
+            best = np.lexsort((cand, growth, -reward))[0]
+            if reward[best] <= 0:
+                break
+            c = int(cand[best])
+            members.append(c)
+            remaining.remove(c)
+            o, idx, val = packer.rows(np.array([c]))
+            np.maximum.at(pe_max, idx, val)
+            g_fused = float(pe_max.sum()) / packer.n_pes
+            g_rate, g_amount = float(new_rate[best]), int(new_amount[best])
+        groups.append((members, g_rate, g_amount))
+    return groups
+
+
+def _schedule_spec(settings: PlanSettings, size: int, amount: int) -> dict[str, Any]:
+    if size == 1:
+        return {"name": "all_at_once", "params": {}}
+    if settings.schedule == "progressive_union":
+        return {"name": "progressive_union", "params": {"ramp_epochs": round(settings.ramp_fraction * amount, 3)}}
+    if settings.schedule == "sample_members":
+        return {"name": "sample_members", "params": {"seed": settings.seed}}
+    return {"name": settings.schedule, "params": {}}
+
+
+def make_group(
+    group_id: str,
+    members: Sequence[str],
+    maps: Mapping[str, FaultMap],
+    chips: Mapping[str, ChipState],
+    amount: int,
+    rate: float,
+    settings: PlanSettings,
+    *,
+    round: int = 0,
+    reason: str = "grouped",
+    protect: bool = False,
+) -> Group:
+    ordered = tuple(sorted(members, key=lambda c: (chips[c].effective_rate, c)))
+    fused = fuse_fault_maps([maps[c] for c in ordered], chip_id=group_id)
+    return Group(
+        group_id,
+        ordered,
+        fused,
+        int(amount),
+        float(rate),
+        _schedule_spec(settings, len(ordered), amount),
+        protect,
+        round,
+        reason,
+    )
+
+
+def group_chips(
+    chip_ids: Sequence[str],
+    maps: Mapping[str, FaultMap],
+    chips: Mapping[str, ChipState],
+    rmap: ResilienceMap,
+    constraint: AccuracyConstraint,
+    severity: SiteSeverity,
+    settings: PlanSettings,
+    max_group_size: int,
+) -> list[tuple[list[str], float, int]]:
+    """Cluster + reward-pack chips that the map can fix; (member ids, fused rate, amount) per group."""
+    ids = sorted(chip_ids)
+    if not ids:
+        return []
+    own = np.array([chips[c].amount for c in ids], dtype=np.int64)
+    rates = np.array([chips[c].effective_rate for c in ids])
+    ordered_maps = [maps[c] for c in ids]
+    packer = _Packer(ordered_maps, rates, severity)
+    out: list[tuple[list[str], float, int]] = []
+    for amount in sorted(set(own.tolist())):
+        bucket = np.nonzero(own == amount)[0]
+        if max_group_size <= 1:
+            out.extend(([ids[i]], float(rates[i]), int(own[i])) for i in bucket)
+            continue
+        feats = _features([ordered_maps[i] for i in bucket], severity)
+        for cl in cluster_chips(feats, settings.coarse_cluster_size, settings.seed):
+            for members, rate, amt in pack_groups(bucket[cl], packer, own, rmap, constraint, max_group_size):
+                out.append(([ids[i] for i in members], rate, amt))
+    return out
+
+
+def plan_fleet(
+    chips: Sequence[FaultMap],
+    screening: Mapping[str, float],
+    resilience_map: ResilienceMap,
+    constraint: AccuracyConstraint,
+    *,
+    max_group_size: int = 5,
+    severity: SiteSeverity | None = None,
+    seed: int = 0,
+    schedule: str = "progressive_union",
+    ramp_fraction: float = 0.5,
+    placement: str = "severity",
+    coarse_cluster_size: int = 128,
+) -> Plan:
+    """Plan the retraining of a fleet (see module doc). Deterministic under `seed`.
+
+    `chips`: every chip's own fault map (with a distinct `chip_id`, one array);
+    `screening`: chip id -> accuracy (fraction) of the base model on that chip's map.
+    """
+    if not chips:
+        raise ValueError("plan_fleet: no chips")
+    severity = severity or SiteSeverity.uniform()
+    settings = PlanSettings(max_group_size, seed, schedule, ramp_fraction, placement, coarse_cluster_size)
+    maps: dict[str, FaultMap] = {}
+    for m in chips:
+        if m.chip_id is None:
+            raise ValueError("plan_fleet: every fault map needs a chip_id")
+        if m.chip_id in maps:
+            raise ValueError(f"plan_fleet: duplicate chip_id {m.chip_id!r}")
+        if m.array != chips[0].array:
+            raise ValueError(f"plan_fleet: chip {m.chip_id!r} has array {m.array}, expected {chips[0].array}")
+        if m.chip_id not in screening:
+            raise ValueError(f"plan_fleet: no screening accuracy for chip {m.chip_id!r}")
+        maps[m.chip_id] = m
+    maps = dict(sorted(maps.items()))
+    rmap, thr = resilience_map, constraint.threshold(resilience_map.baseline)
+    smallest_positive = next((e for e in rmap.epochs if e > 0), rmap.largest_amount)
+
+    states: dict[str, ChipState] = {}
+    for cid, m in maps.items():
+        acc = float(screening[cid])
+        if acc >= thr - 1e-12:
+            states[cid] = ChipState(
+                cid, NEEDS_NOTHING, acc, severity.effective_rate(m), 0, accuracy=acc, best_accuracy=acc
+            )
+            continue
+        rate = chip_effective_rate(m, acc, severity, rmap, placement)
+        need = rmap.required_epochs(rate, constraint) if math.isfinite(rate) else None
+        amount = None if need is None else max(need, smallest_positive)
+        states[cid] = ChipState(cid, PLANNED, acc, rate, amount, best_accuracy=acc)
+
+    fixable = [c for c, s in states.items() if s.status == PLANNED and s.amount is not None]
+    beyond = [c for c, s in states.items() if s.status == PLANNED and s.amount is None]
+    fat_amount = max((states[c].amount or 0 for c in fixable), default=rmap.largest_amount)
+
+    packed = group_chips(fixable, maps, states, rmap, constraint, severity, settings, max_group_size)
+    packed += [([c], states[c].effective_rate, fat_amount) for c in beyond]
+    packed.sort(key=lambda g: (-g[2], sorted(g[0])))
+    groups = []
+    for i, (members, rate, amount) in enumerate(packed):
+        reason = "beyond_map" if members[0] in beyond else ("grouped" if len(members) > 1 else "alone")
+        g = make_group(f"r0-g{i:06d}", members, maps, states, amount, rate, settings, reason=reason)
+        groups.append(g)
+        for c in members:
+            states[c].group_id = g.group_id
+    plan = Plan(constraint, rmap, severity, settings, maps, states, groups, fat_amount)
+    assert plan.predicted_epochs <= plan.per_chip_fat_epochs, "a plan must never cost more than per-chip FAT"
+    return plan

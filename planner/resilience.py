@@ -1,0 +1,315 @@
+"""eFAT resilience map: accuracy over fault rates x retraining amounts, and amount selection.
+
+A map is built once per (model, dataset, accelerator profile). Each grid rate gets
+`samples` random fault maps (`planner.fleet.sample_fault_map`); each sampled map is
+retrained for the largest amount on the grid and evaluated after every amount on the
+grid (0 = the base model), so one training run measures a whole column of the map.
+That unit of work is a `CellTask`; how it is measured is a callback (`MeasureCell`),
+so the service can fan tasks out to Celery workers and tests can use a fake.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from accelerator.faults import ArrayConfig, FaultMap
+from planner.constraint import AccuracyConstraint
+from planner.fleet import FaultMix, sample_fault_map
+
+
+def task_seed(seed: int, rate_index: int, sample: int) -> int:
+    """Seed of one sampled fault map: independent of the amounts, so every amount sees the same map."""
+    return int(np.random.SeedSequence([int(seed), int(rate_index), int(sample)]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class CellTask:
+    """One sampled fault map at grid rate `rate` (faulty-PE fraction), to be retrained.
+
+    The measurement retrains the base model on `fault_map(...)` and returns the top-1
+    accuracy (fraction) after each amount of `epochs` (ascending, 0 = base model),
+    evaluated on that same map.
+    """
+
+    rate_index: int
+    rate: float
+    sample: int
+    seed: int
+    epochs: tuple[int, ...]
+
+    def fault_map(self, array: ArrayConfig, mix: FaultMix | None = None) -> FaultMap:
+        return sample_fault_map(array, self.rate, np.random.default_rng(self.seed), mix)
+
+    @property
+    def training_epochs(self) -> int:
+        return max(self.epochs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rate_index": self.rate_index,
+            "rate": self.rate,
+            "sample": self.sample,
+            "seed": self.seed,
+            "epochs": list(self.epochs),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CellTask:
+        return cls(int(d["rate_index"]), float(d["rate"]), int(d["sample"]), int(d["seed"]), tuple(d["epochs"]))
+
+
+MeasureCell = Callable[[CellTask], Sequence[float]]
+
+
+def _monotone_worst(worst: np.ndarray) -> np.ndarray:
+    """Running minimum over rates: a higher rate is never credited with a better accuracy."""
+    return np.minimum.accumulate(worst, axis=0)
+
+
+@dataclass
+class ResilienceMap:
+    """Accuracy (fractions) on a grid `rates` (ascending faulty-PE fractions) x `epochs` (ascending, 0 first).
+
+    `mean[i, j]` and `worst[i, j]` are over the sampled maps at `rates[i]` after
+    `epochs[j]` epochs of fault-aware retraining; `baseline` is the fault-free
+    accuracy of the base model. `meta` says what it was built for (model, dataset,
+    array, fault mix, seed).
+    """
+
+    rates: tuple[float, ...]
+    epochs: tuple[int, ...]
+    mean: np.ndarray
+    worst: np.ndarray
+    baseline: float
+    samples: int = 1
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rates = tuple(float(r) for r in self.rates)
+        self.epochs = tuple(int(e) for e in self.epochs)
+        self.mean = np.asarray(self.mean, dtype=float)
+        self.worst = np.asarray(self.worst, dtype=float)
+        shape = (len(self.rates), len(self.epochs))
+        if not self.rates or not self.epochs:
+            raise ValueError("resilience map: needs at least one rate and one amount")
+        if list(self.rates) != sorted(set(self.rates)) or self.rates[0] < 0:
+            raise ValueError(f"resilience map: rates must be ascending, distinct and >= 0, got {self.rates}")
+        if list(self.epochs) != sorted(set(self.epochs)) or self.epochs[0] != 0:
+            raise ValueError(f"resilience map: epochs must be ascending, distinct and start at 0, got {self.epochs}")
+        if self.mean.shape != shape or self.worst.shape != shape:
+            raise ValueError(f"resilience map: mean/worst must have shape {shape}")
+        if np.any(self.worst > self.mean + 1e-12):
+            raise ValueError("resilience map: worst accuracy above mean in some cell")
+
+    # --- building -----------------------------------------------------------------
+    @staticmethod
+    def cell_tasks(rates: Sequence[float], epochs: Sequence[int], samples: int, seed: int) -> list[CellTask]:
+        """Every unit of work of a map: `samples` sampled maps per rate, each measured at all `epochs`."""
+        ep = tuple(sorted({0, *(int(e) for e in epochs)}))
+        rs = sorted(float(r) for r in rates)
+        return [CellTask(i, r, s, task_seed(seed, i, s), ep) for i, r in enumerate(rs) for s in range(samples)]
+
+    @classmethod
+    def assemble(
+        cls,
+        results: Iterable[tuple[CellTask, Sequence[float]]],
+        baseline: float,
+        *,
+        meta: dict[str, Any] | None = None,
+    ) -> ResilienceMap:
+        """The map from externally measured tasks: (task, accuracy after each of task.epochs)."""
+        pairs = sorted(results, key=lambda p: (p[0].rate_index, p[0].sample))  # order-independent sums
+        if not pairs:
+            raise ValueError("resilience map: no measurements")
+        epochs = pairs[0][0].epochs
+        rates = sorted({t.rate for t, _ in pairs})
+        acc: dict[float, list[Sequence[float]]] = {r: [] for r in rates}
+        for t, values in pairs:
+            if t.epochs != epochs:
+                raise ValueError(f"resilience map: task {t} measured amounts {t.epochs}, expected {epochs}")
+            if len(values) != len(epochs):
+                raise ValueError(
+                    f"resilience map: task {t} returned {len(values)} accuracies for {len(epochs)} amounts"
+                )
+            acc[t.rate].append([float(v) for v in values])
+        samples = min(len(v) for v in acc.values())
+        mean = np.array([np.mean(acc[r], axis=0) for r in rates])
+        worst = np.array([np.min(acc[r], axis=0) for r in rates])
+        return cls(tuple(rates), epochs, mean, worst, float(baseline), samples, dict(meta or {}))
+
+    @classmethod
+    def build(
+        cls,
+        rates: Sequence[float],
+        epochs: Sequence[int],
+        samples: int,
+        measure_cell: MeasureCell,
+        *,
+        baseline: float,
+        seed: int,
+        meta: dict[str, Any] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> ResilienceMap:
+        """Measure every `cell_tasks(...)` task in this process with `measure_cell` and assemble the map."""
+        tasks = cls.cell_tasks(rates, epochs, samples, seed)
+        results = []
+        for n, t in enumerate(tasks, start=1):
+            results.append((t, measure_cell(t)))
+            if on_progress is not None:
+                on_progress(n, len(tasks))
+        return cls.assemble(results, baseline, meta={**(meta or {}), "seed": seed})
+
+    @property
+    def training_epochs(self) -> int:
+        """Epochs trained to build the map (one run of the largest amount per sampled map)."""
+        return len(self.rates) * self.samples * max(self.epochs)
+
+    # --- queries ------------------------------------------------------------------
+    def worst_at(self, rate: float, amount_index: int) -> float | None:
+        """Conservative accuracy at `rate` after `epochs[amount_index]` epochs.
+
+        Worst case over samples, made non-increasing in rate (running minimum),
+        linearly interpolated between grid rates. Below the first grid rate the first
+        point's value applies (no optimistic extrapolation towards the baseline);
+        past the last grid rate the map knows nothing: None.
+        """
+        rates = np.asarray(self.rates)
+        if rate > rates[-1] + 1e-12:
+            return None
+        curve = _monotone_worst(self.worst)[:, amount_index]
+        if rate <= rates[0]:
+            return float(curve[0])
+        return float(np.interp(rate, rates, curve))
+
+    def required_epochs(self, rate: float, constraint: AccuracyConstraint) -> int | None:
+        """Smallest amount (epochs) on the map whose conservative accuracy at `rate` meets `constraint`.
+
+        `rate` is an effective faulty-PE fraction (`planner.severity`); None when no
+        amount on the map suffices or `rate` lies past the last grid rate.
+        """
+        threshold = constraint.threshold(self.baseline)
+        for j, e in enumerate(self.epochs):
+            acc = self.worst_at(rate, j)
+            if acc is not None and acc >= threshold - 1e-12:
+                return e
+        return None
+
+    def required_epochs_array(self, rates: np.ndarray, constraint: AccuracyConstraint) -> np.ndarray:
+        """`required_epochs` for many rates at once (int64; -1 where it would be None)."""
+        r = np.asarray(rates, dtype=float)
+        threshold = constraint.threshold(self.baseline) - 1e-12
+        grid = np.asarray(self.rates)
+        curves = _monotone_worst(self.worst)
+        out = np.full(r.shape, -1, dtype=np.int64)
+        inside = r <= grid[-1] + 1e-12
+        for j in reversed(range(len(self.epochs))):  # the smallest meeting amount ends up last
+            acc = np.interp(np.maximum(r, grid[0]), grid, curves[:, j])
+            out[inside & (acc >= threshold)] = self.epochs[j]
+        return out
+
+    def fixable(self, rate: float, constraint: AccuracyConstraint) -> bool:
+        return self.required_epochs(rate, constraint) is not None
+
+    def max_fixable_rate(self, constraint: AccuracyConstraint) -> float | None:
+        """Largest rate at which some amount on the map meets `constraint` (None: not even the first rate)."""
+        threshold = constraint.threshold(self.baseline)
+        curves = _monotone_worst(self.worst)
+        best: float | None = None
+        for j in range(len(self.epochs)):
+            c = curves[:, j]
+            ok = np.nonzero(c >= threshold - 1e-12)[0]
+            if len(ok) == 0:
+                continue
+            i = int(ok[-1])
+            if i == len(self.rates) - 1:
+                r = self.rates[-1]
+            else:
+                frac = (c[i] - threshold) / (c[i] - c[i + 1])
+                r = self.rates[i] + float(frac) * (self.rates[i + 1] - self.rates[i])
+            best = r if best is None else max(best, r)
+        return best
+
+    def next_amount(self, epochs: int) -> int | None:
+        """The next larger amount on the map, or None past the largest."""
+        larger = [e for e in self.epochs if e > epochs]
+        return larger[0] if larger else None
+
+    @property
+    def largest_amount(self) -> int:
+        return self.epochs[-1]
+
+    # --- JSON ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rates": list(self.rates),
+            "epochs": list(self.epochs),
+            "mean": self.mean.tolist(),
+            "worst": self.worst.tolist(),
+            "baseline": self.baseline,
+            "samples": self.samples,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ResilienceMap:
+        return cls(
+            tuple(d["rates"]),
+            tuple(d["epochs"]),
+            np.array(d["mean"], dtype=float),
+            np.array(d["worst"], dtype=float),
+            float(d["baseline"]),
+            int(d.get("samples", 1)),
+            dict(d.get("meta", {})),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> ResilienceMap:
+        return cls.from_dict(json.loads(text))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ResilienceMap):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    # --- plot ---------------------------------------------------------------------
+    def plot(self, path: str | Path, constraint: AccuracyConstraint | None = None, *, title: str | None = None) -> Path:
+        """Write a PNG heat map of the worst-case accuracy (epochs x rates) with the constraint's contour.
+
+        Uses matplotlib's Agg canvas directly (no pyplot, no global backend change).
+        """
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(1.2 + 0.9 * len(self.rates), 1.2 + 0.6 * len(self.epochs)))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        data = self.worst.T  # rows: amounts, cols: rates
+        im = ax.imshow(data, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-9, self.baseline))
+        for j in range(len(self.epochs)):
+            for i in range(len(self.rates)):
+                ax.text(i, j, f"{data[j, i]:.2f}", ha="center", va="center", fontsize=7, color="w")
+        if constraint is not None and len(self.rates) > 1 and len(self.epochs) > 1:
+            thr = constraint.threshold(self.baseline)
+            if data.min() < thr < data.max():
+                ax.contour(np.arange(len(self.rates)), np.arange(len(self.epochs)), data, levels=[thr], colors="r")
+            ax.set_title(title or f"worst accuracy; red: {constraint} (={thr:.3f})", fontsize=8)
+        else:
+            ax.set_title(title or "worst accuracy", fontsize=8)
+        ax.set_xticks(range(len(self.rates)), [f"{r:.3g}" for r in self.rates], fontsize=7)
+        ax.set_yticks(range(len(self.epochs)), [str(e) for e in self.epochs], fontsize=7)
+        ax.set_xlabel("fault rate (faulty-PE fraction)")
+        ax.set_ylabel("retraining epochs")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        out = Path(path)
+        fig.savefig(out, format="png", dpi=100)
+        return out

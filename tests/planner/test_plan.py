@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from accelerator.faults import ArrayConfig, FaultMap
+from planner import (
+    AccuracyConstraint,
+    FleetSpec,
+    Plan,
+    ResilienceMap,
+    SiteSeverity,
+    generate_fleet,
+    plan_fleet,
+)
+from planner.plan import NEEDS_NOTHING
+from tests.planner.fakes import smooth_accuracy
+
+
+def fleet_and_screening(n: int, seed: int, array: ArrayConfig) -> tuple[list[FaultMap], dict[str, float]]:
+    spec = FleetSpec(array=array, defects_per_die=1.5, dies_across=8)
+    fleet = generate_fleet(n, seed, spec)
+    rng = np.random.default_rng(seed)
+    screening = {str(m.chip_id): smooth_accuracy(m.rate, 0, 0.003 * rng.random()) for m in fleet}
+    return fleet, screening
+
+
+SEVERITY = SiteSeverity({"pe": 0.4, "psum:3": 3.0, "psum:2": 1.5}, {})
+
+
+@pytest.mark.parametrize(("seed", "max_group_size"), [(0, 1), (1, 3), (2, 5), (0, 8)])
+def test_plan_is_safe_and_never_costs_more_than_per_chip_fat(
+    seed: int, max_group_size: int, rmap: ResilienceMap, constraint: AccuracyConstraint, array: ArrayConfig
+) -> None:
+    fleet, screening = fleet_and_screening(150, seed, array)
+    plan = plan_fleet(
+        fleet,
+        screening,
+        rmap,
+        constraint,
+        max_group_size=max_group_size,
+        severity=SEVERITY,
+        seed=seed,
+        coarse_cluster_size=24,
+    )
+    thr = constraint.threshold(rmap.baseline)
+    # every chip is accounted for exactly once
+    in_groups = [c for g in plan.groups for c in g.members]
+    assert len(in_groups) == len(set(in_groups))
+    assert set(in_groups) | set(plan.needs_nothing) == {m.chip_id for m in fleet}
+    assert all(screening[c] >= thr for c in plan.needs_nothing)
+    assert all(screening[c] < thr for c in in_groups)
+    for g in plan.groups:
+        assert len(g.members) <= max_group_size
+        fused_rate = SEVERITY.effective_rate(g.fused)
+        assert g.effective_rate >= fused_rate - 1e-12
+        if len(g.members) > 1:
+            # never a group whose fused map the map says retraining cannot fix ...
+            assert rmap.required_epochs(g.effective_rate, constraint) == g.amount
+            assert rmap.required_epochs(fused_rate, constraint) is not None
+            # ... and only when it is cheaper than its members alone (reward)
+            assert g.amount < sum(plan.chips[c].amount or 0 for c in g.members)
+    assert plan.predicted_epochs <= plan.per_chip_fat_epochs
+    fixable = [s.amount for s in plan.chips.values() if s.status != NEEDS_NOTHING and s.amount is not None]
+    assert plan.per_chip_fat_amount == max(fixable)
+
+
+def test_grouping_happens_and_saves_epochs(
+    rmap: ResilienceMap, constraint: AccuracyConstraint, array: ArrayConfig
+) -> None:
+    fleet, screening = fleet_and_screening(300, 5, array)
+    alone = plan_fleet(fleet, screening, rmap, constraint, max_group_size=1, seed=0)
+    grouped = plan_fleet(fleet, screening, rmap, constraint, max_group_size=5, seed=0, coarse_cluster_size=32)
+    assert max(len(g.members) for g in grouped.groups) > 1
+    assert grouped.predicted_epochs < alone.predicted_epochs <= alone.per_chip_fat_epochs
+
+
+def test_plan_is_deterministic_and_order_independent(
+    rmap: ResilienceMap, constraint: AccuracyConstraint, array: ArrayConfig
+) -> None:
+    fleet, screening = fleet_and_screening(200, 3, array)
+    a = plan_fleet(fleet, screening, rmap, constraint, seed=4, coarse_cluster_size=16)
+    shuffled = list(fleet)
+    random.Random(0).shuffle(shuffled)
+    b = plan_fleet(shuffled, screening, rmap, constraint, seed=4, coarse_cluster_size=16)
+    assert a.to_json() == b.to_json()
+
+
+def test_plan_json_round_trip(rmap: ResilienceMap, constraint: AccuracyConstraint, array: ArrayConfig) -> None:
+    fleet, screening = fleet_and_screening(60, 1, array)
+    plan = plan_fleet(fleet, screening, rmap, constraint, severity=SEVERITY)
+    again = Plan.from_json(plan.to_json())
+    assert again.to_json() == plan.to_json()
+    assert again.groups[0].fused == plan.groups[0].fused
+    assert again.summary() == plan.summary()
+    g = next(g for g in again.groups if len(g.members) > 1)
+    sched = g.injection_schedule(again.maps, steps_per_epoch=10)
+    assert sched(100, 0).digest == g.fused.digest
+
+
+def test_chips_beyond_the_map_go_alone_at_the_per_chip_fat_amount(
+    rmap: ResilienceMap, constraint: AccuracyConstraint, array: ArrayConfig
+) -> None:
+    fleet, screening = fleet_and_screening(40, 2, array)
+    from accelerator.faults import Fault
+
+    hopeless = FaultMap(array, tuple(Fault(r, c, "weight", 7, 1) for r in range(16) for c in range(8)), chip_id="Z-1")
+    screening = {**screening, "Z-1": 0.1}
+    plan = plan_fleet([*fleet, hopeless], screening, rmap, constraint)
+    g = next(g for g in plan.groups if "Z-1" in g.members)
+    assert g.members == ("Z-1",) and g.reason == "beyond_map" and g.amount == plan.per_chip_fat_amount
+    assert plan.chips["Z-1"].amount is None
+
+
+def test_bad_input_is_rejected(rmap: ResilienceMap, constraint: AccuracyConstraint, array: ArrayConfig) -> None:
+    fleet, screening = fleet_and_screening(5, 0, array)
+    with pytest.raises(ValueError, match="no screening"):
+        plan_fleet(fleet, {}, rmap, constraint)
+    with pytest.raises(ValueError, match="duplicate"):
+        plan_fleet([fleet[0], fleet[0]], screening, rmap, constraint)
+    with pytest.raises(ValueError, match="chip_id"):
+        plan_fleet([FaultMap(array, ())], screening, rmap, constraint)

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from accelerator.faults import ArrayConfig
+from planner import AccuracyConstraint, Group, Plan, ResilienceMap, plan_fleet, replan
+from planner.plan import NEEDS_NOTHING, UNRECOVERABLE, VERIFIED
+from tests.planner.test_plan import fleet_and_screening
+
+
+def hardness(chip_id: str) -> float:
+    """A chip's fixed difficulty in [0, 1.25): above 1.0 no retraining on the map suffices."""
+    return int(hashlib.sha256(chip_id.encode()).hexdigest()[:8], 16) / 2**32 * 1.25
+
+
+def fake_verify(plan: Plan, group: Group, chip_id: str) -> float:
+    """Accuracy of `group`'s model on `chip_id`: better with more epochs, protection, smaller groups."""
+    capacity = group.amount / plan.resilience_map.largest_amount * (1.0 if group.protect else 0.8)
+    capacity /= len(group.members) ** 0.25
+    thr = plan.threshold
+    return thr + 0.01 if capacity >= hardness(chip_id) else thr - 0.02 * (1 + hardness(chip_id) - capacity)
+
+
+def run_to_end(plan: Plan, max_rounds: int = 50) -> tuple[Plan, int]:
+    rounds = 0
+    while not plan.done:
+        verification = {c: fake_verify(plan, g, c) for g in plan.pending_groups for c in g.members}
+        plan = replan(plan, verification)
+        rounds += 1
+        assert rounds <= max_rounds, "replanning did not terminate"
+    return plan, rounds
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_replan_terminates_and_declares_unrecoverable_only_at_the_top_of_the_ladder(
+    seed: int, rmap: ResilienceMap, constraint: AccuracyConstraint, array: ArrayConfig
+) -> None:
+    fleet, screening = fleet_and_screening(120, seed, array)
+    plan = plan_fleet(fleet, screening, rmap, constraint, max_group_size=5, seed=seed)
+    final, rounds = run_to_end(plan)
+    bound = 3 + 1 + len(rmap.epochs) + 1  # halvings of 5, alone, more epochs, protection
+    assert rounds <= bound
+    statuses = {s.status for s in final.chips.values()}
+    assert statuses <= {NEEDS_NOTHING, VERIFIED, UNRECOVERABLE}
+    thr = final.threshold
+    unrecoverable = final.chips_with(UNRECOVERABLE)
+    for st in final.chips.values():
+        if st.status == VERIFIED:
+            assert st.accuracy is not None and st.accuracy >= thr
+            assert st.group_id is not None and final.groups[[g.group_id for g in final.groups].index(st.group_id)]
+        if st.status == UNRECOVERABLE:
+            last = st.history[-1]
+            assert last["size"] == 1 and last["protect"] and last["amount"] == rmap.largest_amount
+            assert all(h["accuracy"] < thr for h in st.history)
+            assert st.reason and f"{st.best_accuracy:.4f}" in st.reason
+            assert st.best_accuracy == max([st.screening] + [h["accuracy"] for h in st.history])
+    # a chip that some rung of the ladder can fix is never given up
+    ladder_top_capacity = 1.0  # alone, largest amount, protected
+    for c in unrecoverable:
+        assert hardness(c) > ladder_top_capacity
+    fixable_failing = [c for c, s in final.chips.items() if s.status != NEEDS_NOTHING and hardness(c) <= 1.0]
+    assert all(final.chips[c].status == VERIFIED for c in fixable_failing)
+    assert len(unrecoverable) > 0 and len(fixable_failing) > 0  # the test exercised both outcomes
+    assert final.planned_epochs > final.predicted_epochs
+
+
+def test_replan_ladder_steps(rmap: ResilienceMap, constraint: AccuracyConstraint, array: ArrayConfig) -> None:
+    fleet, screening = fleet_and_screening(400, 0, array)
+    plan = plan_fleet(fleet, screening, rmap, constraint, max_group_size=5)
+    big = next(g for g in plan.groups if len(g.members) >= 3)
+    single = next(g for g in plan.groups if len(g.members) == 1)
+    thr = plan.threshold
+    verification = {c: thr + 0.01 for g in plan.pending_groups for c in g.members}
+    verification[big.members[0]] = thr - 0.05
+    verification[single.members[0]] = thr - 0.05
+    nxt = replan(plan, verification)
+    assert plan.round == 0 and all(g.status == "pending" for g in plan.groups)  # input untouched
+    new = {g.members: g for g in nxt.pending_groups}
+    g1 = new[(big.members[0],)]
+    assert g1.reason == "alone" and g1.amount >= big.amount and g1.round == 1
+    g2 = new[(single.members[0],)]
+    assert g2.reason in ("more_epochs", "protect") and (g2.amount > single.amount or g2.protect)
+    assert nxt.chips[big.members[1]].status == VERIFIED
+    with pytest.raises(ValueError, match="no verification"):
+        replan(nxt, {})
