@@ -36,7 +36,7 @@ def _parse_json(raw: bytes) -> Any:
     if not raw.strip():
         raise ApiError(400, "empty request body: expected a JSON fault map", [{"loc": ["body"], "msg": "empty"}])
     try:
-        return json.loads(raw)
+        return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ApiError(400, f"body is not UTF-8: {exc}", [{"loc": ["body"], "msg": "not UTF-8"}]) from None
     except json.JSONDecodeError as exc:
@@ -104,8 +104,8 @@ def _ingest_bulk(raw: bytes, replace: bool) -> dict[str, Any]:
                 outcomes[i] = svc.BulkOutcome(i, "rejected", errors=[{"loc": ["line", i], "msg": "empty line"}])
                 continue
             try:
-                doc = json.loads(line)
-            except (ValueError, RecursionError) as exc:
+                doc = json.loads(line.decode("utf-8"))
+            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
                 outcomes[i] = svc.BulkOutcome(
                     i, "rejected", errors=[{"loc": ["line", i], "msg": f"malformed JSON: {exc}"}]
                 )
