@@ -139,7 +139,7 @@ class Proc:
     def stop(self, timeout: float = 15.0) -> None:
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
+                os.kill(self.popen.pid, signal.SIGTERM)  # the main process shuts its children down
             try:
                 self.popen.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -422,3 +422,22 @@ def pg_database(postgres_admin_url: str) -> Iterator[str]:
     """A fresh, empty PostgreSQL database (ff_<random>) for this test; dropped afterwards."""
     with fresh_pg_database(postgres_admin_url) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def ff_tools() -> Any:
+    """The helpers of this conftest, for tests that start their own processes."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        PY=PY,
+        Service=Service,
+        Proc=Proc,
+        free_port=free_port,
+        start_proc=start_proc,
+        run_cli=run_cli,
+        wait_ready=wait_ready,
+        base_env=base_env,
+        running_service=running_service,
+        random_fault_map=random_fault_map,
+    )

@@ -64,6 +64,7 @@ def fleet_stats(ctx: JobContext) -> dict[str, Any]:
     cp = ctx.checkpoint or {"after": 0, "stats": _empty_stats(), "total": None}
     stats: dict[str, Any] = cp["stats"]
     after: int = cp["after"]
+    resumed_from = stats["chips"]
     with ctx.engine.connect() as conn:
         profiles = {
             r.id: (r.name, ArrayConfig(r.rows, r.cols, r.fmt, r.bypass))
@@ -105,7 +106,7 @@ def fleet_stats(ctx: JobContext) -> dict[str, Any]:
         )
         if throttle:
             time.sleep(throttle)
-    return _summarise(stats)
+    return {**_summarise(stats), "run": {"attempt": ctx.attempt, "resumed_after_chips": resumed_from}}
 
 
 def _fold(stats: dict[str, Any], fm: FaultMap, profile: str, lot: str | None) -> None:

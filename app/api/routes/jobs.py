@@ -40,6 +40,7 @@ def cancel_job(job_id: str, session: SessionDep) -> Any:
     if job.state in ("succeeded", "failed"):
         msg = f"job {job_id} already {job.state}"
         raise ApiError(409, msg, [{"loc": ["path", "job_id"], "msg": msg}])
+    session.rollback()  # end this read transaction first (SQLite: one writer at a time)
     jobsvc.cancel(get_engine(), job_id)
     session.expire_all()
     return jobsvc.job_view(_get(session, job_id))

@@ -1,0 +1,101 @@
+"""`faultfleet run` (the embedded quick start) and the settings defaults."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.core.config import Settings
+
+
+def test_embedded_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in list(__import__("os").environ):
+        if k.startswith("FAULTFLEET_"):
+            monkeypatch.delenv(k)
+    monkeypatch.chdir(tmp_path)
+    s = Settings()
+    assert s.var_dir == tmp_path / "var"
+    assert s.database_url == f"sqlite:///{tmp_path / 'var' / 'faultfleet.db'}"
+    assert s.broker_url == "filesystem://" and s.broker_is_filesystem
+    assert s.result_backend == f"file://{tmp_path / 'var' / 'results'}"
+    assert s.create_local_admin_key is True
+    opts = s.broker_transport_options()
+    assert opts["data_folder_in"] == opts["data_folder_out"] == str(tmp_path / "var" / "broker" / "queue")
+
+
+def test_scale_out_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAULTFLEET_DATABASE_URL", "postgresql+psycopg://u:p@db:5432/ff")
+    monkeypatch.setenv("FAULTFLEET_BROKER_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("FAULTFLEET_RESULT_BACKEND", "redis://redis:6379/1")
+    monkeypatch.setenv("FAULTFLEET_REDIS_KEY_PREFIX", "tenant-a:")
+    monkeypatch.setenv("FAULTFLEET_API_KEYS", '["ingest:abc"]')
+    s = Settings()
+    assert not s.is_sqlite and not s.broker_is_filesystem and s.create_local_admin_key is False
+    assert s.broker_transport_options() == {"visibility_timeout": 600, "global_keyprefix": "tenant-a:"}
+    assert s.api_keys == ["ingest:abc"]
+
+
+@pytest.mark.integration
+def test_faultfleet_run_embedded_quick_start(tmp_path: Path, ff_tools: Any) -> None:
+    """`faultfleet run`: migrate + worker + API on SQLite and the filesystem broker; SIGINT stops both."""
+    port = ff_tools.free_port()
+    env = ff_tools.base_env(FAULTFLEET_VAR_DIR=str(tmp_path / "var"))
+    proc = ff_tools.start_proc([ff_tools.PY, "-m", "app.cli", "run", "--port", str(port)], env, tmp_path, "run")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        ff_tools.wait_ready(url, proc)
+        key = (tmp_path / "var" / "admin.key").read_text().strip()
+        assert "admin.key" in proc.log_tail()
+        h = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=url, headers=h, timeout=30) as c:
+            assert c.post("/api/v1/accelerators", json={"name": "sa8", "rows": 8, "cols": 8}).status_code == 201
+            m = ff_tools.random_fault_map("Q1", "sa8", rows=8, cols=8, rate=0.05)
+            assert c.post("/api/v1/chips", json=m).status_code == 201
+            job = c.post("/api/v1/fleet/stats", json={}).json()
+            deadline = time.monotonic() + 60
+            while (state := c.get(f"/api/v1/jobs/{job['id']}").json())["state"] != "succeeded":
+                assert state["state"] in ("queued", "running") and time.monotonic() < deadline, state
+                time.sleep(0.1)
+            assert state["result"]["chips"] == 1
+        children = _descendants(proc.popen.pid)
+        assert children, "worker subprocess missing"
+        proc.popen.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.popen.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while (alive := [p for p in children if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive, f"still running after Ctrl-C: {alive}"
+    finally:
+        if proc.alive():
+            proc.kill()
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
