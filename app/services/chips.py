@@ -159,7 +159,7 @@ def _rev_values(chip_pk: int, p: Prepared, revision: int, now: datetime) -> dict
     }
 
 
-_CURRENT_COLS = (Chip.id, Chip.chip_id, Chip.revision, Chip.content_hash)
+_CURRENT_COLS = (Chip.id, Chip.chip_id, Chip.revision, Chip.content_hash, Chip.created_at, Chip.updated_at)
 
 
 def _replace(session: Session, p: Prepared, current: Any, now: datetime) -> int | None:
@@ -190,8 +190,41 @@ def _replace(session: Session, p: Prepared, current: Any, now: datetime) -> int 
     return new_rev
 
 
+@dataclass(frozen=True)
+class Stored:
+    status: Status
+    revision: int
+    created_at: datetime
+    updated_at: datetime
+
+
+def summary_of(p: Prepared, st: Stored) -> dict[str, Any]:
+    """The stored chip's summary (what GET /chips lists), built without reading it back."""
+    return {
+        "chip_id": p.chip_id,
+        "accelerator": p.accelerator,
+        "lot": p.lot,
+        "wafer": p.wafer,
+        "die_x": p.die_x,
+        "die_y": p.die_y,
+        "revision": st.revision,
+        "content_hash": p.content_hash,
+        "faults_digest": p.faults_digest,
+        "n_faults": p.n_faults,
+        "fault_rate": p.fault_rate,
+        "created_at": st.created_at,
+        "updated_at": st.updated_at,
+    }
+
+
 def store_one(session: Session, p: Prepared, replace: bool) -> tuple[Status, int]:
     """Upsert one chip in the session's transaction (caller commits). Returns (status, revision)."""
+    st = store_one_full(session, p, replace)
+    return st.status, st.revision
+
+
+def store_one_full(session: Session, p: Prepared, replace: bool) -> Stored:
+    """`store_one` with the chip's timestamps, for answering without a read-back."""
     for _ in range(10):
         now = utcnow()
         ins = (
@@ -203,17 +236,17 @@ def store_one(session: Session, p: Prepared, replace: bool) -> tuple[Status, int
         pk = session.execute(ins).scalar()
         if pk is not None:
             session.execute(_insert(session, ChipRevision), [_rev_values(pk, p, 1, now)])
-            return "created", 1
+            return Stored("created", 1, now, now)
         current = session.execute(select(*_CURRENT_COLS).where(Chip.chip_id == p.chip_id)).one_or_none()
         if current is None:
             continue  # deleted in between: try the insert again
         if current.content_hash == p.content_hash:
-            return "unchanged", current.revision
+            return Stored("unchanged", current.revision, current.created_at, current.updated_at)
         if not replace:
-            return "conflict", current.revision
+            return Stored("conflict", current.revision, current.created_at, current.updated_at)
         rev = _replace(session, p, current, now)
         if rev is not None:
-            return "replaced", rev
+            return Stored("replaced", rev, current.created_at, now)
     raise RuntimeError(f"could not store chip {p.chip_id!r}: too much concurrent churn")
 
 
@@ -255,9 +288,7 @@ def _store_chunk(session: Session, part: Sequence[tuple[int, Prepared]], replace
             first[p.chip_id] = (line, p)
     results: dict[int, BulkOutcome] = {}
     if first:
-        ins = _insert(session, Chip).on_conflict_do_nothing(index_elements=["chip_id"]).returning(Chip.id, Chip.chip_id)
-        rows = session.execute(ins, [_chip_values(p, now) for _, p in first.values()]).all()
-        created = {r.chip_id: r.id for r in rows}
+        created = _insert_new_chips(session, [p for _, p in first.values()], now)
         if created:
             session.execute(
                 _insert(session, ChipRevision),
@@ -287,6 +318,39 @@ def _store_chunk(session: Session, part: Sequence[tuple[int, Prepared]], replace
         else:
             results[line] = BulkOutcome(line, status, p.chip_id, rev)
     return [results[line] for line, _ in part]
+
+
+def _insert_new_chips(session: Session, maps: list[Prepared], now: datetime) -> dict[str, int]:
+    """INSERT ... ON CONFLICT DO NOTHING RETURNING for many chips; {chip_id: pk} of those inserted."""
+    values = [_chip_values(p, now) for p in maps]
+    if session.get_bind().dialect.name == "postgresql":
+        # psycopg's pipelined executemany(returning=True) parses the statement once; SQLAlchemy's
+        # multi-VALUES batching makes psycopg re-parse a 14,000-placeholder query per page.
+        from psycopg.types.json import Json
+
+        cols = list(values[0])
+        sql = (
+            f"INSERT INTO chips ({', '.join(cols)}) VALUES ({', '.join('%s' for _ in cols)}) "
+            "ON CONFLICT (chip_id) DO NOTHING RETURNING id, chip_id"
+        )
+        raw = session.connection().connection.driver_connection
+        assert raw is not None
+        out: dict[str, int] = {}
+        with raw.cursor() as cur:
+            cur.executemany(
+                sql,
+                [[Json(v[c]) if c == "fault_map" else v[c] for c in cols] for v in values],
+                returning=True,
+            )
+            while True:
+                row = cur.fetchone()
+                if row is not None:
+                    out[row[1]] = row[0]
+                if not cur.nextset():
+                    break
+        return out
+    ins = _insert(session, Chip).on_conflict_do_nothing(index_elements=["chip_id"]).returning(Chip.id, Chip.chip_id)
+    return {r.chip_id: r.id for r in session.execute(ins, values)}
 
 
 def chip_summaries(rows: Iterable[Chip], names: dict[int, str]) -> list[dict[str, Any]]:

@@ -53,7 +53,8 @@ def _ingest_one(doc: Any, replace: bool) -> tuple[int, dict[str, Any]]:
         except svc.InvalidFaultMap as exc:
             first = exc.errors[0]["msg"]
             raise ApiError(422, f"invalid fault map: {first}", exc.errors) from None
-        status, rev = svc.store_one(s, p, replace)
+        st = svc.store_one_full(s, p, replace)
+        status, rev = st.status, st.revision
         if status == "conflict":
             s.rollback()
             msg = (
@@ -62,8 +63,7 @@ def _ingest_one(doc: Any, replace: bool) -> tuple[int, dict[str, Any]]:
             )
             raise ApiError(409, msg, [{"loc": ["body", "chip_id"], "msg": msg}], current_revision=rev)
         s.commit()
-        chip = s.scalars(select(Chip).where(Chip.chip_id == p.chip_id)).one()
-        body = svc.chip_summary(chip, {p.profile_id: p.accelerator})
+    body = svc.summary_of(p, st)
     body["status"] = status
     return (201 if status == "created" else 200), _jsonable(body)
 
