@@ -51,14 +51,19 @@ class Prepared:
     die_x: int | None
     die_y: int | None
     doc: dict[str, Any]
+    doc_json: str  # canonical JSON of `doc` (sorted keys): hashed, and stored as is on PostgreSQL
     content_hash: str
     faults_digest: str
     n_faults: int
     fault_rate: float
 
 
+def canonical_json(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
 def canonical_hash(doc: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
 
 
 def prepare(session: Session, d: Any, root: str = "body") -> Prepared:
@@ -102,6 +107,7 @@ def prepare(session: Session, d: Any, root: str = "body") -> Prepared:
     except Exception as exc:  # FaultMap raises ValueError; anything else on bad input is still a 422
         raise InvalidFaultMap([value_error_to_item(exc, root)]) from None
     doc = fm.to_dict()
+    doc_json = canonical_json(doc)
     return Prepared(
         chip_id=chip_id,
         profile_id=profile.id,
@@ -111,7 +117,8 @@ def prepare(session: Session, d: Any, root: str = "body") -> Prepared:
         die_x=fm.die_x,
         die_y=fm.die_y,
         doc=doc,
-        content_hash=canonical_hash(doc),
+        doc_json=doc_json,
+        content_hash=hashlib.sha256(doc_json.encode()).hexdigest(),
         faults_digest=fm.digest,
         n_faults=len(fm),
         fault_rate=fm.rate,
@@ -290,10 +297,7 @@ def _store_chunk(session: Session, part: Sequence[tuple[int, Prepared]], replace
     if first:
         created = _insert_new_chips(session, [p for _, p in first.values()], now)
         if created:
-            session.execute(
-                _insert(session, ChipRevision),
-                [_rev_values(pk, first[cid][1], 1, now) for cid, pk in created.items()],
-            )
+            _insert_first_revisions(session, [(pk, first[cid][1]) for cid, pk in created.items()], now)
         for cid, (line, p) in first.items():
             if cid in created:
                 results[line] = BulkOutcome(line, "created", cid, 1)
@@ -320,28 +324,41 @@ def _store_chunk(session: Session, part: Sequence[tuple[int, Prepared]], replace
     return [results[line] for line, _ in part]
 
 
+def _pg_insert_sql(table: str, cols: list[str], suffix: str = "") -> str:
+    marks = ", ".join("%s::json" if c == "fault_map" else "%s" for c in cols)
+    return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks}) {suffix}"
+
+
+def _pg_rows(values: list[dict[str, Any]], maps: list[Prepared], cols: list[str]) -> list[list[Any]]:
+    # the canonical JSON text is already there: no second serialisation
+    return [[p.doc_json if c == "fault_map" else v[c] for c in cols] for v, p in zip(values, maps, strict=True)]
+
+
+def _insert_first_revisions(session: Session, items: list[tuple[int, Prepared]], now: datetime) -> None:
+    values = [_rev_values(pk, p, 1, now) for pk, p in items]
+    if session.get_bind().dialect.name == "postgresql":
+        cols = list(values[0])
+        raw = session.connection().connection.driver_connection
+        assert raw is not None
+        with raw.cursor() as cur:
+            cur.executemany(_pg_insert_sql("chip_revisions", cols), _pg_rows(values, [p for _, p in items], cols))
+        return
+    session.execute(_insert(session, ChipRevision), values)
+
+
 def _insert_new_chips(session: Session, maps: list[Prepared], now: datetime) -> dict[str, int]:
     """INSERT ... ON CONFLICT DO NOTHING RETURNING for many chips; {chip_id: pk} of those inserted."""
     values = [_chip_values(p, now) for p in maps]
     if session.get_bind().dialect.name == "postgresql":
         # psycopg's pipelined executemany(returning=True) parses the statement once; SQLAlchemy's
         # multi-VALUES batching makes psycopg re-parse a 14,000-placeholder query per page.
-        from psycopg.types.json import Json
-
         cols = list(values[0])
-        sql = (
-            f"INSERT INTO chips ({', '.join(cols)}) VALUES ({', '.join('%s' for _ in cols)}) "
-            "ON CONFLICT (chip_id) DO NOTHING RETURNING id, chip_id"
-        )
+        sql = _pg_insert_sql("chips", cols, "ON CONFLICT (chip_id) DO NOTHING RETURNING id, chip_id")
         raw = session.connection().connection.driver_connection
         assert raw is not None
         out: dict[str, int] = {}
         with raw.cursor() as cur:
-            cur.executemany(
-                sql,
-                [[Json(v[c]) if c == "fault_map" else v[c] for c in cols] for v in values],
-                returning=True,
-            )
+            cur.executemany(sql, _pg_rows(values, maps, cols), returning=True)
             while True:
                 row = cur.fetchone()
                 if row is not None:
