@@ -1,0 +1,175 @@
+"""Emulator speed benchmark: prints JSON (figures, never pass/fail).
+
+For lenet5 on mnist5k (28x28) and resnet20 on 32x32 inputs, batch 128, a 32x32
+array, each fault site at 2% faulty PEs and all sites mixed: the median time of one
+fault-aware training step (forward + backward + SGD update) and of one evaluation
+batch on the emulated array, as ratios to the same model's plain float PyTorch step
+and float evaluation batch, measured interleaved in the same run (the machine is
+shared and noisy: medians of interleaved repetitions). Also the speed-up of the
+fast path over the `systolic_matmul` reference on the same integer operands of
+one layer.
+
+Usage: python bench/emulator.py [--reps N] [--models lenet5,resnet20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import accelerator as A
+from accelerator.faults import Fault
+from accelerator.quant import quantizer
+
+BATCH = 128
+SITES = ("pe", "weight", "act", "psum", "mixed")
+
+
+def fault_map(array: A.ArrayConfig, site: str, rate: float, seed: int) -> A.FaultMap:
+    """`rate` of the PEs faulty, one fault each, of `site` (or a random site for mixed)."""
+    rng = random.Random(seed)
+    pes = rng.sample([(r, c) for r in range(array.rows) for c in range(array.cols)], round(rate * array.n_pes))
+    faults = []
+    for r, c in pes:
+        s = rng.choice(("pe", "weight", "act", "psum")) if site == "mixed" else site
+        if s == "pe":
+            faults.append(Fault(r, c, "pe"))
+        else:
+            faults.append(Fault(r, c, s, rng.randrange(array.bit_width(s)), rng.randrange(2)))
+    return A.FaultMap(array, tuple(faults))
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step() -> object:
+        model.train()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def eval_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        model.eval()
+        with torch.no_grad():
+            return model(x)
+
+    return run
+
+
+def reference_speedup(model: nn.Module, array: A.ArrayConfig, fm: A.FaultMap, x: torch.Tensor, rows: int) -> float:
+    """Speed-up of the fast path over systolic_matmul on one conv layer's integer operands
+    (the model's second array layer, `rows` lowered input rows)."""
+    name, layer = list(A.array_layers(A.on_array(model, array, fm)).items())[1]
+    captured: list[torch.Tensor] = []
+    h = layer.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0]))
+    with torch.no_grad():
+        model_arr = A.on_array(model, array, fm)
+        A.array_layers(model_arr)[name].register_forward_pre_hook(lambda _m, inp: captured.append(inp[0]))
+        model_arr(x)
+    h.remove()
+    q = quantizer(array.fmt)
+    arr_layer = A.array_layers(model_arr)[name]
+    xq = q.act(captured[-1], arr_layer.scale_tensor())
+    wq, _ = q.weight(arr_layer.weight)
+    if isinstance(arr_layer, nn.Conv2d):
+        g = arr_layer.groups
+        cols = F.unfold(
+            F.pad(xq, arr_layer.pads), arr_layer.kernel_size, dilation=arr_layer.dilation, stride=arr_layer.stride
+        )
+        xm = cols.permute(0, 2, 1).reshape(-1, cols.shape[1] // g)[:rows]
+        wm = wq.reshape(wq.shape[0], -1)[: wq.shape[0] // g]
+    else:
+        xm, wm = xq[:rows], wq
+    t_fast = statistics.median(timed(lambda: A.fast_matmul(xm, wm, array, fm)) for _ in range(5))
+    t_ref = timed(lambda: A.systolic_matmul(xm, wm, array, fm))
+    return t_ref / t_fast
+
+
+def bench_model(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, reps: int) -> dict[str, object]:
+    array = A.ArrayConfig(32, 32)
+    model = A.build_model(arch, tuple(x.shape[1:]), num_classes)  # type: ignore[arg-type]
+    A.calibrate(model, x)
+    float_model = A.to_float(A.on_array(model, array)) if False else model
+    out: dict[str, object] = {"arch": arch, "input_shape": list(x.shape[1:]), "batch": BATCH, "array": [32, 32]}
+    sites: dict[str, object] = {}
+    for site in SITES:
+        fm = fault_map(array, site, 0.02, seed=1)
+        arr_model = A.on_array(model, array, fm, seed=0)
+        f_step, a_step = step_fn(float_model, x, y), step_fn(arr_model, x, y)
+        f_eval, a_eval = eval_fn(float_model, x), eval_fn(arr_model, x)
+        for fn in (f_step, a_step, f_eval, a_eval):  # warm-up (plans, index caches, allocator)
+            fn()
+        times: dict[str, list[float]] = {"float_step": [], "fat_step": [], "float_eval": [], "eval": []}
+        for _ in range(reps):  # interleaved
+            times["float_step"].append(timed(f_step))
+            times["fat_step"].append(timed(a_step))
+            times["float_eval"].append(timed(f_eval))
+            times["eval"].append(timed(a_eval))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        sites[site] = {
+            "faults": len(fm),
+            "fat_step_s": round(med["fat_step"], 4),
+            "float_step_s": round(med["float_step"], 4),
+            "fat_step_ratio": round(med["fat_step"] / med["float_step"], 3),
+            "eval_s": round(med["eval"], 4),
+            "float_eval_s": round(med["float_eval"], 4),
+            "eval_ratio": round(med["eval"] / med["float_eval"], 3),
+            "eval_vs_float_step_ratio": round(med["eval"] / med["float_step"], 3),
+        }
+    out["sites"] = sites
+    out["speedup_over_systolic_matmul"] = round(
+        reference_speedup(model, array, fault_map(array, "mixed", 0.02, seed=1), x, rows=256), 1
+    )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--models", default="lenet5,resnet20")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    results = []
+    t0 = time.perf_counter()
+    for arch in args.models.split(","):
+        if arch == "lenet5":
+            d = A.load_dataset("mnist5k")
+            x, y = d.x_train[:BATCH], d.y_train[:BATCH]
+            results.append(bench_model("lenet5", x, y, d.num_classes, args.reps))
+        else:
+            g = torch.Generator().manual_seed(0)
+            x = torch.rand(BATCH, 3, 32, 32, generator=g)
+            y = torch.randint(0, 10, (BATCH,), generator=g)
+            results.append(bench_model(arch, x, y, 10, args.reps))
+    summary = {
+        "torch_threads": torch.get_num_threads(),
+        "reps": args.reps,
+        "goal_ratio": 2.0,
+        "max_fat_step_ratio": max(s["fat_step_ratio"] for r in results for s in r["sites"].values()),  # type: ignore[attr-defined]
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps({"summary": summary, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
