@@ -403,8 +403,13 @@ def pack_groups(
     rmap: ResilienceMap,
     constraint: AccuracyConstraint,
     max_group_size: int,
+    min_amount: int,
 ) -> list[tuple[list[int], float, int]]:
-    """Reward-driven greedy packing of one cluster: list of (chip indices, fused rate, amount)."""
+    """Reward-driven greedy packing of one cluster: list of (chip indices, fused rate, amount).
+
+    `min_amount` is the smallest positive amount on the map: chips here failed screening,
+    so even a group the map would credit with 0 epochs gets that much.
+    """
     remaining = [int(i) for i in sorted(cluster.tolist(), key=lambda i: (-own[i], -packer.rates[i], i))]
     groups = []
     while remaining:
@@ -420,7 +425,8 @@ def pack_groups(
             owner, idx, val = packer.rows(cand)
             growth = np.bincount(owner, weights=np.maximum(0.0, val - pe_max[idx]), minlength=len(cand))
             new_rate = np.maximum(np.maximum(g_rate, packer.rates[cand]), g_fused + growth / packer.n_pes)
-            new_amount = rmap.required_epochs_array(new_rate, constraint)
+            need = rmap.required_epochs_array(new_rate, constraint)
+            new_amount = np.where(need >= 0, np.maximum(need, min_amount), -1)  # a failing chip trains >= 1 amount
             reward = np.where(new_amount >= 0, g_amount + own[cand] - new_amount, -1)
             best = np.lexsort((cand, growth, -reward))[0]
             if reward[best] <= 0:
@@ -492,6 +498,7 @@ def group_chips(
     rates = np.array([chips[c].effective_rate for c in ids])
     ordered_maps = [maps[c] for c in ids]
     packer = _Packer(ordered_maps, rates, severity)
+    min_amount = next((e for e in rmap.epochs if e > 0), rmap.largest_amount)
     out: list[tuple[list[str], float, int]] = []
     for amount in sorted(set(own.tolist())):
         bucket = np.nonzero(own == amount)[0]
@@ -500,7 +507,9 @@ def group_chips(
             continue
         feats = _features([ordered_maps[i] for i in bucket], severity)
         for cl in cluster_chips(feats, settings.coarse_cluster_size, settings.seed):
-            for members, rate, amt in pack_groups(bucket[cl], packer, own, rmap, constraint, max_group_size):
+            for members, rate, amt in pack_groups(
+                bucket[cl], packer, own, rmap, constraint, max_group_size, min_amount
+            ):
                 out.append(([ids[i] for i in members], rate, amt))
     return out
 

@@ -6,7 +6,8 @@ The escalation ladder of a chip that missed after its group's retraining:
    re-packed (same reward rule) into groups of at most half the old size;
 2. alone: from a group of two (or a smaller group), retrained alone, at no less than
    the amount that just failed;
-3. more epochs: alone, the next larger amount on the resilience map, up to the largest;
+3. more epochs: alone, the next larger amount on the resilience map, up to the largest
+   (skipped for a chip the map places beyond every amount: it goes straight to 4);
 4. protection: alone, the largest amount, and its most sensitive layer runs fault-free
    (3x that layer's cycles);
 5. unrecoverable: only after step 4 missed too; the reason and the best accuracy
@@ -25,9 +26,15 @@ from collections.abc import Mapping
 from planner.plan import UNRECOVERABLE, VERIFIED, Group, Plan, group_chips, make_group
 
 
-def _next_step(plan: Plan, group: Group) -> tuple[str, int, bool] | None:
-    """For a chip that missed alone in `group`: (reason, amount, protect) of its next try, None when exhausted."""
+def _next_step(plan: Plan, group: Group, chip_id: str) -> tuple[str, int, bool] | None:
+    """For a chip that missed alone in `group`: (reason, amount, protect) of its next try, None when exhausted.
+
+    A chip the map places beyond every amount (own amount None) skips the larger
+    amounts, which the map already predicts to fail, and goes straight to the top rung.
+    """
     rmap = plan.resilience_map
+    if plan.chips[chip_id].amount is None and not group.protect:
+        return ("protect", rmap.largest_amount, True)
     nxt = rmap.next_amount(group.amount)
     if nxt is not None:
         return ("more_epochs", nxt, group.protect)
@@ -90,7 +97,7 @@ def replan(plan: Plan, verification: Mapping[str, float]) -> Plan:
                 new_groups.append(([c], new.chips[c].effective_rate, max(own, g.amount), "alone", False))
         else:
             c = failed[0]
-            step = _next_step(new, g)
+            step = _next_step(new, g, c)
             if step is None:
                 st = new.chips[c]
                 st.status = UNRECOVERABLE

@@ -53,12 +53,13 @@ def test_plan_is_safe_and_never_costs_more_than_per_chip_fat(
     assert all(screening[c] >= thr for c in plan.needs_nothing)
     assert all(screening[c] < thr for c in in_groups)
     for g in plan.groups:
-        assert len(g.members) <= max_group_size
+        assert len(g.members) <= max_group_size and g.amount >= 1
         fused_rate = SEVERITY.effective_rate(g.fused)
         assert g.effective_rate >= fused_rate - 1e-12
         if len(g.members) > 1:
             # never a group whose fused map the map says retraining cannot fix ...
-            assert rmap.required_epochs(g.effective_rate, constraint) == g.amount
+            need = rmap.required_epochs(g.effective_rate, constraint)
+            assert need is not None and max(need, rmap.epochs[1]) == g.amount
             assert rmap.required_epochs(fused_rate, constraint) is not None
             # ... and only when it is cheaper than its members alone (reward)
             assert g.amount < sum(plan.chips[c].amount or 0 for c in g.members)
@@ -122,3 +123,27 @@ def test_bad_input_is_rejected(rmap: ResilienceMap, constraint: AccuracyConstrai
         plan_fleet([fleet[0], fleet[0]], screening, rmap, constraint)
     with pytest.raises(ValueError, match="chip_id"):
         plan_fleet([FaultMap(array, ())], screening, rmap, constraint)
+
+
+def test_failing_chips_get_at_least_the_smallest_positive_amount(rmap: ResilienceMap, array: ArrayConfig) -> None:
+    fleet, _ = fleet_and_screening(120, 0, array)
+    lax = AccuracyConstraint.relative(0.2)  # the map says 0 epochs almost everywhere
+    screening = {str(m.chip_id): 0.5 for m in fleet}  # yet every chip failed screening
+    plan = plan_fleet(fleet, screening, rmap, lax, max_group_size=5)
+    assert plan.groups and all(g.amount >= rmap.epochs[1] for g in plan.groups)
+    assert max(len(g.members) for g in plan.groups) > 1
+
+
+def test_beyond_map_chip_goes_straight_to_the_top_rung(
+    rmap: ResilienceMap, constraint: AccuracyConstraint, array: ArrayConfig
+) -> None:
+    from accelerator.faults import Fault
+    from planner import replan
+
+    hopeless = FaultMap(array, tuple(Fault(r, c, "weight", 7, 1) for r in range(16) for c in range(8)), chip_id="Z-1")
+    plan = plan_fleet([hopeless], {"Z-1": 0.1}, rmap, constraint)
+    nxt = replan(plan, {"Z-1": 0.2})
+    (g,) = nxt.pending_groups
+    assert g.protect and g.amount == rmap.largest_amount and g.reason == "protect"
+    last = replan(nxt, {"Z-1": 0.3})
+    assert last.done and last.chips["Z-1"].status == "unrecoverable" and last.chips["Z-1"].best_accuracy == 0.3

@@ -1,0 +1,317 @@
+"""The in-process fleet loop: glue between `accelerator` (torch) and `planner` (pure).
+
+Small, id-free functions that the service's Celery tasks call as well (no Celery
+here): train a base model, measure resilience-map cells and severities, screen chips,
+retrain a group, verify it on each member's own map, and `run_plan` / `run_fleet`,
+which loop plan -> retrain -> verify -> replan until every chip is verified or
+declared unrecoverable. Accuracies are top-1 fractions in [0, 1]; amounts are epochs.
+
+Retraining for an amount A runs in chunks that end at the resilience map's grid
+amounts (`train_through`), exactly as a map cell is measured, so the amount the
+planner reads off the map is the procedure the group gets.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from accelerator.cycles import cycles, tmr_penalty
+from accelerator.data import Dataset, load_dataset
+from accelerator.faults import ArrayConfig, FaultMap
+from accelerator.train import evaluate, fault_aware_train, layer_sensitivity
+from accelerator.train import train as train_float
+from accelerator.zoo import build_model
+from planner import (
+    AccuracyConstraint,
+    CellTask,
+    FaultMix,
+    Group,
+    Plan,
+    ResilienceMap,
+    SiteSeverity,
+    measure_site_severity,
+    plan_fleet,
+    replan,
+)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fault-aware retraining hyper-parameters (SGD, momentum 0.9 in `accelerator`)."""
+
+    lr: float = 0.01
+    batch_size: int = 64
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lr": self.lr, "batch_size": self.batch_size, "seed": self.seed}
+
+
+# --- base model -----------------------------------------------------------------------
+
+
+def train_base_model(
+    arch: str, dataset: str | Dataset, *, epochs: int, lr: float = 0.05, batch_size: int = 64, seed: int = 0
+) -> tuple[nn.Module, Dataset]:
+    """A zoo model trained in float and calibrated (static activation scales) on `dataset`."""
+    data = load_dataset(dataset, seed=seed) if isinstance(dataset, str) else dataset
+    model = build_model(arch, data.input_shape, data.num_classes, seed=seed)
+    train_float(model, data, epochs, lr=lr, batch_size=batch_size, seed=seed)
+    return model, data
+
+
+def baseline_accuracy(model: nn.Module, array: ArrayConfig, data: Dataset) -> float:
+    """Accuracy of the base model on a fault-free array (int8): the constraint's reference."""
+    return evaluate(model, array, None, data)
+
+
+# --- retraining in grid-aligned chunks ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OffsetSchedule:
+    """A schedule seen from a later chunk: epoch e of the chunk is epoch e + offset of the whole run."""
+
+    schedule: Callable[[int, int], FaultMap]
+    offset: int
+
+    def __call__(self, epoch: int, step: int) -> FaultMap:
+        return self.schedule(epoch + self.offset, step)
+
+
+def chunk_boundaries(amount: int, grid: Sequence[int]) -> list[int]:
+    """Epoch counts at which a run of `amount` epochs is cut: the grid amounts below it, then it."""
+    return sorted({e for e in grid if 0 < e < amount} | ({amount} if amount > 0 else set()))
+
+
+def train_through(
+    model: nn.Module,
+    array: ArrayConfig,
+    faults: FaultMap | Callable[[int, int], FaultMap],
+    data: Dataset,
+    amounts: Sequence[int],
+    cfg: TrainConfig,
+    *,
+    protect: Sequence[str] = (),
+) -> Iterator[tuple[int, nn.Module]]:
+    """Fault-aware retraining that yields (epochs done, model) at each of `amounts` (0 = `model` itself)."""
+    current, done = model, 0
+    for a in sorted(set(amounts)):
+        if a > done:
+            sched: FaultMap | Callable[[int, int], FaultMap] = (
+                faults if isinstance(faults, FaultMap) else OffsetSchedule(faults, done)
+            )
+            current = fault_aware_train(
+                current,
+                array,
+                sched,
+                data,
+                a - done,
+                lr=cfg.lr,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed + done,
+                protect=tuple(protect),
+            )
+            done = a
+        yield a, current
+
+
+# --- resilience map and severity ---------------------------------------------------------
+
+
+def measure_cell(
+    model: nn.Module, array: ArrayConfig, data: Dataset, task: CellTask, cfg: TrainConfig, mix: FaultMix | None = None
+) -> list[float]:
+    """Accuracy after each amount of `task.epochs` on the task's sampled fault map (one training run)."""
+    fm = task.fault_map(array, mix)
+    return [evaluate(m, array, fm, data) for _, m in train_through(model, array, fm, data, task.epochs, cfg)]
+
+
+def build_resilience_map(
+    model: nn.Module,
+    array: ArrayConfig,
+    data: Dataset,
+    rates: Sequence[float],
+    epochs: Sequence[int],
+    samples: int,
+    cfg: TrainConfig,
+    *,
+    baseline: float,
+    seed: int,
+    mix: FaultMix | None = None,
+    meta: dict[str, Any] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ResilienceMap:
+    """The map measured in this process (the service fans the same `measure_cell` out instead)."""
+    return ResilienceMap.build(
+        rates,
+        epochs,
+        samples,
+        lambda t: measure_cell(model, array, data, t, cfg, mix),
+        baseline=baseline,
+        seed=seed,
+        meta={**(meta or {}), "array": [array.rows, array.cols], "train": cfg.to_dict()},
+        on_progress=on_progress,
+    )
+
+
+def measure_severity(
+    model: nn.Module,
+    array: ArrayConfig,
+    data: Dataset,
+    baseline: float,
+    *,
+    rate: float,
+    samples: int,
+    seed: int,
+    mix: FaultMix | None = None,
+) -> SiteSeverity:
+    """Per fault-class severity of the base model (inference only), see `planner.severity`."""
+    return measure_site_severity(
+        array, lambda fm: evaluate(model, array, fm, data), baseline, rate=rate, samples=samples, seed=seed, mix=mix
+    )
+
+
+# --- screening, retraining, verification -------------------------------------------------
+
+
+def screen_chips(model: nn.Module, array: ArrayConfig, data: Dataset, maps: Sequence[FaultMap]) -> dict[str, float]:
+    """Base-model accuracy on each chip's own map, by chip id."""
+    return {str(m.chip_id): evaluate(model, array, m, data) for m in maps}
+
+
+def most_sensitive_layer(model: nn.Module, array: ArrayConfig, fault_map: FaultMap, data: Dataset) -> str:
+    """The layer whose faulty execution alone costs the most accuracy on `fault_map` (ties: first by name)."""
+    sens = layer_sensitivity(model, array, fault_map, data)
+    return max(sorted(sens), key=lambda name: sens[name])
+
+
+def retrain_group(
+    model: nn.Module,
+    array: ArrayConfig,
+    data: Dataset,
+    group: Group,
+    maps: Mapping[str, FaultMap],
+    grid: Sequence[int],
+    cfg: TrainConfig,
+    *,
+    protect: Sequence[str] = (),
+) -> nn.Module:
+    """The base model retrained `group.amount` epochs on the group's schedule over its members' maps."""
+    steps = math.ceil(len(data.x_train) / cfg.batch_size)
+    schedule = group.injection_schedule(maps, steps_per_epoch=steps)
+    runs = list(train_through(model, array, schedule, data, chunk_boundaries(group.amount, grid), cfg, protect=protect))
+    return runs[-1][1] if runs else model
+
+
+def verify_group(
+    retrained: nn.Module,
+    array: ArrayConfig,
+    data: Dataset,
+    members: Sequence[str],
+    maps: Mapping[str, FaultMap],
+    *,
+    protect: Sequence[str] = (),
+) -> dict[str, float]:
+    """The retrained model's accuracy on each member chip's own map, by chip id."""
+    return {c: evaluate(retrained, array, maps[c], data, protect=tuple(protect)) for c in members}
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+
+@dataclass
+class FleetRun:
+    """Outcome of `run_plan`: the final plan, epochs trained, wall time (s), protection per chip."""
+
+    plan: Plan
+    retraining_epochs: int = 0
+    wall_s: float = 0.0
+    rounds: int = 0
+    protection: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def accuracies(self) -> dict[str, float]:
+        """Final accuracy per chip: verified / screening accuracy, best reached for unrecoverable chips."""
+        out = {}
+        for c, st in self.plan.chips.items():
+            acc = st.accuracy if st.status in ("verified", "needs_nothing") else st.best_accuracy
+            out[c] = float(acc if acc is not None else 0.0)
+        return out
+
+
+def run_plan(
+    model: nn.Module,
+    array: ArrayConfig,
+    data: Dataset,
+    plan: Plan,
+    cfg: TrainConfig,
+    *,
+    max_rounds: int = 20,
+    on_progress: Progress | None = None,
+) -> FleetRun:
+    """Retrain and verify every pending group, replan, until the plan is done (or `max_rounds`)."""
+    t0 = time.perf_counter()
+    run = FleetRun(plan)
+    grid = plan.resilience_map.epochs
+    layer_cycles = cycles(model, array, data.input_shape, batch=1)
+    while not run.plan.done and run.rounds < max_rounds:
+        verification: dict[str, float] = {}
+        pending = run.plan.pending_groups
+        for i, g in enumerate(pending, start=1):
+            protect: tuple[str, ...] = ()
+            if g.protect:
+                protect = (most_sensitive_layer(model, array, g.fused, data),)
+                for c in g.members:
+                    run.protection[c] = {"layer": protect[0], "tmr_penalty": tmr_penalty(layer_cycles, protect)}
+            retrained = retrain_group(model, array, data, g, run.plan.maps, grid, cfg, protect=protect)
+            run.retraining_epochs += g.amount
+            verification.update(verify_group(retrained, array, data, g.members, run.plan.maps, protect=protect))
+            if on_progress is not None:
+                on_progress(
+                    f"round {run.rounds} group {i}/{len(pending)} {g.group_id} size={len(g.members)} "
+                    f"amount={g.amount} protect={list(protect)} min_acc={min(verification[c] for c in g.members):.4f}"
+                )
+        run.plan = replan(run.plan, verification)
+        run.rounds += 1
+    run.wall_s = time.perf_counter() - t0
+    return run
+
+
+def run_fleet(
+    model: nn.Module,
+    array: ArrayConfig,
+    data: Dataset,
+    maps: Sequence[FaultMap],
+    screening: Mapping[str, float],
+    rmap: ResilienceMap,
+    constraint: AccuracyConstraint,
+    cfg: TrainConfig,
+    *,
+    severity: SiteSeverity | None = None,
+    max_group_size: int = 5,
+    seed: int = 0,
+    schedule: str = "progressive_union",
+    on_progress: Progress | None = None,
+) -> FleetRun:
+    """Plan a screened fleet and run the plan to the end (faultfleet's strategy)."""
+    plan = plan_fleet(
+        maps,
+        screening,
+        rmap,
+        constraint,
+        max_group_size=max_group_size,
+        severity=severity,
+        seed=seed,
+        schedule=schedule,
+    )
+    if on_progress is not None:
+        on_progress(f"plan: {plan.summary()}")
+    return run_plan(model, array, data, plan, cfg, on_progress=on_progress)
