@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -25,7 +25,7 @@ from accelerator.faults import FaultMap
 from app.api.errors import value_error_to_item
 from app.db.base import utcnow
 from app.db.models import Chip, ChipRevision
-from app.services.profiles import get_profile
+from app.services.profiles import ProfileInfo, get_profile
 
 TOP_LEVEL_FIELDS = frozenset({"chip_id", "accelerator", "array", "faults", "lot", "wafer", "die_x", "die_y"})
 MAX_CHIP_ID = 128
@@ -66,8 +66,13 @@ def canonical_hash(doc: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
 
 
-def prepare(session: Session, d: Any, root: str = "body") -> Prepared:
-    """Validate one fault-map document; raises `InvalidFaultMap` naming the offending field."""
+def prepare(
+    session: Session | None, d: Any, root: str = "body", profiles: Mapping[str, ProfileInfo] | None = None
+) -> Prepared:
+    """Validate one fault-map document; raises `InvalidFaultMap` naming the offending field.
+
+    Profiles come from `profiles` when given (no database access), else from `session`.
+    """
 
     def bad(field: str, msg: str) -> InvalidFaultMap:
         from app.api.errors import loc_from_field
@@ -89,7 +94,11 @@ def prepare(session: Session, d: Any, root: str = "body") -> Prepared:
     name = d.get("accelerator")
     if not isinstance(name, str) or not name:
         raise bad("accelerator", f"required, the name of a registered accelerator profile, got {name!r}")
-    profile = get_profile(session, name)
+    if profiles is not None:
+        profile = profiles.get(name)
+    else:
+        assert session is not None
+        profile = get_profile(session, name)
     if profile is None:
         raise bad("accelerator", f"unknown accelerator profile {name!r}")
     for field in ("lot",):

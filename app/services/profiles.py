@@ -44,3 +44,11 @@ def get_profile(session: Session, name: str) -> ProfileInfo | None:
 
 def profile_names(session: Session) -> dict[int, str]:
     return dict(session.execute(select(AcceleratorProfile.id, AcceleratorProfile.name)).tuples().all())
+
+
+def all_profiles(session: Session) -> dict[str, ProfileInfo]:
+    """Every profile by name (one query; the table is small)."""
+    return {
+        r.name: ProfileInfo(r.id, r.name, ArrayConfig(r.rows, r.cols, r.fmt, r.bypass))
+        for r in session.scalars(select(AcceleratorProfile))
+    }

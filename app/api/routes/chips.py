@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +19,7 @@ from app.db.session import get_sessionmaker
 from app.schemas.chips import FAULT_MAP_SCHEMA, BulkResult, ChipDetail, ChipIngested, ChipPage
 from app.schemas.common import ERROR_RESPONSES
 from app.services import chips as svc
-from app.services.profiles import get_profile, profile_names
+from app.services.profiles import all_profiles, get_profile, profile_names
 
 router = APIRouter(prefix="/chips", tags=["chips"], responses=ERROR_RESPONSES)
 
@@ -86,6 +87,21 @@ async def post_chip(
     return JSONResponse(body, status_code=code)
 
 
+def _validate_line(i: int, line: bytes, profiles: dict[str, Any]) -> svc.BulkOutcome | svc.Prepared:
+    if not line.strip():
+        return svc.BulkOutcome(i, "rejected", errors=[{"loc": ["line", i], "msg": "empty line"}])
+    try:
+        doc = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        return svc.BulkOutcome(i, "rejected", errors=[{"loc": ["line", i], "msg": f"malformed JSON: {exc}"}])
+    try:
+        return svc.prepare(None, doc, root="", profiles=profiles)
+    except svc.InvalidFaultMap as exc:
+        cid = doc.get("chip_id") if isinstance(doc, dict) and isinstance(doc.get("chip_id"), str) else None
+        errs = [{"loc": ["line", i, *e["loc"]], "msg": e["msg"]} for e in exc.errors]
+        return svc.BulkOutcome(i, "rejected", cid, errors=errs)
+
+
 def _ingest_bulk(raw: bytes, replace: bool) -> dict[str, Any]:
     settings = get_settings()
     lines = raw.split(b"\n")
@@ -97,30 +113,28 @@ def _ingest_bulk(raw: bytes, replace: bool) -> dict[str, Any]:
         msg = f"{len(lines)} lines, more than the limit of {settings.max_bulk_lines} per request"
         raise ApiError(413, msg, [{"loc": ["body"], "msg": msg}])
     outcomes: dict[int, svc.BulkOutcome] = {}
-    valid: list[tuple[int, svc.Prepared]] = []
     with get_sessionmaker()() as s:
+        profiles = all_profiles(s)
+    chunk = 1000
+    # Validation (CPU) of chunk k+1 overlaps the database writes of chunk k, done in order by
+    # one writer thread with its own session, so duplicates across chunks resolve as in order.
+    with get_sessionmaker()() as ws, ThreadPoolExecutor(1, thread_name_prefix="bulk-writer") as writer:
+        pending: list[Future[list[svc.BulkOutcome]]] = []
+        valid: list[tuple[int, svc.Prepared]] = []
         for i, line in enumerate(lines, start=1):
-            if not line.strip():
-                outcomes[i] = svc.BulkOutcome(i, "rejected", errors=[{"loc": ["line", i], "msg": "empty line"}])
-                continue
-            try:
-                doc = json.loads(line.decode("utf-8"))
-            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-                outcomes[i] = svc.BulkOutcome(
-                    i, "rejected", errors=[{"loc": ["line", i], "msg": f"malformed JSON: {exc}"}]
-                )
-                continue
-            try:
-                p = svc.prepare(s, doc, root="")
-            except svc.InvalidFaultMap as exc:
-                cid = doc.get("chip_id") if isinstance(doc, dict) and isinstance(doc.get("chip_id"), str) else None
-                errs = [{"loc": ["line", i, *e["loc"]], "msg": e["msg"]} for e in exc.errors]
-                outcomes[i] = svc.BulkOutcome(i, "rejected", cid, errors=errs)
-                continue
-            valid.append((i, p))
-        s.rollback()  # end the read transaction of profile lookups
-        for o in svc.store_many(s, valid, replace):
-            outcomes[o.line] = o
+            outcome = _validate_line(i, line, profiles)
+            if isinstance(outcome, svc.BulkOutcome):
+                outcomes[i] = outcome
+            else:
+                valid.append((i, outcome))
+            if len(valid) >= chunk:
+                pending.append(writer.submit(svc.store_many, ws, valid, replace, chunk))
+                valid = []
+        if valid:
+            pending.append(writer.submit(svc.store_many, ws, valid, replace, chunk))
+        for fut in pending:
+            for o in fut.result():
+                outcomes[o.line] = o
     ordered = [outcomes[i] for i in sorted(outcomes)]
     counts = {k: 0 for k in ("created", "unchanged", "replaced", "rejected")}
     out_lines = []
