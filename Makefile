@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 # Embedded default: SQLite + a serverless Celery broker, API and one worker.
 run: install
-	$(BIN)/faultfleet run
+	$(BIN)/faultfleet run --demo
 
 demo: install
 	$(BIN)/faultfleet demo

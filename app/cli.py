@@ -1,4 +1,4 @@
-"""``faultfleet migrate | serve | worker | keys create | run``."""
+"""``faultfleet migrate | serve | worker | keys create | run | demo``."""
 
 from __future__ import annotations
 
@@ -108,8 +108,77 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ready(url: str, timeout: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"the API at {url} was not ready after {timeout:.0f} s")
+
+
+def _demo_config(args: argparse.Namespace) -> object:
+    from pathlib import Path
+
+    from app.demo import DemoConfig
+
+    return DemoConfig(chips=args.chips, seed=args.seed, out_dir=Path(args.out or _settings().var_dir / "demo"))
+
+
+def _admin_key() -> str:
+    key = os.environ.get("FAULTFLEET_API_KEY")
+    if key:
+        return key
+    path = _settings().local_admin_key_file
+    if not path.exists():
+        raise SystemExit(f"no API key: set FAULTFLEET_API_KEY or run 'faultfleet migrate' to create {path}")
+    return path.read_text().strip()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The demo against --url, or against an embedded stack (migrate, worker, API) it starts and stops."""
+    from app.demo import DemoConfig, run_demo
+
+    cfg = _demo_config(args)
+    assert isinstance(cfg, DemoConfig)
+    if args.url:
+        run_demo(args.url.rstrip("/"), _admin_key(), cfg)
+        return 0
+    rc = cmd_migrate(argparse.Namespace(revision="head"))
+    if rc:
+        return rc
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--loglevel", "WARNING", "--concurrency", "2"]),
+        subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--log-level", "warning", "--no-access-log"]
+        ),
+    ]
+    try:
+        _wait_ready(url)
+        run_demo(url, _admin_key(), cfg)
+    finally:
+        for proc in procs:
+            _stop(proc)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """Embedded quick start: migrate, one worker subprocess, uvicorn in this process."""
+    """Embedded quick start: migrate, one worker subprocess, uvicorn in this process (and the demo)."""
     rc = cmd_migrate(argparse.Namespace(revision="head"))
     if rc:
         return rc
@@ -123,10 +192,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"state in {settings.var_dir}; Ctrl-C stops both",
         file=sys.stderr,
     )
+    if args.demo:
+        import threading
+
+        from app.demo import DemoConfig, run_demo
+
+        cfg = _demo_config(args)
+        assert isinstance(cfg, DemoConfig)
+        url = f"http://{args.host}:{args.port}"
+
+        def demo() -> None:
+            try:
+                _wait_ready(url)
+                run_demo(url, _admin_key(), cfg)
+                print(f"faultfleet: demo done; the API stays up on {url} (Ctrl-C stops it)", file=sys.stderr)
+            except Exception as exc:
+                print(f"faultfleet: demo failed: {exc}", file=sys.stderr)
+
+        threading.Thread(target=demo, name="demo", daemon=True).start()
     try:
         import uvicorn
 
-        uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="info")
+        uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="info", access_log=False)
     finally:
         _stop(worker)
     return 0
@@ -177,9 +264,24 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="embedded quick start: migrate + worker + API; Ctrl-C stops both")
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=int(os.environ.get("FAULTFLEET_PORT", "8000")))
-    r.add_argument("--concurrency", type=int, default=1)
+    r.add_argument("--concurrency", type=int, default=2)
+    r.add_argument("--demo", action="store_true", help="also run the demo against it once it is up")
+    _demo_args(r)
     r.set_defaults(fn=cmd_run)
+
+    d = sub.add_parser(
+        "demo", help="a generated fleet through the whole service (starts an embedded one without --url)"
+    )
+    d.add_argument("--url", default=None, help="a running faultfleet API (key from FAULTFLEET_API_KEY)")
+    _demo_args(d)
+    d.set_defaults(fn=cmd_demo)
     return p
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chips", type=int, default=60, help="fleet size (demo)")
+    p.add_argument("--seed", type=int, default=7, help="fleet generator seed (demo)")
+    p.add_argument("--out", default=None, help="download folder (demo; default <var_dir>/demo)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,7 +30,7 @@ def create_app() -> FastAPI:
     app.add_middleware(
         BodySizeLimit,
         default_limit=settings.max_body_bytes,
-        overrides={"/chips/bulk": settings.max_bulk_bytes},
+        overrides={"/chips/bulk": settings.max_bulk_bytes, "/models": settings.max_upload_bytes},
     )
     app.include_router(health.router)
     app.include_router(api_router, prefix=API_PREFIX)

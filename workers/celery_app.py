@@ -20,7 +20,12 @@ log = logging.getLogger("faultfleet.worker")
 def create_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     settings.ensure_dirs()
-    app = Celery("faultfleet", broker=settings.broker_url, backend=settings.result_backend, include=["workers.tasks"])
+    app = Celery(
+        "faultfleet",
+        broker=settings.broker_url,
+        backend=settings.result_backend,
+        include=["workers.tasks", "workers.fleet"],
+    )
     conf: dict[str, Any] = {
         "task_default_queue": settings.queue,
         "task_default_exchange": settings.queue,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +23,12 @@ class Settings(BaseSettings):
     var_dir: Path = Field(default=Path("var"), description="Embedded default state: SQLite file, broker folders")
     database_url: str = Field(default="", description="SQLAlchemy URL; default sqlite:///<var_dir>/faultfleet.db")
     artifact_dir: Path | None = Field(default=None, description="Artifact store directory; default <var_dir>/artifacts")
+    artifact_backend: Literal["local", "database"] = Field(
+        default="local",
+        description="Where model files live: 'local' (artifact_dir; share it between machines) or 'database' "
+        "(chunks in the service database, so every worker that reaches PostgreSQL shares them)",
+    )
+    max_upload_bytes: int = Field(default=256 << 20, description="Body limit (bytes) of POST /models uploads")
     db_pool_size: int = 10
     db_max_overflow: int = 20
 

@@ -14,9 +14,11 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -168,6 +170,10 @@ class Plan(Base):
     selection: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    document: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON, doc="the planner's Plan (planner.Plan.to_dict): groups, chip states, resilience map, severity"
+    )
+    resilience_map_id: Mapped[int | None] = mapped_column(ForeignKey("resilience_maps.id"))
     created_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
 
@@ -184,6 +190,17 @@ class Group(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     plan_id: Mapped[int] = mapped_column(ForeignKey("plans.id", ondelete="CASCADE"))
     index: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(
+        String(32), default="", server_default="", doc="the planner's group id, e.g. 'r0-g000003'"
+    )
+    round: Mapped[int] = mapped_column(Integer, default=0, server_default="0", doc="0: initial plan; n: n-th replan")
+    reason: Mapped[str] = mapped_column(
+        String(32), default="grouped", server_default="grouped", doc="grouped, alone, smaller_group, ..."
+    )
+    protect: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=false(), doc="most sensitive layer runs fault-free (TMR)"
+    )
+    protect_layer: Mapped[str | None] = mapped_column(String(128))
     status: Mapped[str] = mapped_column(String(16), default="pending")
     fused_map: Mapped[dict[str, Any]] = mapped_column(JSON)
     fused_digest: Mapped[str] = mapped_column(String(64))
@@ -193,10 +210,14 @@ class Group(Base):
     predicted_cost: Mapped[float | None] = mapped_column(Float)
     model_artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
     manifest_artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
+    delta_artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
     created_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
 
     plan: Mapped[Plan] = relationship(back_populates="groups")
+    model: Mapped[Artifact | None] = relationship(foreign_keys=[model_artifact_id])
+    manifest: Mapped[Artifact | None] = relationship(foreign_keys=[manifest_artifact_id])
+    delta: Mapped[Artifact | None] = relationship(foreign_keys=[delta_artifact_id])
     members: Mapped[list[GroupMember]] = relationship(back_populates="group", cascade="all, delete-orphan")
 
 
@@ -230,3 +251,53 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(128), default="")
     created_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(TS)
+
+
+class ArtifactChunk(Base):
+    """Bytes of an artifact when the artifact backend is the database (1 MiB chunks, in order)."""
+
+    __tablename__ = "artifact_chunks"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ResilienceMapRecord(Base):
+    """A measured resilience map, cached per (base model weights, dataset, array, grid, training)."""
+
+    __tablename__ = "resilience_maps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True, doc="sha256 of what the map was measured for")
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
+    accelerator_id: Mapped[int] = mapped_column(ForeignKey("accelerator_profiles.id"))
+    status: Mapped[str] = mapped_column(String(16), default="building")
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    document: Mapped[dict[str, Any] | None] = mapped_column(JSON, doc="planner.ResilienceMap.to_dict()")
+    training_epochs: Mapped[int | None] = mapped_column(Integer, doc="epochs trained to measure it")
+    created_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
+
+
+class ChipAssignment(Base):
+    """The model a chip must run for one base model: a group's, the pruned base model's, or none (reason)."""
+
+    __tablename__ = "chip_assignments"
+    __table_args__ = (UniqueConstraint("chip_pk", "base_model_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    chip_pk: Mapped[int] = mapped_column(ForeignKey("chips.id", ondelete="CASCADE"), index=True)
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"))
+    plan_id: Mapped[int | None] = mapped_column(ForeignKey("plans.id"))
+    group_id: Mapped[int | None] = mapped_column(ForeignKey("plan_groups.id"))
+    artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
+    status: Mapped[str] = mapped_column(
+        String(16), doc="verified, needs_nothing, unrecoverable, or waiting (late chip, for the next plan)"
+    )
+    source: Mapped[str] = mapped_column(String(8), default="plan", doc="plan, or late (assigned after the plan ran)")
+    accuracy: Mapped[float | None] = mapped_column(Float)
+    reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
+
+    artifact: Mapped[Artifact | None] = relationship()
+    group: Mapped[Group | None] = relationship()

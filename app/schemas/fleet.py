@@ -1,0 +1,160 @@
+"""Schemas of base models, plans, resilience maps and group models (the fleet retraining API)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.schemas.common import UTCDateTime
+from app.schemas.jobs import JobOut
+
+BUILTIN_DATASETS = ("digits", "mnist5k")
+SCHEDULES = ("progressive_union", "all_at_once", "sample_members")
+
+
+class ModelIn(BaseModel):
+    """Register a base model: a zoo architecture trained on a worker (`train: true`), or uploaded weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    architecture: str = Field(description="zoo architecture: mlp, lenet5, resnet20, resnet32")
+    dataset: str = Field(description="'digits', 'mnist5k', or the name of an uploaded .npz (multipart)")
+    accelerator: str = Field(description="registered accelerator profile name")
+    train: bool = Field(default=False, description="train the weights on a worker (JSON registration needs this)")
+    epochs: int = Field(default=10, ge=1, le=500, description="float training epochs when train is true")
+    lr: float = Field(default=0.05, gt=0, le=10)
+    batch_size: int = Field(default=64, ge=1, le=8192)
+    seed: int = Field(default=0, ge=0)
+
+
+class ModelOut(BaseModel):
+    id: int
+    name: str
+    architecture: str
+    dataset: str
+    accelerator: str
+    status: str
+    baseline_accuracy: float | None
+    weights_sha256: str | None
+    config: dict[str, Any]
+    created_at: UTCDateTime
+
+
+class ModelAccepted(BaseModel):
+    model: ModelOut
+    job: JobOut
+
+
+class ConstraintIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_drop: float | None = Field(default=None, ge=0, le=1, description="at most this far below baseline (fraction)")
+    min_accuracy: float | None = Field(default=None, ge=0, le=1, description="at least this accuracy (fraction)")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ConstraintIn:
+        if (self.max_drop is None) == (self.min_accuracy is None):
+            raise ValueError("give exactly one of max_drop or min_accuracy")
+        return self
+
+
+class ChipSelection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lot: str | None = None
+    wafer: int | None = None
+    ids: list[str] = Field(default_factory=list, max_length=100_000)
+
+
+class ResilienceGrid(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rates: list[float] = Field(default=[0.01, 0.03, 0.06, 0.1], min_length=1, max_length=32)
+    epochs: list[int] = Field(default=[0, 1, 2, 4], min_length=1, max_length=16)
+    samples: int = Field(default=2, ge=1, le=32)
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ResilienceGrid:
+        if any(not 0 < r <= 1 for r in self.rates):
+            raise ValueError("rates must be fault rates in (0, 1]")
+        if any(e < 0 or e > 200 for e in self.epochs):
+            raise ValueError("epochs must be in 0..200")
+        return self
+
+
+class TrainIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(default=0.01, gt=0, le=10)
+    batch_size: int = Field(default=64, ge=1, le=8192)
+    seed: int = Field(default=0, ge=0)
+
+
+class PlanIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="base model name")
+    constraint: ConstraintIn
+    chips: ChipSelection = Field(default_factory=ChipSelection, description="empty: every chip of the profile")
+    max_group_size: int = Field(default=5, ge=1, le=256)
+    schedule: Literal["progressive_union", "all_at_once", "sample_members"] = "progressive_union"
+    resilience: ResilienceGrid = Field(default_factory=ResilienceGrid)
+    train: TrainIn = Field(default_factory=TrainIn)
+    seed: int = Field(default=0, ge=0)
+
+
+class MemberOut(BaseModel):
+    chip_id: str
+    revision: int
+    status: str
+    accuracy: float | None
+    reason: str | None
+
+
+class GroupOut(BaseModel):
+    id: int
+    key: str
+    round: int
+    reason: str
+    status: str
+    members: list[MemberOut]
+    epochs: int
+    schedule: str | None
+    fused_rate: float
+    fused_digest: str
+    protect: bool
+    protect_layer: str | None
+    model_sha256: str | None
+    manifest_sha256: str | None
+
+
+class PlanOut(BaseModel):
+    id: int
+    model: str
+    status: str
+    constraint: dict[str, Any]
+    selection: dict[str, Any]
+    params: dict[str, Any]
+    summary: dict[str, Any] | None
+    resilience_map_id: int | None
+    chips: list[dict[str, Any]]
+    groups: list[GroupOut]
+    jobs: dict[str, str]
+    created_at: UTCDateTime
+
+
+class PlanAccepted(BaseModel):
+    plan: PlanOut
+    job: JobOut
+
+
+class ResilienceMapOut(BaseModel):
+    id: int
+    status: str
+    base_model_id: int
+    params: dict[str, Any]
+    training_epochs: int | None
+    map: dict[str, Any] | None

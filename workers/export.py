@@ -1,0 +1,62 @@
+"""Model files that leave the service: safetensors, JSON manifest, sparse delta (R2F style).
+
+A retrained group model is shipped two ways: whole, as safetensors, and as a
+compressed sparse delta against the base model the chip already holds, which is what a
+fab sends over a slow link (R2F). Both are deterministic bytes, so their sha256 is a
+stable identity (ETag) and re-running an export after a crash stores nothing new.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Mapping
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+
+def state_dict_bytes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Safetensors bytes of a state_dict (tensors made contiguous CPU copies)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(state.items())}
+    return st_save(tensors, metadata=dict(metadata or {}))
+
+
+def sparse_delta(base: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> bytes:
+    """gzip-compressed safetensors holding, per tensor, the flat indices (int64) and new
+    values of the entries that differ from `base`. Tensors absent from `base` (or whose
+    shape changed) are stored whole under `<name>.full`."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sorted(new.items()):
+        t = t.detach().cpu()
+        b = base.get(name)
+        if b is None or b.shape != t.shape or b.dtype != t.dtype:
+            out[f"{name}.full"] = t.contiguous()
+            continue
+        changed = (t != b.detach().cpu()).flatten().nonzero().flatten()
+        if changed.numel():
+            out[f"{name}.idx"] = changed.to(torch.int64)
+            out[f"{name}.val"] = t.flatten()[changed].contiguous()
+    # mtime=0: identical deltas give identical bytes (and sha256).
+    return gzip.compress(st_save(out), compresslevel=6, mtime=0)
+
+
+def apply_delta(base: Mapping[str, torch.Tensor], delta: bytes) -> dict[str, torch.Tensor]:
+    """Rebuild the new state_dict from `base` and a `sparse_delta` blob."""
+    parts = st_load(gzip.decompress(delta))
+    state = {k: v.detach().cpu().clone() for k, v in base.items()}
+    for key, t in parts.items():
+        name, kind = key.rsplit(".", 1)
+        if kind == "full":
+            state[name] = t
+        elif kind == "idx":
+            flat = state[name].flatten()
+            flat[t] = parts[f"{name}.val"]
+            state[name] = flat.view_as(state[name])
+    return state
+
+
+def manifest_bytes(manifest: Mapping[str, object]) -> bytes:
+    """Canonical JSON (sorted keys) so equal manifests hash equal."""
+    return json.dumps(manifest, sort_keys=True, indent=2).encode()
