@@ -270,6 +270,9 @@ def base_env(**extra: str) -> dict[str, str]:
     env.update(FAST_JOB_ENV)
     env.update(extra)
     env["PYTHONUNBUFFERED"] = "1"
+    # Subprocesses run in tmp dirs: import this checkout's packages whatever the install state.
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     return env
 
 

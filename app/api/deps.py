@@ -82,7 +82,8 @@ def require(scope: str) -> Callable[[Request], Awaitable[Principal]]:
         key = _presented_key(request)
         challenge = {"WWW-Authenticate": 'Bearer realm="faultfleet"'}
         if not key:
-            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'", headers=challenge)
+            msg = "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'"
+            raise ApiError(401, msg, [{"loc": ["header", "authorization"], "msg": msg}], headers=challenge)
         settings = get_settings()
         hit = _cache.get(hash_key(key))
         if hit is not None and hit[1] > time.monotonic():
@@ -90,9 +91,11 @@ def require(scope: str) -> Callable[[Request], Awaitable[Principal]]:
         else:
             principal = await run_in_threadpool(_lookup, key, settings)
         if principal is None:
-            raise ApiError(401, f"unknown or revoked API key {key_prefix(key)}...", headers=challenge)
+            msg = f"unknown or revoked API key {key_prefix(key)}..."
+            raise ApiError(401, msg, [{"loc": ["header", "authorization"], "msg": msg}], headers=challenge)
         if not allows(principal.scopes, scope):
-            raise ApiError(403, f"this API key lacks scope {scope!r} (it has: {sorted(principal.scopes)})")
+            msg = f"this API key lacks scope {scope!r} (it has: {sorted(principal.scopes)})"
+            raise ApiError(403, msg, [{"loc": ["header", "authorization"], "msg": msg}])
         return principal
 
     dep.__name__ = f"require_{scope}"

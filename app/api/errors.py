@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("faultfleet.api")
@@ -81,6 +82,14 @@ def install(app: FastAPI) -> None:
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         detail = f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
         return JSONResponse(error_body(detail, errors), status_code=status)
+
+    @app.exception_handler(DataError)
+    async def _data_error(req: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value that came from the request (e.g. a NUL byte in a
+        # PostgreSQL text field): bad input, so a 4xx, never a 500.
+        msg = str(getattr(exc, "orig", None) or exc).splitlines()[0][:500]
+        log.info("data error on %s %s: %s", req.method, req.url.path, msg)
+        return JSONResponse(error_body(f"invalid value: {msg}", [{"loc": ["request"], "msg": msg}]), status_code=422)
 
     @app.exception_handler(Exception)
     async def _unexpected(req: Request, exc: Exception) -> JSONResponse:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +30,7 @@ from app.services.profiles import ProfileInfo, get_profile
 
 TOP_LEVEL_FIELDS = frozenset({"chip_id", "accelerator", "array", "faults", "lot", "wafer", "die_x", "die_y"})
 MAX_CHIP_ID = 128
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 Status = Literal["created", "unchanged", "replaced", "conflict"]
 
@@ -91,8 +93,10 @@ def prepare(
         raise bad("chip_id", f"required, a non-empty string, got {chip_id!r}")
     if len(chip_id) > MAX_CHIP_ID:
         raise bad("chip_id", f"longer than {MAX_CHIP_ID} characters")
+    if _CONTROL.search(chip_id):
+        raise bad("chip_id", "must not contain control characters")
     name = d.get("accelerator")
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name or _CONTROL.search(name):
         raise bad("accelerator", f"required, the name of a registered accelerator profile, got {name!r}")
     if profiles is not None:
         profile = profiles.get(name)
@@ -101,10 +105,9 @@ def prepare(
         profile = get_profile(session, name)
     if profile is None:
         raise bad("accelerator", f"unknown accelerator profile {name!r}")
-    for field in ("lot",):
-        v = d.get(field)
-        if v is not None and isinstance(v, str) and len(v) > 64:
-            raise bad(field, "longer than 64 characters")
+    lot = d.get("lot")
+    if isinstance(lot, str) and (len(lot) > 64 or _CONTROL.search(lot)):
+        raise bad("lot", "must be at most 64 characters, without control characters")
     for field in ("wafer", "die_x", "die_y"):
         v = d.get(field)
         if isinstance(v, int) and not isinstance(v, bool) and not -(2**31) <= v < 2**31:

@@ -283,3 +283,30 @@ def test_bulk_empty_and_blank_lines(service: Any, accelerator: str, uid: str, ma
         body = (json.dumps(make_map(f"E{uid}", accelerator)) + "\n\n").encode()
         res = c.post("/api/v1/chips/bulk", content=body).json()
         assert [x["status"] for x in res["lines"]] == ["created", "rejected"]
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("chip_id", "a\x00b"), ("lot", "L\x00"), ("accelerator", "sa\x00"), ("chip_id", "x\ny")],
+    ids=["nul-chip", "nul-lot", "nul-accel", "newline-chip"],
+)
+def test_control_characters_are_4xx_not_500(service: Any, accelerator: str, uid: str, field: str, value: str) -> None:
+    doc = _map(f"ctl-{uid}", accelerator)
+    doc[field] = value
+    with service.client() as c:
+        r = c.post("/api/v1/chips", json=doc)
+        assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", field], r.text
+        body = json.dumps(doc).encode()
+        assert c.post("/api/v1/chips/bulk", content=body).json()["rejected"] == 1
+
+
+def test_odd_paths_and_queries_are_4xx(service: Any) -> None:
+    with service.client() as c:
+        for path in ("/api/v1/chips/a%00b", "/api/v1/accelerators/x%00", "/api/v1/jobs/j%00"):
+            r = c.get(path)
+            assert r.status_code in (404, 422), (path, r.status_code, r.text)
+            assert r.json()["detail"]
+        for params in ({"lot": "a\x00"}, {"wafer": "abc"}, {"limit": 0}):
+            r = c.get("/api/v1/chips", params=params)
+            assert 400 <= r.status_code < 500 or r.json()["items"] == [], (params, r.text)
+        assert c.put("/api/v1/chips").status_code == 405

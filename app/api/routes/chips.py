@@ -19,6 +19,7 @@ from app.db.session import get_sessionmaker
 from app.schemas.chips import FAULT_MAP_SCHEMA, BulkResult, ChipDetail, ChipIngested, ChipPage
 from app.schemas.common import ERROR_RESPONSES
 from app.services import chips as svc
+from app.services import fleet as fleetsvc
 from app.services.profiles import all_profiles, get_profile, profile_names
 
 router = APIRouter(prefix="/chips", tags=["chips"], responses=ERROR_RESPONSES)
@@ -84,6 +85,10 @@ async def post_chip(
 ) -> JSONResponse:
     doc = _parse_json(await request.body())
     code, body = await run_in_threadpool(_ingest_one, doc, replace)
+    if body["status"] in ("created", "replaced"):
+        job_id = await run_in_threadpool(fleetsvc.queue_late_assignments, [body["chip_id"]])
+        if job_id is not None:
+            body["assignment_job"] = job_id
     return JSONResponse(body, status_code=code)
 
 
@@ -169,6 +174,10 @@ async def post_chips_bulk(
 ) -> JSONResponse:
     raw = await request.body()
     body = await run_in_threadpool(_ingest_bulk, raw, replace)
+    fresh = [d["chip_id"] for d in body["lines"] if d["status"] in ("created", "replaced")]
+    job_id = await run_in_threadpool(fleetsvc.queue_late_assignments, fresh)
+    if job_id is not None:
+        body["assignment_job"] = job_id
     return JSONResponse(body)
 
 
