@@ -117,10 +117,7 @@ def run_job(job_id: str, worker: str) -> str:
 
 
 def _is_infrastructure(exc: BaseException) -> bool:
-    from sqlalchemy.exc import DBAPIError
+    """Database or network trouble, not a bug of the job: retry it (bounded by job_max_attempts)."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
 
-    return (
-        isinstance(exc, DBAPIError)
-        and bool(getattr(exc, "connection_invalidated", False))
-        or isinstance(exc, ConnectionError)
-    )
+    return isinstance(exc, (OperationalError, InterfaceError, ConnectionError, TimeoutError))
