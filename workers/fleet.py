@@ -570,6 +570,7 @@ def execute_plan(ctx: JobContext) -> dict[str, Any]:
         plan.status = "executed"
         summary = dict(doc.summary())
         summary["retraining_epochs"] = doc.planned_epochs
+        summary["threshold"] = doc.threshold
         summary["epochs_ratio_vs_per_chip_fat"] = (
             doc.per_chip_fat_epochs / doc.planned_epochs if doc.planned_epochs else None
         )
@@ -624,8 +625,16 @@ def assign_chip(ctx: JobContext) -> dict[str, Any]:
     The first model that meets the plan's constraint on the chip's own map is assigned at
     once; if none does, the chip waits (status `waiting`) for the next plan.
     """
-    chip_pk = int(ctx.params["chip_pk"])
     out: dict[str, Any] = {}
+    for n, chip_pk in enumerate(ctx.params["chip_pks"]):
+        ctx.report(n / len(ctx.params["chip_pks"]), f"chip {n + 1}/{len(ctx.params['chip_pks'])}")
+        out[str(chip_pk)] = assign_one_chip(ctx, int(chip_pk))
+    return {"assignments": out}
+
+
+def assign_one_chip(ctx: JobContext, chip_pk: int) -> dict[str, str]:
+    """Per base model with an executed plan: needs_nothing, verified (on a group model) or waiting."""
+    out: dict[str, str] = {}
     with Session(ctx.engine) as s:
         chip = s.get(Chip, chip_pk)
         if chip is None:
@@ -672,8 +681,8 @@ def assign_chip(ctx: JobContext) -> dict[str, Any]:
                     .where(Group.plan_id == plan.id, Group.model_artifact_id.is_not(None))
                     .order_by(Group.index)
                 ).all()
-                for i, grp in enumerate(trained):
-                    ctx.report(0.1 + 0.8 * i / max(len(trained), 1), f"trying group {grp.key} of plan {plan.id}")
+                for grp in trained:
+                    ctx.check()
                     assert grp.model is not None
                     model = acc.load_model(
                         plan.base_model.architecture,
@@ -693,4 +702,4 @@ def assign_chip(ctx: JobContext) -> dict[str, Any]:
             a.updated_at = utcnow()
             out[str(model_id)] = a.status
         s.commit()
-    return {"chip_pk": chip_pk, "assignments": out}
+    return out

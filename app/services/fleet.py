@@ -311,3 +311,37 @@ def chip_manifest(session: Session, chip: Chip, a: ChipAssignment) -> bytes:
 
 def member_rows(session: Session, chip_pk: int) -> list[GroupMember]:
     return list(session.scalars(select(GroupMember).where(GroupMember.chip_pk == chip_pk)))
+
+
+# --- chips that arrive after a plan ran -------------------------------------------------------
+
+
+def queue_late_assignments(chip_ids: list[str]) -> str | None:
+    """After chips were created or replaced: if an executed plan covers their accelerator, start one
+    job that tries them on that plan's group models (see `workers.fleet.assign_chip`). Returns its id."""
+    from app.core.config import get_settings
+    from app.core.queue import get_celery
+    from app.db.session import get_sessionmaker
+    from app.services import jobs as jobsvc
+
+    if not chip_ids:
+        return None
+    with get_sessionmaker()() as s:
+        if s.scalars(select(Plan.id).where(Plan.status == "executed").limit(1)).first() is None:
+            return None  # the common case at ingest time: one cheap query
+        rows = s.execute(select(Chip.id, Chip.accelerator_id).where(Chip.chip_id.in_(chip_ids))).tuples().all()
+        executed = set(
+            s.scalars(
+                select(BaseModel.accelerator_id)
+                .join(Plan, Plan.base_model_id == BaseModel.id)
+                .where(Plan.status == "executed", BaseModel.accelerator_id.in_({a for _, a in rows}))
+            )
+        )
+        pks = sorted(pk for pk, a in rows if a in executed)
+        if not pks:
+            return None
+        job = jobsvc.create_job(s, "assign_chip", {"chip_pks": pks}, subject="late-chips")
+        s.commit()
+        job_id = job.id
+    jobsvc.enqueue(job_id, get_celery(), get_settings())
+    return job_id

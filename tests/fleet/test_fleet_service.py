@@ -1,0 +1,259 @@
+"""The whole fleet loop through HTTP: a real uvicorn, a real Celery worker, PostgreSQL + Redis and
+the embedded default. Small on purpose (digits, an 8x8 array, a dozen chips) so it runs in minutes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from safetensors.torch import load as load_safetensors
+
+import accelerator as acc
+from accelerator import ArrayConfig, FaultMap
+from planner import FleetSpec, generate_fleet
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROWS = COLS = 8
+TERMINAL_CHIP_STATES = {"verified", "needs_nothing", "unrecoverable"}
+
+
+def _fleet(accel: str, n: int, seed: int, defects: float = 2.5) -> list[dict[str, Any]]:
+    spec = FleetSpec(array=ArrayConfig(ROWS, COLS), accelerator=accel, defects_per_die=defects, cluster_mean_pes=2.0)
+    maps = [m.to_dict() for m in generate_fleet(n, seed, spec)]
+    for m in maps:  # chip ids unique across tests that share a database
+        m["chip_id"] = f"{accel}-{m['chip_id']}"
+    return maps
+
+
+def _ok(r: Any, *codes: int) -> dict[str, Any]:
+    assert r.status_code in (codes or (200,)), f"{r.request.method} {r.request.url}: {r.status_code} {r.text}"
+    return dict(r.json())
+
+
+def _setup_fleet(service: Any, *, n_chips: int, seed: int, arch: str, grid: dict[str, Any]) -> dict[str, Any]:
+    """Profile, chips (bulk NDJSON), a trained base model; returns names and the posted maps."""
+    tag = uuid.uuid4().hex[:6]
+    accel = f"e2e-{tag}"
+    maps = _fleet(accel, n_chips, seed)
+    with service.client() as c:
+        _ok(
+            c.post(
+                "/api/v1/accelerators", json={"name": accel, "rows": ROWS, "cols": COLS, "fmt": "int8", "bypass": True}
+            ),
+            201,
+        )
+        body = "".join(json.dumps(m) + "\n" for m in maps)
+        bulk = _ok(c.post("/api/v1/chips/bulk", content=body, headers={"Content-Type": "application/x-ndjson"}))
+        assert bulk["created"] == n_chips, bulk
+        model = f"m-{tag}"
+        reg = _ok(
+            c.post(
+                "/api/v1/models",
+                json={
+                    "name": model,
+                    "architecture": arch,
+                    "dataset": "digits",
+                    "accelerator": accel,
+                    "train": True,
+                    "epochs": 12,
+                },
+            ),
+            202,
+        )
+    job = service.wait_job(reg["job"]["id"], timeout=300)
+    assert job["state"] == "succeeded", job
+    return {"accel": accel, "model": model, "maps": maps, "grid": grid}
+
+
+def _plan(service: Any, fleet: dict[str, Any], **extra: Any) -> int:
+    with service.client() as c:
+        body = {
+            "model": fleet["model"],
+            "constraint": {"max_drop": 0.03},
+            "chips": {"ids": [m["chip_id"] for m in fleet["maps"]]},
+            "max_group_size": 4,
+            "resilience": fleet["grid"],
+            **extra,
+        }
+        acc_ = _ok(c.post("/api/v1/plans", json=body), 202)
+    job = service.wait_job(acc_["job"]["id"], timeout=600)
+    assert job["state"] == "succeeded", job
+    return int(acc_["plan"]["id"])
+
+
+def _execute(service: Any, plan_id: int, timeout: float = 900) -> dict[str, Any]:
+    with service.client() as c:
+        job = _ok(c.post(f"/api/v1/plans/{plan_id}/execute"), 202)
+    done = service.wait_job(job["id"], timeout=timeout)
+    assert done["state"] == "succeeded", done
+    with service.client() as c:
+        return _ok(c.get(f"/api/v1/plans/{plan_id}"))
+
+
+def _download(service: Any, path: str, **params: str) -> tuple[bytes, Any]:
+    with service.client() as c, c.stream("GET", path, params=params) as r:
+        assert r.status_code == 200, r.read()
+        data = b"".join(r.iter_bytes())
+        return data, r.headers
+
+
+def test_fleet_plan_execute_verify_download(service: Any) -> None:
+    grid = {"rates": [0.05, 0.1, 0.2], "epochs": [0, 1, 3], "samples": 1}
+    fleet = _setup_fleet(service, n_chips=12, seed=3, arch="mlp", grid=grid)
+    plan_id = _plan(service, fleet)
+    with service.client() as c:
+        planned = _ok(c.get(f"/api/v1/plans/{plan_id}"))
+        rmap = _ok(c.get(f"/api/v1/resilience-maps/{planned['resilience_map_id']}"))
+        png = c.get(f"/api/v1/resilience-maps/{planned['resilience_map_id']}/plot.png", params={"max_drop": 0.03})
+    assert planned["status"] == "planned" and planned["summary"]["chips"] == 12
+    assert planned["summary"]["predicted_epochs"] <= planned["summary"]["per_chip_fat_epochs"]
+    assert rmap["status"] == "ready" and len(rmap["map"]["rates"]) == 3
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+    plan = _execute(service, plan_id)
+    assert plan["status"] == "executed"
+    states = {ch["chip_id"]: ch for ch in plan["chips"]}
+    assert set(states) == {m["chip_id"] for m in fleet["maps"]}
+    assert all(ch["status"] in TERMINAL_CHIP_STATES for ch in states.values()), states
+    for ch in states.values():
+        if ch["status"] == "unrecoverable":
+            assert ch["reason"] and "protected" in ch["reason"]
+    trained = [g for g in plan["groups"] if g["model_sha256"]]
+    assert trained, "the fleet was built so that some chips fail screening and need retraining"
+
+    array = ArrayConfig(ROWS, COLS)
+    data = acc.load_dataset("digits")
+    maps = {m["chip_id"]: FaultMap.from_dict(m, array=array) for m in fleet["maps"]}
+    for g in trained:
+        blob, headers = _download(service, f"/api/v1/groups/{g['id']}/model")
+        sha = hashlib.sha256(blob).hexdigest()
+        assert headers["etag"].strip('"') == sha == g["model_sha256"]
+        assert int(headers["content-length"]) == len(blob)
+        manifest_raw, _ = _download(service, f"/api/v1/groups/{g['id']}/model", format="manifest")
+        manifest = json.loads(manifest_raw)
+        assert manifest["model"]["sha256"] == sha
+        assert sorted(manifest["members"]) == sorted(m["chip_id"] for m in g["members"])
+        assert manifest["fused_map_digest"] == g["fused_digest"]
+        model = acc.load_model("mlp", load_safetensors(blob), data.input_shape, data.num_classes)
+        protect = tuple(manifest["protect"])
+        for chip_id, stated in manifest["accuracy"].items():
+            # the downloaded file reproduces the accuracy its manifest states, on the chip's own map
+            assert acc.evaluate(model, array, maps[chip_id], data, protect=protect) == pytest.approx(stated, abs=1e-12)
+        delta, _ = _download(service, f"/api/v1/groups/{g['id']}/model", format="delta")
+        assert len(delta) > 0
+
+    with service.client() as c:
+        for chip_id, ch in states.items():
+            r = c.get(f"/api/v1/chips/{chip_id}/model", params={"format": "manifest"})
+            if ch["status"] == "unrecoverable":
+                assert r.status_code == 409 and "unrecoverable" in r.json()["detail"]
+                continue
+            assert r.status_code == 200, r.text
+            man = r.json()
+            assert man["chip_id"] == chip_id and man["status"] == ch["status"]
+            if ch["status"] == "verified":
+                group = next(g for g in plan["groups"] if g["key"] == ch["group_id"])
+                assert man["model"]["sha256"] == group["model_sha256"]
+            else:
+                assert man["kind"] == "base_model_pruned_for_dead_pes"
+        # a second execute is the same execution, not a new one
+        again = _ok(c.post(f"/api/v1/plans/{plan_id}/execute"), 202)
+        assert again["state"] == "succeeded"
+
+    # a chip that arrives after the plan ran is tried on the existing group models
+    late = _fleet(fleet["accel"], 1, seed=99, defects=1.0)[0]
+    late["chip_id"] = f"{fleet['accel']}-late"
+    with service.client() as c:
+        _ok(c.post("/api/v1/chips", json=late), 201)
+        deadline = time.monotonic() + 120
+        while True:
+            r = c.get(f"/api/v1/chips/{late['chip_id']}/model", params={"format": "manifest"})
+            if r.status_code == 200 or (r.status_code == 409 and "waiting" in r.json()["detail"]):
+                break
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.5)
+    if r.status_code == 200:
+        man = r.json()
+        assert man["source"] == "late" and man["status"] in ("verified", "needs_nothing")
+        assert man["accuracy"] >= plan["summary"]["threshold"] - 1e-12
+
+
+def test_bad_plan_and_model_requests_are_rejected(service: Any) -> None:
+    with service.client() as c:
+        r = c.post("/api/v1/plans", json={"model": "no-such-model", "constraint": {"max_drop": 0.01}})
+        assert r.status_code == 404 and "no-such-model" in r.json()["detail"]
+        r = c.post("/api/v1/plans", json={"model": "x", "constraint": {"max_drop": 0.01, "min_accuracy": 0.9}})
+        assert r.status_code == 422 and "exactly one" in r.text
+        r = c.post(
+            "/api/v1/models",
+            json={"name": "bad", "architecture": "vgg99", "dataset": "digits", "accelerator": "a", "train": True},
+        )
+        assert r.status_code == 422 and "vgg99" in r.json()["detail"]
+        r = c.post(
+            "/api/v1/models",
+            files={"weights": ("w.safetensors", b"not a safetensors file")},
+            data={
+                "name": f"bad-{uuid.uuid4().hex[:6]}",
+                "architecture": "mlp",
+                "dataset": "digits",
+                "accelerator": "nope",
+            },
+        )
+        assert r.status_code == 422 and "weights" in r.json()["detail"]
+        r = c.get("/api/v1/groups/999999/model")
+        assert r.status_code == 404
+        r = c.get("/api/v1/chips/never-posted/model")
+        assert r.status_code == 404
+
+
+def test_worker_killed_during_group_retraining_resumes_from_checkpoint(pg_service: Any) -> None:
+    """SIGKILL the worker while a group retrains; a new worker finishes from the last epoch checkpoint."""
+    service = pg_service
+    grid = {"rates": [0.1, 0.2], "epochs": [0, 6], "samples": 1}
+    fleet = _setup_fleet(service, n_chips=6, seed=11, arch="lenet5", grid=grid)
+    plan_id = _plan(service, fleet, constraint={"max_drop": 0.005})
+    with service.client() as c:
+        job = _ok(c.post(f"/api/v1/plans/{plan_id}/execute"), 202)
+    engine = sa.create_engine(service.database_url)
+    deadline = time.monotonic() + 300
+    while True:  # wait until some group has finished at least one epoch (its checkpoint exists)
+        with engine.connect() as conn:
+            row = conn.execute(
+                sa.text("SELECT id, checkpoint FROM jobs WHERE kind = 'retrain_group' AND state = 'running'")
+            ).first()
+        checkpoint = row.checkpoint if row is not None else None
+        if isinstance(checkpoint, str):
+            checkpoint = json.loads(checkpoint)
+        if checkpoint and checkpoint.get("epochs_done", 0) >= 1:
+            break
+        assert time.monotonic() < deadline, "no group retraining reached its first epoch"
+        time.sleep(0.2)
+    service.kill_worker()
+    service.start_worker()
+    done = service.wait_job(job["id"], timeout=900)
+    assert done["state"] == "succeeded", done
+    with engine.connect() as conn:
+        result = conn.execute(sa.text("SELECT result FROM jobs WHERE id = :i"), {"i": row.id}).scalar_one()
+        resumed = (json.loads(result) if isinstance(result, str) else result)["resumed_from_epoch"]
+        dup = conn.execute(sa.text("SELECT count(*) - count(DISTINCT sha256) FROM artifacts")).scalar_one()
+        members = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM group_members m JOIN plan_groups g ON g.id = m.group_id "
+                "WHERE g.plan_id = :p AND g.round = 0"
+            ),
+            {"p": plan_id},
+        ).scalar_one()
+    assert resumed >= 1, "the killed group resumed from zero, not from its checkpoint"
+    assert dup == 0
+    with service.client() as c:
+        plan = _ok(c.get(f"/api/v1/plans/{plan_id}"))
+    failing = [ch for ch in plan["chips"] if ch["status"] != "needs_nothing"]
+    assert members == len(failing), "a chip was lost or duplicated in the round-0 groups"
+    assert all(ch["status"] in TERMINAL_CHIP_STATES for ch in plan["chips"])
