@@ -14,6 +14,8 @@ from accelerator.faults import NUMBER_FORMATS, SITES, ArrayConfig, DenseFaults, 
 
 # public name -> submodule that defines it (imported lazily: these need torch)
 _LAZY: dict[str, str] = {
+    "prune_dead_pes": "accelerator.pruning",
+    "dead_weight_mask": "accelerator.pruning",
     "systolic_matmul": "accelerator.systolic",
     "fast_matmul": "accelerator.fast",
     "QUANTIZERS": "accelerator.quant",

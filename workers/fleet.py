@@ -580,12 +580,24 @@ def execute_plan(ctx: JobContext) -> dict[str, Any]:
     return {"plan_id": plan_id, "summary": summary}
 
 
-def base_model_for_chip(session: Session, dep: Deployed, bm: BaseModel, fm: FaultMap) -> Artifact:
-    """The base model with fault-aware pruning: weights mapped onto the chip's dead PEs set to 0."""
-    pruned = acc.prune_dead_pes(dep.model, dep.array, fm)
-    return store_bytes(
-        session, state_dict_bytes(pruned.state_dict(), {"base_model": bm.name}), "chip_model", SAFETENSORS
-    )
+def base_model_for_chip(
+    session: Session, dep: Deployed, bm: BaseModel, fm: FaultMap, threshold: float
+) -> tuple[Artifact, float]:
+    """The model for a chip that needs no retraining, and its accuracy on the chip's own map.
+
+    Fault-aware pruning: weights mapped onto the chip's dead PEs are set to 0, so the file
+    says what the chip computes. Pruning can shrink a channel's weight scale (its largest
+    weight sat on a dead PE), so the pruned model is measured; should it miss the
+    constraint, the unpruned base model (which passed screening) is shipped instead.
+    """
+    candidates = [acc.prune_dead_pes(dep.model, dep.array, fm), dep.model]
+    for model in candidates:
+        accuracy = float(acc.evaluate(model, dep.array, fm, dep.data))
+        if accuracy >= threshold - 1e-12 or model is dep.model:
+            meta = {"base_model": bm.name, "pruned": str(model is not dep.model)}
+            art = store_bytes(session, state_dict_bytes(model.state_dict(), meta), "chip_model", SAFETENSORS)
+            return art, accuracy
+    raise AssertionError("unreachable")
 
 
 def assign_plan_chips(session: Session, plan: Plan, doc: FleetPlan) -> None:
@@ -610,7 +622,8 @@ def assign_plan_chips(session: Session, plan: Plan, doc: FleetPlan) -> None:
             a.group_id = groups[st.group_id].id
             a.artifact_id = groups[st.group_id].model_artifact_id
         elif st.status == "needs_nothing":
-            a.artifact_id = base_model_for_chip(session, dep, plan.base_model, doc.maps[cid]).id
+            art, a.accuracy = base_model_for_chip(session, dep, plan.base_model, doc.maps[cid], doc.threshold)
+            a.artifact_id = art.id
         a.updated_at = utcnow()
     session.flush()
 
@@ -671,8 +684,8 @@ def assign_one_chip(ctx: JobContext, chip_pk: int) -> dict[str, str]:
             screening = float(acc.evaluate(dep.model, dep.array, fm, dep.data))
             best = screening
             if screening >= thr:
-                a.status, a.accuracy = "needs_nothing", screening
-                a.artifact_id = base_model_for_chip(s, dep, plan.base_model, fm).id
+                art, a.accuracy = base_model_for_chip(s, dep, plan.base_model, fm, thr)
+                a.status, a.artifact_id = "needs_nothing", art.id
             else:
                 a.status, a.accuracy = "waiting", screening
                 a.reason = "no existing group model meets the constraint on this chip; it waits for the next plan"
