@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -178,15 +178,19 @@ def _rev_values(chip_pk: int, p: Prepared, revision: int, now: datetime) -> dict
     }
 
 
-_CURRENT_COLS = (Chip.id, Chip.chip_id, Chip.revision, Chip.content_hash, Chip.created_at, Chip.updated_at)
+# Core tables, not ORM entities: the ingest path skips the ORM's bulk-persistence machinery.
+CHIPS: Table = Chip.__table__  # type: ignore[assignment]
+REVISIONS: Table = ChipRevision.__table__  # type: ignore[assignment]
+_c = CHIPS.c
+_CURRENT_COLS = (_c.id, _c.chip_id, _c.revision, _c.content_hash, _c.created_at, _c.updated_at)
 
 
 def _replace(session: Session, p: Prepared, current: Any, now: datetime) -> int | None:
     """Store `p` as the next revision of the chip; None if another writer got there first."""
     new_rev = current.revision + 1
     res = session.execute(
-        update(Chip)
-        .where(Chip.id == current.id, Chip.revision == current.revision)
+        update(CHIPS)
+        .where(_c.id == current.id, _c.revision == current.revision)
         .values(
             revision=new_rev,
             accelerator_id=p.profile_id,
@@ -201,11 +205,10 @@ def _replace(session: Session, p: Prepared, current: Any, now: datetime) -> int 
             fault_map=p.doc,
             updated_at=now,
         )
-        .execution_options(synchronize_session=False)
     )
     if res.rowcount != 1:  # type: ignore[attr-defined]
         return None
-    session.execute(_insert(session, ChipRevision), [_rev_values(current.id, p, new_rev, now)])
+    session.execute(_insert(session, REVISIONS), [_rev_values(current.id, p, new_rev, now)])
     return new_rev
 
 
@@ -247,16 +250,16 @@ def store_one_full(session: Session, p: Prepared, replace: bool) -> Stored:
     for _ in range(10):
         now = utcnow()
         ins = (
-            _insert(session, Chip)
+            _insert(session, CHIPS)
             .values(**_chip_values(p, now))
             .on_conflict_do_nothing(index_elements=["chip_id"])
-            .returning(Chip.id)
+            .returning(_c.id)
         )
         pk = session.execute(ins).scalar()
         if pk is not None:
-            session.execute(_insert(session, ChipRevision), [_rev_values(pk, p, 1, now)])
+            session.execute(_insert(session, REVISIONS), [_rev_values(pk, p, 1, now)])
             return Stored("created", 1, now, now)
-        current = session.execute(select(*_CURRENT_COLS).where(Chip.chip_id == p.chip_id)).one_or_none()
+        current = session.execute(select(*_CURRENT_COLS).where(_c.chip_id == p.chip_id)).one_or_none()
         if current is None:
             continue  # deleted in between: try the insert again
         if current.content_hash == p.content_hash:
@@ -297,7 +300,7 @@ def store_many(
 def _store_chunk(session: Session, part: Sequence[tuple[int, Prepared]], replace: bool) -> list[BulkOutcome]:
     now = utcnow()
     ids = list({p.chip_id for _, p in part})
-    existing = {r.chip_id: r for r in session.execute(select(*_CURRENT_COLS).where(Chip.chip_id.in_(ids)))}
+    existing = {r.chip_id: r for r in session.execute(select(*_CURRENT_COLS).where(_c.chip_id.in_(ids)))}
     first: dict[str, tuple[int, Prepared]] = {}
     later: list[tuple[int, Prepared]] = []
     for line, p in part:
@@ -355,7 +358,7 @@ def _insert_first_revisions(session: Session, items: list[tuple[int, Prepared]],
         with raw.cursor() as cur:
             cur.executemany(_pg_insert_sql("chip_revisions", cols), _pg_rows(values, [p for _, p in items], cols))
         return
-    session.execute(_insert(session, ChipRevision), values)
+    session.execute(_insert(session, REVISIONS), values)
 
 
 def _insert_new_chips(session: Session, maps: list[Prepared], now: datetime) -> dict[str, int]:
@@ -378,7 +381,7 @@ def _insert_new_chips(session: Session, maps: list[Prepared], now: datetime) -> 
                 if not cur.nextset():
                     break
         return out
-    ins = _insert(session, Chip).on_conflict_do_nothing(index_elements=["chip_id"]).returning(Chip.id, Chip.chip_id)
+    ins = _insert(session, CHIPS).on_conflict_do_nothing(index_elements=["chip_id"]).returning(_c.id, _c.chip_id)
     return {r.chip_id: r.id for r in session.execute(ins, values)}
 
 
