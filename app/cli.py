@@ -63,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "app.main:app",
         host=args.host,
         port=args.port,
-        workers=args.workers,
+        workers=args.workers or _settings().api_workers,
         log_level=args.log_level,
         access_log=not args.no_access_log,
     )
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the API (uvicorn)")
     s.add_argument("--host", default=os.environ.get("FAULTFLEET_HOST", "127.0.0.1"))
     s.add_argument("--port", type=int, default=int(os.environ.get("FAULTFLEET_PORT", "8000")))
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--workers", type=int, default=None, help="uvicorn processes (default FAULTFLEET_API_WORKERS or 1)")
     s.add_argument("--log-level", default="info")
     s.add_argument("--no-access-log", action="store_true")
     s.set_defaults(fn=cmd_serve)

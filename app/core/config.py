@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     max_bulk_lines: int = Field(default=100_000, description="Most NDJSON lines per bulk request")
     auth_cache_s: float = Field(default=30.0, description="How long a verified API key is cached in-process")
     page_size_max: int = 1000
+    api_workers: int = Field(default=1, ge=1, description="uvicorn worker processes of `faultfleet serve`")
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
