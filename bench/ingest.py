@@ -149,47 +149,73 @@ async def single_phase(
 
 
 async def bulk_phase(
-    host: str, port: int, key: str, bodies: list[bytes], lines_per: int, max_seconds: float
+    host: str, port: int, key: str, bodies: list[bytes], lines_per: int, max_seconds: float, concurrency: int = 1
 ) -> dict[str, Any]:
-    c = Conn(host, port, key)
-    await c.open()
     per_request: list[dict[str, Any]] = []
-    total_lines = 0
-    created = 0
+    it = iter(bodies)
     t_start = time.perf_counter()
-    try:
-        for body in bodies:
-            if time.perf_counter() - t_start > max_seconds:
-                break
-            t0 = time.perf_counter()
-            status, data = await c.post("/api/v1/chips/bulk", body, "application/x-ndjson")
-            dt = time.perf_counter() - t0
-            res = json.loads(data) if status == 200 else {"error": data[:500].decode(errors="replace")}
-            per_request.append(
-                {
-                    "status": status,
-                    "lines": lines_per,
-                    "seconds": round(dt, 3),
-                    "maps_per_s": round(lines_per / dt, 1),
-                    "created": res.get("created"),
-                    "rejected": res.get("rejected"),
-                }
-            )
-            total_lines += lines_per
-            created += int(res.get("created") or 0)
-    finally:
-        await c.close()
+
+    async def worker() -> None:
+        c = Conn(host, port, key)
+        await c.open()
+        try:
+            for body in it:
+                if time.perf_counter() - t_start > max_seconds:
+                    return
+                t0 = time.perf_counter()
+                status, data = await c.post("/api/v1/chips/bulk", body, "application/x-ndjson")
+                dt = time.perf_counter() - t0
+                res = json.loads(data) if status == 200 else {"error": data[:500].decode(errors="replace")}
+                per_request.append(
+                    {
+                        "status": status,
+                        "lines": lines_per,
+                        "seconds": round(dt, 3),
+                        "maps_per_s": round(lines_per / dt, 1),
+                        "created": res.get("created"),
+                        "rejected": res.get("rejected"),
+                    }
+                )
+        finally:
+            await c.close()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - t_start
+    total_lines = sum(r["lines"] for r in per_request if r["status"] == 200)
     return {
         "requests": len(per_request),
+        "concurrency": concurrency,
         "lines_per_request": lines_per,
         "body_bytes_per_request": len(bodies[0]) if bodies else 0,
         "maps": total_lines,
-        "created": created,
+        "created": sum(int(r["created"] or 0) for r in per_request),
         "seconds": round(elapsed, 3),
         "maps_per_s": round(total_lines / elapsed, 1) if elapsed else None,
         "per_request": per_request,
     }
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """user+system CPU seconds of `pid` and its descendants (Linux /proc), 0.0 elsewhere."""
+    try:
+        procs: dict[int, tuple[int, float]] = {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            procs[int(d.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    except OSError:
+        return 0.0
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in procs:
+            total += procs[p][1]
+        todo += [c for c, (ppid, _) in procs.items() if ppid == p]
+    return total
 
 
 def _free_port() -> int:
@@ -223,6 +249,7 @@ def main() -> int:
     ap.add_argument("--bulk-lines", type=int, default=10_000, help="fault maps per bulk request")
     ap.add_argument("--bulk-requests", type=int, default=4)
     ap.add_argument("--bulk-seconds", type=float, default=60.0)
+    ap.add_argument("--bulk-concurrency", type=int, default=1, help="bulk requests in flight at once")
     ap.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes")
     ap.add_argument("--keep-db", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
@@ -294,11 +321,17 @@ def main() -> int:
 
         load_before = os.getloadavg()
         asyncio.run(single_phase("127.0.0.1", port, key, singles[: args.warmup], args.concurrency, 30))
+        cpu0 = _tree_cpu_s(api.pid)
         single = asyncio.run(
             single_phase("127.0.0.1", port, key, singles[args.warmup :], args.concurrency, args.single_seconds)
         )
-        bulk = asyncio.run(bulk_phase("127.0.0.1", port, key, bulks, args.bulk_lines, args.bulk_seconds))
+        cpu1 = _tree_cpu_s(api.pid)
+        single["api_cpu_ms_per_request"] = round(1000 * (cpu1 - cpu0) / max(single["requests"], 1), 3)
+        bulk = asyncio.run(
+            bulk_phase("127.0.0.1", port, key, bulks, args.bulk_lines, args.bulk_seconds, args.bulk_concurrency)
+        )
         load_after = os.getloadavg()
+        bulk["api_cpu_us_per_map"] = round(1e6 * (_tree_cpu_s(api.pid) - cpu1) / max(bulk["maps"], 1), 1)
 
         out = {
             "benchmark": "faultfleet ingest",
@@ -312,7 +345,8 @@ def main() -> int:
                 "loadavg_before": [round(x, 2) for x in load_before],
                 "loadavg_after": [round(x, 2) for x in load_after],
                 "python": platform.python_version(),
-                "note": "CPU shared with the load generator and with other users of the machine",
+                "note": "CPU shared with the load generator and with other users of the machine; "
+                "api_cpu_* is the API processes' own CPU time (PostgreSQL's is not included)",
             },
             "single_post": single,
             "bulk_ndjson": bulk,
