@@ -39,8 +39,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+import accelerator as acc  # noqa: E402
 from accelerator.faults import ArrayConfig, FaultMap  # noqa: E402
-from accelerator.zoo import load_model, save_model  # noqa: E402
 from planner import (  # noqa: E402
     AccuracyConstraint,
     FleetSpec,
@@ -201,16 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     # base model
     key = cache_key(model=args.model, dataset=args.dataset, seed=args.seed, epochs=args.base_epochs)
     t0 = time.perf_counter()
-    data = pl.load_dataset(args.dataset, seed=args.seed)
+    data = acc.load_dataset(args.dataset, seed=args.seed)
     model_path = args.cache / f"base-{key}.safetensors" if args.cache else None
     if model_path is not None and model_path.exists():
-        model = load_model(args.model, model_path, data.input_shape, data.num_classes)
+        model = acc.load_model(args.model, model_path, data.input_shape, data.num_classes)
         log(f"base model from cache {model_path}")
     else:
         model, data = pl.train_base_model(args.model, data, epochs=args.base_epochs, seed=args.seed)
         if model_path is not None:
             model_path.parent.mkdir(parents=True, exist_ok=True)
-            save_model(model, model_path)
+            acc.save_model(model, model_path)
     baseline = pl.baseline_accuracy(model, array, data)
     threshold = constraint.threshold(baseline)
     log(f"base model {args.model}/{args.dataset}: fault-free array accuracy {baseline:.4f}; threshold {threshold:.4f}")
@@ -320,9 +320,9 @@ def main(argv: list[str] | None = None) -> int:
                 on_progress=log,
             )
             final = run.plan
-            acc = run.accuracies()
+            final_acc = run.accuracies()
             unrec = {c: st.reason or "" for c, st in final.chips.items() if st.status == "unrecoverable"}
-            retrained = {c: acc[c] for c in chip_ids if final.chips[c].status != "needs_nothing"}
+            retrained = {c: final_acc[c] for c in chip_ids if final.chips[c].status != "needs_nothing"}
             rec = outcome(
                 name,
                 chip_ids,
@@ -371,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         "resilience_map_worst": rmap.worst.round(4).tolist(),
         "per_chip_fat_amount": E,
         "per_chip_fat_epochs": fat_epochs,
+        "efat_no_grouping_epochs_without_training": alone.predicted_epochs,
         "chips_failing_screening": len(failing),
         "timing_s": {
             "base_model": round(base_s, 1),

@@ -21,12 +21,9 @@ from typing import Any
 
 from torch import nn
 
-from accelerator.cycles import cycles, tmr_penalty
-from accelerator.data import Dataset, load_dataset
+import accelerator as acc
+from accelerator.data import Dataset
 from accelerator.faults import ArrayConfig, FaultMap
-from accelerator.train import evaluate, fault_aware_train, layer_sensitivity
-from accelerator.train import train as train_float
-from accelerator.zoo import build_model
 from planner import (
     AccuracyConstraint,
     CellTask,
@@ -62,15 +59,15 @@ def train_base_model(
     arch: str, dataset: str | Dataset, *, epochs: int, lr: float = 0.05, batch_size: int = 64, seed: int = 0
 ) -> tuple[nn.Module, Dataset]:
     """A zoo model trained in float and calibrated (static activation scales) on `dataset`."""
-    data = load_dataset(dataset, seed=seed) if isinstance(dataset, str) else dataset
-    model = build_model(arch, data.input_shape, data.num_classes, seed=seed)
-    train_float(model, data, epochs, lr=lr, batch_size=batch_size, seed=seed)
+    data = acc.load_dataset(dataset, seed=seed) if isinstance(dataset, str) else dataset
+    model = acc.build_model(arch, data.input_shape, data.num_classes, seed=seed)
+    acc.train(model, data, epochs, lr=lr, batch_size=batch_size, seed=seed)
     return model, data
 
 
 def baseline_accuracy(model: nn.Module, array: ArrayConfig, data: Dataset) -> float:
     """Accuracy of the base model on a fault-free array (int8): the constraint's reference."""
-    return evaluate(model, array, None, data)
+    return acc.evaluate(model, array, None, data)
 
 
 # --- retraining in grid-aligned chunks ---------------------------------------------------
@@ -109,7 +106,7 @@ def train_through(
             sched: FaultMap | Callable[[int, int], FaultMap] = (
                 faults if isinstance(faults, FaultMap) else OffsetSchedule(faults, done)
             )
-            current = fault_aware_train(
+            current = acc.fault_aware_train(
                 current,
                 array,
                 sched,
@@ -132,7 +129,7 @@ def measure_cell(
 ) -> list[float]:
     """Accuracy after each amount of `task.epochs` on the task's sampled fault map (one training run)."""
     fm = task.fault_map(array, mix)
-    return [evaluate(m, array, fm, data) for _, m in train_through(model, array, fm, data, task.epochs, cfg)]
+    return [acc.evaluate(m, array, fm, data) for _, m in train_through(model, array, fm, data, task.epochs, cfg)]
 
 
 def build_resilience_map(
@@ -176,7 +173,7 @@ def measure_severity(
 ) -> SiteSeverity:
     """Per fault-class severity of the base model (inference only), see `planner.severity`."""
     return measure_site_severity(
-        array, lambda fm: evaluate(model, array, fm, data), baseline, rate=rate, samples=samples, seed=seed, mix=mix
+        array, lambda fm: acc.evaluate(model, array, fm, data), baseline, rate=rate, samples=samples, seed=seed, mix=mix
     )
 
 
@@ -185,12 +182,12 @@ def measure_severity(
 
 def screen_chips(model: nn.Module, array: ArrayConfig, data: Dataset, maps: Sequence[FaultMap]) -> dict[str, float]:
     """Base-model accuracy on each chip's own map, by chip id."""
-    return {str(m.chip_id): evaluate(model, array, m, data) for m in maps}
+    return {str(m.chip_id): acc.evaluate(model, array, m, data) for m in maps}
 
 
 def most_sensitive_layer(model: nn.Module, array: ArrayConfig, fault_map: FaultMap, data: Dataset) -> str:
     """The layer whose faulty execution alone costs the most accuracy on `fault_map` (ties: first by name)."""
-    sens = layer_sensitivity(model, array, fault_map, data)
+    sens: dict[str, float] = acc.layer_sensitivity(model, array, fault_map, data)
     return max(sorted(sens), key=lambda name: sens[name])
 
 
@@ -222,7 +219,7 @@ def verify_group(
     protect: Sequence[str] = (),
 ) -> dict[str, float]:
     """The retrained model's accuracy on each member chip's own map, by chip id."""
-    return {c: evaluate(retrained, array, maps[c], data, protect=tuple(protect)) for c in members}
+    return {c: acc.evaluate(retrained, array, maps[c], data, protect=tuple(protect)) for c in members}
 
 
 # --- the loop ---------------------------------------------------------------------------
@@ -261,7 +258,7 @@ def run_plan(
     t0 = time.perf_counter()
     run = FleetRun(plan)
     grid = plan.resilience_map.epochs
-    layer_cycles = cycles(model, array, data.input_shape, batch=1)
+    layer_cycles = acc.cycles(model, array, data.input_shape, batch=1)
     while not run.plan.done and run.rounds < max_rounds:
         verification: dict[str, float] = {}
         pending = run.plan.pending_groups
@@ -270,7 +267,7 @@ def run_plan(
             if g.protect:
                 protect = (most_sensitive_layer(model, array, g.fused, data),)
                 for c in g.members:
-                    run.protection[c] = {"layer": protect[0], "tmr_penalty": tmr_penalty(layer_cycles, protect)}
+                    run.protection[c] = {"layer": protect[0], "tmr_penalty": acc.tmr_penalty(layer_cycles, protect)}
             retrained = retrain_group(model, array, data, g, run.plan.maps, grid, cfg, protect=protect)
             run.retraining_epochs += g.amount
             verification.update(verify_group(retrained, array, data, g.members, run.plan.maps, protect=protect))

@@ -1,0 +1,60 @@
+"""A dozen chips through the whole in-process loop (workers/pipeline + accelerator): slow."""
+
+from __future__ import annotations
+
+import pytest
+
+from accelerator.faults import ArrayConfig
+from planner import AccuracyConstraint, FleetSpec, generate_fleet
+from planner.plan import NEEDS_NOTHING, UNRECOVERABLE, VERIFIED
+
+pytestmark = pytest.mark.slow
+
+
+def test_small_fleet_every_chip_verified_or_justly_unrecoverable() -> None:
+    torch = pytest.importorskip("torch")
+    from workers import pipeline as pl
+
+    torch.set_num_threads(2)
+    array = ArrayConfig(8, 8)
+    cfg = pl.TrainConfig(lr=0.01, batch_size=64, seed=0)
+    model, full = pl.train_base_model("lenet5", "digits", epochs=8, seed=0)
+    data = full.subset(n_train=384, n_test=360)  # retraining on a subset keeps the test quick
+    baseline = pl.baseline_accuracy(model, array, data)
+    assert baseline > 0.85
+    constraint = AccuracyConstraint.relative(0.02)
+    thr = constraint.threshold(baseline)
+    severity = pl.measure_severity(model, array, data, baseline, rate=0.05, samples=1, seed=0)
+    rmap = pl.build_resilience_map(model, array, data, [0.03, 0.12], [0, 1, 2], 1, cfg, baseline=baseline, seed=0)
+    fleet = generate_fleet(12, 3, FleetSpec(array=array, defects_per_die=1.0, dies_across=4))
+    screening = pl.screen_chips(model, array, data, fleet)
+    run = pl.run_fleet(model, array, data, fleet, screening, rmap, constraint, cfg, severity=severity, max_group_size=4)
+    plan = run.plan
+
+    assert plan.done and len(plan.chips) == 12
+    assert plan.predicted_epochs <= plan.per_chip_fat_epochs
+    assert run.retraining_epochs == plan.planned_epochs
+    assert plan.chips_failing_screening > 0
+    by_id = {g.group_id: g for g in plan.groups}
+    for cid, st in plan.chips.items():
+        assert st.status in (NEEDS_NOTHING, VERIFIED, UNRECOVERABLE)
+        if st.status == NEEDS_NOTHING:
+            assert screening[cid] >= thr
+        elif st.status == VERIFIED:
+            assert st.accuracy is not None and st.accuracy >= thr
+            assert st.history[-1]["accuracy"] == st.accuracy and st.group_id in by_id
+        else:  # only after alone + largest amount + most sensitive layer protected, and still missing
+            last = st.history[-1]
+            assert last["size"] == 1 and last["protect"] and last["amount"] == rmap.largest_amount
+            assert all(h["accuracy"] < thr for h in st.history)
+            assert st.reason and cid in run.protection
+
+    # a verified chip's accuracy is reproducible: retrain its group again and verify independently
+    verified = [c for c, s in plan.chips.items() if s.status == VERIFIED]
+    if verified:
+        cid = verified[0]
+        g = by_id[str(plan.chips[cid].group_id)]
+        protect = (run.protection[cid]["layer"],) if g.protect else ()
+        again = pl.retrain_group(model, array, data, g, plan.maps, rmap.epochs, cfg, protect=protect)
+        acc = pl.verify_group(again, array, data, [cid], plan.maps, protect=protect)[cid]
+        assert acc == pytest.approx(plan.chips[cid].accuracy) and acc >= thr
