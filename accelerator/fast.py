@@ -21,8 +21,8 @@ a Linear layer is N=1, G=1, L=batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -60,14 +60,18 @@ class LayerPlan:
     w_or: torch.Tensor | None
     keep: torch.Tensor | None  # (Og, TR) bool, False on dead PEs
     act_k: torch.Tensor  # (T * n_a,) padded K-index of each (tile, act fault), tile-major
-    act_masks: torch.Tensor  # (4, n_a) int64: and, or after the fault; and, or before it
+    act_masks: torch.Tensor  # (4, n_a) int8: and, or after the fault; and, or before it
+    act_prev: bool  # some act fault follows another in its row (its "before" mask is not identity)
     act_cols: torch.Tensor  # (Og, n_a) float 1 where the output's column is right of the fault
     aff: torch.Tensor  # (n_aff,) long
     rp: int
     seg_rows: torch.Tensor  # (n_aff, m, rp) float 1 where row r is in psum segment i
     seg_act: torch.Tensor  # (n_aff, m, n_a) float 1 where act fault j lies in segment i and applies
-    p_and: torch.Tensor  # (n_aff, m) int64
-    p_or: torch.Tensor
+    # psum stuck bits as single-bit steps: step q of segment i of output a forces bit b to s:
+    # p += 2^b * (s - bit_b(p)) (no carry; exact mod 2^32); padding steps have weight 0
+    p_w: torch.Tensor  # (n_aff, m, nb) float 2^b or 0
+    p_scale: torch.Tensor  # (n_aff, m, nb) float 2^-b
+    p_s: torch.Tensor  # (n_aff, m, nb) float 0/1
     cache: dict[object, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -80,7 +84,12 @@ class LayerPlan:
 
     @property
     def m(self) -> int:
-        return int(self.p_and.shape[1])
+        return int(self.p_w.shape[1])
+
+    @property
+    def single_step(self) -> bool:
+        """Every psum-affected output meets exactly one stuck bit (float32 is then exact)."""
+        return bool(((self.p_w != 0).sum((1, 2)) == 1).all())
 
     @property
     def clean_outputs(self) -> bool:
@@ -128,7 +137,9 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
     act_rows = torch.tensor([a[0] for a in acts], dtype=torch.long)
     act_k = (torch.arange(T)[:, None] * R + act_rows[None, :]).reshape(-1)
     act_masks = torch.tensor([[a[2] for a in acts], [a[3] for a in acts], [a[4] for a in acts], [a[5] for a in acts]])
-    act_masks = act_masks.reshape(4, n_a).to(torch.int64)
+    # int8 two's complement holds the 8-bit masks exactly; stuck bits on int8 need no re-signing
+    act_masks = wrap_signed(act_masks.reshape(4, n_a).to(torch.int64), nf.operand_bits).to(torch.int8)
+    act_prev = bool(((act_masks[2] != -1) | (act_masks[3] != 0)).any())
     act_cols = (col[:, None] > torch.tensor([a[1] for a in acts], dtype=torch.long)[None, :]).float()
 
     # psum faults per used column, in row order; a dead PE's psum fault no longer matters
@@ -142,8 +153,16 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
     rp = max((v[-1] + 1 for v in per_col.values()), default=0)
     seg_rows = torch.zeros(len(aff), m, rp)
     seg_act = torch.zeros(len(aff), m, n_a)
-    p_and = torch.full((len(aff), m), -1, dtype=torch.int64)
-    p_or = torch.zeros(len(aff), m, dtype=torch.int64)
+    steps = {
+        (r, c): [(b, 0) for b in range(nf.psum_bits) if not (int(d.psum_and[r, c]) >> b) & 1]
+        + [(b, 1) for b in range(nf.psum_bits) if (int(d.psum_or[r, c]) >> b) & 1]
+        for c, rows in per_col.items()
+        for r in rows
+    }
+    nb = max((len(v) for v in steps.values()), default=0)
+    p_w = torch.zeros(len(aff), m, nb, dtype=torch.float64)
+    p_scale = torch.ones(len(aff), m, nb, dtype=torch.float64)
+    p_s = torch.zeros(len(aff), m, nb, dtype=torch.float64)
     for a_i, o in enumerate(aff):
         c = int(col[o])
         lo = -1
@@ -152,8 +171,8 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
             for j, act in enumerate(acts):
                 if lo < act[0] <= r and c > act[1]:
                     seg_act[a_i, i, j] = 1.0
-            p_and[a_i, i] = int(d.psum_and[r, c])
-            p_or[a_i, i] = int(d.psum_or[r, c])
+            for q, (b, v) in enumerate(steps[(r, c)]):
+                p_w[a_i, i, q], p_scale[a_i, i, q], p_s[a_i, i, q] = 2.0**b, 2.0**-b, float(v)
             lo = r
     return LayerPlan(
         R=R,
@@ -169,13 +188,15 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
         keep=keep,
         act_k=act_k,
         act_masks=act_masks,
+        act_prev=act_prev,
         act_cols=act_cols,
         aff=torch.tensor(aff, dtype=torch.long),
         rp=rp,
         seg_rows=seg_rows,
         seg_act=seg_act,
-        p_and=p_and,
-        p_or=p_or,
+        p_w=p_w,
+        p_scale=p_scale,
+        p_s=p_s,
     )
 
 
@@ -193,91 +214,143 @@ def effective_weight(plan: LayerPlan, wq: torch.Tensor) -> torch.Tensor:
     return (wi * plan.keep).to(wq.dtype)
 
 
-RowGetter = Callable[[torch.Tensor, str], torch.Tensor]  # (kidx, cache tag) -> rows
+class Lowered(Protocol):
+    """Access to a lowered integer input (N, G, K, L) without materialising all of it."""
+
+    def gather_i8(self, kidx: torch.Tensor, tag: str) -> torch.Tensor:
+        """int8 rows at padded K-indices kidx (M,): (N, G, M, L), zero past K; `tag` names
+        the index set for caching."""
+        ...
+
+    def tiles(self, rp: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows 0..rp-1 of every K-tile: (N, G, T, rp, L) in dtype, zero past K."""
+        ...
 
 
-def faulty_product(plan: LayerPlan, weff: torch.Tensor, main: torch.Tensor, rows: RowGetter) -> torch.Tensor:
+def faulty_product(plan: LayerPlan, weff: torch.Tensor, main: torch.Tensor, x: Lowered) -> torch.Tensor:
     """Exact array output from the clean GEMM `main` = weff x (N, G, Og, L).
 
-    `rows(kidx, tag)` returns the integer-valued input rows at padded K-indices kidx
-    (shape (M,)) as (N, G, M, L), zero past K. Returns (N, G, Og, L), float32 or
-    float64 (whichever holds the exact integers).
+    Returns (N, G, Og, L), float32 or float64 (whichever holds the exact integers).
     """
     if plan.clean_outputs:
         return main
     R, T, G, Og = plan.R, plan.T, plan.G, plan.Og
     n_a = plan.n_act
     N, L = main.shape[0], main.shape[3]
-    y_dtype = exact_dtype(T * R * (1 << 14))
-    y = main.to(y_dtype)
+    y = main.to(exact_dtype(T * R * (1 << 14)))
     delta = wa = None
     if n_a:
-        xi = rows(plan.act_k, "act").reshape(N, G, T, n_a, L).to(torch.int64)
-        sh = (1, 1, 1, n_a, 1)
-        am = plan.act_masks
-        ob = plan.op_bits
-        di = stuck_signed(xi, am[0].view(sh), am[1].view(sh), ob) - stuck_signed(xi, am[2].view(sh), am[3].view(sh), ob)
+        # activation seen right of the fault minus the one seen left of it, on int8 (exact)
+        xg = x.gather_i8(plan.act_k, "act").reshape(N, G, T, n_a, L)
+        am = plan.act_masks.view(4, 1, 1, 1, n_a, 1)
         dt = exact_dtype(T * n_a * (1 << 15))
-        delta = di.to(dt)
+        delta = torch.bitwise_or(torch.bitwise_and(xg, am[0]), am[1]).to(dt)
+        before = torch.bitwise_or(torch.bitwise_and(xg, am[2]), am[3]) if plan.act_prev else xg
+        delta -= before
         wa = weff[:, :, plan.act_k].reshape(G, Og, T, n_a) * plan.act_cols.view(1, Og, 1, n_a).to(weff.dtype)
         corr = torch.matmul(wa.reshape(G, Og, T * n_a).to(dt), delta.reshape(N, G, T * n_a, L))
-        y = y + corr.to(y_dtype)
+        y = y + corr.to(y.dtype)
     if plan.n_aff:
-        y = y.to(torch.float64)
-        y = _psum_faults(plan, weff, y, rows, delta, wa)
+        y = _psum_faults(plan, weff, y.to(torch.float64), x, delta, wa)
     elif T * R * (1 << 14) >= 1 << 31:  # only astronomically large K could overflow the int32 buffer
-        y = wrap_signed(y.to(torch.int64), plan.ps_bits).to(torch.float64)
+        y = _wrap_float(y.to(torch.float64), plan.ps_bits)
     return y
+
+
+def _wrap_float(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """wrap_signed for integer-valued float64 (exact below 2^53)."""
+    half = float(1 << (bits - 1))
+    return torch.remainder(v + half, 2 * half) - half
 
 
 def _psum_faults(
     plan: LayerPlan,
     weff: torch.Tensor,
     y: torch.Tensor,
-    rows: RowGetter,
+    x: Lowered,
     delta: torch.Tensor | None,
     wa: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Replace the psum-affected outputs of y (N, G, Og, L, float64) by their faulty values."""
+    """Replace the psum-affected outputs of y (N, G, Og, L, float64) by their faulty values.
+
+    Per tile, the segment sums S_i (rows after the previous faulty row up to row r_i,
+    act corrections included) come from one broadcast matmul; then p accumulates
+    S_i and each stuck bit adds 2^b (s - bit_b(p)). Bits of p mod 2^32 equal those of
+    the unwrapped p, so no wrapping is needed until the output buffer.
+    """
     R, T, G, rp, m = plan.R, plan.T, plan.G, plan.rp, plan.m
     aff, n_aff, n_a = plan.aff, plan.n_aff, plan.n_act
     N, L = y.shape[0], y.shape[3]
-    kidx = (torch.arange(T)[:, None] * R + torch.arange(rp)[None, :]).reshape(-1)
-    xr = rows(kidx, "psum").reshape(N, G, T, rp, L)
     dt = exact_dtype(rp * (1 << 14) + n_a * (1 << 15))
     # segment weights (G, T, n_aff, m, rp): row r of tile t counts in segment i of output a
     wr = weff.reshape(G, plan.Og, T, R)[:, aff, :, :rp].permute(0, 2, 1, 3).unsqueeze(3)
     parts_w = [wr * plan.seg_rows.to(wr.dtype)]
-    parts_x = [xr.to(dt)]
+    parts_x = [x.tiles(rp, dt)]
     if n_a:
         assert delta is not None and wa is not None
         wa_aff = wa[:, aff].permute(0, 2, 1, 3).unsqueeze(3)  # (G, T, n_aff, 1, n_a)
         parts_w.append(wa_aff * plan.seg_act.to(wa.dtype))
         parts_x.append(delta.to(dt))
     w_seg = torch.cat(parts_w, dim=-1).reshape(G, T, n_aff * m, -1).to(dt)
-    z = torch.cat(parts_x, dim=3)  # (N, G, T, rp + n_a, L)
-    s = torch.matmul(w_seg, z).reshape(N, G, T, n_aff, m, L).to(torch.int64)
-    p = torch.zeros(N, G, T, n_aff, L, dtype=torch.int64)
-    for i in range(m):  # chained psum faults of a column apply in row order
-        p = stuck_signed(
-            p + s[:, :, :, :, i], plan.p_and[:, i].view(n_aff, 1), plan.p_or[:, i].view(n_aff, 1), plan.ps_bits
-        )
-    adjust = (p - s.sum(4)).sum(2)  # faulty minus clean prefix sums, over tiles: (N, G, n_aff, L)
-    base = y[:, :, aff, :].to(torch.int64)
+    z = torch.cat(parts_x, dim=3) if len(parts_x) > 1 else parts_x[0]  # (N, G, T, rows, L)
+    s = torch.matmul(w_seg, z).reshape(N, G, T, n_aff, m, L)
+    if plan.single_step:
+        adjust = _single_step_adjust(plan, s[:, :, :, :, 0], rp * (1 << 14) + n_a * (1 << 15))
+    else:
+        adjust = _chained_adjust(plan, s)
     y = y.clone()
-    y[:, :, aff, :] = wrap_signed(base + adjust, plan.ps_bits).to(y.dtype)
+    y[:, :, aff, :] = _wrap_float(y[:, :, aff, :] + adjust, plan.ps_bits)
     return y
 
 
-def linear_rows(x: torch.Tensor) -> RowGetter:
-    """Row getter for a Linear input x (B, K): rows(kidx) -> (1, 1, M, B), zero past K."""
-    K = x.shape[1]
-    xt = F.pad(x.t(), (0, 0, 0, 1))  # extra zero row for padding indices
+def _single_step_adjust(plan: LayerPlan, s: torch.Tensor, bound: int) -> torch.Tensor:
+    """One stuck bit b (value v) per affected output: sum over tiles of 2^b (v - bit_b(S)),
+    = 2^b (T v - sum_t bit_b(S)); S (N, G, T, n_aff, L) exact. Returns (N, G, n_aff, L) float64."""
+    T, n_aff = plan.T, plan.n_aff
+    w = plan.p_w[:, 0, 0]
+    v = plan.p_s[:, 0, 0]
+    if bool((w > bound).all()):  # |S| < 2^b: bit b is the sign bit of S
+        ones = (s < 0).sum(2, dtype=torch.float64)
+    else:
+        q = torch.floor(s * plan.p_scale[:, 0, 0].to(s.dtype).view(n_aff, 1))
+        ones = q.fmod_(2).abs_().sum(2, dtype=torch.float64)
+    return (T * v).view(n_aff, 1) * w.view(n_aff, 1) - ones * w.view(n_aff, 1)
 
-    def rows(kidx: torch.Tensor, tag: str) -> torch.Tensor:
-        return xt[kidx.clamp(max=K)].unsqueeze(0).unsqueeze(0)
 
-    return rows
+def _chained_adjust(plan: LayerPlan, s: torch.Tensor) -> torch.Tensor:
+    """General case in float64: p accumulates segment sums S_i (N, G, T, n_aff, m, L) and
+    each stuck bit adds 2^b (v - bit_b(p)). Returns the summed additions (N, G, n_aff, L)."""
+    N, G, T, n_aff, m, L = s.shape
+    adjust = torch.zeros(N, G, n_aff, L, dtype=torch.float64)
+    p = torch.zeros(N, G, T, n_aff, L, dtype=torch.float64)
+    for i in range(m):  # chained psum faults of a column apply in row order
+        p += s[:, :, :, :, i]
+        for q in range(plan.p_w.shape[2]):
+            w = plan.p_w[:, i, q].view(n_aff, 1)
+            if not bool((w != 0).any()):
+                continue
+            bit = torch.floor(p * plan.p_scale[:, i, q].view(n_aff, 1)).fmod_(2).abs_()
+            step = bit.neg_().add_(plan.p_s[:, i, q].view(n_aff, 1)).mul_(w)  # 2^b (v - bit)
+            adjust += step.sum(2)
+            p += step
+    return adjust
+
+
+class LinearInput:
+    """`Lowered` view of a Linear input x (B, K): N = G = 1, L = B."""
+
+    def __init__(self, x: torch.Tensor, plan: LayerPlan) -> None:
+        self.x, self.plan = x, plan
+
+    def _padded_t(self, dtype: torch.dtype) -> torch.Tensor:
+        return F.pad(self.x.t().to(dtype), (0, 0, 0, self.plan.T * self.plan.R - self.plan.K))  # (TR, B)
+
+    def gather_i8(self, kidx: torch.Tensor, tag: str) -> torch.Tensor:
+        return self._padded_t(torch.int8)[kidx].unsqueeze(0).unsqueeze(0)
+
+    def tiles(self, rp: int, dtype: torch.dtype) -> torch.Tensor:
+        p = self.plan
+        return self._padded_t(dtype).reshape(1, 1, p.T, p.R, -1)[:, :, :, :rp]
 
 
 def linear_product(plan: LayerPlan, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
@@ -287,7 +360,7 @@ def linear_product(plan: LayerPlan, xq: torch.Tensor, wq: torch.Tensor) -> torch
     main = F.linear(xq.to(dt), weff[0, :, : plan.K].to(dt))
     if plan.clean_outputs:
         return main
-    y = faulty_product(plan, weff, main.t().reshape(1, 1, plan.Og, -1), linear_rows(xq))
+    y = faulty_product(plan, weff, main.t().reshape(1, 1, plan.Og, -1), LinearInput(xq, plan))
     return y[0, 0].t()
 
 
@@ -298,41 +371,58 @@ def fast_matmul(x: torch.Tensor, w: torch.Tensor, array: ArrayConfig, faults: Fa
     return torch.round(linear_product(plan, x.double(), w.double())).to(torch.int64)
 
 
-def conv_rows(
-    plan: LayerPlan,
-    xpad: torch.Tensor,
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    out_hw: tuple[int, int],
-) -> RowGetter:
-    """Row getter for an explicitly padded conv input xpad (N, Cin, Hp, Wp) (im2col rows).
+class ConvInput:
+    """`Lowered` view (im2col) of an explicitly padded conv input xpad (N, Cin, Hp, Wp).
 
-    K-index k of group g is (input channel g*Cin_g + k // (kh*kw), kernel pos); the
+    K-index k of group g is (input channel g*Cin_g + k // (kh*kw), kernel position);
     gather indices are cached on the plan per geometry.
     """
-    N, Cin, Hp, Wp = xpad.shape
-    kh, kw = kernel
-    Ho, Wo = out_hw
-    G, K = plan.G, plan.K
-    cin_g = Cin // G
-    src = F.pad(xpad.reshape(N, -1), (0, 1))  # trailing zero: target of padding rows
 
-    def rows(kidx: torch.Tensor, tag: str) -> torch.Tensor:
-        key = (tag, kidx.numel(), xpad.shape, kernel, stride, dilation)
-        flat = plan.cache.get(key)
+    def __init__(
+        self,
+        plan: LayerPlan,
+        xpad: torch.Tensor,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        dilation: tuple[int, int],
+        out_hw: tuple[int, int],
+    ) -> None:
+        self.plan, self.xpad, self.kernel, self.stride, self.dilation, self.out_hw = (
+            plan,
+            xpad,
+            kernel,
+            stride,
+            dilation,
+            out_hw,
+        )
+
+    def _index(self, kidx: torch.Tensor, tag: str) -> torch.Tensor:
+        N, Cin, Hp, Wp = self.xpad.shape
+        key = (tag, kidx.numel(), self.xpad.shape[1:], self.kernel, self.stride, self.dilation)
+        flat = self.plan.cache.get(key)
         if flat is None:
+            (kh, kw), (Ho, Wo), K = self.kernel, self.out_hw, self.plan.K
             kc = kidx.clamp(max=K - 1)
             c_in, i, j = kc // (kh * kw), (kc % (kh * kw)) // kw, kc % kw
-            h = i[:, None, None] * dilation[0] + (torch.arange(Ho) * stride[0])[None, :, None]
-            w = j[:, None, None] * dilation[1] + (torch.arange(Wo) * stride[1])[None, None, :]
-            chan = torch.arange(G)[:, None] * cin_g + c_in[None, :]
+            h = i[:, None, None] * self.dilation[0] + (torch.arange(Ho) * self.stride[0])[None, :, None]
+            w = j[:, None, None] * self.dilation[1] + (torch.arange(Wo) * self.stride[1])[None, None, :]
+            chan = torch.arange(self.plan.G)[:, None] * (Cin // self.plan.G) + c_in[None, :]
             flat = chan[:, :, None, None] * (Hp * Wp) + (h * Wp + w)[None]
             flat = torch.where((kidx < K)[None, :, None, None], flat, Cin * Hp * Wp).reshape(-1)
-            plan.cache[key] = flat
-        return src[:, flat].reshape(N, G, kidx.numel(), Ho * Wo)
+            self.plan.cache[key] = flat
+        return flat
 
-    return rows
+    def gather_i8(self, kidx: torch.Tensor, tag: str) -> torch.Tensor:
+        N = self.xpad.shape[0]
+        src = F.pad(self.xpad.reshape(N, -1).to(torch.int8), (0, 1))  # trailing zero: padding rows
+        out = src[:, self._index(kidx, tag)]
+        return out.reshape(N, self.plan.G, kidx.numel(), self.out_hw[0] * self.out_hw[1])
+
+    def tiles(self, rp: int, dtype: torch.dtype) -> torch.Tensor:
+        p = self.plan
+        kidx = (torch.arange(p.T)[:, None] * p.R + torch.arange(rp)[None, :]).reshape(-1)
+        rows = self.gather_i8(kidx, f"tiles{rp}")  # int8 gather: a quarter of im2col's traffic
+        return rows.to(dtype).reshape(rows.shape[0], p.G, p.T, rp, -1)
 
 
 def conv_product(
@@ -353,6 +443,6 @@ def conv_product(
     if plan.clean_outputs:
         return main
     N, _, Ho, Wo = main.shape
-    rows = conv_rows(plan, xpad, (kh, kw), stride, dilation, (Ho, Wo))
-    y = faulty_product(plan, weff, main.reshape(N, G, n_out // G, Ho * Wo), rows)
+    x = ConvInput(plan, xpad, (kh, kw), stride, dilation, (Ho, Wo))
+    y = faulty_product(plan, weff, main.reshape(N, G, n_out // G, Ho * Wo), x)
     return y.reshape(N, n_out, Ho, Wo)

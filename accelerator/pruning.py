@@ -39,6 +39,7 @@ def prune_dead_pes(model: nn.Module, array: ArrayConfig, faults: FaultMap) -> nn
         return pruned
     for layer in lowered_layers(pruned).values():
         groups = int(getattr(layer, "groups", 1))
-        mask = dead_weight_mask(tuple(layer.weight.shape), groups, array, faults)
-        layer.weight[mask] = 0.0
+        weight: torch.Tensor = layer.weight  # type: ignore[assignment]
+        mask = dead_weight_mask(tuple(weight.shape), groups, array, faults)
+        weight[mask] = 0.0
     return pruned
