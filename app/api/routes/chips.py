@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
+from sqlalchemy.orm import defer
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, require
@@ -208,7 +209,7 @@ def list_chips(
     cursor: str | None = None,
 ) -> Any:
     limit = min(limit, get_settings().page_size_max)
-    q = select(Chip).order_by(Chip.id).limit(limit + 1)
+    q = select(Chip).options(defer(Chip.fault_map)).order_by(Chip.id).limit(limit + 1)
     if lot is not None:
         q = q.where(Chip.lot == lot)
     if wafer is not None:
