@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Engine, Table, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -237,6 +237,35 @@ def summary_of(p: Prepared, st: Stored) -> dict[str, Any]:
         "created_at": st.created_at,
         "updated_at": st.updated_at,
     }
+
+
+_CREATE_SQL: str | None = None
+
+
+def create_fast(engine: Engine, p: Prepared) -> Stored | None:
+    """PostgreSQL: store a chip seen for the first time and its revision 1 in ONE autocommit
+    statement (a data-modifying CTE, atomic on its own): one round trip instead of ~5.
+    Returns None when the chip id already exists (the caller takes the general path)."""
+    global _CREATE_SQL
+    now = utcnow()
+    chip = _chip_values(p, now)
+    cols = list(chip)
+    if _CREATE_SQL is None:
+        rev_cols = ["content_hash", "faults_digest", "n_faults", "fault_rate", "fault_map", "created_at"]
+        _CREATE_SQL = (
+            "WITH c AS ("
+            + _pg_insert_sql("chips", cols, "ON CONFLICT (chip_id) DO NOTHING RETURNING id")
+            + f") INSERT INTO chip_revisions (chip_pk, revision, {', '.join(rev_cols)}) "
+            "SELECT c.id, 1, content_hash, faults_digest, n_faults, fault_rate, fault_map::json, created_at "
+            "FROM c CROSS JOIN (SELECT %s AS content_hash, %s AS faults_digest, %s::integer AS n_faults, "
+            "%s::double precision AS fault_rate, %s AS fault_map, %s::timestamptz AS created_at) AS r "
+            "RETURNING chip_pk"
+        )
+    params = [p.doc_json if c == "fault_map" else chip[c] for c in cols]
+    params += [p.content_hash, p.faults_digest, p.n_faults, p.fault_rate, p.doc_json, now]
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        row = conn.exec_driver_sql(_CREATE_SQL, tuple(params)).first()
+    return Stored("created", 1, now, now) if row is not None else None
 
 
 def store_one(session: Session, p: Prepared, replace: bool) -> tuple[Status, int]:

@@ -56,7 +56,9 @@ def _ingest_one(doc: Any, replace: bool) -> tuple[int, dict[str, Any]]:
         except svc.InvalidFaultMap as exc:
             first = exc.errors[0]["msg"]
             raise ApiError(422, f"invalid fault map: {first}", exc.errors) from None
-        st = svc.store_one_full(s, p, replace)
+        bind = s.get_bind()
+        fast = svc.create_fast(bind, p) if bind.dialect.name == "postgresql" else None  # type: ignore[arg-type]
+        st = fast or svc.store_one_full(s, p, replace)
         status, rev = st.status, st.revision
         if status == "conflict":
             s.rollback()
