@@ -177,6 +177,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from app.db.models import ApiKey
+    from app.db.session import session_scope
+
+    with session_scope() as s:
+        for k in s.scalars(select(ApiKey).order_by(ApiKey.id)):
+            state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
+            print(f"{k.prefix}...\t{k.scopes}\t{state}\t{k.name}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from sqlalchemy import update
+
+    from app.db.base import utcnow
+    from app.db.models import ApiKey
+    from app.db.session import session_scope
+
+    prefix = args.prefix.rstrip(".")
+    with session_scope() as s:
+        n = s.execute(
+            update(ApiKey).where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
+        ).rowcount  # type: ignore[attr-defined]
+    if not n:
+        print(f"error: no active key with prefix {prefix!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {n} key(s) {prefix}...; API processes stop accepting it within FAULTFLEET_AUTH_CACHE_S")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Embedded quick start: migrate, one worker subprocess, uvicorn in this process (and the demo)."""
     rc = cmd_migrate(argparse.Namespace(revision="head"))
@@ -260,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--scope", action="append", required=True, help="ingest, plan, read or admin (repeatable)")
     kc.add_argument("--name", default="")
     kc.set_defaults(fn=cmd_keys_create)
+    ksub.add_parser("list", help="list keys (prefix, scopes, state; never the key)").set_defaults(fn=cmd_keys_list)
+    kr = ksub.add_parser("revoke", help="revoke the key with this prefix (as `keys list` shows it)")
+    kr.add_argument("prefix")
+    kr.set_defaults(fn=cmd_keys_revoke)
 
     r = sub.add_parser("run", help="embedded quick start: migrate + worker + API; Ctrl-C stops both")
     r.add_argument("--host", default="127.0.0.1")

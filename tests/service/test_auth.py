@@ -86,3 +86,20 @@ def test_embedded_admin_key_file(embedded_service: Any) -> None:
     before = path.read_text()
     assert embedded_service.cli("migrate").returncode == 0
     assert path.read_text() == before
+
+
+def test_keys_list_and_revoke(service: Any) -> None:
+    key = service.create_key("read")
+    prefix = key[:11]
+    listed = service.cli("keys", "list")
+    assert listed.returncode == 0 and prefix in listed.stdout and key not in listed.stdout
+    with service.client(key) as c:
+        assert c.get("/api/v1/chips", params={"limit": 1}).status_code == 200
+    res = service.cli("keys", "revoke", prefix + "...")
+    assert res.returncode == 0, res.stderr
+    import time
+
+    time.sleep(float(service.env["FAULTFLEET_AUTH_CACHE_S"]) + 0.2)  # the in-process cache expires
+    with service.client(key) as c:
+        assert c.get("/api/v1/chips", params={"limit": 1}).status_code == 401
+    assert service.cli("keys", "revoke", prefix).returncode == 1
