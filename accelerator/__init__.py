@@ -3,6 +3,20 @@
 Fault-map types (`ArrayConfig`, `Fault`, `FaultMap`) live in the torch-free
 `accelerator.faults` and import eagerly; everything that needs torch is loaded on
 first attribute access, so `planner` can use the fault types without torch.
+
+Public API (torch-dependent, lazily loaded):
+
+* ``systolic_matmul(x, w, array, faults)`` -> int64 (B, O): the exact reference;
+  ``fast_matmul`` the same result on the fast path.
+* ``calibrate(model, x)`` stores static activation scales (``<layer>.act_scale``);
+  ``on_array(model, array, faults=None, *, ber=0.0, protect=(), seed=None)`` a copy
+  running int8 on the faulty array; ``set_faults(model, faults)`` swaps maps;
+  ``to_float(model)`` back to a plain model.
+* ``train``, ``fault_aware_train``, ``evaluate``, ``accuracy``, ``layer_sensitivity``.
+* ``cycles(model, array, input_shape, batch)``, ``protected_cycles``, ``tmr_penalty``.
+* ``build_model(arch, input_shape, num_classes)``, ``load_model``, ``save_model``,
+  ``load_dataset(name, path=None, seed=0)`` -> ``Dataset``.
+* ``QUANTIZERS`` / ``quantizer(fmt)``: the number-format extension point.
 """
 
 from __future__ import annotations

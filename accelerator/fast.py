@@ -87,11 +87,6 @@ class LayerPlan:
         return int(self.p_w.shape[1])
 
     @property
-    def single_step(self) -> bool:
-        """Every psum-affected output meets exactly one stuck bit (float32 is then exact)."""
-        return bool(((self.p_w != 0).sum((1, 2)) == 1).all())
-
-    @property
     def clean_outputs(self) -> bool:
         """True when the output is just the GEMM with the effective weights."""
         return self.n_act == 0 and self.n_aff == 0
@@ -282,55 +277,68 @@ def _psum_faults(
     aff, n_aff, n_a = plan.aff, plan.n_aff, plan.n_act
     N, L = y.shape[0], y.shape[3]
     dt = exact_dtype(rp * (1 << 14) + n_a * (1 << 15))
-    # segment weights (G, T, n_aff, m, rp): row r of tile t counts in segment i of output a
-    wr = weff.reshape(G, plan.Og, T, R)[:, aff, :, :rp].permute(0, 2, 1, 3).unsqueeze(3)
-    parts_w = [wr * plan.seg_rows.to(wr.dtype)]
     parts_x = [x.tiles(rp, dt)]
     if n_a:
         assert delta is not None and wa is not None
-        wa_aff = wa[:, aff].permute(0, 2, 1, 3).unsqueeze(3)  # (G, T, n_aff, 1, n_a)
-        parts_w.append(wa_aff * plan.seg_act.to(wa.dtype))
         parts_x.append(delta.to(dt))
-    w_seg = torch.cat(parts_w, dim=-1).reshape(G, T, n_aff * m, -1).to(dt)
     z = torch.cat(parts_x, dim=3) if len(parts_x) > 1 else parts_x[0]  # (N, G, T, rows, L)
-    s = torch.matmul(w_seg, z).reshape(N, G, T, n_aff, m, L)
-    if plan.single_step:
-        adjust = _single_step_adjust(plan, s[:, :, :, :, 0], rp * (1 << 14) + n_a * (1 << 15))
-    else:
-        adjust = _chained_adjust(plan, s)
-    y = y.clone()
+
+    def segment_sums(outs: torch.Tensor, m_used: int) -> torch.Tensor:
+        """S (N, G, T, n, m_used, L): per tile, the sum of segment i of output aff[outs]."""
+        # segment weights (G, T, n, m_used, rows): row r of tile t counts in segment i
+        wr = weff.reshape(G, plan.Og, T, R)[:, aff[outs], :, :rp].permute(0, 2, 1, 3).unsqueeze(3)
+        parts_w = [wr * plan.seg_rows[outs, :m_used].to(wr.dtype)]
+        if n_a:
+            assert wa is not None
+            wa_o = wa[:, aff[outs]].permute(0, 2, 1, 3).unsqueeze(3)  # (G, T, n, 1, n_a)
+            parts_w.append(wa_o * plan.seg_act[outs, :m_used].to(wa.dtype))
+        w_seg = torch.cat(parts_w, dim=-1).reshape(G, T, outs.numel() * m_used, -1).to(dt)
+        return torch.matmul(w_seg, z).reshape(N, G, T, outs.numel(), m_used, L)
+
+    # outputs meeting one stuck bit take the cheap exact path; chained ones the general one
+    n_steps = (plan.p_w != 0).sum((1, 2))
+    single = torch.nonzero(n_steps == 1).flatten()
+    chained = torch.nonzero(n_steps > 1).flatten()
+    adjust = torch.empty(N, G, n_aff, L, dtype=torch.float64)
+    if single.numel():
+        s1 = segment_sums(single, 1)[:, :, :, :, 0]
+        adjust[:, :, single] = _single_step_adjust(plan, s1, single, rp * (1 << 14) + n_a * (1 << 15))
+    if chained.numel():
+        adjust[:, :, chained] = _chained_adjust(plan, segment_sums(chained, m), chained)
     y[:, :, aff, :] = _wrap_float(y[:, :, aff, :] + adjust, plan.ps_bits)
     return y
 
 
-def _single_step_adjust(plan: LayerPlan, s: torch.Tensor, bound: int) -> torch.Tensor:
-    """One stuck bit b (value v) per affected output: sum over tiles of 2^b (v - bit_b(S)),
-    = 2^b (T v - sum_t bit_b(S)); S (N, G, T, n_aff, L) exact. Returns (N, G, n_aff, L) float64."""
-    T, n_aff = plan.T, plan.n_aff
-    w = plan.p_w[:, 0, 0]
-    v = plan.p_s[:, 0, 0]
+def _single_step_adjust(plan: LayerPlan, s: torch.Tensor, outs: torch.Tensor, bound: int) -> torch.Tensor:
+    """Affected outputs `outs` (indices into plan.aff) meeting one stuck bit b (value v):
+    sum over tiles of 2^b (v - bit_b(S)) = 2^b (T v - sum_t bit_b(S)), S (N, G, T, n, L)
+    exact with |S| <= bound. Returns (N, G, n, L) float64."""
+    n = outs.numel()
+    w = plan.p_w[outs, 0, 0].view(n, 1)
+    v = plan.p_s[outs, 0, 0].view(n, 1)
     if bool((w > bound).all()):  # |S| < 2^b: bit b is the sign bit of S
         ones = (s < 0).sum(2, dtype=torch.float64)
     else:
-        q = torch.floor(s * plan.p_scale[:, 0, 0].to(s.dtype).view(n_aff, 1))
+        q = torch.floor(s * plan.p_scale[outs, 0, 0].to(s.dtype).view(n, 1))
         ones = q.fmod_(2).abs_().sum(2, dtype=torch.float64)
-    return (T * v).view(n_aff, 1) * w.view(n_aff, 1) - ones * w.view(n_aff, 1)
+    return (plan.T * v - ones) * w
 
 
-def _chained_adjust(plan: LayerPlan, s: torch.Tensor) -> torch.Tensor:
-    """General case in float64: p accumulates segment sums S_i (N, G, T, n_aff, m, L) and
-    each stuck bit adds 2^b (v - bit_b(p)). Returns the summed additions (N, G, n_aff, L)."""
+def _chained_adjust(plan: LayerPlan, s: torch.Tensor, outs: torch.Tensor) -> torch.Tensor:
+    """General case in float64 for affected outputs `outs`: p accumulates segment sums S_i
+    (N, G, T, n, m, L) and each stuck bit adds 2^b (v - bit_b(p)). Returns the summed
+    additions (N, G, n, L)."""
     N, G, T, n_aff, m, L = s.shape
     adjust = torch.zeros(N, G, n_aff, L, dtype=torch.float64)
     p = torch.zeros(N, G, T, n_aff, L, dtype=torch.float64)
     for i in range(m):  # chained psum faults of a column apply in row order
         p += s[:, :, :, :, i]
         for q in range(plan.p_w.shape[2]):
-            w = plan.p_w[:, i, q].view(n_aff, 1)
+            w = plan.p_w[outs, i, q].view(n_aff, 1)
             if not bool((w != 0).any()):
                 continue
-            bit = torch.floor(p * plan.p_scale[:, i, q].view(n_aff, 1)).fmod_(2).abs_()
-            step = bit.neg_().add_(plan.p_s[:, i, q].view(n_aff, 1)).mul_(w)  # 2^b (v - bit)
+            bit = torch.floor(p * plan.p_scale[outs, i, q].view(n_aff, 1)).fmod_(2).abs_()
+            step = bit.neg_().add_(plan.p_s[outs, i, q].view(n_aff, 1)).mul_(w)  # 2^b (v - bit)
             adjust += step.sum(2)
             p += step
     return adjust

@@ -166,9 +166,8 @@ class _LinearFn(torch.autograd.Function):
         xq = q.act(x2, s)
         wq, sw = q.weight(weight)
         y = layer.integer_output(xq, wq)
-        out = (y * (s * sw)).to(x.dtype)
-        if bias is not None:
-            out = out + bias
+        scale = (s * sw).to(y.dtype)
+        out = (torch.addcmul(bias.to(y.dtype), y, scale) if bias is not None else y * scale).to(x.dtype)
         ctx.save_for_backward(x2, xq, wq, sw, s)
         ctx.limit = q.act_limit()
         ctx.has_bias = bias is not None
@@ -180,7 +179,7 @@ class _LinearFn(torch.autograd.Function):
         gy2 = gy.reshape(-1, gy.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:  # STE: clean dequantized weights; no grad where x was clipped
-            gx = (gy2 @ (wq * sw[:, None])) * (x2.abs() <= ctx.limit * s)
+            gx = (gy2 @ (wq * sw[:, None])).masked_fill_(x2.abs() > ctx.limit * s, 0.0)
             gx = gx.reshape(*gy.shape[:-1], -1)
         if ctx.needs_input_grad[1]:
             gw = gy2.t() @ (xq * s)
@@ -197,9 +196,11 @@ class _ConvFn(torch.autograd.Function):
         xq_pad = F.pad(q.act(x, s), layer.pads)
         wq, sw = q.weight(weight)
         y = layer.integer_output_padded(xq_pad, wq)
-        out = (y * (s * sw).view(1, -1, 1, 1)).to(x.dtype)
+        scale = (s * sw).to(y.dtype).view(1, -1, 1, 1)
         if bias is not None:
-            out = out + bias.view(1, -1, 1, 1)
+            out = torch.addcmul(bias.to(y.dtype).view(1, -1, 1, 1), y, scale).to(x.dtype)
+        else:
+            out = y.mul_(scale).to(x.dtype) if y.dtype == x.dtype else (y * scale).to(x.dtype)
         ctx.save_for_backward(x, xq_pad, wq, sw, s)
         ctx.limit = q.act_limit()
         ctx.has_bias = bias is not None
@@ -228,7 +229,7 @@ class _ConvFn(torch.autograd.Function):
         if need_x:
             left, right, top, bottom = pads
             hp, wp = gxp.shape[2], gxp.shape[3]
-            gx = gxp[:, :, top : hp - bottom, left : wp - right] * (x.abs() <= ctx.limit * s)
+            gx = gxp[:, :, top : hp - bottom, left : wp - right].masked_fill(x.abs() > ctx.limit * s, 0.0)
         return gx, gw, gb if ctx.has_bias else None, None
 
 

@@ -49,7 +49,7 @@ class Int8Symmetric:
         return wq, scale
 
     def act(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.round(x.detach() / scale), -self.qmax, self.qmax)
+        return x.detach().div(scale).round_().clamp_(-self.qmax, self.qmax)  # one allocation
 
     def act_scale(self, amax: float) -> float:
         return amax / self.qmax if amax > 0 else 1.0

@@ -79,14 +79,12 @@ def eval_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 def reference_speedup(model: nn.Module, array: A.ArrayConfig, fm: A.FaultMap, x: torch.Tensor, rows: int) -> float:
     """Speed-up of the fast path over systolic_matmul on one conv layer's integer operands
     (the model's second array layer, `rows` lowered input rows)."""
-    name, layer = list(A.array_layers(A.on_array(model, array, fm)).items())[1]
+    model_arr = A.on_array(model, array, fm)
+    name = list(A.array_layers(model_arr))[1]
     captured: list[torch.Tensor] = []
-    h = layer.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0]))
+    A.array_layers(model_arr)[name].register_forward_pre_hook(lambda _m, inp: captured.append(inp[0]))
     with torch.no_grad():
-        model_arr = A.on_array(model, array, fm)
-        A.array_layers(model_arr)[name].register_forward_pre_hook(lambda _m, inp: captured.append(inp[0]))
-        model_arr(x)
-    h.remove()
+        model_arr.eval()(x)
     q = quantizer(array.fmt)
     arr_layer = A.array_layers(model_arr)[name]
     xq = q.act(captured[-1], arr_layer.scale_tensor())
@@ -109,7 +107,7 @@ def bench_model(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, r
     array = A.ArrayConfig(32, 32)
     model = A.build_model(arch, tuple(x.shape[1:]), num_classes)  # type: ignore[arg-type]
     A.calibrate(model, x)
-    float_model = A.to_float(A.on_array(model, array)) if False else model
+    float_model = model
     out: dict[str, object] = {"arch": arch, "input_shape": list(x.shape[1:]), "batch": BATCH, "array": [32, 32]}
     sites: dict[str, object] = {}
     for site in SITES:
@@ -145,7 +143,7 @@ def bench_model(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, r
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--models", default="lenet5,resnet20")
     args = ap.parse_args()
     torch.manual_seed(0)
