@@ -72,6 +72,8 @@ class LayerPlan:
     p_w: torch.Tensor  # (n_aff, m, nb) float 2^b or 0
     p_scale: torch.Tensor  # (n_aff, m, nb) float 2^-b
     p_s: torch.Tensor  # (n_aff, m, nb) float 0/1
+    p_and: torch.Tensor  # (n_aff, m) int64 the same stuck bits as masks (identity for padding)
+    p_or: torch.Tensor
     cache: dict[object, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -158,6 +160,8 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
     p_w = torch.zeros(len(aff), m, nb, dtype=torch.float64)
     p_scale = torch.ones(len(aff), m, nb, dtype=torch.float64)
     p_s = torch.zeros(len(aff), m, nb, dtype=torch.float64)
+    p_and = torch.full((len(aff), m), -1, dtype=torch.int64)
+    p_or = torch.zeros(len(aff), m, dtype=torch.int64)
     for a_i, o in enumerate(aff):
         c = int(col[o])
         lo = -1
@@ -166,6 +170,8 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
             for j, act in enumerate(acts):
                 if lo < act[0] <= r and c > act[1]:
                     seg_act[a_i, i, j] = 1.0
+            p_and[a_i, i] = int(d.psum_and[r, c])
+            p_or[a_i, i] = int(d.psum_or[r, c])
             for q, (b, v) in enumerate(steps[(r, c)]):
                 p_w[a_i, i, q], p_scale[a_i, i, q], p_s[a_i, i, q] = 2.0**b, 2.0**-b, float(v)
             lo = r
@@ -192,6 +198,8 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
         p_w=p_w,
         p_scale=p_scale,
         p_s=p_s,
+        p_and=p_and,
+        p_or=p_or,
     )
 
 
@@ -325,23 +333,18 @@ def _single_step_adjust(plan: LayerPlan, s: torch.Tensor, outs: torch.Tensor, bo
 
 
 def _chained_adjust(plan: LayerPlan, s: torch.Tensor, outs: torch.Tensor) -> torch.Tensor:
-    """General case in float64 for affected outputs `outs`: p accumulates segment sums S_i
-    (N, G, T, n, m, L) and each stuck bit adds 2^b (v - bit_b(p)). Returns the summed
-    additions (N, G, n, L)."""
-    N, G, T, n_aff, m, L = s.shape
-    adjust = torch.zeros(N, G, n_aff, L, dtype=torch.float64)
-    p = torch.zeros(N, G, T, n_aff, L, dtype=torch.float64)
+    """General case for affected outputs `outs`: segment sums S_i (N, G, T, n, m, L) go
+    through the column's psum registers in row order, p = (p + S_i) & and_i | or_i on
+    int64 (the low 32 bits are the register; no wrap needed until the buffer).
+    Returns sum over tiles of (p_last - sum_i S_i), (N, G, n, L) float64."""
+    si = s.to(torch.int64)
+    n, m = outs.numel(), s.shape[4]
+    p = si[:, :, :, :, 0].clone()
     for i in range(m):  # chained psum faults of a column apply in row order
-        p += s[:, :, :, :, i]
-        for q in range(plan.p_w.shape[2]):
-            w = plan.p_w[outs, i, q].view(n_aff, 1)
-            if not bool((w != 0).any()):
-                continue
-            bit = torch.floor(p * plan.p_scale[outs, i, q].view(n_aff, 1)).fmod_(2).abs_()
-            step = bit.neg_().add_(plan.p_s[outs, i, q].view(n_aff, 1)).mul_(w)  # 2^b (v - bit)
-            adjust += step.sum(2)
-            p += step
-    return adjust
+        if i:
+            p += si[:, :, :, :, i]
+        p.bitwise_and_(plan.p_and[outs, i].view(n, 1)).bitwise_or_(plan.p_or[outs, i].view(n, 1))
+    return (p - si.sum(4)).sum(2).to(torch.float64)
 
 
 class LinearInput:

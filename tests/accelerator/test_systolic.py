@@ -100,6 +100,7 @@ def _site_cases() -> list[list[Fault]]:
     cases.append([Fault(1, 1, "pe"), Fault(1, 1, "act", 7, 1), Fault(1, 1, "psum", 31, 1), Fault(1, 1, "weight", 3, 0)])
     cases.append([Fault(0, 1, "psum", 31, 1), Fault(1, 1, "psum", 31, 0), Fault(2, 1, "psum", 4, 1)])
     cases.append([Fault(2, 0, "act", 7, 1), Fault(2, 1, "act", 7, 0), Fault(2, 1, "act", 2, 1)])
+    cases.append([Fault(1, 2, "psum", 3, 1), Fault(1, 2, "psum", 31, 0), Fault(0, 0, "psum", 12, 0)])
     cases.append([Fault(2, 0, "weight", 7, 1), Fault(2, 0, "act", 6, 1), Fault(2, 2, "psum", 0, 1)])  # padding rows
     return cases
 
