@@ -130,10 +130,18 @@ class _OnArray:
         return s
 
     def set_faults(self, faults: FaultMap) -> None:
-        """Swap the permanent fault map (cheap: a plan of O(R*C) work)."""
+        """Swap the permanent fault map (cheap: a plan of O(R*C) work, cached per map
+        so schedules that cycle through member maps rebuild nothing)."""
         check_fault_map(self.array, faults)
+        cache: dict[str, LayerPlan] = self.__dict__.setdefault("_plans", {})
+        key = faults.digest
+        plan = cache.get(key)
+        if plan is None:
+            if len(cache) >= 16:  # bounded: drop the oldest
+                cache.pop(next(iter(cache)))
+            plan = cache[key] = build_plan(self.array, faults, *self._geometry())
         self.faults = faults
-        self.plan = build_plan(self.array, faults, *self._geometry())
+        self.plan = plan
 
     def _finish(self, y_int: torch.Tensor) -> torch.Tensor:
         if self.ber > 0:
@@ -361,7 +369,7 @@ def to_float(model: nn.Module) -> nn.Module:
     new = copy.deepcopy(model)
     for name, mod in array_layers(new).items():
         plain = _adopt(mod, nn.Conv2d if isinstance(mod, ArrayConv2d) else nn.Linear)
-        for attr in ("array", "faults", "ber", "protected", "rng", "plan", "pads"):
+        for attr in ("array", "faults", "ber", "protected", "rng", "plan", "_plans", "pads"):
             plain.__dict__.pop(attr, None)
         _set_child(new, name, plain)
     return new

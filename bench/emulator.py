@@ -103,7 +103,9 @@ def reference_speedup(model: nn.Module, array: A.ArrayConfig, fm: A.FaultMap, x:
     return t_ref / t_fast
 
 
-def bench_model(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, reps: int) -> dict[str, object]:
+def bench_model(
+    arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, reps: int, budget_s: float
+) -> dict[str, object]:
     array = A.ArrayConfig(32, 32)
     model = A.build_model(arch, tuple(x.shape[1:]), num_classes)  # type: ignore[arg-type]
     A.calibrate(model, x)
@@ -118,7 +120,10 @@ def bench_model(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, r
         for fn in (f_step, a_step, f_eval, a_eval):  # warm-up (plans, index caches, allocator)
             fn()
         times: dict[str, list[float]] = {"float_step": [], "fat_step": [], "float_eval": [], "eval": []}
-        for _ in range(reps):  # interleaved
+        t_cfg = time.perf_counter()
+        for rep in range(reps):  # interleaved; at least one round, more while the budget lasts
+            if rep and time.perf_counter() - t_cfg > budget_s:
+                break
             times["float_step"].append(timed(f_step))
             times["fat_step"].append(timed(a_step))
             times["float_eval"].append(timed(f_eval))
@@ -126,6 +131,7 @@ def bench_model(arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, r
         med = {k: statistics.median(v) for k, v in times.items()}
         sites[site] = {
             "faults": len(fm),
+            "rounds": len(times["fat_step"]),
             "fat_step_s": round(med["fat_step"], 4),
             "float_step_s": round(med["float_step"], 4),
             "fat_step_ratio": round(med["fat_step"] / med["float_step"], 3),
@@ -145,6 +151,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--models", default="lenet5,resnet20")
+    ap.add_argument("--budget-s", type=float, default=12.0, help="per model and site: stop adding rounds after this")
     args = ap.parse_args()
     torch.manual_seed(0)
     results = []
@@ -153,12 +160,12 @@ def main() -> None:
         if arch == "lenet5":
             d = A.load_dataset("mnist5k")
             x, y = d.x_train[:BATCH], d.y_train[:BATCH]
-            results.append(bench_model("lenet5", x, y, d.num_classes, args.reps))
+            results.append(bench_model("lenet5", x, y, d.num_classes, args.reps, args.budget_s))
         else:
             g = torch.Generator().manual_seed(0)
             x = torch.rand(BATCH, 3, 32, 32, generator=g)
             y = torch.randint(0, 10, (BATCH,), generator=g)
-            results.append(bench_model(arch, x, y, 10, args.reps))
+            results.append(bench_model(arch, x, y, 10, args.reps, args.budget_s))
     summary = {
         "torch_threads": torch.get_num_threads(),
         "reps": args.reps,
