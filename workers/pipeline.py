@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -38,6 +39,7 @@ from planner import (
 )
 
 Progress = Callable[[str], None]
+EpochProgress = Callable[[int, int, dict[str, float]], None]
 
 
 @dataclass(frozen=True)
@@ -98,14 +100,28 @@ def train_through(
     cfg: TrainConfig,
     *,
     protect: Sequence[str] = (),
+    checkpoint_dir: Path | None = None,
+    on_progress: EpochProgress | None = None,
 ) -> Iterator[tuple[int, nn.Module]]:
-    """Fault-aware retraining that yields (epochs done, model) at each of `amounts` (0 = `model` itself)."""
+    """Fault-aware retraining that yields (epochs done, model) at each of `amounts` (0 = `model` itself).
+
+    `checkpoint_dir`: each chunk checkpoints every epoch to `chunk-<first epoch>.pt` there and
+    resumes from it, so a killed run restarts at its last finished epoch (finished chunks
+    reload at once). `on_progress(epochs done, total epochs, metrics)` after every epoch.
+    """
     current, done = model, 0
+    total = max(amounts, default=0)
     for a in sorted(set(amounts)):
         if a > done:
             sched: FaultMap | Callable[[int, int], FaultMap] = (
                 faults if isinstance(faults, FaultMap) else OffsetSchedule(faults, done)
             )
+            offset = done
+
+            def report(e: int, _n: int, metrics: dict[str, float], offset: int = offset) -> None:
+                if on_progress is not None:
+                    on_progress(offset + e, total, metrics)
+
             current = acc.fault_aware_train(
                 current,
                 array,
@@ -116,9 +132,23 @@ def train_through(
                 batch_size=cfg.batch_size,
                 seed=cfg.seed + done,
                 protect=tuple(protect),
+                checkpoint=None if checkpoint_dir is None else checkpoint_dir / f"chunk-{done:04d}.pt",
+                on_progress=report,
             )
             done = a
         yield a, current
+
+
+def checkpointed_epochs(checkpoint_dir: Path) -> int:
+    """Epochs a `train_through(..., checkpoint_dir=...)` run had finished when it stopped (0: none)."""
+    import torch
+
+    chunks = sorted(checkpoint_dir.glob("chunk-*.pt"))
+    if not chunks:
+        return 0
+    last = chunks[-1]
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    return int(last.stem.split("-")[1]) + int(state["epoch"])
 
 
 # --- resilience map and severity ---------------------------------------------------------
@@ -201,11 +231,27 @@ def retrain_group(
     cfg: TrainConfig,
     *,
     protect: Sequence[str] = (),
+    checkpoint_dir: Path | None = None,
+    on_progress: EpochProgress | None = None,
 ) -> nn.Module:
-    """The base model retrained `group.amount` epochs on the group's schedule over its members' maps."""
+    """The base model retrained `group.amount` epochs on the group's schedule over its members' maps
+    (checkpointed every epoch and resumable when `checkpoint_dir` is given, see `train_through`)."""
     steps = math.ceil(len(data.x_train) / cfg.batch_size)
     schedule = group.injection_schedule(maps, steps_per_epoch=steps)
-    runs = list(train_through(model, array, schedule, data, chunk_boundaries(group.amount, grid), cfg, protect=protect))
+    amounts = chunk_boundaries(group.amount, grid)
+    runs = list(
+        train_through(
+            model,
+            array,
+            schedule,
+            data,
+            amounts,
+            cfg,
+            protect=protect,
+            checkpoint_dir=checkpoint_dir,
+            on_progress=on_progress,
+        )
+    )
     return runs[-1][1] if runs else model
 
 

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
         if self.artifact_dir is None:
             self.artifact_dir = self.var_dir / "artifacts"
         self.artifact_dir = self.artifact_dir.expanduser().resolve()
+        if self.artifact_backend == "database" and self.is_sqlite:
+            # On SQLite a blob write would wait on the writer lock of the caller's own transaction.
+            raise ValueError("artifact_backend 'database' needs PostgreSQL; with SQLite use 'local' (artifact_dir)")
         if self.create_local_admin_key is None:
             self.create_local_admin_key = self.is_sqlite
         return self

@@ -125,14 +125,16 @@ def get_store(settings: Settings | None = None, engine: Engine | None = None) ->
 def store_bytes(
     session: Session, data: bytes, kind: str, media_type: str, meta: dict[str, Any] | None = None
 ) -> Artifact:
-    """Store `data` once and return its `Artifact` row (committed; an existing row is reused)."""
+    """Store `data` once and return its committed `Artifact` row (an existing row is reused).
+
+    The bytes are written first (idempotent, content-addressed), the row second: a crash in
+    between leaves an unreferenced blob, never a row without its bytes.
+    """
     sha = hashlib.sha256(data).hexdigest()
+    location = get_store().put(sha, data)
     row = session.scalars(select(Artifact).where(Artifact.sha256 == sha)).first()
     if row is not None:
         return row
-    location = get_store(engine=session.get_bind().engine if hasattr(session.get_bind(), "engine") else None).put(
-        sha, data
-    )
     row = Artifact(sha256=sha, size=len(data), kind=kind, media_type=media_type, location=location, meta=meta or {})
     try:
         with session.begin_nested():
