@@ -218,16 +218,29 @@ def effective_weight(plan: LayerPlan, wq: torch.Tensor) -> torch.Tensor:
 
 
 class Lowered(Protocol):
-    """Access to a lowered integer input (N, G, K, L) without materialising all of it."""
+    """Access to a lowered integer input without materialising all of it.
+
+    Positions are flattened as p = l * N + n (P = L * N; L output positions per
+    sample, N samples), the last dimension, so every GEMM below is one batched
+    matmul over groups/tiles with a long inner dimension.
+    """
+
+    n: int  # samples N
+    n_pos: int  # positions per sample L
 
     def gather_i8(self, kidx: torch.Tensor, tag: str) -> torch.Tensor:
-        """int8 rows at padded K-indices kidx (M,): (N, G, M, L), zero past K; `tag` names
+        """int8 rows at padded K-indices kidx (M,): (G, M, P), zero past K; `tag` names
         the index set for caching."""
         ...
 
     def tiles(self, rp: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows 0..rp-1 of every K-tile: (N, G, T, rp, L) in dtype, zero past K."""
+        """Rows 0..rp-1 of every K-tile: (G, T, rp, P) in dtype, zero past K."""
         ...
+
+
+def _to_nglo(t: torch.Tensor, x: Lowered) -> torch.Tensor:
+    """(G, O', P) with p = l * N + n -> (N, G, O', L)."""
+    return t.reshape(t.shape[0], t.shape[1], x.n_pos, x.n).permute(3, 0, 1, 2)
 
 
 def faulty_product(plan: LayerPlan, weff: torch.Tensor, main: torch.Tensor, x: Lowered) -> torch.Tensor:
@@ -239,20 +252,19 @@ def faulty_product(plan: LayerPlan, weff: torch.Tensor, main: torch.Tensor, x: L
         return main
     R, T, G, Og = plan.R, plan.T, plan.G, plan.Og
     n_a = plan.n_act
-    N, L = main.shape[0], main.shape[3]
     y = main.to(exact_dtype(T * R * (1 << 14)))
     delta = wa = None
     if n_a:
         # activation seen right of the fault minus the one seen left of it, on int8 (exact)
-        xg = x.gather_i8(plan.act_k, "act").reshape(N, G, T, n_a, L)
-        am = plan.act_masks.view(4, 1, 1, 1, n_a, 1)
+        xg = x.gather_i8(plan.act_k, "act").reshape(G, T, n_a, -1)
+        am = plan.act_masks.view(4, 1, 1, n_a, 1)
         dt = exact_dtype(T * n_a * (1 << 15))
         delta = torch.bitwise_or(torch.bitwise_and(xg, am[0]), am[1]).to(dt)
         before = torch.bitwise_or(torch.bitwise_and(xg, am[2]), am[3]) if plan.act_prev else xg
         delta -= before
         wa = weff[:, :, plan.act_k].reshape(G, Og, T, n_a) * plan.act_cols.view(1, Og, 1, n_a).to(weff.dtype)
-        corr = torch.matmul(wa.reshape(G, Og, T * n_a).to(dt), delta.reshape(N, G, T * n_a, L))
-        y = y + corr.to(y.dtype)
+        corr = torch.bmm(wa.reshape(G, Og, T * n_a).to(dt), delta.reshape(G, T * n_a, -1))  # (G, Og, P)
+        y = y + _to_nglo(corr, x).to(y.dtype)
     if plan.n_aff:
         y = _psum_faults(plan, weff, y.to(torch.float64), x, delta, wa)
     elif T * R * (1 << 14) >= 1 << 31:  # only astronomically large K could overflow the int32 buffer
@@ -277,22 +289,21 @@ def _psum_faults(
     """Replace the psum-affected outputs of y (N, G, Og, L, float64) by their faulty values.
 
     Per tile, the segment sums S_i (rows after the previous faulty row up to row r_i,
-    act corrections included) come from one broadcast matmul; then p accumulates
-    S_i and each stuck bit adds 2^b (s - bit_b(p)). Bits of p mod 2^32 equal those of
-    the unwrapped p, so no wrapping is needed until the output buffer.
+    act corrections included) come from one batched matmul; outputs meeting one stuck
+    bit then need only bit_b(S) (`_single_step_adjust`), chained ones run the psum
+    registers (`_chained_adjust`).
     """
     R, T, G, rp, m = plan.R, plan.T, plan.G, plan.rp, plan.m
     aff, n_aff, n_a = plan.aff, plan.n_aff, plan.n_act
-    N, L = y.shape[0], y.shape[3]
     dt = exact_dtype(rp * (1 << 14) + n_a * (1 << 15))
     parts_x = [x.tiles(rp, dt)]
     if n_a:
         assert delta is not None and wa is not None
         parts_x.append(delta.to(dt))
-    z = torch.cat(parts_x, dim=3) if len(parts_x) > 1 else parts_x[0]  # (N, G, T, rows, L)
+    z = torch.cat(parts_x, dim=2) if len(parts_x) > 1 else parts_x[0]  # (G, T, rows, P)
 
     def segment_sums(outs: torch.Tensor, m_used: int) -> torch.Tensor:
-        """S (N, G, T, n, m_used, L): per tile, the sum of segment i of output aff[outs]."""
+        """S (G, T, n, m_used, P): per tile, the sum of segment i of output aff[outs]."""
         # segment weights (G, T, n, m_used, rows): row r of tile t counts in segment i
         wr = weff.reshape(G, plan.Og, T, R)[:, aff[outs], :, :rp].permute(0, 2, 1, 3).unsqueeze(3)
         parts_w = [wr * plan.seg_rows[outs, :m_used].to(wr.dtype)]
@@ -301,67 +312,66 @@ def _psum_faults(
             wa_o = wa[:, aff[outs]].permute(0, 2, 1, 3).unsqueeze(3)  # (G, T, n, 1, n_a)
             parts_w.append(wa_o * plan.seg_act[outs, :m_used].to(wa.dtype))
         w_seg = torch.cat(parts_w, dim=-1).reshape(G, T, outs.numel() * m_used, -1).to(dt)
-        return torch.matmul(w_seg, z).reshape(N, G, T, outs.numel(), m_used, L)
+        return torch.matmul(w_seg, z).reshape(G, T, outs.numel(), m_used, -1)
 
-    # outputs meeting one stuck bit take the cheap exact path; chained ones the general one
     n_steps = (plan.p_w != 0).sum((1, 2))
     single = torch.nonzero(n_steps == 1).flatten()
     chained = torch.nonzero(n_steps > 1).flatten()
-    adjust = torch.empty(N, G, n_aff, L, dtype=torch.float64)
+    adjust = torch.empty(G, n_aff, z.shape[-1], dtype=torch.float64)
     if single.numel():
-        s1 = segment_sums(single, 1)[:, :, :, :, 0]
-        adjust[:, :, single] = _single_step_adjust(plan, s1, single, rp * (1 << 14) + n_a * (1 << 15))
+        s1 = segment_sums(single, 1)[:, :, :, 0]
+        adjust[:, single] = _single_step_adjust(plan, s1, single, rp * (1 << 14) + n_a * (1 << 15))
     if chained.numel():
-        adjust[:, :, chained] = _chained_adjust(plan, segment_sums(chained, m), chained)
-    y[:, :, aff, :] = _wrap_float(y[:, :, aff, :] + adjust, plan.ps_bits)
+        adjust[:, chained] = _chained_adjust(plan, segment_sums(chained, m), chained)
+    y[:, :, aff, :] = _wrap_float(y[:, :, aff, :] + _to_nglo(adjust, x), plan.ps_bits)
     return y
 
 
 def _single_step_adjust(plan: LayerPlan, s: torch.Tensor, outs: torch.Tensor, bound: int) -> torch.Tensor:
     """Affected outputs `outs` (indices into plan.aff) meeting one stuck bit b (value v):
-    sum over tiles of 2^b (v - bit_b(S)) = 2^b (T v - sum_t bit_b(S)), S (N, G, T, n, L)
-    exact with |S| <= bound. Returns (N, G, n, L) float64."""
+    sum over tiles of 2^b (v - bit_b(S)) = 2^b (T v - sum_t bit_b(S)), S (G, T, n, P)
+    exact with |S| <= bound. Returns (G, n, P) float64."""
     n = outs.numel()
     w = plan.p_w[outs, 0, 0].view(n, 1)
     v = plan.p_s[outs, 0, 0].view(n, 1)
+    # counts of ones over T tiles are exact in float32; only the small result is widened
     if bool((w > bound).all()):  # |S| < 2^b: bit b is the sign bit of S
-        ones = (s < 0).sum(2, dtype=torch.float64)
+        ones = torch.lt(s, 0).to(s.dtype).sum(1).to(torch.float64)
     else:
         q = torch.floor(s * plan.p_scale[outs, 0, 0].to(s.dtype).view(n, 1))
-        ones = q.fmod_(2).abs_().sum(2, dtype=torch.float64)
+        ones = q.fmod_(2).abs_().sum(1).to(torch.float64)
     return (plan.T * v - ones) * w
 
 
 def _chained_adjust(plan: LayerPlan, s: torch.Tensor, outs: torch.Tensor) -> torch.Tensor:
-    """General case for affected outputs `outs`: segment sums S_i (N, G, T, n, m, L) go
+    """General case for affected outputs `outs`: segment sums S_i (G, T, n, m, P) go
     through the column's psum registers in row order, p = (p + S_i) & and_i | or_i on
     int64 (the low 32 bits are the register; no wrap needed until the buffer).
-    Returns sum over tiles of (p_last - sum_i S_i), (N, G, n, L) float64."""
+    Returns sum over tiles of (p_last - sum_i S_i), (G, n, P) float64."""
     si = s.to(torch.int64)
-    n, m = outs.numel(), s.shape[4]
-    p = si[:, :, :, :, 0].clone()
+    n, m = outs.numel(), s.shape[3]
+    p = si[:, :, :, 0].clone()
     for i in range(m):  # chained psum faults of a column apply in row order
         if i:
-            p += si[:, :, :, :, i]
+            p += si[:, :, :, i]
         p.bitwise_and_(plan.p_and[outs, i].view(n, 1)).bitwise_or_(plan.p_or[outs, i].view(n, 1))
-    return (p - si.sum(4)).sum(2).to(torch.float64)
+    return (p - si.sum(3)).sum(1).to(torch.float64)
 
 
 class LinearInput:
-    """`Lowered` view of a Linear input x (B, K): N = G = 1, L = B."""
+    """`Lowered` view of a Linear input x (B, K): G = 1, N = B, L = 1."""
 
     def __init__(self, x: torch.Tensor, plan: LayerPlan) -> None:
-        self.x, self.plan = x, plan
-
-    def _padded_t(self, dtype: torch.dtype) -> torch.Tensor:
-        return F.pad(self.x.t().to(dtype), (0, 0, 0, self.plan.T * self.plan.R - self.plan.K))  # (TR, B)
+        self.plan, self.n, self.n_pos = plan, x.shape[0], 1
+        pad = plan.T * plan.R - plan.K
+        self.xt = F.pad(x.t(), (0, 0, 0, pad))  # (TR, B), zero rows past K
 
     def gather_i8(self, kidx: torch.Tensor, tag: str) -> torch.Tensor:
-        return self._padded_t(torch.int8)[kidx].unsqueeze(0).unsqueeze(0)
+        return self.xt[kidx].to(torch.int8).unsqueeze(0)
 
     def tiles(self, rp: int, dtype: torch.dtype) -> torch.Tensor:
         p = self.plan
-        return self._padded_t(dtype).reshape(1, 1, p.T, p.R, -1)[:, :, :, :rp]
+        return self.xt.to(dtype).reshape(1, p.T, p.R, -1)[:, :, :rp]
 
 
 def linear_product(plan: LayerPlan, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
@@ -371,8 +381,9 @@ def linear_product(plan: LayerPlan, xq: torch.Tensor, wq: torch.Tensor) -> torch
     main = F.linear(xq.to(dt), weff[0, :, : plan.K].to(dt))
     if plan.clean_outputs:
         return main
-    y = faulty_product(plan, weff, main.t().reshape(1, 1, plan.Og, -1), LinearInput(xq, plan))
-    return y[0, 0].t()
+    B = xq.shape[0]
+    y = faulty_product(plan, weff, main.reshape(B, 1, plan.Og, 1), LinearInput(xq, plan))
+    return y.reshape(B, plan.Og)
 
 
 def fast_matmul(x: torch.Tensor, w: torch.Tensor, array: ArrayConfig, faults: FaultMap) -> torch.Tensor:
@@ -385,8 +396,9 @@ def fast_matmul(x: torch.Tensor, w: torch.Tensor, array: ArrayConfig, faults: Fa
 class ConvInput:
     """`Lowered` view (im2col) of an explicitly padded conv input xpad (N, Cin, Hp, Wp).
 
-    K-index k of group g is (input channel g*Cin_g + k // (kh*kw), kernel position);
-    gather indices are cached on the plan per geometry.
+    K-index k of group g is (input channel g*Cin_g + k // (kh*kw), kernel position).
+    Gathers read whole sample vectors from the input transposed to (Cin*Hp*Wp, N)
+    (contiguous rows); the indices are cached on the plan per geometry.
     """
 
     def __init__(
@@ -398,18 +410,15 @@ class ConvInput:
         dilation: tuple[int, int],
         out_hw: tuple[int, int],
     ) -> None:
-        self.plan, self.xpad, self.kernel, self.stride, self.dilation, self.out_hw = (
-            plan,
-            xpad,
-            kernel,
-            stride,
-            dilation,
-            out_hw,
-        )
+        self.plan, self.kernel, self.stride, self.dilation, self.out_hw = plan, kernel, stride, dilation, out_hw
+        self.shape = xpad.shape
+        self.n, self.n_pos = xpad.shape[0], out_hw[0] * out_hw[1]
+        # (Cin*Hp*Wp + 1, N) int8; the extra zero row is what padding rows (k >= K) read
+        self.src = F.pad(xpad.to(torch.int8).reshape(self.n, -1).t(), (0, 0, 0, 1))
 
     def _index(self, kidx: torch.Tensor, tag: str) -> torch.Tensor:
-        N, Cin, Hp, Wp = self.xpad.shape
-        key = (tag, kidx.numel(), self.xpad.shape[1:], self.kernel, self.stride, self.dilation)
+        N, Cin, Hp, Wp = self.shape
+        key = (tag, kidx.numel(), self.shape[1:], self.kernel, self.stride, self.dilation)
         flat = self.plan.cache.get(key)
         if flat is None:
             (kh, kw), (Ho, Wo), K = self.kernel, self.out_hw, self.plan.K
@@ -424,16 +433,14 @@ class ConvInput:
         return flat
 
     def gather_i8(self, kidx: torch.Tensor, tag: str) -> torch.Tensor:
-        N = self.xpad.shape[0]
-        src = F.pad(self.xpad.reshape(N, -1).to(torch.int8), (0, 1))  # trailing zero: padding rows
-        out = src[:, self._index(kidx, tag)]
-        return out.reshape(N, self.plan.G, kidx.numel(), self.out_hw[0] * self.out_hw[1])
+        out = self.src[self._index(kidx, tag)]  # (G * M * L, N): row gathers
+        return out.reshape(self.plan.G, kidx.numel(), self.n_pos * self.n)
 
     def tiles(self, rp: int, dtype: torch.dtype) -> torch.Tensor:
         p = self.plan
         kidx = (torch.arange(p.T)[:, None] * p.R + torch.arange(rp)[None, :]).reshape(-1)
-        rows = self.gather_i8(kidx, f"tiles{rp}")  # int8 gather: a quarter of im2col's traffic
-        return rows.to(dtype).reshape(rows.shape[0], p.G, p.T, rp, -1)
+        rows = self.gather_i8(kidx, f"tiles{rp}")  # int8 gather: a quarter of float traffic
+        return rows.to(dtype).reshape(p.G, p.T, rp, -1)
 
 
 def conv_product(
