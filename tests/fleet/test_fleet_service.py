@@ -257,3 +257,67 @@ def test_worker_killed_during_group_retraining_resumes_from_checkpoint(pg_servic
     failing = [ch for ch in plan["chips"] if ch["status"] != "needs_nothing"]
     assert members == len(failing), "a chip was lost or duplicated in the round-0 groups"
     assert all(ch["status"] in TERMINAL_CHIP_STATES for ch in plan["chips"])
+
+
+def test_register_model_by_uploading_weights_and_a_dataset(service: Any, tmp_path: Any) -> None:
+    """multipart: a user's .npz dataset and safetensors weights; the worker measures the same baseline."""
+    import io
+
+    import numpy as np
+    from safetensors.torch import save as save_safetensors
+
+    digits = acc.load_dataset("digits")
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        x_train=digits.x_train.numpy(),
+        y_train=digits.y_train.numpy(),
+        x_test=digits.x_test.numpy(),
+        y_test=digits.y_test.numpy(),
+    )
+    data = acc.load_dataset("mydigits", _write(tmp_path / "d.npz", buf.getvalue()))
+    model = acc.build_model("mlp", data.input_shape, data.num_classes, seed=1)
+    acc.train(model, data, 3, lr=0.05, batch_size=64, seed=1)
+    weights = save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()})
+    tag = uuid.uuid4().hex[:6]
+    accel = f"up-{tag}"
+    with service.client() as c:
+        _ok(
+            c.post(
+                "/api/v1/accelerators", json={"name": accel, "rows": ROWS, "cols": COLS, "fmt": "int8", "bypass": True}
+            ),
+            201,
+        )
+        r = c.post(
+            "/api/v1/models",
+            data={"name": f"up-{tag}", "architecture": "mlp", "dataset": "mydigits", "accelerator": accel},
+            files={"weights": ("w.safetensors", weights), "dataset_file": ("d.npz", buf.getvalue())},
+        )
+        accepted = _ok(r, 202)
+        job = service.wait_job(accepted["job"]["id"], timeout=300)
+        assert job["state"] == "succeeded", job
+        got = _ok(c.get(f"/api/v1/models/up-{tag}"))
+        # same name again: 409, and no second model row
+        r = c.post(
+            "/api/v1/models",
+            data={"name": f"up-{tag}", "architecture": "mlp", "dataset": "mydigits", "accelerator": accel},
+            files={"weights": ("w.safetensors", weights), "dataset_file": ("d.npz", buf.getvalue())},
+        )
+        assert r.status_code == 409
+        bad = c.post(
+            "/api/v1/models",
+            data={"name": f"up2-{tag}", "architecture": "mlp", "dataset": "x", "accelerator": accel},
+            files={"weights": ("w.safetensors", weights), "dataset_file": ("d.npz", b"garbage")},
+        )
+        assert bad.status_code == 422 and "dataset_file" in bad.json()["detail"]
+        assert c.get(f"/api/v1/models/up2-{tag}").status_code == 404
+    assert got["status"] == "ready" and got["dataset"] == "mydigits"
+    assert got["baseline_accuracy"] == pytest.approx(
+        acc.evaluate(model, ArrayConfig(ROWS, COLS), None, data), abs=1e-12
+    )
+    assert got["config"]["uploaded_weights_sha256"] == hashlib.sha256(weights).hexdigest()
+
+
+def _write(path: Any, data: bytes) -> Any:
+    path.write_bytes(data)
+    return path
