@@ -162,18 +162,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return rc
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    log = open(_settings().var_dir / "demo-services.log", "ab")  # noqa: SIM115 (closed below)
+    argv = [sys.executable, "-m", "app.cli"]
     procs = [
-        subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--loglevel", "WARNING", "--concurrency", "2"]),
+        subprocess.Popen([*argv, "worker", "--loglevel", "WARNING", "--concurrency", "2"], stdout=log, stderr=log),
         subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--log-level", "warning", "--no-access-log"]
+            [*argv, "serve", "--port", str(port), "--log-level", "warning", "--no-access-log"], stdout=log, stderr=log
         ),
     ]
+    print(f"faultfleet: embedded worker and API on {url}; their logs go to {log.name}", file=sys.stderr)
     try:
         _wait_ready(url)
         run_demo(url, _admin_key(), cfg)
     finally:
         for proc in procs:
             _stop(proc)
+        log.close()
     return 0
 
 

@@ -83,9 +83,7 @@ def run_demo(base_url: str, api_key: str, cfg: DemoConfig) -> dict[str, Any]:
         _check(r, 200, 201, 409)
         ndjson = generate_ndjson(cfg, accel)
         bulk = _check(c.post("/api/v1/chips/bulk", content=ndjson, headers={"Content-Type": "application/x-ndjson"}))
-        _log(
-            f"test line posted {cfg.chips} fault maps: {json.dumps({k: v for k, v in bulk.items() if k != 'results'})}"
-        )
+        _log(f"test line posted {cfg.chips} fault maps: {json.dumps({k: v for k, v in bulk.items() if k != 'lines'})}")
         r = c.get(f"/api/v1/models/{model_name}")
         if r.status_code == 404:
             body = {

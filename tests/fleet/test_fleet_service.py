@@ -117,6 +117,33 @@ def test_fleet_plan_execute_verify_download(service: Any) -> None:
     assert rmap["status"] == "ready" and len(rmap["map"]["rates"]) == 3
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # a second plan of the same model and grid reuses the cached map: no new cell jobs
+    with service.client() as c:
+        second = _ok(
+            c.post(
+                "/api/v1/plans",
+                json={
+                    "model": fleet["model"],
+                    "constraint": {"max_drop": 0.05},
+                    "chips": {"ids": [fleet["maps"][0]["chip_id"]]},
+                    "resilience": grid,
+                },
+            ),
+            202,
+        )
+    job = service.wait_job(second["job"]["id"], timeout=300)
+    assert job["state"] == "succeeded", job
+    with service.client() as c:
+        assert _ok(c.get(f"/api/v1/plans/{second['plan']['id']}"))["resilience_map_id"] == planned["resilience_map_id"]
+    engine = sa.create_engine(service.database_url)
+    with engine.connect() as conn:
+        cells = conn.execute(
+            sa.text("SELECT count(*) FROM jobs WHERE kind = 'resilience_cell' AND parent_id = :p"),
+            {"p": second["job"]["id"]},
+        ).scalar_one()
+    engine.dispose()
+    assert cells == 0
+
     plan = _execute(service, plan_id)
     assert plan["status"] == "executed"
     states = {ch["chip_id"]: ch for ch in plan["chips"]}
