@@ -763,7 +763,7 @@ def assign_one_chip(ctx: JobContext, chip_pk: int) -> dict[str, str]:
                 best = max(best, accuracy)
                 if accuracy >= thr - 1e-12:
                     values.update(
-                        status="verified", group_id=group_id, artifact_id=art_id, accuracy=accuracy, reason=None
+                        status="verified", group_id=group_id, artifact_id=group_art, accuracy=accuracy, reason=None
                     )
                     log.info("late chip %s fits group %s of plan %s", chip_pk, key, plan_id)
                     break
