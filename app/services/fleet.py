@@ -20,7 +20,6 @@ from app.db.models import (
     Chip,
     ChipAssignment,
     Group,
-    GroupMember,
     Job,
     Plan,
     ResilienceMapRecord,
@@ -307,10 +306,6 @@ def chip_manifest(session: Session, chip: Chip, a: ChipAssignment) -> bytes:
         "group": group_manifest,
     }
     return json.dumps(doc, sort_keys=True, indent=2).encode()
-
-
-def member_rows(session: Session, chip_pk: int) -> list[GroupMember]:
-    return list(session.scalars(select(GroupMember).where(GroupMember.chip_pk == chip_pk)))
 
 
 # --- chips that arrive after a plan ran -------------------------------------------------------
