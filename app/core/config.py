@@ -29,8 +29,12 @@ class Settings(BaseSettings):
         "(chunks in the service database, so every worker that reaches PostgreSQL shares them)",
     )
     max_upload_bytes: int = Field(default=256 << 20, description="Body limit (bytes) of POST /models uploads")
-    db_pool_size: int = 10
-    db_max_overflow: int = 20
+    db_pool_size: int = Field(
+        default=40,
+        description="Database connections kept per process: at least the request thread pool (40), so that "
+        "concurrent requests never open and close overflow connections (a PostgreSQL backend start each)",
+    )
+    db_max_overflow: int = 10
 
     # --- Celery ------------------------------------------------------------------
     broker_url: str = Field(default="", description="Celery broker; default filesystem:// under <var_dir>/broker")

@@ -242,10 +242,14 @@ def summary_of(p: Prepared, st: Stored) -> dict[str, Any]:
 _CREATE_SQL: str | None = None
 
 
-def create_fast(engine: Engine, p: Prepared) -> Stored | None:
+def create_fast(engine: Engine, p: Prepared) -> tuple[Stored, bool] | None:
     """PostgreSQL: store a chip seen for the first time and its revision 1 in ONE autocommit
     statement (a data-modifying CTE, atomic on its own): one round trip instead of ~5.
-    Returns None when the chip id already exists (the caller takes the general path)."""
+
+    The same statement also answers whether an executed plan exists for the chip's accelerator
+    (the late-chip hook's question), so the common case needs no second query. Returns
+    (stored, executed_plan_exists), or None when the chip id already exists (the caller takes
+    the general path)."""
     global _CREATE_SQL
     now = utcnow()
     chip = _chip_values(p, now)
@@ -255,17 +259,19 @@ def create_fast(engine: Engine, p: Prepared) -> Stored | None:
         _CREATE_SQL = (
             "WITH c AS ("
             + _pg_insert_sql("chips", cols, "ON CONFLICT (chip_id) DO NOTHING RETURNING id")
-            + f") INSERT INTO chip_revisions (chip_pk, revision, {', '.join(rev_cols)}) "
+            + f"), r AS (INSERT INTO chip_revisions (chip_pk, revision, {', '.join(rev_cols)}) "
             "SELECT c.id, 1, content_hash, faults_digest, n_faults, fault_rate, fault_map::json, created_at "
             "FROM c CROSS JOIN (SELECT %s AS content_hash, %s AS faults_digest, %s::integer AS n_faults, "
-            "%s::double precision AS fault_rate, %s AS fault_map, %s::timestamptz AS created_at) AS r "
-            "RETURNING chip_pk"
+            "%s::double precision AS fault_rate, %s AS fault_map, %s::timestamptz AS created_at) AS v "
+            "RETURNING chip_pk) "
+            "SELECT r.chip_pk, EXISTS (SELECT 1 FROM plans JOIN base_models ON base_models.id = plans.base_model_id "
+            "WHERE plans.status = 'executed' AND base_models.accelerator_id = %s) FROM r"
         )
     params = [p.doc_json if c == "fault_map" else chip[c] for c in cols]
-    params += [p.content_hash, p.faults_digest, p.n_faults, p.fault_rate, p.doc_json, now]
+    params += [p.content_hash, p.faults_digest, p.n_faults, p.fault_rate, p.doc_json, now, p.profile_id]
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         row = conn.exec_driver_sql(_CREATE_SQL, tuple(params)).first()
-    return Stored("created", 1, now, now) if row is not None else None
+    return (Stored("created", 1, now, now), bool(row[1])) if row is not None else None
 
 
 def store_one(session: Session, p: Prepared, replace: bool) -> tuple[Status, int]:

@@ -50,6 +50,8 @@ def _parse_json(raw: bytes) -> Any:
 
 
 def _ingest_one(doc: Any, replace: bool) -> tuple[int, dict[str, Any]]:
+    """Validate, store and run the late-chip hook: the whole request in one worker-thread hop."""
+    late = True  # whether an executed plan may want this chip (the hook checks precisely)
     with get_sessionmaker()() as s:
         try:
             p = svc.prepare(s, doc)
@@ -58,7 +60,10 @@ def _ingest_one(doc: Any, replace: bool) -> tuple[int, dict[str, Any]]:
             raise ApiError(422, f"invalid fault map: {first}", exc.errors) from None
         bind = s.get_bind()
         fast = svc.create_fast(bind, p) if bind.dialect.name == "postgresql" else None  # type: ignore[arg-type]
-        st = fast or svc.store_one_full(s, p, replace)
+        if fast is not None:
+            st, late = fast
+        else:
+            st = svc.store_one_full(s, p, replace)
         status, rev = st.status, st.revision
         if status == "conflict":
             s.rollback()
@@ -70,6 +75,10 @@ def _ingest_one(doc: Any, replace: bool) -> tuple[int, dict[str, Any]]:
         s.commit()
     body = svc.summary_of(p, st)
     body["status"] = status
+    if status in ("created", "replaced") and late:
+        job_id = fleetsvc.queue_late_assignments([p.chip_id])
+        if job_id is not None:
+            body["assignment_job"] = job_id
     return (201 if status == "created" else 200), _jsonable(body)
 
 
@@ -88,10 +97,6 @@ async def post_chip(
 ) -> JSONResponse:
     doc = _parse_json(await request.body())
     code, body = await run_in_threadpool(_ingest_one, doc, replace)
-    if body["status"] in ("created", "replaced"):
-        job_id = await run_in_threadpool(fleetsvc.queue_late_assignments, [body["chip_id"]])
-        if job_id is not None:
-            body["assignment_job"] = job_id
     return JSONResponse(body, status_code=code)
 
 
