@@ -220,9 +220,10 @@ def effective_weight(plan: LayerPlan, wq: torch.Tensor) -> torch.Tensor:
 class Lowered(Protocol):
     """Access to a lowered integer input without materialising all of it.
 
-    Positions are flattened as p = l * N + n (P = L * N; L output positions per
-    sample, N samples), the last dimension, so every GEMM below is one batched
-    matmul over groups/tiles with a long inner dimension.
+    Positions are flattened as p = n * L + l (P = N * L; N samples, L output positions
+    per sample), the last dimension, so every GEMM below is one batched matmul over
+    groups/tiles with a long inner dimension, and its (G, O', P) result meets the
+    (N, G, O', L) layer output in runs of L contiguous elements.
     """
 
     n: int  # samples N
@@ -233,23 +234,30 @@ class Lowered(Protocol):
         the index set for caching."""
         ...
 
-    def tiles(self, rp: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows 0..rp-1 of every K-tile: (G, T, rp, P) in dtype, zero past K."""
+    def tiles_i8(self, rp: int) -> torch.Tensor:
+        """Rows 0..rp-1 of every K-tile: (G, T, rp, P) int8, contiguous, zero past K."""
         ...
 
 
 def _to_nglo(t: torch.Tensor, x: Lowered) -> torch.Tensor:
-    """(G, O', P) with p = l * N + n -> (N, G, O', L)."""
-    return t.reshape(t.shape[0], t.shape[1], x.n_pos, x.n).permute(3, 0, 1, 2)
+    """(G, O', P) with p = n * L + l -> (N, G, O', L) (a view)."""
+    return t.reshape(t.shape[0], t.shape[1], x.n, x.n_pos).permute(2, 0, 1, 3)
 
 
-def faulty_product(plan: LayerPlan, weff: torch.Tensor, main: torch.Tensor, x: Lowered) -> torch.Tensor:
-    """Exact array output from the clean GEMM `main` = weff x (N, G, Og, L).
+def faulty_product(
+    plan: LayerPlan, weff: torch.Tensor, main: torch.Tensor, x: Lowered
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact array output from the clean GEMM `main` = weff x (N, G, Og, L), which it
+    may overwrite.
 
-    Returns (N, G, Og, L), float32 or float64 (whichever holds the exact integers).
+    Returns (y, patch): y (N, G, Og, L), float32 or float64 (whichever holds the exact
+    integers), exact everywhere except at the psum-affected outputs `plan.aff`, whose
+    exact values are patch (N, G, n_aff, L) int32 (None without psum faults). Psum
+    faults can drive an output anywhere in int32, beyond float32; patching only those
+    outputs keeps the rest of the layer in float32.
     """
     if plan.clean_outputs:
-        return main
+        return main, None
     R, T, G, Og = plan.R, plan.T, plan.G, plan.Og
     n_a = plan.n_act
     y = main.to(exact_dtype(T * R * (1 << 14)))
@@ -264,12 +272,12 @@ def faulty_product(plan: LayerPlan, weff: torch.Tensor, main: torch.Tensor, x: L
         delta -= before
         wa = weff[:, :, plan.act_k].reshape(G, Og, T, n_a) * plan.act_cols.view(1, Og, 1, n_a).to(weff.dtype)
         corr = torch.bmm(wa.reshape(G, Og, T * n_a).to(dt), delta.reshape(G, T * n_a, -1))  # (G, Og, P)
-        y = y + _to_nglo(corr, x).to(y.dtype)
+        y = y.add_(_to_nglo(corr, x))  # y owns its memory (main or a converted copy)
     if plan.n_aff:
-        y = _psum_faults(plan, weff, y.to(torch.float64), x, delta, wa)
-    elif T * R * (1 << 14) >= 1 << 31:  # only astronomically large K could overflow the int32 buffer
+        return y, _psum_patch(plan, weff, y, x, delta, wa)
+    if T * R * (1 << 14) >= 1 << 31:  # only astronomically large K could overflow the int32 buffer
         y = _wrap_float(y.to(torch.float64), plan.ps_bits)
-    return y
+    return y, None
 
 
 def _wrap_float(v: torch.Tensor, bits: int) -> torch.Tensor:
@@ -278,7 +286,12 @@ def _wrap_float(v: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.remainder(v + half, 2 * half) - half
 
 
-def _psum_faults(
+def _int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out (int32) = a @ b for int8 matrices: exact integer GEMM, no float conversion."""
+    torch._int_mm(a, b, out=out)
+
+
+def _psum_patch(
     plan: LayerPlan,
     weff: torch.Tensor,
     y: torch.Tensor,
@@ -286,76 +299,76 @@ def _psum_faults(
     delta: torch.Tensor | None,
     wa: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Replace the psum-affected outputs of y (N, G, Og, L, float64) by their faulty values.
+    """Exact values (N, G, n_aff, L) int32 of the psum-affected outputs, from y (N, G,
+    Og, L), exact without the psum faults.
 
     Per tile, the segment sums S_i (rows after the previous faulty row up to row r_i,
-    act corrections included) come from one batched matmul; outputs meeting one stuck
-    bit then need only bit_b(S) (`_single_step_adjust`), chained ones run the psum
-    registers (`_chained_adjust`).
+    act corrections included) come from int8 GEMMs on the tile rows (int32, exact);
+    outputs meeting one stuck bit then need only bit_b(S) (`_single_step_adjust`),
+    chained ones run the psum registers (`_chained_adjust`).
     """
-    R, T, G, rp, m = plan.R, plan.T, plan.G, plan.rp, plan.m
+    T, G, rp, m = plan.T, plan.G, plan.rp, plan.m
     aff, n_aff, n_a = plan.aff, plan.n_aff, plan.n_act
-    dt = exact_dtype(rp * (1 << 14) + n_a * (1 << 15))
-    parts_x = [x.tiles(rp, dt)]
-    if n_a:
-        assert delta is not None and wa is not None
-        parts_x.append(delta.to(dt))
-    z = torch.cat(parts_x, dim=2) if len(parts_x) > 1 else parts_x[0]  # (G, T, rows, P)
+    tiles = x.tiles_i8(rp)  # (G, T, rp, P) int8
+    n_pos = tiles.shape[-1]
 
     def segment_sums(outs: torch.Tensor, m_used: int) -> torch.Tensor:
-        """S (G, T, n, m_used, P): per tile, the sum of segment i of output aff[outs]."""
-        # segment weights (G, T, n, m_used, rows): row r of tile t counts in segment i
-        wr = weff.reshape(G, plan.Og, T, R)[:, aff[outs], :, :rp].permute(0, 2, 1, 3).unsqueeze(3)
-        parts_w = [wr * plan.seg_rows[outs, :m_used].to(wr.dtype)]
+        """S (G, T, n, m_used, P) int32: per tile, the sum of segment i of output aff[outs]."""
+        n = outs.numel()
+        # segment weights (G, T, n, m_used, rp): row r of tile t counts in segment i
+        wr = weff.reshape(G, plan.Og, T, plan.R)[:, aff[outs], :, :rp].permute(0, 2, 1, 3).unsqueeze(3)
+        w8 = (wr * plan.seg_rows[outs, :m_used].to(wr.dtype)).to(torch.int8).reshape(G, T, n * m_used, rp)
+        s = torch.empty(G, T, n * m_used, n_pos, dtype=torch.int32)
+        for g in range(G):
+            for t in range(T):
+                _int_mm(w8[g, t], tiles[g, t], s[g, t])
         if n_a:
-            assert wa is not None
+            assert wa is not None and delta is not None
             wa_o = wa[:, aff[outs]].permute(0, 2, 1, 3).unsqueeze(3)  # (G, T, n, 1, n_a)
-            parts_w.append(wa_o * plan.seg_act[outs, :m_used].to(wa.dtype))
-        w_seg = torch.cat(parts_w, dim=-1).reshape(G, T, outs.numel() * m_used, -1).to(dt)
-        return torch.matmul(w_seg, z).reshape(G, T, outs.numel(), m_used, -1)
+            w_act = (wa_o * plan.seg_act[outs, :m_used].to(wa.dtype)).reshape(G, T, n * m_used, n_a)
+            s += torch.matmul(w_act.to(delta.dtype), delta).to(torch.int32)
+        return s.reshape(G, T, n, m_used, n_pos)
 
     n_steps = (plan.p_w != 0).sum((1, 2))
     single = torch.nonzero(n_steps == 1).flatten()
     chained = torch.nonzero(n_steps > 1).flatten()
-    adjust = torch.empty(G, n_aff, z.shape[-1], dtype=torch.float64)
-    if single.numel():
-        s1 = segment_sums(single, 1)[:, :, :, 0]
-        adjust[:, single] = _single_step_adjust(plan, s1, single, rp * (1 << 14) + n_a * (1 << 15))
-    if chained.numel():
+    if not chained.numel():
+        adjust = _single_step_adjust(plan, segment_sums(single, 1)[:, :, :, 0], single)
+    else:
+        adjust = torch.empty(G, n_aff, n_pos, dtype=torch.int64)
+        if single.numel():
+            adjust[:, single] = _single_step_adjust(plan, segment_sums(single, 1)[:, :, :, 0], single)
         adjust[:, chained] = _chained_adjust(plan, segment_sums(chained, m), chained)
-    y[:, :, aff, :] = _wrap_float(y[:, :, aff, :] + _to_nglo(adjust, x), plan.ps_bits)
-    return y
+    v = y[:, :, aff, :].to(torch.int64).add_(_to_nglo(adjust, x))
+    # int64 -> int32 keeps the low 32 bits (two's complement): the buffer's wrap-around
+    return v.to(torch.int32)
 
 
-def _single_step_adjust(plan: LayerPlan, s: torch.Tensor, outs: torch.Tensor, bound: int) -> torch.Tensor:
+def _single_step_adjust(plan: LayerPlan, s: torch.Tensor, outs: torch.Tensor) -> torch.Tensor:
     """Affected outputs `outs` (indices into plan.aff) meeting one stuck bit b (value v):
     sum over tiles of 2^b (v - bit_b(S)) = 2^b (T v - sum_t bit_b(S)), S (G, T, n, P)
-    exact with |S| <= bound. Returns (G, n, P) float64."""
+    int32 (the register's two's-complement bits), overwritten. Returns (G, n, P) int64."""
     n = outs.numel()
-    w = plan.p_w[outs, 0, 0].view(n, 1)
-    v = plan.p_s[outs, 0, 0].view(n, 1)
-    # counts of ones over T tiles are exact in float32; only the small result is widened
-    if bool((w > bound).all()):  # |S| < 2^b: bit b is the sign bit of S
-        ones = torch.lt(s, 0).to(s.dtype).sum(1).to(torch.float64)
-    else:
-        q = torch.floor(s * plan.p_scale[outs, 0, 0].to(s.dtype).view(n, 1))
-        ones = q.fmod_(2).abs_().sum(1).to(torch.float64)
-    return (plan.T * v - ones) * w
+    b = torch.log2(plan.p_w[outs, 0, 0]).to(torch.int32).view(n, 1)
+    v = plan.p_s[outs, 0, 0].to(torch.int64).view(n, 1)
+    bits = s.bitwise_right_shift_(b).bitwise_and_(1)
+    ones = bits[:, 0].to(torch.int64) if plan.T == 1 else bits.sum(1)  # (G, n, P) int64
+    return ones.sub_(plan.T * v).neg_().bitwise_left_shift_(b.to(torch.int64))
 
 
 def _chained_adjust(plan: LayerPlan, s: torch.Tensor, outs: torch.Tensor) -> torch.Tensor:
-    """General case for affected outputs `outs`: segment sums S_i (G, T, n, m, P) go
-    through the column's psum registers in row order, p = (p + S_i) & and_i | or_i on
-    int64 (the low 32 bits are the register; no wrap needed until the buffer).
-    Returns sum over tiles of (p_last - sum_i S_i), (G, n, P) float64."""
-    si = s.to(torch.int64)
+    """General case for affected outputs `outs`: segment sums S_i (G, T, n, m, P) int32
+    go through the column's psum registers in row order, p = (p + S_i) & and_i | or_i
+    on int64 (the low 32 bits are the register; no wrap needed until the buffer).
+    Returns sum over tiles of (p_last - sum_i S_i), (G, n, P) int64."""
     n, m = outs.numel(), s.shape[3]
-    p = si[:, :, :, 0].clone()
+    p = s[:, :, :, 0].to(torch.int64)
     for i in range(m):  # chained psum faults of a column apply in row order
         if i:
-            p += si[:, :, :, i]
+            p += s[:, :, :, i]
         p.bitwise_and_(plan.p_and[outs, i].view(n, 1)).bitwise_or_(plan.p_or[outs, i].view(n, 1))
-    return (p - si.sum(3)).sum(1).to(torch.float64)
+    p -= s.sum(3, dtype=torch.int64)
+    return p[:, 0] if plan.T == 1 else p.sum(1)
 
 
 class LinearInput:
@@ -369,21 +382,74 @@ class LinearInput:
     def gather_i8(self, kidx: torch.Tensor, tag: str) -> torch.Tensor:
         return self.xt[kidx].to(torch.int8).unsqueeze(0)
 
-    def tiles(self, rp: int, dtype: torch.dtype) -> torch.Tensor:
+    def tiles_i8(self, rp: int) -> torch.Tensor:
         p = self.plan
-        return self.xt.to(dtype).reshape(1, p.T, p.R, -1)[:, :, :rp]
+        return self.xt.to(torch.int8).reshape(1, p.T, p.R, -1)[:, :, :rp].contiguous()
 
 
-def linear_product(plan: LayerPlan, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-    """Array output for integer-valued x (B, K) and w (O, K): (B, O) float (exact integers)."""
+@dataclass
+class ArrayProduct:
+    """A layer's array output (N, O, ...) without widening all of it: `y` holds the exact
+    integers everywhere except at output channels `chan` (psum-affected), whose exact
+    values are `vals` (N, len(chan), ...) int32."""
+
+    y: torch.Tensor
+    chan: torch.Tensor | None = None
+    vals: torch.Tensor | None = None
+
+    def exact(self) -> torch.Tensor:
+        """The whole exact integer output (float32 or float64)."""
+        if self.chan is None:
+            return self.y
+        assert self.vals is not None
+        y = self.y.to(torch.float64)
+        y[:, self.chan] = self.vals.to(y.dtype)
+        return y
+
+    def dequant(self, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """y * scale (+ bias) per output channel, in `dtype`; patched channels are scaled
+        from their exact values in float64."""
+        view = (1, -1) + (1,) * (self.y.dim() - 2)
+        sc = scale.to(self.y.dtype).view(view)
+        if bias is not None:
+            out = torch.addcmul(bias.to(self.y.dtype).view(view), self.y, sc)
+        else:
+            out = self.y.mul_(sc) if self.chan is None else self.y * sc
+        out = out.to(dtype)
+        if self.chan is not None:
+            assert self.vals is not None
+            v = self.vals * scale.to(torch.float64)[self.chan].view(view)
+            if bias is not None:
+                v += bias.to(torch.float64)[self.chan].view(view)
+            out[:, self.chan] = v.to(dtype)
+        return out
+
+
+def _parts(plan: LayerPlan, y: torch.Tensor, patch: torch.Tensor | None, shape: tuple[int, ...]) -> ArrayProduct:
+    """(N, G, Og, L) output and (N, G, n_aff, L) patch -> ArrayProduct of `shape`."""
+    if patch is None:
+        return ArrayProduct(y.reshape(shape))
+    chan = plan.cache.get("chan")
+    if chan is None:
+        chan = plan.cache["chan"] = (torch.arange(plan.G)[:, None] * plan.Og + plan.aff[None, :]).reshape(-1)
+    return ArrayProduct(y.reshape(shape), chan, patch.reshape((shape[0], chan.numel()) + shape[2:]))
+
+
+def linear_parts(plan: LayerPlan, xq: torch.Tensor, wq: torch.Tensor) -> ArrayProduct:
+    """Array output for integer-valued x (B, K) and w (O, K), (B, O) (see ArrayProduct)."""
     weff = effective_weight(plan, wq.unsqueeze(0))
     dt = exact_dtype(plan.K * (1 << 14))
     main = F.linear(xq.to(dt), weff[0, :, : plan.K].to(dt))
     if plan.clean_outputs:
-        return main
+        return ArrayProduct(main)
     B = xq.shape[0]
-    y = faulty_product(plan, weff, main.reshape(B, 1, plan.Og, 1), LinearInput(xq, plan))
-    return y.reshape(B, plan.Og)
+    y, patch = faulty_product(plan, weff, main.reshape(B, 1, plan.Og, 1), LinearInput(xq, plan))
+    return _parts(plan, y, patch, (B, plan.Og))
+
+
+def linear_product(plan: LayerPlan, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """Array output for integer-valued x (B, K) and w (O, K): (B, O) float (exact integers)."""
+    return linear_parts(plan, xq, wq).exact()
 
 
 def fast_matmul(x: torch.Tensor, w: torch.Tensor, array: ArrayConfig, faults: FaultMap) -> torch.Tensor:
@@ -434,13 +500,37 @@ class ConvInput:
 
     def gather_i8(self, kidx: torch.Tensor, tag: str) -> torch.Tensor:
         out = self.src[self._index(kidx, tag)]  # (G * M * L, N): row gathers
-        return out.reshape(self.plan.G, kidx.numel(), self.n_pos * self.n)
+        # samples before positions (int8, the cheapest place to transpose)
+        out = out.view(self.plan.G * kidx.numel(), self.n_pos, self.n).transpose(1, 2)
+        return out.reshape(self.plan.G, kidx.numel(), self.n * self.n_pos)
 
-    def tiles(self, rp: int, dtype: torch.dtype) -> torch.Tensor:
+    def tiles_i8(self, rp: int) -> torch.Tensor:
         p = self.plan
         kidx = (torch.arange(p.T)[:, None] * p.R + torch.arange(rp)[None, :]).reshape(-1)
-        rows = self.gather_i8(kidx, f"tiles{rp}")  # int8 gather: a quarter of float traffic
-        return rows.to(dtype).reshape(p.G, p.T, rp, -1)
+        return self.gather_i8(kidx, f"tiles{rp}").reshape(p.G, p.T, rp, -1)
+
+
+def conv_parts(
+    plan: LayerPlan,
+    xpad: torch.Tensor,
+    wq: torch.Tensor,
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> ArrayProduct:
+    """Array output of a conv: integer-valued padded input (N, Cin, Hp, Wp), weights
+    (O, Cin/G, kh, kw) -> (N, O, Ho, Wo) (see ArrayProduct)."""
+    n_out, cin_g, kh, kw = wq.shape
+    G = plan.G
+    weff = effective_weight(plan, wq.reshape(G, n_out // G, cin_g * kh * kw))
+    dt = exact_dtype(plan.K * (1 << 14))
+    w4 = weff[:, :, : plan.K].reshape(n_out, cin_g, kh, kw).to(dt)
+    main = F.conv2d(xpad.to(dt), w4, None, stride, 0, dilation, G)
+    if plan.clean_outputs:
+        return ArrayProduct(main)
+    N, _, Ho, Wo = main.shape
+    x = ConvInput(plan, xpad, (kh, kw), stride, dilation, (Ho, Wo))
+    y, patch = faulty_product(plan, weff, main.reshape(N, G, n_out // G, Ho * Wo), x)
+    return _parts(plan, y, patch, (N, n_out, Ho, Wo))
 
 
 def conv_product(
@@ -452,15 +542,4 @@ def conv_product(
 ) -> torch.Tensor:
     """Array output of a conv: integer-valued padded input (N, Cin, Hp, Wp), weights
     (O, Cin/G, kh, kw) -> (N, O, Ho, Wo) float (exact integers)."""
-    n_out, cin_g, kh, kw = wq.shape
-    G = plan.G
-    weff = effective_weight(plan, wq.reshape(G, n_out // G, cin_g * kh * kw))
-    dt = exact_dtype(plan.K * (1 << 14))
-    w4 = weff[:, :, : plan.K].reshape(n_out, cin_g, kh, kw).to(dt)
-    main = F.conv2d(xpad.to(dt), w4, None, stride, 0, dilation, G)
-    if plan.clean_outputs:
-        return main
-    N, _, Ho, Wo = main.shape
-    x = ConvInput(plan, xpad, (kh, kw), stride, dilation, (Ho, Wo))
-    y = faulty_product(plan, weff, main.reshape(N, G, n_out // G, Ho * Wo), x)
-    return y.reshape(N, n_out, Ho, Wo)
+    return conv_parts(plan, xpad, wq, stride, dilation).exact()

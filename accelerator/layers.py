@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accelerator.fast import LayerPlan, build_plan, conv_product, linear_product
+from accelerator.fast import ArrayProduct, LayerPlan, build_plan, conv_parts, linear_parts
 from accelerator.faults import ArrayConfig, FaultMap
 from accelerator.quant import quantizer
 from accelerator.systolic import check_fault_map, wrap_signed
@@ -143,6 +143,10 @@ class _OnArray:
         self.faults = faults
         self.plan = plan
 
+    def output_parts(self, prod: ArrayProduct) -> ArrayProduct:
+        """The layer output as seen after transient errors (exact integers only when flips apply)."""
+        return ArrayProduct(self._finish(prod.exact())) if self.ber > 0 else prod
+
     def _finish(self, y_int: torch.Tensor) -> torch.Tensor:
         if self.ber > 0:
             y_int = transient_flips(y_int, self.ber, self.array.number_format.psum_bits, self.rng.gen)
@@ -173,9 +177,7 @@ class _LinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         xq = q.act(x2, s)
         wq, sw = q.weight(weight)
-        y = layer.integer_output(xq, wq)
-        scale = (s * sw).to(y.dtype)
-        out = (torch.addcmul(bias.to(y.dtype), y, scale) if bias is not None else y * scale).to(x.dtype)
+        out = layer.output_parts(linear_parts(layer.plan, xq, wq)).dequant(s * sw, bias, x.dtype)
         ctx.save_for_backward(x2, xq, wq, sw, s)
         ctx.limit = q.act_limit()
         ctx.has_bias = bias is not None
@@ -203,12 +205,9 @@ class _ConvFn(torch.autograd.Function):
         s = layer.scale_tensor()
         xq_pad = F.pad(q.act(x, s), layer.pads)
         wq, sw = q.weight(weight)
-        y = layer.integer_output_padded(xq_pad, wq)
-        scale = (s * sw).to(y.dtype).view(1, -1, 1, 1)
-        if bias is not None:
-            out = torch.addcmul(bias.to(y.dtype).view(1, -1, 1, 1), y, scale).to(x.dtype)
-        else:
-            out = y.mul_(scale).to(x.dtype) if y.dtype == x.dtype else (y * scale).to(x.dtype)
+        st: Any = layer.stride
+        dl: Any = layer.dilation
+        out = layer.output_parts(conv_parts(layer.plan, xq_pad, wq, st, dl)).dequant(s * sw, bias, x.dtype)
         ctx.save_for_backward(x, xq_pad, wq, sw, s)
         ctx.limit = q.act_limit()
         ctx.has_bias = bias is not None
@@ -249,7 +248,7 @@ class ArrayLinear(nn.Linear, _OnArray):
 
     def integer_output(self, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
         """Integer layer output (B, O) (exact, float dtype) for integer-valued xq (B, K), wq (O, K)."""
-        return self._finish(linear_product(self.plan, xq, wq))
+        return self._finish(linear_parts(self.plan, xq, wq).exact())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _LinearFn.apply(x, self.weight, self.bias, self)
@@ -269,7 +268,7 @@ class ArrayConv2d(nn.Conv2d, _OnArray):
         """Integer output (N, O, Ho, Wo) for an explicitly padded integer-valued input."""
         s: Any = self.stride
         d: Any = self.dilation
-        return self._finish(conv_product(self.plan, xq_pad, wq, s, d))
+        return self._finish(conv_parts(self.plan, xq_pad, wq, s, d).exact())
 
     def integer_output(self, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
         """Integer output (N, O, Ho, Wo) for an unpadded integer-valued input (N, Cin, H, W)."""

@@ -211,3 +211,40 @@ def test_state_dict_roundtrip_keeps_scales(tmp_path) -> None:  # type: ignore[no
     assert torch.equal(A.to_float(on).eval()(x), model.eval()(x))
     with pytest.raises(ValueError, match="does not fit resnet20"):
         A.load_model("resnet20", path, (1, 12, 12), 4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_psum_patch_wraps_like_the_int32_buffer(kind: str) -> None:
+    """Psum-affected outputs are patched in int64 and narrowed to int32: the sum over
+    tiles must wrap in two's complement exactly like the array's output buffer, and the
+    dequantized forward must scale the wrapped value (not a float32-rounded one)."""
+    array = ArrayConfig(4, 2)
+    # K = 12 = 3 tiles; column 0: one stuck-at-1 on bit 30 (single-bit path), each tile
+    # adds ~2^30, so the buffer passes 2^31 and wraps negative; column 1: a chained pair
+    fmap = FaultMap(
+        array,
+        (Fault(3, 0, "psum", 30, 1), Fault(1, 1, "psum", 31, 1), Fault(3, 1, "psum", 29, 0)),
+    )
+    torch.manual_seed(0)
+    layer_f: nn.Module = nn.Linear(12, 2) if kind == "linear" else nn.Conv2d(12, 2, 1)
+    with torch.no_grad():
+        layer_f.weight.copy_(torch.rand_like(layer_f.weight) + 0.1)  # positive: clean sums > 0
+    x = torch.rand(6, 12) if kind == "linear" else torch.rand(3, 12, 2, 1)
+    model = A.calibrate(nn.Sequential(layer_f), x)
+    layer = A.on_array(model, array, fmap)[0]
+    q = quantizer("int8")
+    xq, (wq, sw) = q.act(x, layer.scale_tensor()), q.weight(layer.weight)
+    if kind == "linear":
+        ref = A.systolic_matmul(xq.long(), wq.long(), array, fmap)
+    else:
+        ref = _conv_reference(layer, xq, wq, fmap).permute(0, 2, 3, 1).reshape(-1, 2)
+    assert bool((ref[:, 0] < 0).all())  # 3 * 2^30 + clean sum wrapped past 2^31
+    got = layer.integer_output(xq, wq)
+    got2 = got if kind == "linear" else got.permute(0, 2, 3, 1).reshape(-1, 2)
+    assert torch.equal(got2.round().long(), ref)
+    scale = (layer.scale_tensor() * sw).double()
+    want = (ref.double() * scale + layer.bias.double()).float()
+    with torch.no_grad():
+        out = layer(x)
+    out2 = out if kind == "linear" else out.permute(0, 2, 3, 1).reshape(-1, 2)
+    assert torch.equal(out2, want)
