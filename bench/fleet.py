@@ -52,6 +52,7 @@ from planner import (  # noqa: E402
     plan_fleet,
     read_ndjson,
 )
+from planner.plan import PLACEMENTS  # noqa: E402
 from workers import pipeline as pl  # noqa: E402
 
 STRATEGIES = ("per_chip_fat", "efat_no_grouping", "tremap_fixed5", "faultfleet")
@@ -92,9 +93,10 @@ def train_groups_once(
     acc: dict[str, float] = {}
     epochs = 0
     for i, g in enumerate(groups, start=1):
-        m = pl.retrain_group(model, array, data, g, maps, grid, cfg)
+        protect = (pl.most_sensitive_layer(model, array, g.fused, data),) if g.protect else ()
+        m = pl.retrain_group(model, array, data, g, maps, grid, cfg, protect=protect)
         epochs += g.amount
-        acc.update(pl.verify_group(m, array, data, g.members, maps))
+        acc.update(pl.verify_group(m, array, data, g.members, maps, protect=protect))
         if i % 10 == 0 or i == len(groups):
             log(f"{name}: {i}/{len(groups)} groups, {epochs} epochs")
     return acc, epochs
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma list of {', '.join(STRATEGIES)}")
     ap.add_argument("--baseline-train", action="store_true", help="also train and verify per_chip_fat")
     ap.add_argument("--max-group-size", type=int, default=5)
+    ap.add_argument("--placement", default="screening", choices=PLACEMENTS, help="where a chip sits on the map")
+    ap.add_argument("--schedule", default="progressive_union", help="faultfleet's group injection schedule")
     ap.add_argument("--rates", type=floats, default=None, help="resilience-map fault rates (comma list)")
     ap.add_argument("--epochs", type=ints, default=[0, 1, 2, 4, 8], help="resilience-map amounts (comma list)")
     ap.add_argument("--samples", type=int, default=2, help="sampled fault maps per map rate")
@@ -271,7 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     log(f"screening: {len(chip_ids) - len(failing)} chips need nothing, {len(failing)} fail ({screen_s:.1f} s)")
 
     alone = plan_fleet(
-        list(by_id.values()), screening, rmap, constraint, max_group_size=1, severity=severity, seed=args.seed
+        list(by_id.values()),
+        screening,
+        rmap,
+        constraint,
+        max_group_size=1,
+        severity=severity,
+        seed=args.seed,
+        placement=args.placement,
     )
     E = alone.per_chip_fat_amount
     fat_epochs = E * len(failing)
@@ -317,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                 severity=severity,
                 max_group_size=args.max_group_size,
                 seed=args.seed,
+                schedule=args.schedule,
+                placement=args.placement,
                 on_progress=log,
             )
             final = run.plan
@@ -361,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             "epochs": list(rmap.epochs),
             "samples": rmap.samples,
             "max_group_size": args.max_group_size,
+            "placement": args.placement,
+            "schedule": args.schedule,
             "train": cfg.to_dict(),
             "threads": args.threads,
         },

@@ -22,7 +22,18 @@ in two stages:
    alone, and the plan never costs more than per-chip FAT.
 
 Chips the map says no amount can fix are planned alone at the per-chip FAT amount
-(what the baseline spends on them); `replan` escalates them.
+(what the baseline spends on them) with their most sensitive layer protected: plain
+retraining is predicted to fail, and a stuck high psum bit in the columns of the last
+layer (a garbage logit, which no retraining of the weights removes) is the common
+cause. `replan` sends them to the top rung next (alone, largest amount, protected).
+
+Placement (`placement`): ``"screening"`` (default) puts a chip where the map's
+conservative 0-epoch curve falls to its screening accuracy: a measurement of this
+chip's own faults, which sees what a class-average severity cannot (the same stuck
+psum bit is harmless in a column no layer's last tile uses, and fatal in a logit's
+column). ``"severity"`` uses the severity-weighted faulty-PE fraction, ``"conservative"``
+the larger of the two. A group's fused rate is additive over its members' disjoint
+faulty PEs either way (`_Packer`).
 """
 
 from __future__ import annotations
@@ -161,7 +172,7 @@ class PlanSettings:
     seed: int = 0
     schedule: str = "progressive_union"
     ramp_fraction: float = 0.5
-    placement: str = "severity"  # or "conservative": max(severity rate, screening-equivalent rate)
+    placement: str = "screening"  # or "severity", or "conservative": the larger of both
     coarse_cluster_size: int = 128
 
     def to_dict(self) -> dict[str, Any]:
@@ -281,36 +292,44 @@ class Plan:
 
 # --- placement ------------------------------------------------------------------------
 
+PLACEMENTS = ("screening", "severity", "conservative")
+
 
 def chip_effective_rate(
     fault_map: FaultMap, screening: float, severity: SiteSeverity, rmap: ResilienceMap, placement: str
 ) -> float:
     """Where a single chip sits on the map (faulty-PE fraction), see `planner.severity`."""
+    if placement == "screening":
+        return screening_equivalent_rate(screening, rmap)
     rate = severity.effective_rate(fault_map)
     if placement == "conservative":
         rate = max(rate, screening_equivalent_rate(screening, rmap))
     elif placement != "severity":
-        raise ValueError(f"placement: {placement!r} is not 'severity' or 'conservative'")
+        raise ValueError(f"placement: {placement!r} is not one of {PLACEMENTS}")
     return rate
 
 
 class _Packer:
-    """Severity-weighted faulty PEs of a set of chips, for fast fused-rate arithmetic.
+    """Each chip's placed rate spread over its faulty PEs, for fast fused-rate arithmetic.
 
-    Row i of the CSR matrix `pes` holds chip i's per-PE severity; the fused effective
-    rate of a group is sum over PEs of the max severity among its members / n_pes,
-    and never less than its members' own effective rates (conservative placement).
+    Chip i's faulty PEs carry weights proportional to their severities, scaled so
+    they sum to the chip's placed rate x n_pes. The fused rate of a group is sum over
+    PEs of the max weight among its members / n_pes: additive over disjoint faulty
+    PEs (the union of reference-mix maps has the sum of their rates), a shared PE
+    counted once, and never less than a member's own rate.
     """
 
     def __init__(self, maps: Sequence[FaultMap], rates: np.ndarray, severity: SiteSeverity) -> None:
         self.n_pes = maps[0].array.n_pes
         self.cols = maps[0].array.cols
         indptr, indices, data = [0], [], []
-        for m in maps:
+        for m, rate in zip(maps, rates, strict=True):
             sev = severity.pe_severities(m)
+            total = sum(sev.values())
+            scale = rate * self.n_pes / total if total > 0 else 0.0
             for (r, c), s in sorted(sev.items()):
                 indices.append(r * self.cols + c)
-                data.append(s)
+                data.append(s * scale)
             indptr.append(len(indices))
         self.indptr = np.asarray(indptr, dtype=np.int64)
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -525,7 +544,7 @@ def plan_fleet(
     seed: int = 0,
     schedule: str = "progressive_union",
     ramp_fraction: float = 0.5,
-    placement: str = "severity",
+    placement: str = "screening",
     coarse_cluster_size: int = 128,
 ) -> Plan:
     """Plan the retraining of a fleet (see module doc). Deterministic under `seed`.
@@ -574,8 +593,9 @@ def plan_fleet(
     packed.sort(key=lambda g: (-g[2], sorted(g[0])))
     groups = []
     for i, (members, rate, amount) in enumerate(packed):
-        reason = "beyond_map" if members[0] in beyond else ("grouped" if len(members) > 1 else "alone")
-        g = make_group(f"r0-g{i:06d}", members, maps, states, amount, rate, settings, reason=reason)
+        is_beyond = members[0] in beyond
+        reason = "beyond_map" if is_beyond else ("grouped" if len(members) > 1 else "alone")
+        g = make_group(f"r0-g{i:06d}", members, maps, states, amount, rate, settings, reason=reason, protect=is_beyond)
         groups.append(g)
         for c in members:
             states[c].group_id = g.group_id

@@ -7,7 +7,8 @@ The escalation ladder of a chip that missed after its group's retraining:
 2. alone: from a group of two (or a smaller group), retrained alone, at no less than
    the amount that just failed;
 3. more epochs: alone, the next larger amount on the resilience map, up to the largest
-   (skipped for a chip the map places beyond every amount: it goes straight to 4);
+   (skipped for a chip the map places beyond every amount, which goes straight to 4
+   after its first, protected try);
 4. protection: alone, the largest amount, and its most sensitive layer runs fault-free
    (3x that layer's cycles);
 5. unrecoverable: only after step 4 missed too; the reason and the best accuracy
@@ -33,7 +34,8 @@ def _next_step(plan: Plan, group: Group, chip_id: str) -> tuple[str, int, bool] 
     amounts, which the map already predicts to fail, and goes straight to the top rung.
     """
     rmap = plan.resilience_map
-    if plan.chips[chip_id].amount is None and not group.protect:
+    at_top = group.protect and group.amount >= rmap.largest_amount
+    if plan.chips[chip_id].amount is None and not at_top:
         return ("protect", rmap.largest_amount, True)
     nxt = rmap.next_amount(group.amount)
     if nxt is not None:

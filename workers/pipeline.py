@@ -342,6 +342,7 @@ def run_fleet(
     max_group_size: int = 5,
     seed: int = 0,
     schedule: str = "progressive_union",
+    placement: str = "screening",
     on_progress: Progress | None = None,
 ) -> FleetRun:
     """Plan a screened fleet and run the plan to the end (faultfleet's strategy)."""
@@ -354,6 +355,7 @@ def run_fleet(
         severity=severity,
         seed=seed,
         schedule=schedule,
+        placement=placement,
     )
     if on_progress is not None:
         on_progress(f"plan: {plan.summary()}")

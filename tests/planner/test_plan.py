@@ -30,9 +30,21 @@ def fleet_and_screening(n: int, seed: int, array: ArrayConfig) -> tuple[list[Fau
 SEVERITY = SiteSeverity({"pe": 0.4, "psum:3": 3.0, "psum:2": 1.5}, {})
 
 
-@pytest.mark.parametrize(("seed", "max_group_size"), [(0, 1), (1, 3), (2, 5), (0, 8)])
+def faulty_pes(m: FaultMap) -> set[tuple[int, int]]:
+    return {(f.row, f.col) for f in m.faults}
+
+
+@pytest.mark.parametrize(
+    ("seed", "max_group_size", "placement"),
+    [(0, 1, "screening"), (1, 3, "screening"), (2, 5, "screening"), (0, 8, "screening"), (2, 5, "severity")],
+)
 def test_plan_is_safe_and_never_costs_more_than_per_chip_fat(
-    seed: int, max_group_size: int, rmap: ResilienceMap, constraint: AccuracyConstraint, array: ArrayConfig
+    seed: int,
+    max_group_size: int,
+    placement: str,
+    rmap: ResilienceMap,
+    constraint: AccuracyConstraint,
+    array: ArrayConfig,
 ) -> None:
     fleet, screening = fleet_and_screening(150, seed, array)
     plan = plan_fleet(
@@ -44,6 +56,7 @@ def test_plan_is_safe_and_never_costs_more_than_per_chip_fat(
         severity=SEVERITY,
         seed=seed,
         coarse_cluster_size=24,
+        placement=placement,
     )
     thr = constraint.threshold(rmap.baseline)
     # every chip is accounted for exactly once
@@ -54,7 +67,13 @@ def test_plan_is_safe_and_never_costs_more_than_per_chip_fat(
     assert all(screening[c] < thr for c in in_groups)
     for g in plan.groups:
         assert len(g.members) <= max_group_size and g.amount >= 1
-        fused_rate = SEVERITY.effective_rate(g.fused)
+        own = [plan.chips[c].effective_rate for c in g.members]
+        if placement == "severity":
+            fused_rate = SEVERITY.effective_rate(g.fused)
+        else:  # additive over members' faulty PEs: the sum when they are disjoint, never below one member
+            disjoint = sum(len(faulty_pes(plan.maps[c])) for c in g.members) == len(faulty_pes(g.fused))
+            fused_rate = sum(own) if disjoint else max(own)
+            assert g.effective_rate <= sum(own) + 1e-12
         assert g.effective_rate >= fused_rate - 1e-12
         if len(g.members) > 1:
             # never a group whose fused map the map says retraining cannot fix ...
@@ -112,6 +131,7 @@ def test_chips_beyond_the_map_go_alone_at_the_per_chip_fat_amount(
     plan = plan_fleet([*fleet, hopeless], screening, rmap, constraint)
     g = next(g for g in plan.groups if "Z-1" in g.members)
     assert g.members == ("Z-1",) and g.reason == "beyond_map" and g.amount == plan.per_chip_fat_amount
+    assert g.protect  # plain retraining is predicted to fail: its first try already protects
     assert plan.chips["Z-1"].amount is None
 
 
@@ -129,7 +149,7 @@ def test_failing_chips_get_at_least_the_smallest_positive_amount(rmap: Resilienc
     fleet, _ = fleet_and_screening(120, 0, array)
     lax = AccuracyConstraint.relative(0.2)  # the map says 0 epochs almost everywhere
     screening = {str(m.chip_id): 0.5 for m in fleet}  # yet every chip failed screening
-    plan = plan_fleet(fleet, screening, rmap, lax, max_group_size=5)
+    plan = plan_fleet(fleet, screening, rmap, lax, max_group_size=5, placement="severity")
     assert plan.groups and all(g.amount >= rmap.epochs[1] for g in plan.groups)
     assert max(len(g.members) for g in plan.groups) > 1
 
@@ -141,9 +161,12 @@ def test_beyond_map_chip_goes_straight_to_the_top_rung(
     from planner import replan
 
     hopeless = FaultMap(array, tuple(Fault(r, c, "weight", 7, 1) for r in range(16) for c in range(8)), chip_id="Z-1")
-    plan = plan_fleet([hopeless], {"Z-1": 0.1}, rmap, constraint)
-    nxt = replan(plan, {"Z-1": 0.2})
+    mild = FaultMap(array, (Fault(0, 0, "pe"),), chip_id="A-1")
+    plan = plan_fleet([hopeless, mild], {"Z-1": 0.1, "A-1": 0.97}, rmap, constraint)
+    (g0,) = (g for g in plan.groups if "Z-1" in g.members)
+    assert g0.protect and g0.amount == plan.per_chip_fat_amount < rmap.largest_amount
+    nxt = replan(plan, {"Z-1": 0.2, "A-1": 0.99})
     (g,) = nxt.pending_groups
-    assert g.protect and g.amount == rmap.largest_amount and g.reason == "protect"
+    assert g.protect and g.amount == rmap.largest_amount and g.reason == "protect"  # skips the larger amounts
     last = replan(nxt, {"Z-1": 0.3})
     assert last.done and last.chips["Z-1"].status == "unrecoverable" and last.chips["Z-1"].best_accuracy == 0.3
