@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 from fastapi import FastAPI
@@ -39,3 +40,7 @@ def create_app() -> FastAPI:
 
 
 app = create_app()
+# Everything built so far (framework, ORM metadata, routes) lives as long as the process: keep it
+# out of the cyclic GC's generations, so that a full collection does not scan it and pause
+# every request in flight for tens of milliseconds.
+gc.freeze()

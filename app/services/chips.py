@@ -12,14 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+import psycopg
 from sqlalchemy import Engine, Table, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from accelerator.faults import FaultMap
@@ -30,7 +32,8 @@ from app.services.profiles import ProfileInfo, get_profile
 
 TOP_LEVEL_FIELDS = frozenset({"chip_id", "accelerator", "array", "faults", "lot", "wafer", "die_x", "die_y"})
 MAX_CHIP_ID = 128
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# control characters, and unpaired UTF-16 surrogates (valid JSON escapes that no UTF-8 database stores)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 Status = Literal["created", "unchanged", "replaced", "conflict"]
 
@@ -69,11 +72,14 @@ def canonical_hash(doc: dict[str, Any]) -> str:
 
 
 def prepare(
-    session: Session | None, d: Any, root: str = "body", profiles: Mapping[str, ProfileInfo] | None = None
+    session: Session | None,
+    d: Any,
+    root: str = "body",
+    profiles: Mapping[str, ProfileInfo] | Callable[[str], ProfileInfo | None] | None = None,
 ) -> Prepared:
     """Validate one fault-map document; raises `InvalidFaultMap` naming the offending field.
 
-    Profiles come from `profiles` when given (no database access), else from `session`.
+    Profiles come from `profiles` when given (a mapping, or a lookup by name), else from `session`.
     """
 
     def bad(field: str, msg: str) -> InvalidFaultMap:
@@ -94,11 +100,13 @@ def prepare(
     if len(chip_id) > MAX_CHIP_ID:
         raise bad("chip_id", f"longer than {MAX_CHIP_ID} characters")
     if _CONTROL.search(chip_id):
-        raise bad("chip_id", "must not contain control characters")
+        raise bad("chip_id", "must not contain control characters or unpaired surrogates")
     name = d.get("accelerator")
     if not isinstance(name, str) or not name or _CONTROL.search(name):
         raise bad("accelerator", f"required, the name of a registered accelerator profile, got {name!r}")
-    if profiles is not None:
+    if callable(profiles):
+        profile = profiles(name)
+    elif profiles is not None:
         profile = profiles.get(name)
     else:
         assert session is not None
@@ -107,7 +115,7 @@ def prepare(
         raise bad("accelerator", f"unknown accelerator profile {name!r}")
     lot = d.get("lot")
     if isinstance(lot, str) and (len(lot) > 64 or _CONTROL.search(lot)):
-        raise bad("lot", "must be at most 64 characters, without control characters")
+        raise bad("lot", "must be at most 64 characters, without control characters or unpaired surrogates")
     for field in ("wafer", "die_x", "die_y"):
         v = d.get(field)
         if isinstance(v, int) and not isinstance(v, bool) and not -(2**31) <= v < 2**31:
@@ -269,8 +277,24 @@ def create_fast(engine: Engine, p: Prepared) -> tuple[Stored, bool] | None:
         )
     params = [p.doc_json if c == "fault_map" else chip[c] for c in cols]
     params += [p.content_hash, p.faults_digest, p.n_faults, p.fault_rate, p.doc_json, now, p.profile_id]
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        row = conn.exec_driver_sql(_CREATE_SQL, tuple(params)).first()
+    # The pool's DB-API connection itself (checked out with the pool's pre-ping): SQLAlchemy's
+    # Connection, isolation-level and result layers cost more CPU here than the statement.
+    pooled = engine.raw_connection()
+    try:
+        conn = pooled.driver_connection
+        assert conn is not None
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(_CREATE_SQL, params)
+                row = cur.fetchone()
+        except psycopg.Error as exc:  # as SQLAlchemy would raise it (DataError is answered as a 4xx)
+            raise DBAPIError.instance(_CREATE_SQL, params, exc, psycopg.Error) from exc
+        finally:
+            if not conn.closed:
+                conn.autocommit = False
+    finally:
+        pooled.close()  # back to the pool
     return (Stored("created", 1, now, now), bool(row[1])) if row is not None else None
 
 

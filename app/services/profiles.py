@@ -42,6 +42,17 @@ def get_profile(session: Session, name: str) -> ProfileInfo | None:
     return info
 
 
+def get_profile_cached(name: str) -> ProfileInfo | None:
+    """`get_profile` on the service database; a session is opened only when the profile is not cached."""
+    from app.db.session import get_engine, get_sessionmaker
+
+    hit = _cache.get((str(get_engine().url), name))
+    if hit is not None:
+        return hit
+    with get_sessionmaker()() as s:
+        return get_profile(s, name)
+
+
 def profile_names(session: Session) -> dict[int, str]:
     return dict(session.execute(select(AcceleratorProfile.id, AcceleratorProfile.name)).tuples().all())
 

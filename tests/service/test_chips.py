@@ -287,16 +287,23 @@ def test_bulk_empty_and_blank_lines(service: Any, accelerator: str, uid: str, ma
 
 @pytest.mark.parametrize(
     "field,value",
-    [("chip_id", "a\x00b"), ("lot", "L\x00"), ("accelerator", "sa\x00"), ("chip_id", "x\ny")],
-    ids=["nul-chip", "nul-lot", "nul-accel", "newline-chip"],
+    [
+        ("chip_id", "a\x00b"),
+        ("lot", "L\x00"),
+        ("accelerator", "sa\x00"),
+        ("chip_id", "x\ny"),
+        ("chip_id", "x\ud800y"),
+        ("lot", "\udc00"),
+    ],
+    ids=["nul-chip", "nul-lot", "nul-accel", "newline-chip", "surrogate-chip", "surrogate-lot"],
 )
 def test_control_characters_are_4xx_not_500(service: Any, accelerator: str, uid: str, field: str, value: str) -> None:
     doc = _map(f"ctl-{uid}", accelerator)
     doc[field] = value
     with service.client() as c:
-        r = c.post("/api/v1/chips", json=doc)
+        body = json.dumps(doc).encode()  # ASCII: escapes lone surrogates as JSON allows
+        r = c.post("/api/v1/chips", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", field], r.text
-        body = json.dumps(doc).encode()
         assert c.post("/api/v1/chips/bulk", content=body).json()["rejected"] == 1
 
 

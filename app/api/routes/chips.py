@@ -16,12 +16,12 @@ from app.api.deps import SessionDep, require
 from app.api.errors import ApiError
 from app.core.config import get_settings
 from app.db.models import Chip
-from app.db.session import get_sessionmaker
+from app.db.session import get_engine, get_sessionmaker
 from app.schemas.chips import FAULT_MAP_SCHEMA, BulkResult, ChipDetail, ChipIngested, ChipPage
 from app.schemas.common import ERROR_RESPONSES
 from app.services import chips as svc
 from app.services import fleet as fleetsvc
-from app.services.profiles import all_profiles, get_profile, profile_names
+from app.services.profiles import all_profiles, get_profile, get_profile_cached, profile_names
 
 router = APIRouter(prefix="/chips", tags=["chips"], responses=ERROR_RESPONSES)
 
@@ -51,35 +51,35 @@ def _parse_json(raw: bytes) -> Any:
 
 def _ingest_one(doc: Any, replace: bool) -> tuple[int, dict[str, Any]]:
     """Validate, store and run the late-chip hook: the whole request in one worker-thread hop."""
+    try:
+        p = svc.prepare(None, doc, profiles=get_profile_cached)
+    except svc.InvalidFaultMap as exc:
+        first = exc.errors[0]["msg"]
+        raise ApiError(422, f"invalid fault map: {first}", exc.errors) from None
+    engine = get_engine()
+    # PostgreSQL, new chip (the common case): one autocommit statement, no session
+    fast = svc.create_fast(engine, p) if engine.dialect.name == "postgresql" else None
     late = True  # whether an executed plan may want this chip (the hook checks precisely)
-    with get_sessionmaker()() as s:
-        try:
-            p = svc.prepare(s, doc)
-        except svc.InvalidFaultMap as exc:
-            first = exc.errors[0]["msg"]
-            raise ApiError(422, f"invalid fault map: {first}", exc.errors) from None
-        bind = s.get_bind()
-        fast = svc.create_fast(bind, p) if bind.dialect.name == "postgresql" else None  # type: ignore[arg-type]
-        if fast is not None:
-            st, late = fast
-        else:
+    if fast is not None:
+        st, late = fast
+    else:
+        with get_sessionmaker()() as s:
             st = svc.store_one_full(s, p, replace)
-        status, rev = st.status, st.revision
-        if status == "conflict":
-            s.rollback()
-            msg = (
-                f"chip {p.chip_id!r} already exists with a different fault map (revision {rev}); "
-                "send ?replace=true to store it as a new revision"
-            )
-            raise ApiError(409, msg, [{"loc": ["body", "chip_id"], "msg": msg}], current_revision=rev)
-        s.commit()
+            if st.status == "conflict":
+                s.rollback()
+                msg = (
+                    f"chip {p.chip_id!r} already exists with a different fault map (revision {st.revision}); "
+                    "send ?replace=true to store it as a new revision"
+                )
+                raise ApiError(409, msg, [{"loc": ["body", "chip_id"], "msg": msg}], current_revision=st.revision)
+            s.commit()
     body = svc.summary_of(p, st)
-    body["status"] = status
-    if status in ("created", "replaced") and late:
+    body["status"] = st.status
+    if st.status in ("created", "replaced") and late:
         job_id = fleetsvc.queue_late_assignments([p.chip_id])
         if job_id is not None:
             body["assignment_job"] = job_id
-    return (201 if status == "created" else 200), _jsonable(body)
+    return (201 if st.status == "created" else 200), _jsonable(body)
 
 
 @router.post(
@@ -111,6 +111,8 @@ def _validate_line(i: int, line: bytes, profiles: dict[str, Any]) -> svc.BulkOut
         return svc.prepare(None, doc, root="", profiles=profiles)
     except svc.InvalidFaultMap as exc:
         cid = doc.get("chip_id") if isinstance(doc, dict) and isinstance(doc.get("chip_id"), str) else None
+        if cid is not None:  # echoed in the answer: unpaired surrogates as escapes, UTF-8 has no form for them
+            cid = cid.encode("utf-8", "backslashreplace").decode("utf-8")
         errs = [{"loc": ["line", i, *e["loc"]], "msg": e["msg"]} for e in exc.errors]
         return svc.BulkOutcome(i, "rejected", cid, errors=errs)
 
