@@ -35,6 +35,11 @@ class Settings(BaseSettings):
         "concurrent requests never open and close overflow connections (a PostgreSQL backend start each)",
     )
     db_max_overflow: int = 10
+    db_ping_after_idle_s: float = Field(
+        default=2.0,
+        description="Ping a pooled connection at checkout when it was idle longer than this (replacing it if the "
+        "server dropped it); 0 pings at every checkout",
+    )
 
     # --- Celery ------------------------------------------------------------------
     broker_url: str = Field(default="", description="Celery broker; default filesystem:// under <var_dir>/broker")

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import psycopg
 from sqlalchemy import Engine, Table, select, update
@@ -288,7 +288,10 @@ def create_fast(engine: Engine, p: Prepared) -> tuple[Stored, bool] | None:
             with conn.cursor() as cur:
                 cur.execute(_CREATE_SQL, params)
                 row = cur.fetchone()
-        except psycopg.Error as exc:  # as SQLAlchemy would raise it (DataError is answered as a 4xx)
+        except psycopg.Error as exc:  # as SQLAlchemy would handle and raise it (DataError is answered as a 4xx)
+            if conn.closed or engine.dialect.is_disconnect(cast(Any, exc), conn, None):
+                pooled.invalidate(exc)  # this connection is gone, and so are the idle ones:
+                engine.pool.dispose()  # the next checkouts connect afresh
             raise DBAPIError.instance(_CREATE_SQL, params, exc, psycopg.Error) from exc
         finally:
             if not conn.closed:

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
-from sqlalchemy import create_engine, select, update
+from sqlalchemy import Engine, create_engine, func, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from app.db.models import AcceleratorProfile, BaseModel, Plan
+from app.core.config import Settings
+from app.db.migrate import upgrade
+from app.db.models import AcceleratorProfile, BaseModel, Chip, ChipRevision, Plan
+from app.db.session import make_engine
+from app.services import chips as svc
+from app.services.profiles import ProfileInfo, get_profile
 
 pytestmark = pytest.mark.integration
 
@@ -67,3 +76,58 @@ def test_late_chip_hook_runs_only_when_an_executed_plan_exists(
             r = c.post("/api/v1/chips", json=make_map(f"other-{uid}", other))
             assert r.status_code == 201, r.text
             assert "assignment_job" not in r.json()
+
+
+def _terminate(admin_url: str, pid: int) -> None:
+    with psycopg.connect(admin_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as c:
+        c.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def _backend_pid(engine: Engine) -> int:
+    with engine.connect() as c:
+        return int(c.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+
+
+def test_pool_pings_only_idle_connections_and_replaces_dropped_ones(
+    pg_database: str, postgres_admin_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(Settings(database_url=pg_database, var_dir=tmp_path, db_ping_after_idle_s=0.3))
+    pings: list[int] = []
+    real_ping = engine.dialect.do_ping
+    monkeypatch.setattr(engine.dialect, "do_ping", lambda conn: (pings.append(1), real_ping(conn))[1])
+    try:
+        first = _backend_pid(engine)
+        assert _backend_pid(engine) == first and not pings  # in steady use: no ping per checkout
+        _terminate(postgres_admin_url, first)  # the server drops the idle connection
+        time.sleep(0.5)
+        assert _backend_pid(engine) != first  # pinged, found dead, replaced: the caller sees nothing
+        assert pings == [1]
+    finally:
+        engine.dispose()
+
+
+def test_fast_create_on_a_dropped_connection_fails_whole_then_recovers(
+    pg_database: str, postgres_admin_url: str, tmp_path: Path
+) -> None:
+    upgrade(pg_database)
+    engine = make_engine(Settings(database_url=pg_database, var_dir=tmp_path, db_ping_after_idle_s=3600))
+    try:
+        with Session(engine) as s:
+            s.add(AcceleratorProfile(name="sa32", rows=32, cols=32, fmt="int8", bypass=True))
+            s.commit()
+            prof = get_profile(s, "sa32")
+        assert isinstance(prof, ProfileInfo)
+        doc = {"chip_id": "c1", "accelerator": "sa32", "array": {"rows": 32, "cols": 32}, "faults": []}
+        p = svc.prepare(None, doc, profiles={"sa32": prof})
+        _terminate(postgres_admin_url, _backend_pid(engine))  # dropped while it looks fresh: no ping
+        with pytest.raises(DBAPIError):
+            svc.create_fast(engine, p)
+        with Session(engine) as s:  # nothing was written, and the pool works again
+            assert s.scalar(select(func.count()).select_from(Chip)) == 0
+        created = svc.create_fast(engine, p)
+        assert created is not None and created[0].status == "created" and created[1] is False
+        assert svc.create_fast(engine, p) is None  # exists now: the caller takes the general path
+        with Session(engine) as s:
+            assert s.scalar(select(func.count()).select_from(ChipRevision)) == 1
+    finally:
+        engine.dispose()
