@@ -22,6 +22,7 @@ a Linear layer is N=1, G=1, L=batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -234,8 +235,9 @@ class Lowered(Protocol):
         the index set for caching."""
         ...
 
-    def tiles_i8(self, rp: int) -> torch.Tensor:
-        """Rows 0..rp-1 of every K-tile: (G, T, rp, P) int8, contiguous, zero past K."""
+    def tile_sums(self, w: torch.Tensor) -> torch.Tensor:
+        """Per K-tile products with rows 0..rp-1 of the tile: w (G, T, M, rp) integer-valued
+        int8-range weights -> (G, T, M, P) int32, exact (rows past K read zero)."""
         ...
 
 
@@ -291,6 +293,18 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     torch._int_mm(a, b, out=out)
 
 
+def _tile_int_mm(w: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+    """Per (group, tile) int8 GEMMs: w (G, T, M, rp) integer-valued, tiles (G, T, rp, P)
+    int8 -> (G, T, M, P) int32 (exact)."""
+    G, T, M, _ = w.shape
+    w8 = w.to(torch.int8)
+    s = torch.empty(G, T, M, tiles.shape[-1], dtype=torch.int32)
+    for g in range(G):
+        for t in range(T):
+            _int_mm(w8[g, t], tiles[g, t], s[g, t])
+    return s
+
+
 def _psum_patch(
     plan: LayerPlan,
     weff: torch.Tensor,
@@ -309,19 +323,14 @@ def _psum_patch(
     """
     T, G, rp, m = plan.T, plan.G, plan.rp, plan.m
     aff, n_aff, n_a = plan.aff, plan.n_aff, plan.n_act
-    tiles = x.tiles_i8(rp)  # (G, T, rp, P) int8
-    n_pos = tiles.shape[-1]
+    n_pos = x.n * x.n_pos
 
     def segment_sums(outs: torch.Tensor, m_used: int) -> torch.Tensor:
         """S (G, T, n, m_used, P) int32: per tile, the sum of segment i of output aff[outs]."""
         n = outs.numel()
         # segment weights (G, T, n, m_used, rp): row r of tile t counts in segment i
         wr = weff.reshape(G, plan.Og, T, plan.R)[:, aff[outs], :, :rp].permute(0, 2, 1, 3).unsqueeze(3)
-        w8 = (wr * plan.seg_rows[outs, :m_used].to(wr.dtype)).to(torch.int8).reshape(G, T, n * m_used, rp)
-        s = torch.empty(G, T, n * m_used, n_pos, dtype=torch.int32)
-        for g in range(G):
-            for t in range(T):
-                _int_mm(w8[g, t], tiles[g, t], s[g, t])
+        s = x.tile_sums((wr * plan.seg_rows[outs, :m_used].to(wr.dtype)).reshape(G, T, n * m_used, rp))
         if n_a:
             assert wa is not None and delta is not None
             wa_o = wa[:, aff[outs]].permute(0, 2, 1, 3).unsqueeze(3)  # (G, T, n, 1, n_a)
@@ -382,9 +391,10 @@ class LinearInput:
     def gather_i8(self, kidx: torch.Tensor, tag: str) -> torch.Tensor:
         return self.xt[kidx].to(torch.int8).unsqueeze(0)
 
-    def tiles_i8(self, rp: int) -> torch.Tensor:
-        p = self.plan
-        return self.xt.to(torch.int8).reshape(1, p.T, p.R, -1)[:, :, :rp].contiguous()
+    def tile_sums(self, w: torch.Tensor) -> torch.Tensor:
+        p, rp = self.plan, w.shape[-1]
+        tiles = self.xt.to(torch.int8).reshape(1, p.T, p.R, -1)[:, :, :rp].contiguous()
+        return _tile_int_mm(w, tiles)
 
 
 @dataclass
@@ -459,6 +469,22 @@ def fast_matmul(x: torch.Tensor, w: torch.Tensor, array: ArrayConfig, faults: Fa
     return torch.round(linear_product(plan, x.double(), w.double())).to(torch.int64)
 
 
+# how ConvInput computes psum segment sums: "auto" (cost model), "conv" or "gather"
+# (tests force each path so both stay checked against the reference)
+CONV_SUMS = "auto"
+
+
+def _sums_by_conv(plan: LayerPlan, m_total: int, rp: int) -> bool:
+    """Whether segment sums for `m_total` (tile, segment) channels per group are cheaper as a
+    dense float conv (about m_total * K MACs per position, mostly on zero weights, at
+    oneDNN speed) than as im2col gathers of the tile rows plus int8 GEMMs (per position:
+    T * rp gathered bytes, each worth about 30 conv MACs, and m_total * rp GEMM MACs at
+    about 4 conv MACs each). Constants measured on lenet5/resnet20 layers (bench/emulator.py)."""
+    if CONV_SUMS != "auto":
+        return CONV_SUMS == "conv"
+    return m_total * plan.K <= 30 * plan.T * rp + 4 * m_total * rp
+
+
 class ConvInput:
     """`Lowered` view (im2col) of an explicitly padded conv input xpad (N, Cin, Hp, Wp).
 
@@ -479,8 +505,12 @@ class ConvInput:
         self.plan, self.kernel, self.stride, self.dilation, self.out_hw = plan, kernel, stride, dilation, out_hw
         self.shape = xpad.shape
         self.n, self.n_pos = xpad.shape[0], out_hw[0] * out_hw[1]
-        # (Cin*Hp*Wp + 1, N) int8; the extra zero row is what padding rows (k >= K) read
-        self.src = F.pad(xpad.to(torch.int8).reshape(self.n, -1).t(), (0, 0, 0, 1))
+        self.xf = xpad.to(torch.float32)
+
+    @cached_property
+    def src(self) -> torch.Tensor:
+        """(Cin*Hp*Wp + 1, N) int8; the extra zero row is what padding rows (k >= K) read."""
+        return F.pad(self.xf.to(torch.int8).reshape(self.n, -1).t(), (0, 0, 0, 1))
 
     def _index(self, kidx: torch.Tensor, tag: str) -> torch.Tensor:
         N, Cin, Hp, Wp = self.shape
@@ -504,10 +534,23 @@ class ConvInput:
         out = out.view(self.plan.G * kidx.numel(), self.n_pos, self.n).transpose(1, 2)
         return out.reshape(self.plan.G, kidx.numel(), self.n * self.n_pos)
 
-    def tiles_i8(self, rp: int) -> torch.Tensor:
+    def tile_sums(self, w: torch.Tensor) -> torch.Tensor:
         p = self.plan
-        kidx = (torch.arange(p.T)[:, None] * p.R + torch.arange(rp)[None, :]).reshape(-1)
-        return self.gather_i8(kidx, f"tiles{rp}").reshape(p.G, p.T, rp, -1)
+        G, T, M, rp = w.shape
+        if not _sums_by_conv(p, T * M, rp):
+            kidx = (torch.arange(T)[:, None] * p.R + torch.arange(rp)[None, :]).reshape(-1)
+            return _tile_int_mm(w, self.gather_i8(kidx, f"tiles{rp}").reshape(G, T, rp, -1))
+        # one float32 conv whose output channels are the (tile, segment) sums: each kernel
+        # is the weights of that tile's rows only (exact: |partial sums| <= rp * 2^14 < 2^24)
+        wk = torch.zeros(G, T, M, T * p.R, dtype=torch.float32)
+        for t in range(T):
+            wk[:, t, :, t * p.R : t * p.R + rp] = w[:, t]
+        kh, kw = self.kernel
+        wk4 = wk[..., : p.K].reshape(G * T * M, p.K // (kh * kw), kh, kw)
+        out = F.conv2d(self.xf, wk4, None, self.stride, 0, self.dilation, G)  # (N, G*T*M, Ho, Wo)
+        # to the tile layout (G, T, M, N*L) and int32 in one copy
+        nglo = out.view(self.n, G, T, M, self.n_pos).permute(1, 2, 3, 0, 4)
+        return torch.empty(G, T, M, self.n, self.n_pos, dtype=torch.int32).copy_(nglo).view(G, T, M, -1)
 
 
 def conv_parts(
