@@ -325,29 +325,36 @@ def _psum_patch(
     aff, n_aff, n_a = plan.aff, plan.n_aff, plan.n_act
     n_pos = x.n * x.n_pos
 
-    def segment_sums(outs: torch.Tensor, m_used: int) -> torch.Tensor:
-        """S (G, T, n, m_used, P) int32: per tile, the sum of segment i of output aff[outs]."""
+    def segment_weights(outs: torch.Tensor, m_used: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weights (G, T, n * m_used, rp) of segment i of output aff[outs] on the tile rows
+        (row r of tile t counts in segment i), and (G, T, n * m_used, n_a) on the act deltas."""
         n = outs.numel()
-        # segment weights (G, T, n, m_used, rp): row r of tile t counts in segment i
         wr = weff.reshape(G, plan.Og, T, plan.R)[:, aff[outs], :, :rp].permute(0, 2, 1, 3).unsqueeze(3)
-        s = x.tile_sums((wr * plan.seg_rows[outs, :m_used].to(wr.dtype)).reshape(G, T, n * m_used, rp))
-        if n_a:
-            assert wa is not None and delta is not None
-            wa_o = wa[:, aff[outs]].permute(0, 2, 1, 3).unsqueeze(3)  # (G, T, n, 1, n_a)
-            w_act = (wa_o * plan.seg_act[outs, :m_used].to(wa.dtype)).reshape(G, T, n * m_used, n_a)
-            s += torch.matmul(w_act.to(delta.dtype), delta).to(torch.int32)
-        return s.reshape(G, T, n, m_used, n_pos)
+        w_rows = (wr * plan.seg_rows[outs, :m_used].to(wr.dtype)).reshape(G, T, n * m_used, rp)
+        if not n_a:
+            return w_rows, None
+        assert wa is not None
+        wa_o = wa[:, aff[outs]].permute(0, 2, 1, 3).unsqueeze(3)  # (G, T, n, 1, n_a)
+        return w_rows, (wa_o * plan.seg_act[outs, :m_used].to(wa.dtype)).reshape(G, T, n * m_used, n_a)
 
     n_steps = (plan.p_w != 0).sum((1, 2))
     single = torch.nonzero(n_steps == 1).flatten()
     chained = torch.nonzero(n_steps > 1).flatten()
+    # one segment per single-step output, m per chained one: all in one pass over the input
+    parts = [segment_weights(single, 1), segment_weights(chained, m)]
+    s = x.tile_sums(torch.cat([w for w, _ in parts], dim=2))  # (G, T, n1 + n2 * m, P) int32
+    if n_a:
+        assert delta is not None
+        w_act = torch.cat([w for _, w in parts if w is not None], dim=2)
+        s += torch.matmul(w_act.to(delta.dtype), delta).to(torch.int32)
+    n1 = single.numel()
     if not chained.numel():
-        adjust = _single_step_adjust(plan, segment_sums(single, 1)[:, :, :, 0], single)
+        adjust = _single_step_adjust(plan, s, single)
     else:
         adjust = torch.empty(G, n_aff, n_pos, dtype=torch.int64)
-        if single.numel():
-            adjust[:, single] = _single_step_adjust(plan, segment_sums(single, 1)[:, :, :, 0], single)
-        adjust[:, chained] = _chained_adjust(plan, segment_sums(chained, m), chained)
+        if n1:
+            adjust[:, single] = _single_step_adjust(plan, s[:, :, :n1], single)
+        adjust[:, chained] = _chained_adjust(plan, s[:, :, n1:].unflatten(2, (chained.numel(), m)), chained)
     v = y[:, :, aff, :].to(torch.int64).add_(_to_nglo(adjust, x))
     # int64 -> int32 keeps the low 32 bits (two's complement): the buffer's wrap-around
     return v.to(torch.int32)
