@@ -6,11 +6,13 @@ Same results as `systolic.systolic_matmul`, bit for bit, at close to GEMM speed:
   (`effective_weight`), padded to whole K-tiles so padding rows keep their stuck
   weight values;
 * an act fault at (r, c) changes the activations of K-indices k = t*R + r only for
-  outputs in columns > c: a low-rank correction ``sum_t W[o, tR+r] * delta(x)``,
+  outputs in columns > c: a low-rank correction ``sum_t W[o, tR+r] * delta(x)``
+  (two exact int8 GEMMs, on the activations after and before the fault),
   chained faults in a row composed into one stuck mask per segment;
 * psum faults need, per K-tile, the partial sums of the faulty column up to each
-  faulty row (a batched GEMM over tiles, `matmul` with broadcasting); the stuck
-  bits are applied in row order on int64 and wrapped at 32 bits; the rest of
+  faulty row (for convs one float32 conv whose kernels are each tile's rows, or
+  int8 GEMMs on gathered tile rows, whichever `_sums_by_conv` estimates cheaper);
+  the stuck bits are applied in row order on int64 and wrapped at 32 bits; the rest of
   the column sum comes from the clean GEMM (addition commutes with mod 2^32).
 
 Integer-valued tensors are multiplied in float32 when every partial sum stays below
@@ -263,20 +265,14 @@ def faulty_product(
     R, T, G, Og = plan.R, plan.T, plan.G, plan.Og
     n_a = plan.n_act
     y = main.to(exact_dtype(T * R * (1 << 14)))
-    delta = wa = None
+    acts = wa = None
     if n_a:
-        # activation seen right of the fault minus the one seen left of it, on int8 (exact)
-        xg = x.gather_i8(plan.act_k, "act").reshape(G, T, n_a, -1)
-        am = plan.act_masks.view(4, 1, 1, n_a, 1)
-        dt = exact_dtype(T * n_a * (1 << 15))
-        delta = torch.bitwise_or(torch.bitwise_and(xg, am[0]), am[1]).to(dt)
-        before = torch.bitwise_or(torch.bitwise_and(xg, am[2]), am[3]) if plan.act_prev else xg
-        delta -= before
+        acts = _act_operands(plan, x)
         wa = weff[:, :, plan.act_k].reshape(G, Og, T, n_a) * plan.act_cols.view(1, Og, 1, n_a).to(weff.dtype)
-        corr = torch.bmm(wa.reshape(G, Og, T * n_a).to(dt), delta.reshape(G, T * n_a, -1))  # (G, Og, P)
-        y = y.add_(_to_nglo(corr, x))  # y owns its memory (main or a converted copy)
+        corr = _i8_delta_product(wa.reshape(G, 1, Og, T * n_a), *(a.unsqueeze(1) for a in acts))
+        y = y.add_(_to_nglo(corr[:, 0], x))  # float32 += int32: exact below 2^24
     if plan.n_aff:
-        return y, _psum_patch(plan, weff, y, x, delta, wa)
+        return y, _psum_patch(plan, weff, y, x, acts, wa)
     if T * R * (1 << 14) >= 1 << 31:  # only astronomically large K could overflow the int32 buffer
         y = _wrap_float(y.to(torch.float64), plan.ps_bits)
     return y, None
@@ -291,6 +287,36 @@ def _wrap_float(v: torch.Tensor, bits: int) -> torch.Tensor:
 def _int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """out (int32) = a @ b for int8 matrices: exact integer GEMM, no float conversion."""
     torch._int_mm(a, b, out=out)
+
+
+def _act_operands(plan: LayerPlan, x: Lowered) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activations that act faults change, as int8 (G, T * n_a, P) pairs (after, before):
+    the value seen right of each fault and the one seen left of it (its row's earlier
+    faults applied), at K-indices plan.act_k. Their difference can exceed int8, so
+    products take the two separately (`_i8_delta_product`)."""
+    xg = x.gather_i8(plan.act_k, "act")
+    am = plan.act_masks.view(4, 1, -1, 1)
+    G = xg.shape[0]
+    xg4 = xg.view(G, plan.T, plan.n_act, -1)
+    after = torch.bitwise_or(torch.bitwise_and(xg4, am[0]), am[1]).view(G, plan.T * plan.n_act, -1)
+    before = torch.bitwise_or(torch.bitwise_and(xg4, am[2]), am[3]).view_as(after) if plan.act_prev else xg
+    return after, before
+
+
+def _i8_delta_product(w: torch.Tensor, after: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """w @ (after - before) exactly on int8 GEMMs: w (G, B, M, J) integer-valued in int8
+    range, after/before (G, B, J, P) int8 -> (G, B, M, P) int32. Exact while J * 2^14 < 2^31,
+    i.e. J < 131072 (J is at most K)."""
+    G, B, M, J = w.shape
+    w8 = w.to(torch.int8)
+    out = torch.empty(G, B, M, after.shape[-1], dtype=torch.int32)
+    tmp = torch.empty(M, after.shape[-1], dtype=torch.int32)
+    for g in range(G):
+        for t in range(B):
+            _int_mm(w8[g, t], after[g, t], out[g, t])
+            _int_mm(w8[g, t], before[g, t], tmp)
+            out[g, t] -= tmp
+    return out
 
 
 def _tile_int_mm(w: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
@@ -310,7 +336,7 @@ def _psum_patch(
     weff: torch.Tensor,
     y: torch.Tensor,
     x: Lowered,
-    delta: torch.Tensor | None,
+    acts: tuple[torch.Tensor, torch.Tensor] | None,
     wa: torch.Tensor | None,
 ) -> torch.Tensor:
     """Exact values (N, G, n_aff, L) int32 of the psum-affected outputs, from y (N, G,
@@ -344,9 +370,9 @@ def _psum_patch(
     parts = [segment_weights(single, 1), segment_weights(chained, m)]
     s = x.tile_sums(torch.cat([w for w, _ in parts], dim=2))  # (G, T, n1 + n2 * m, P) int32
     if n_a:
-        assert delta is not None
+        assert acts is not None
         w_act = torch.cat([w for _, w in parts if w is not None], dim=2)
-        s += torch.matmul(w_act.to(delta.dtype), delta).to(torch.int32)
+        s += _i8_delta_product(w_act, *(a.reshape(G, T, n_a, -1) for a in acts))
     n1 = single.numel()
     if not chained.numel():
         adjust = _single_step_adjust(plan, s, single)
