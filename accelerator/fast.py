@@ -394,7 +394,8 @@ def _single_step_adjust(plan: LayerPlan, s: torch.Tensor, outs: torch.Tensor) ->
     b = torch.log2(plan.p_w[outs, 0, 0]).to(torch.int32).view(n, 1)
     v = plan.p_s[outs, 0, 0].to(torch.int64).view(n, 1)
     bits = s.bitwise_right_shift_(b).bitwise_and_(1)
-    ones = bits[:, 0].to(torch.int64) if plan.T == 1 else bits.sum(1)  # (G, n, P) int64
+    # counts <= T: an int32 reduction (int64-accumulating ones are many times slower)
+    ones = (bits[:, 0] if plan.T == 1 else bits.sum(1, dtype=torch.int32)).to(torch.int64)  # (G, n, P)
     return ones.sub_(plan.T * v).neg_().bitwise_left_shift_(b.to(torch.int64))
 
 
@@ -409,8 +410,17 @@ def _chained_adjust(plan: LayerPlan, s: torch.Tensor, outs: torch.Tensor) -> tor
         if i:
             p += s[:, :, :, i]
         p.bitwise_and_(plan.p_and[outs, i].view(n, 1)).bitwise_or_(plan.p_or[outs, i].view(n, 1))
-    p -= s.sum(3, dtype=torch.int64)
-    return p[:, 0] if plan.T == 1 else p.sum(1)
+    p -= s.sum(3, dtype=torch.int32)  # one tile's segments add up to |.| < 2^24: int32 is exact
+    return _sum_tiles(p)
+
+
+def _sum_tiles(p: torch.Tensor) -> torch.Tensor:
+    """p (G, T, ...) int64 summed over tiles (dim 1) by slice adds: int64 reductions over
+    a middle dimension are several times slower than elementwise adds on CPU."""
+    out = p[:, 0].clone()
+    for t in range(1, p.shape[1]):
+        out += p[:, t]
+    return out
 
 
 class LinearInput:
