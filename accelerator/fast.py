@@ -10,8 +10,8 @@ Same results as `systolic.systolic_matmul`, bit for bit, at close to GEMM speed:
   (two exact int8 GEMMs, on the activations after and before the fault),
   chained faults in a row composed into one stuck mask per segment;
 * psum faults need, per K-tile, the partial sums of the faulty column up to each
-  faulty row (for convs one float32 conv whose kernels are each tile's rows, or
-  int8 GEMMs on gathered tile rows, whichever `_sums_by_conv` estimates cheaper);
+  faulty row (for convs a float32 conv per tile on the input channels its rows
+  read, for Linear int8 GEMMs on the tile rows);
   the stuck bits are applied in row order on int64 and wrapped at 32 bits; the rest of
   the column sum comes from the clean GEMM (addition commutes with mod 2^32).
 
@@ -512,22 +512,6 @@ def fast_matmul(x: torch.Tensor, w: torch.Tensor, array: ArrayConfig, faults: Fa
     return torch.round(linear_product(plan, x.double(), w.double())).to(torch.int64)
 
 
-# how ConvInput computes psum segment sums: "auto" (cost model), "conv" or "gather"
-# (tests force each path so both stay checked against the reference)
-CONV_SUMS = "auto"
-
-
-def _sums_by_conv(plan: LayerPlan, m_total: int, rp: int) -> bool:
-    """Whether segment sums for `m_total` (tile, segment) channels per group are cheaper as a
-    dense float conv (about m_total * K MACs per position, mostly on zero weights, at
-    oneDNN speed) than as im2col gathers of the tile rows plus int8 GEMMs (per position:
-    T * rp gathered bytes, each worth about 30 conv MACs, and m_total * rp GEMM MACs at
-    about 4 conv MACs each). Constants measured on lenet5/resnet20 layers (bench/emulator.py)."""
-    if CONV_SUMS != "auto":
-        return CONV_SUMS == "conv"
-    return m_total * plan.K <= 30 * plan.T * rp + 4 * m_total * rp
-
-
 class ConvInput:
     """`Lowered` view (im2col) of an explicitly padded conv input xpad (N, Cin, Hp, Wp).
 
@@ -580,20 +564,24 @@ class ConvInput:
     def tile_sums(self, w: torch.Tensor) -> torch.Tensor:
         p = self.plan
         G, T, M, rp = w.shape
-        if not _sums_by_conv(p, T * M, rp):
-            kidx = (torch.arange(T)[:, None] * p.R + torch.arange(rp)[None, :]).reshape(-1)
-            return _tile_int_mm(w, self.gather_i8(kidx, f"tiles{rp}").reshape(G, T, rp, -1))
-        # one float32 conv whose output channels are the (tile, segment) sums: each kernel
-        # is the weights of that tile's rows only (exact: |partial sums| <= rp * 2^14 < 2^24)
-        wk = torch.zeros(G, T, M, T * p.R, dtype=torch.float32)
-        for t in range(T):
-            wk[:, t, :, t * p.R : t * p.R + rp] = w[:, t]
+        # per (group, tile) one float32 conv on the input channels the tile's rows read;
+        # its kernels are those rows' weights (exact: |partial sums| <= rp * 2^14 < 2^24)
         kh, kw = self.kernel
-        wk4 = wk[..., : p.K].reshape(G * T * M, p.K // (kh * kw), kh, kw)
-        out = F.conv2d(self.xf, wk4, None, self.stride, 0, self.dilation, G)  # (N, G*T*M, Ho, Wo)
-        # to the tile layout (G, T, M, N*L) and int32 in one copy
-        nglo = out.view(self.n, G, T, M, self.n_pos).permute(1, 2, 3, 0, 4)
-        return torch.empty(G, T, M, self.n, self.n_pos, dtype=torch.int32).copy_(nglo).view(G, T, M, -1)
+        khw, cin_g = kh * kw, p.K // (kh * kw)
+        out = torch.empty(G, T, M, self.n, self.n_pos, dtype=torch.int32)
+        for t in range(T):
+            k0, k1 = t * p.R, min(t * p.R + rp, p.K)  # rows past K read zero: skipped
+            if k0 >= k1:
+                out[:, t] = 0
+                continue
+            c0, c1 = k0 // khw, (k1 - 1) // khw + 1
+            wk = torch.zeros(G, M, (c1 - c0) * khw, dtype=torch.float32)
+            wk[:, :, k0 - c0 * khw : k1 - c0 * khw] = w[:, t, :, : k1 - k0]
+            for g in range(G):
+                xs = self.xf[:, g * cin_g + c0 : g * cin_g + c1]
+                o = F.conv2d(xs, wk[g].view(M, c1 - c0, kh, kw), None, self.stride, 0, self.dilation)
+                out[g, t].copy_(o.view(self.n, M, self.n_pos).transpose(0, 1))  # int32 + layout, one copy
+        return out.view(G, T, M, -1)
 
 
 def conv_parts(

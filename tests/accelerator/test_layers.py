@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import accelerator as A
-from accelerator import ArrayConfig, Fault, FaultMap, fast
+from accelerator import ArrayConfig, Fault, FaultMap
 from accelerator.quant import quantizer
 
 from .conftest import random_fault_map
@@ -32,15 +32,8 @@ def _conv_reference(layer: A.ArrayConv2d, xq: torch.Tensor, wq: torch.Tensor, fm
     return torch.cat(outs, 1).reshape(N, layer.out_channels, Ho, Wo)
 
 
-@pytest.fixture(params=["conv", "gather"])
-def sums_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Force each way of computing psum segment sums for convs (the cost model picks one)."""
-    monkeypatch.setattr(fast, "CONV_SUMS", request.param)
-    return str(request.param)
-
-
 @pytest.mark.parametrize("seed", range(3))
-def test_conv_fast_path_matches_reference(seed: int, sums_path: str) -> None:
+def test_conv_fast_path_matches_reference(seed: int) -> None:
     rng = random.Random(seed)
     for _ in range(12):
         array = ArrayConfig(rng.randint(2, 5), rng.randint(2, 5))
@@ -67,7 +60,7 @@ def test_conv_fast_path_matches_reference(seed: int, sums_path: str) -> None:
         assert torch.equal(got, got.round())
 
 
-def test_act_fault_hits_conv_zero_padding(sums_path: str) -> None:
+def test_act_fault_hits_conv_zero_padding() -> None:
     array = ArrayConfig(4, 4)
     conv = nn.Conv2d(1, 2, 3, padding=1, bias=False)
     x = torch.zeros(1, 1, 4, 4)
@@ -221,7 +214,7 @@ def test_state_dict_roundtrip_keeps_scales(tmp_path) -> None:  # type: ignore[no
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_psum_patch_wraps_like_the_int32_buffer(kind: str, sums_path: str) -> None:
+def test_psum_patch_wraps_like_the_int32_buffer(kind: str) -> None:
     """Psum-affected outputs are patched in int64 and narrowed to int32: the sum over
     tiles must wrap in two's complement exactly like the array's output buffer, and the
     dequantized forward must scale the wrapped value (not a float32-rounded one)."""
