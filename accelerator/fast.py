@@ -223,24 +223,30 @@ def effective_weight(plan: LayerPlan, wq: torch.Tensor) -> torch.Tensor:
 class Lowered(Protocol):
     """Access to a lowered integer input without materialising all of it.
 
-    Positions are flattened as p = n * L + l (P = N * L; N samples, L output positions
-    per sample), the last dimension, so every GEMM below is one batched matmul over
-    groups/tiles with a long inner dimension, and its (G, O', P) result meets the
-    (N, G, O', L) layer output in runs of L contiguous elements.
+    Positions are the last dimension P = N * L (N samples, L output positions per
+    sample), so every GEMM below is one batched matmul over groups/tiles with a long
+    inner dimension. Gathered rows are positions-first (p = l * N + n: whole rows of the
+    samples-last input, no transpose); tile sums are samples-first (p = n * L + l: they
+    meet the (N, G, O', L) layer output in runs of L contiguous elements).
     """
 
     n: int  # samples N
     n_pos: int  # positions per sample L
 
     def gather_i8(self, kidx: torch.Tensor, tag: str) -> torch.Tensor:
-        """int8 rows at padded K-indices kidx (M,): (G, M, P), zero past K; `tag` names
-        the index set for caching."""
+        """int8 rows at padded K-indices kidx (M,): (G, M, P) positions-first, zero past K;
+        `tag` names the index set for caching."""
         ...
 
     def tile_sums(self, w: torch.Tensor) -> torch.Tensor:
         """Per K-tile products with rows 0..rp-1 of the tile: w (G, T, M, rp) integer-valued
-        int8-range weights -> (G, T, M, P) int32, exact (rows past K read zero)."""
+        int8-range weights -> (G, T, M, P) int32 samples-first, exact (rows past K read zero)."""
         ...
+
+
+def _pos_first_to_nglo(t: torch.Tensor, x: Lowered) -> torch.Tensor:
+    """(G, O', P) with p = l * N + n -> (N, G, O', L) (a view)."""
+    return t.reshape(t.shape[0], t.shape[1], x.n_pos, x.n).permute(3, 0, 1, 2)
 
 
 def _to_nglo(t: torch.Tensor, x: Lowered) -> torch.Tensor:
@@ -270,7 +276,7 @@ def faulty_product(
         acts = _act_operands(plan, x)
         wa = weff[:, :, plan.act_k].reshape(G, Og, T, n_a) * plan.act_cols.view(1, Og, 1, n_a).to(weff.dtype)
         corr = _i8_delta_product(wa.reshape(G, 1, Og, T * n_a), *(a.unsqueeze(1) for a in acts))
-        y = y.add_(_to_nglo(corr[:, 0], x))  # float32 += int32: exact below 2^24
+        y = y.add_(_pos_first_to_nglo(corr[:, 0], x))  # float32 += int32: exact below 2^24
     if plan.n_aff:
         return y, _psum_patch(plan, weff, y, x, acts, wa)
     if T * R * (1 << 14) >= 1 << 31:  # only astronomically large K could overflow the int32 buffer
@@ -360,7 +366,8 @@ def _psum_patch(
     if n_a:
         assert acts is not None
         w_act = torch.cat([w for _, w in parts if w is not None], dim=2)
-        s += _i8_delta_product(w_act, *(a.reshape(G, T, n_a, -1) for a in acts))
+        act = _i8_delta_product(w_act, *(a.reshape(G, T, n_a, -1) for a in acts))  # positions-first
+        s.view(*s.shape[:3], x.n, x.n_pos).add_(act.view(*act.shape[:3], x.n_pos, x.n).transpose(3, 4))
     n1 = single.numel()
     if not chained.numel():
         adjust = _single_step_adjust(plan, s, single)
@@ -547,9 +554,7 @@ class ConvInput:
 
     def gather_i8(self, kidx: torch.Tensor, tag: str) -> torch.Tensor:
         out = self.src[self._index(kidx, tag)]  # (G * M * L, N): row gathers
-        # samples before positions (int8, the cheapest place to transpose)
-        out = out.view(self.plan.G * kidx.numel(), self.n_pos, self.n).transpose(1, 2)
-        return out.reshape(self.plan.G, kidx.numel(), self.n * self.n_pos)
+        return out.view(self.plan.G, kidx.numel(), self.n_pos * self.n)
 
     def tile_sums(self, w: torch.Tensor) -> torch.Tensor:
         p = self.plan
