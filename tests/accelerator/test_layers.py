@@ -248,3 +248,19 @@ def test_psum_patch_wraps_like_the_int32_buffer(kind: str) -> None:
         out = layer(x)
     out2 = out if kind == "linear" else out.permute(0, 2, 3, 1).reshape(-1, 2)
     assert torch.equal(out2, want)
+
+
+def test_conv_psum_segment_sees_act_fault_of_its_rows() -> None:
+    """A psum fault's segment sum includes the act-fault changes of the rows above it
+    (left columns): the two corrections meet in different position layouts, so several
+    samples and positions are needed to tell them apart."""
+    array = ArrayConfig(4, 4)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(3, 2, 5, 4, generator=torch.Generator().manual_seed(7))
+    model = A.calibrate(nn.Sequential(conv), x)
+    fmap = FaultMap(array, (Fault(0, 0, "act", 6, 1), Fault(1, 0, "act", 2, 0), Fault(2, 1, "psum", 12, 1)))
+    layer = A.on_array(model, array, fmap)[0]
+    q = quantizer("int8")
+    xq, (wq, _) = q.act(x, layer.scale_tensor()), q.weight(layer.weight)
+    got = layer.integer_output(xq, wq).round().long()
+    assert torch.equal(got, _conv_reference(layer, xq, wq, fmap))
