@@ -60,6 +60,15 @@ VERIFIED = "verified"
 UNRECOVERABLE = "unrecoverable"
 
 
+def _rate_to_json(rate: float) -> float | None:
+    """A rate past the map is `inf`, which strict JSON (and PostgreSQL's json) has no token for: null."""
+    return rate if math.isfinite(rate) else None
+
+
+def _rate_from_json(value: float | None) -> float:
+    return math.inf if value is None else float(value)
+
+
 @dataclass
 class Group:
     """One retraining job: the base model retrained `amount` epochs on the members' fused map.
@@ -95,7 +104,7 @@ class Group:
             "fused": self.fused.to_dict(),
             "fused_digest": self.fused.digest,
             "amount": self.amount,
-            "effective_rate": self.effective_rate,
+            "effective_rate": _rate_to_json(self.effective_rate),
             "schedule": self.schedule,
             "protect": self.protect,
             "round": self.round,
@@ -110,7 +119,7 @@ class Group:
             tuple(d["members"]),
             FaultMap.from_dict(d["fused"]),
             int(d["amount"]),
-            float(d["effective_rate"]),
+            _rate_from_json(d["effective_rate"]),
             dict(d["schedule"]),
             bool(d.get("protect", False)),
             int(d.get("round", 0)),
@@ -139,7 +148,7 @@ class ChipState:
             "chip_id": self.chip_id,
             "status": self.status,
             "screening": self.screening,
-            "effective_rate": self.effective_rate,
+            "effective_rate": _rate_to_json(self.effective_rate),
             "amount": self.amount,
             "group_id": self.group_id,
             "accuracy": self.accuracy,
@@ -154,7 +163,7 @@ class ChipState:
             d["chip_id"],
             d["status"],
             float(d["screening"]),
-            float(d["effective_rate"]),
+            _rate_from_json(d["effective_rate"]),
             d.get("amount"),
             d.get("group_id"),
             d.get("accuracy"),
@@ -283,7 +292,7 @@ class Plan:
         )
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:

@@ -39,7 +39,7 @@ def test_fat_recovers_lenet5_on_mnist5k() -> None:
         fmap,
         data.subset(1200),
         2,
-        lr=0.01,
+        lr=0.003,  # 0.01 over-shoots on this map (recovered 0.49 of 0.83 on one machine, 0.77 at 0.003)
         batch_size=64,
         on_progress=lambda e, n, m: progress.append((e, n, m)),
     )

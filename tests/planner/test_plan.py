@@ -133,6 +133,10 @@ def test_chips_beyond_the_map_go_alone_at_the_per_chip_fat_amount(
     assert g.members == ("Z-1",) and g.reason == "beyond_map" and g.amount == plan.per_chip_fat_amount
     assert g.protect  # plain retraining is predicted to fail: its first try already protects
     assert plan.chips["Z-1"].amount is None
+    # past the map (rate inf) survives strict JSON, which PostgreSQL's json columns demand
+    assert plan.chips["Z-1"].effective_rate == float("inf")
+    again = Plan.from_json(plan.to_json())
+    assert again.chips["Z-1"].effective_rate == float("inf") and again.to_json() == plan.to_json()
 
 
 def test_bad_input_is_rejected(rmap: ResilienceMap, constraint: AccuracyConstraint, array: ArrayConfig) -> None:
