@@ -53,6 +53,7 @@ from planner import (  # noqa: E402
     read_ndjson,
 )
 from planner.plan import PLACEMENTS  # noqa: E402
+from planner.schedules import SCHEDULES  # noqa: E402
 from workers import pipeline as pl  # noqa: E402
 
 STRATEGIES = ("per_chip_fat", "efat_no_grouping", "tremap_fixed5", "faultfleet")
@@ -161,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-train", action="store_true", help="also train and verify per_chip_fat")
     ap.add_argument("--max-group-size", type=int, default=5)
     ap.add_argument("--placement", default="screening", choices=PLACEMENTS, help="where a chip sits on the map")
-    ap.add_argument("--schedule", default="progressive_union", help="faultfleet's group injection schedule")
+    ap.add_argument(
+        "--schedule", default="progressive_union", choices=sorted(SCHEDULES), help="faultfleet's group schedule"
+    )
     ap.add_argument("--rates", type=floats, default=None, help="resilience-map fault rates (comma list)")
     ap.add_argument("--epochs", type=ints, default=[0, 1, 2, 4, 8], help="resilience-map amounts (comma list)")
     ap.add_argument("--samples", type=int, default=2, help="sampled fault maps per map rate")

@@ -277,7 +277,7 @@ def create_fast(engine: Engine, p: Prepared) -> tuple[Stored, bool] | None:
         )
     params = [p.doc_json if c == "fault_map" else chip[c] for c in cols]
     params += [p.content_hash, p.faults_digest, p.n_faults, p.fault_rate, p.doc_json, now, p.profile_id]
-    # The pool's DB-API connection itself (checked out with the pool's pre-ping): SQLAlchemy's
+    # The pool's DB-API connection itself (checked out through the pool's idle ping): SQLAlchemy's
     # Connection, isolation-level and result layers cost more CPU here than the statement.
     pooled = engine.raw_connection()
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from accelerator.faults import ArrayConfig
@@ -23,13 +23,12 @@ _cache: dict[tuple[str, str], ProfileInfo] = {}
 _lock = threading.Lock()
 
 
-def _key(session: Session, name: str) -> tuple[str, str]:
-    bind = session.get_bind()
-    return (str(bind.engine.url), name)
+def _key(engine: Engine, name: str) -> tuple[str, str]:
+    return (str(engine.url), name)
 
 
 def get_profile(session: Session, name: str) -> ProfileInfo | None:
-    key = _key(session, name)
+    key = _key(session.get_bind().engine, name)
     hit = _cache.get(key)
     if hit is not None:
         return hit
@@ -46,7 +45,7 @@ def get_profile_cached(name: str) -> ProfileInfo | None:
     """`get_profile` on the service database; a session is opened only when the profile is not cached."""
     from app.db.session import get_engine, get_sessionmaker
 
-    hit = _cache.get((str(get_engine().url), name))
+    hit = _cache.get(_key(get_engine(), name))
     if hit is not None:
         return hit
     with get_sessionmaker()() as s:
