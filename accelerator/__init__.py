@@ -1,6 +1,7 @@
 """Emulated faulty weight-stationary systolic-array accelerator (torch + numpy).
 
-Fault-map types (`ArrayConfig`, `Fault`, `FaultMap`) live in the torch-free
+Fault-map types (`ArrayConfig`, `Fault`, `FaultMap`, and `bypass_faulty_pes`, the map
+of a chip deployed with its faulty PEs bypassed) live in the torch-free
 `accelerator.faults` and import eagerly; everything that needs torch is loaded on
 first attribute access, so `planner` can use the fault types without torch.
 
@@ -24,7 +25,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from accelerator.faults import NUMBER_FORMATS, SITES, ArrayConfig, DenseFaults, Fault, FaultMap, NumberFormat
+from accelerator.faults import (
+    BYPASS_POLICIES,
+    NUMBER_FORMATS,
+    SITES,
+    ArrayConfig,
+    DenseFaults,
+    Fault,
+    FaultMap,
+    NumberFormat,
+    bypass_faulty_pes,
+)
 
 # public name -> submodule that defines it (imported lazily: these need torch)
 _LAZY: dict[str, str] = {
@@ -62,7 +73,18 @@ _LAZY: dict[str, str] = {
     "load_dataset": "accelerator.data",
 }
 
-__all__ = ["NUMBER_FORMATS", "SITES", "ArrayConfig", "DenseFaults", "Fault", "FaultMap", "NumberFormat", *_LAZY]
+__all__ = [
+    "BYPASS_POLICIES",
+    "NUMBER_FORMATS",
+    "SITES",
+    "ArrayConfig",
+    "DenseFaults",
+    "Fault",
+    "FaultMap",
+    "NumberFormat",
+    "bypass_faulty_pes",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -323,6 +323,37 @@ class FaultMap:
         return view
 
 
+# Bypass policies, mildest first. "faulty": every PE whose own weight or psum register is
+# stuck (DESIGN.md: a bypassed PE's weight and psum faults no longer matter). "shadowed":
+# also every PE right of a stuck activation register in its row, the PEs that would
+# multiply the stuck value; their weights then act as 0, so the act fault has no effect.
+BYPASS_POLICIES: tuple[str, ...] = ("faulty", "shadowed")
+
+
+def bypass_faulty_pes(fault_map: FaultMap, policy: str = "faulty") -> FaultMap:
+    """The map as deployed with PEs bypassed under `policy` (fault-aware pruning), see `BYPASS_POLICIES`.
+
+    Zhang et al.'s FAP: a stuck weight, psum or activation bit, a high one above all,
+    can be far worse than losing the PE, whose weights then act as 0 (a pruned weight,
+    which retraining compensates). The bypass is the array's own (`ArrayConfig.bypass`),
+    configured per chip at deployment, so the result is the chip's map plus a `pe` fault
+    on each bypassed PE; the same object when nothing is added. Raises ValueError when
+    the array has no bypass support or the policy is unknown.
+    """
+    if policy not in BYPASS_POLICIES:
+        raise ValueError(f"bypass: unknown policy {policy!r}; known: {list(BYPASS_POLICIES)}")
+    if not fault_map.array.bypass:
+        raise ValueError(f"bypass: array {fault_map.array.rows}x{fault_map.array.cols} has no bypass support")
+    pes = {(f.row, f.col) for f in fault_map.faults if f.site in ("weight", "psum")}
+    if policy == "shadowed":
+        cols = fault_map.array.cols
+        pes |= {(f.row, c) for f in fault_map.faults if f.site == "act" for c in range(f.col + 1, cols)}
+    extra = sorted(pes - {(f.row, f.col) for f in fault_map.faults if f.site == "pe"})
+    if not extra:
+        return fault_map
+    return fault_map.with_faults((*fault_map.faults, *(Fault(r, c, "pe") for r, c in extra)))
+
+
 def apply_stuck(raw: np.ndarray, and_mask: np.ndarray | int, or_mask: np.ndarray | int, bits: int) -> np.ndarray:
     """Apply stuck-at masks to signed `bits`-wide two's-complement integers (int64 array)."""
     v = (np.asarray(raw, dtype=np.int64) & and_mask) | or_mask

@@ -13,7 +13,12 @@ strategy retraining and verification of every chip on its own fault map:
   --baseline-train).
 - efat_no_grouping: each chip alone, its own amount from the map (one round).
 - tremap_fixed5: fixed groups of 5 in chip order, fused, progressive union, amount E (one round).
-- faultfleet: plan_fleet, retraining, verification, replans until verified or unrecoverable.
+- faultfleet: plan_fleet, retraining, verification, replans until verified or unrecoverable;
+  with `--bypass` (the default on arrays with bypass support) a chip whose screening the
+  bypass of its faulty PEs raises is deployed that way (fault-aware pruning). The
+  baselines keep the chips' own maps, as DESIGN.md defines per-chip FAT; for honesty the
+  JSON also gives what per-chip FAT would cost on the bypassed maps
+  (`per_chip_fat_with_bypass_epochs`).
 
 `retraining_epochs` counts every epoch trained (resilience map apart, as
 `resilience_map_epochs`). Progress goes to stderr, the JSON to stdout. `--constraint`
@@ -165,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--schedule", default="progressive_union", choices=sorted(SCHEDULES), help="faultfleet's group schedule"
     )
+    ap.add_argument(
+        "--bypass",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="faultfleet may deploy chips with their faulty PEs bypassed (needs array bypass support)",
+    )
     ap.add_argument("--rates", type=floats, default=None, help="resilience-map fault rates (comma list)")
     ap.add_argument("--epochs", type=ints, default=[0, 1, 2, 4, 8], help="resilience-map amounts (comma list)")
     ap.add_argument("--samples", type=int, default=2, help="sampled fault maps per map rate")
@@ -276,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     screen_s = time.perf_counter() - t0
     failing = [c for c in chip_ids if screening[c] < threshold]
     log(f"screening: {len(chip_ids) - len(failing)} chips need nothing, {len(failing)} fail ({screen_s:.1f} s)")
+    t0 = time.perf_counter()
+    bypass_screening = pl.screen_bypassed(model, array, data, [by_id[c] for c in failing]) if args.bypass else {}
+    bypass_s = time.perf_counter() - t0
+    failing_bypassed = [c for c in failing if max([screening[c], *bypass_screening.get(c, {}).values()]) < threshold]
+    if args.bypass:
+        log(f"screening with faulty PEs bypassed: {len(failing_bypassed)} still fail ({bypass_s:.1f} s)")
 
     alone = plan_fleet(
         list(by_id.values()),
@@ -289,6 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     E = alone.per_chip_fat_amount
     fat_epochs = E * len(failing)
+    alone_bypassed = plan_fleet(
+        list(by_id.values()),
+        screening,
+        rmap,
+        constraint,
+        max_group_size=1,
+        severity=severity,
+        seed=args.seed,
+        placement=args.placement,
+        bypass_screening=bypass_screening,
+    )
     grid = rmap.epochs
     results: dict[str, Any] = {}
 
@@ -333,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 schedule=args.schedule,
                 placement=args.placement,
+                bypass_screening=bypass_screening,
                 on_progress=log,
             )
             final = run.plan
@@ -342,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             rec = outcome(
                 name,
                 chip_ids,
-                screening,
+                {c: st.screening for c, st in final.chips.items()},  # with the bypass where it was taken
                 threshold,
                 retrained,
                 run.retraining_epochs,
@@ -359,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
                     "rounds": run.rounds,
                     "protected_chips": run.protection,
                     "chips_verified": summary["verified"],
+                    "chips_bypassed": summary["bypassed_chips"],
+                    "speedup_vs_per_chip_fat_with_bypass": (
+                        round(alone_bypassed.per_chip_fat_epochs / run.retraining_epochs, 2)
+                        if run.retraining_epochs
+                        else None
+                    ),
                 }
             )
         results[name] = rec
@@ -379,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_group_size": args.max_group_size,
             "placement": args.placement,
             "schedule": args.schedule,
+            "bypass": args.bypass,
             "train": cfg.to_dict(),
             "threads": args.threads,
         },
@@ -391,10 +427,14 @@ def main(argv: list[str] | None = None) -> int:
         "per_chip_fat_epochs": fat_epochs,
         "efat_no_grouping_epochs_without_training": alone.predicted_epochs,
         "chips_failing_screening": len(failing),
+        "chips_failing_screening_with_bypass": len(failing_bypassed) if args.bypass else None,
+        "per_chip_fat_with_bypass_amount": alone_bypassed.per_chip_fat_amount if args.bypass else None,
+        "per_chip_fat_with_bypass_epochs": alone_bypassed.per_chip_fat_epochs if args.bypass else None,
         "timing_s": {
             "base_model": round(base_s, 1),
             "resilience_map": round(rmap_s, 1),
             "screening": round(screen_s, 1),
+            "screening_with_bypass": round(bypass_s, 1),
             "total": round(time.perf_counter() - t_all, 1),
         },
         "strategies": results,

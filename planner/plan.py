@@ -27,6 +27,17 @@ retraining is predicted to fail, and a stuck high psum bit in the columns of the
 layer (a garbage logit, which no retraining of the weights removes) is the common
 cause. `replan` sends them to the top rung next (alone, largest amount, protected).
 
+Bypass (fault-aware pruning, Zhang et al.'s FAP): on an array with bypass support a
+chip can be deployed with PEs bypassed (`accelerator.faults.BYPASS_POLICIES`: those
+whose weight or psum register is stuck, and optionally those right of a stuck
+activation register). Their weights then act as 0 instead of being corrupted. Given
+`bypass_screening`, a chip is planned on the policy's map that screens best, when that
+beats its own map. Why: a stuck high psum or activation bit cannot be retrained away
+(one in a logit's column leaves chance accuracy), while a pruned weight is what
+retraining compensates best; and a union of bypassed maps is a union of pruning masks,
+which fuses well (`workers.pipeline.retrain_group` keeps those weights at 0, so a group
+model computes on every member what it computed on the fused map).
+
 Placement (`placement`): ``"screening"`` (default) puts a chip where the map's
 conservative 0-epoch curve falls to its screening accuracy: a measurement of this
 chip's own faults, which sees what a class-average severity cannot (the same stuck
@@ -47,7 +58,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from accelerator.faults import FaultMap
+from accelerator.faults import BYPASS_POLICIES, FaultMap, bypass_faulty_pes
 from planner.constraint import AccuracyConstraint
 from planner.resilience import ResilienceMap
 from planner.schedules import InjectionSchedule, fuse_fault_maps, schedule_from_spec
@@ -142,6 +153,8 @@ class ChipState:
     best_accuracy: float | None = None
     reason: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    bypass: str | None = None  # the bypass policy it is deployed with (`BYPASS_POLICIES`), None: none
+    bypassed: list[list[int]] = field(default_factory=list)  # [row, col] the deployment bypasses beyond dead PEs
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -155,6 +168,8 @@ class ChipState:
             "best_accuracy": self.best_accuracy,
             "reason": self.reason,
             "history": self.history,
+            "bypass": self.bypass,
+            "bypassed": self.bypassed,
         }
 
     @classmethod
@@ -170,6 +185,8 @@ class ChipState:
             d.get("best_accuracy"),
             d.get("reason"),
             list(d.get("history", [])),
+            d.get("bypass"),
+            [list(pe) for pe in d.get("bypassed", [])],
         )
 
 
@@ -258,6 +275,7 @@ class Plan:
             "per_chip_fat_epochs": self.per_chip_fat_epochs,
             "verified": len(self.chips_with(VERIFIED)),
             "unrecoverable": len(self.chips_with(UNRECOVERABLE)),
+            "bypassed_chips": sum(1 for s in self.chips.values() if s.bypassed),
             "round": self.round,
         }
 
@@ -542,6 +560,10 @@ def group_chips(
     return out
 
 
+def _dead_pes(fault_map: FaultMap) -> frozenset[tuple[int, int]]:
+    return frozenset((f.row, f.col) for f in fault_map.faults if f.site == "pe")
+
+
 def plan_fleet(
     chips: Sequence[FaultMap],
     screening: Mapping[str, float],
@@ -555,11 +577,18 @@ def plan_fleet(
     ramp_fraction: float = 0.5,
     placement: str = "screening",
     coarse_cluster_size: int = 128,
+    bypass_screening: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Plan:
     """Plan the retraining of a fleet (see module doc). Deterministic under `seed`.
 
     `chips`: every chip's own fault map (with a distinct `chip_id`, one array);
     `screening`: chip id -> accuracy (fraction) of the base model on that chip's map.
+    `bypass_screening`: chip id -> {bypass policy: the same accuracy on the chip's map
+    with PEs bypassed under that policy} (`accelerator.faults.bypass_faulty_pes`). A
+    chip is deployed with the policy of highest accuracy when it beats its own map's
+    (ties: the milder policy): from here on its map in the plan is the bypassed one
+    (fused, retrained and verified as such), and its state names the policy and lists
+    the bypassed PEs, which the chip must be configured with.
     """
     if not chips:
         raise ValueError("plan_fleet: no chips")
@@ -577,21 +606,36 @@ def plan_fleet(
             raise ValueError(f"plan_fleet: no screening accuracy for chip {m.chip_id!r}")
         maps[m.chip_id] = m
     maps = dict(sorted(maps.items()))
+    screened = {cid: float(screening[cid]) for cid in maps}
+    policies: dict[str, str] = {}
+    for cid, by_policy in (bypass_screening or {}).items():
+        unknown = set(by_policy) - set(BYPASS_POLICIES)
+        if unknown:
+            raise ValueError(f"plan_fleet: chip {cid!r}: unknown bypass policy {sorted(unknown)}")
+        for policy in BYPASS_POLICIES:
+            if cid in maps and policy in by_policy and float(by_policy[policy]) > screened[cid]:
+                policies[cid], screened[cid] = policy, float(by_policy[policy])
+    bypassed: dict[str, list[list[int]]] = {}
+    for cid, policy in policies.items():
+        deployed = bypass_faulty_pes(maps[cid], policy)
+        bypassed[cid] = [list(pe) for pe in sorted(_dead_pes(deployed) - _dead_pes(maps[cid]))]
+        maps[cid] = deployed
     rmap, thr = resilience_map, constraint.threshold(resilience_map.baseline)
     smallest_positive = next((e for e in rmap.epochs if e > 0), rmap.largest_amount)
 
     states: dict[str, ChipState] = {}
     for cid, m in maps.items():
-        acc = float(screening[cid])
+        acc = screened[cid]
         if acc >= thr - 1e-12:
             states[cid] = ChipState(
                 cid, NEEDS_NOTHING, acc, severity.effective_rate(m), 0, accuracy=acc, best_accuracy=acc
             )
-            continue
-        rate = chip_effective_rate(m, acc, severity, rmap, placement)
-        need = rmap.required_epochs(rate, constraint) if math.isfinite(rate) else None
-        amount = None if need is None else max(need, smallest_positive)
-        states[cid] = ChipState(cid, PLANNED, acc, rate, amount, best_accuracy=acc)
+        else:
+            rate = chip_effective_rate(m, acc, severity, rmap, placement)
+            need = rmap.required_epochs(rate, constraint) if math.isfinite(rate) else None
+            amount = None if need is None else max(need, smallest_positive)
+            states[cid] = ChipState(cid, PLANNED, acc, rate, amount, best_accuracy=acc)
+        states[cid].bypass, states[cid].bypassed = policies.get(cid), bypassed.get(cid, [])
 
     fixable = [c for c, s in states.items() if s.status == PLANNED and s.amount is not None]
     beyond = [c for c, s in states.items() if s.status == PLANNED and s.amount is None]

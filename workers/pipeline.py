@@ -215,6 +215,27 @@ def screen_chips(model: nn.Module, array: ArrayConfig, data: Dataset, maps: Sequ
     return {str(m.chip_id): acc.evaluate(model, array, m, data) for m in maps}
 
 
+def screen_bypassed(
+    model: nn.Module, array: ArrayConfig, data: Dataset, maps: Sequence[FaultMap]
+) -> dict[str, dict[str, float]]:
+    """Base-model accuracy of each chip deployed under each bypass policy (`bypass_faulty_pes`).
+
+    chip id -> {policy: accuracy}, listing only the policies that change a chip's map
+    (nothing on an array without bypass support): what `plan_fleet(bypass_screening=...)` takes.
+    """
+    if not array.bypass:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for m in maps:
+        seen: set[FaultMap] = {m}
+        for policy in acc.BYPASS_POLICIES:
+            deployed = acc.bypass_faulty_pes(m, policy)
+            if deployed not in seen:
+                seen.add(deployed)
+                out.setdefault(str(m.chip_id), {})[policy] = acc.evaluate(model, array, deployed, data)
+    return out
+
+
 def most_sensitive_layer(model: nn.Module, array: ArrayConfig, fault_map: FaultMap, data: Dataset) -> str:
     """The layer whose faulty execution alone costs the most accuracy on `fault_map` (ties: first by name)."""
     sens: dict[str, float] = acc.layer_sensitivity(model, array, fault_map, data)
@@ -235,13 +256,19 @@ def retrain_group(
     on_progress: EpochProgress | None = None,
 ) -> nn.Module:
     """The base model retrained `group.amount` epochs on the group's schedule over its members' maps
-    (checkpointed every epoch and resumable when `checkpoint_dir` is given, see `train_through`)."""
+    (checkpointed every epoch and resumable when `checkpoint_dir` is given, see `train_through`).
+
+    Weights on the fused map's dead (or bypassed) PEs are 0 before and after training: on
+    a member chip where that PE works, a zero weight computes what the bypass computes, so
+    the one model behaves on every member as it did on the fused map it was trained on
+    (TRE-Map's union of pruning masks), instead of bringing back a weight it learned without.
+    """
     steps = math.ceil(len(data.x_train) / cfg.batch_size)
     schedule = group.injection_schedule(maps, steps_per_epoch=steps)
     amounts = chunk_boundaries(group.amount, grid)
     runs = list(
         train_through(
-            model,
+            acc.prune_dead_pes(model, array, group.fused),
             array,
             schedule,
             data,
@@ -252,7 +279,7 @@ def retrain_group(
             on_progress=on_progress,
         )
     )
-    return runs[-1][1] if runs else model
+    return acc.prune_dead_pes(runs[-1][1] if runs else model, array, group.fused)
 
 
 def verify_group(
@@ -343,9 +370,13 @@ def run_fleet(
     seed: int = 0,
     schedule: str = "progressive_union",
     placement: str = "screening",
+    bypass_screening: Mapping[str, Mapping[str, float]] | None = None,
     on_progress: Progress | None = None,
 ) -> FleetRun:
-    """Plan a screened fleet and run the plan to the end (faultfleet's strategy)."""
+    """Plan a screened fleet and run the plan to the end (faultfleet's strategy).
+
+    `bypass_screening` (from `screen_bypassed`) lets the plan deploy chips with their faulty
+    PEs bypassed where that helps, see `planner.plan_fleet`."""
     plan = plan_fleet(
         maps,
         screening,
@@ -356,6 +387,7 @@ def run_fleet(
         seed=seed,
         schedule=schedule,
         placement=placement,
+        bypass_screening=bypass_screening,
     )
     if on_progress is not None:
         on_progress(f"plan: {plan.summary()}")

@@ -174,3 +174,45 @@ def test_beyond_map_chip_goes_straight_to_the_top_rung(
     assert g.protect and g.amount == rmap.largest_amount and g.reason == "protect"  # skips the larger amounts
     last = replan(nxt, {"Z-1": 0.3})
     assert last.done and last.chips["Z-1"].status == "unrecoverable" and last.chips["Z-1"].best_accuracy == 0.3
+
+
+def test_a_chip_the_bypass_helps_is_planned_on_its_bypassed_map(
+    rmap: ResilienceMap, constraint: AccuracyConstraint, array: ArrayConfig
+) -> None:
+    from accelerator.faults import Fault, bypass_faulty_pes
+
+    fleet, screening = fleet_and_screening(30, 3, array)
+    bad = FaultMap(array, (Fault(2, 3, "psum", 30, 1), Fault(5, 5, "act", 7, 1)), chip_id="B-1")
+    fixed = FaultMap(array, (Fault(1, 1, "psum", 31, 1),), chip_id="B-2")
+    worse = FaultMap(array, (Fault(4, 4, "weight", 0, 1),), chip_id="B-3")
+    thr = constraint.threshold(rmap.baseline)
+    screening = {**screening, "B-1": 0.2, "B-2": 0.3, "B-3": thr - 0.05}
+    by_bypass = {
+        "B-1": {"faulty": thr - 0.02, "shadowed": thr - 0.02},  # a tie goes to the milder policy
+        "B-2": {"faulty": thr + 0.001},
+        "B-3": {"faulty": thr - 0.2},
+    }
+    plan = plan_fleet([*fleet, bad, fixed, worse], screening, rmap, constraint, bypass_screening=by_bypass)
+
+    b1 = plan.chips["B-1"]
+    assert plan.maps["B-1"] == bypass_faulty_pes(bad) and b1.bypassed == [[2, 3]] and b1.bypass == "faulty"
+    assert b1.screening == thr - 0.02 and b1.amount is not None  # placed by its bypassed screening
+    g = next(g for g in plan.groups if "B-1" in g.members)
+    assert (2, 3, "pe", None, None) in {(f.row, f.col, f.site, f.bit, f.stuck) for f in g.fused.faults}
+    # the bypass alone lifts B-2 over the constraint: nothing to retrain, but it ships bypassed
+    assert plan.chips["B-2"].status == NEEDS_NOTHING and plan.chips["B-2"].bypassed == [[1, 1]]
+    # a bypass that lowers accuracy is not taken
+    assert plan.maps["B-3"] == worse and plan.chips["B-3"].bypassed == []
+    assert plan.maps["B-3"] == worse and plan.chips["B-3"].bypass is None
+    assert plan.summary()["bypassed_chips"] == 2
+    again = Plan.from_json(plan.to_json())
+    assert again.chips["B-1"].bypassed == [[2, 3]] and again.maps["B-1"] == plan.maps["B-1"]
+    assert again.chips["B-1"].bypass == "faulty"
+
+    # the shadowed policy wins where it screens better, and its PEs right of the act fault are bypassed
+    by_bypass["B-1"] = {"faulty": thr - 0.02, "shadowed": thr - 0.01}
+    plan = plan_fleet([*fleet, bad, fixed, worse], screening, rmap, constraint, bypass_screening=by_bypass)
+    assert plan.chips["B-1"].bypass == "shadowed" and plan.maps["B-1"] == bypass_faulty_pes(bad, "shadowed")
+    assert plan.chips["B-1"].bypassed == [[2, 3], *([5, c] for c in range(6, 16))]
+    with pytest.raises(ValueError, match="unknown bypass policy"):
+        plan_fleet(fleet, screening, rmap, constraint, bypass_screening={"B-1": {"all": 0.9}})

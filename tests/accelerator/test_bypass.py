@@ -1,0 +1,71 @@
+"""Deploying a chip with its faulty PEs bypassed (fault-aware pruning)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from accelerator import ArrayConfig, Fault, FaultMap, bypass_faulty_pes, systolic_matmul
+
+
+def test_bypass_marks_weight_and_psum_pes_dead_and_keeps_act_faults() -> None:
+    array = ArrayConfig(4, 4)
+    fm = FaultMap(
+        array,
+        (
+            Fault(0, 1, "weight", 7, 1),
+            Fault(1, 2, "psum", 30, 1),
+            Fault(1, 2, "weight", 0, 0),
+            Fault(2, 0, "act", 7, 1),
+            Fault(3, 3, "pe"),
+            Fault(3, 3, "psum", 31, 0),
+        ),
+        chip_id="c1",
+    )
+    out = bypass_faulty_pes(fm)
+    dead = {(f.row, f.col) for f in out.faults if f.site == "pe"}
+    assert dead == {(0, 1), (1, 2), (3, 3)}  # the act-only PE stays: its register is still on the path
+    assert set(fm.faults) <= set(out.faults) and out.chip_id == "c1"
+    clean = FaultMap(array, (Fault(2, 0, "act", 3, 0),))
+    assert bypass_faulty_pes(clean) is clean  # nothing to bypass
+
+
+def test_bypassed_pes_compute_as_if_their_weights_were_zero() -> None:
+    array = ArrayConfig(4, 3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-128, 128, (5, 10), generator=g)
+    w = torch.randint(-128, 128, (7, 10), generator=g)
+    fm = FaultMap(array, (Fault(1, 2, "psum", 29, 1), Fault(3, 0, "weight", 6, 1), Fault(0, 1, "psum", 31, 1)))
+    got = systolic_matmul(x, w, array, bypass_faulty_pes(fm))
+    pruned = w.clone()
+    for f in fm.faults:  # PE (r, c) holds W[o, t*R + r] for o = c mod C
+        for o in range(f.col, w.shape[0], array.cols):
+            pruned[o, f.row :: array.rows] = 0
+    assert torch.equal(got, x @ pruned.T)
+    assert not torch.equal(systolic_matmul(x, w, array, fm), got)  # the faults mattered before
+
+
+def test_shadowed_policy_also_bypasses_the_pes_that_see_a_stuck_activation() -> None:
+    array = ArrayConfig(4, 5)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-128, 128, (6, 11), generator=g)
+    w = torch.randint(-128, 128, (9, 11), generator=g)
+    fm = FaultMap(array, (Fault(1, 2, "act", 7, 1), Fault(3, 0, "act", 6, 0), Fault(2, 4, "psum", 20, 1)))
+    out = bypass_faulty_pes(fm, "shadowed")
+    dead = {(f.row, f.col) for f in out.faults if f.site == "pe"}
+    assert dead == {(1, 3), (1, 4), (3, 1), (3, 2), (3, 3), (3, 4), (2, 4)}
+    assert bypass_faulty_pes(fm) != out  # "faulty" leaves the act faults' rows alone
+    pruned = w.clone()
+    for r, c in dead:
+        for o in range(c, w.shape[0], array.cols):
+            pruned[o, r :: array.rows] = 0
+    # the stuck activations now meet only bypassed PEs: the chip computes the pruned product exactly
+    assert torch.equal(systolic_matmul(x, w, array, out), x @ pruned.T)
+
+
+def test_bypass_needs_array_support() -> None:
+    fm = FaultMap(ArrayConfig(4, 4, bypass=False), (Fault(0, 0, "weight", 1, 1),))
+    with pytest.raises(ValueError, match="no bypass support"):
+        bypass_faulty_pes(fm)
+    with pytest.raises(ValueError, match="unknown policy"):
+        bypass_faulty_pes(FaultMap(ArrayConfig(4, 4), ()), "all")
