@@ -203,12 +203,12 @@ class _ConvFn(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: ArrayConv2d) -> Any:
         q = quantizer(layer.array.fmt)
         s = layer.scale_tensor()
-        xq_pad = F.pad(q.act(x, s), layer.pads)
+        xq = q.act(x, s)
         wq, sw = q.weight(weight)
         st: Any = layer.stride
         dl: Any = layer.dilation
-        out = layer.output_parts(conv_parts(layer.plan, xq_pad, wq, st, dl)).dequant(s * sw, bias, x.dtype)
-        ctx.save_for_backward(x, xq_pad, wq, sw, s)
+        out = layer.output_parts(conv_parts(layer.plan, xq, wq, layer.pads, st, dl)).dequant(s * sw, bias, x.dtype)
+        ctx.save_for_backward(x, xq, wq, sw, s)
         ctx.limit = q.act_limit()
         ctx.has_bias = bias is not None
         ctx.conv = (layer.stride, layer.dilation, layer.groups, layer.pads)
@@ -216,16 +216,19 @@ class _ConvFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> Any:
-        x, xq_pad, wq, sw, s = ctx.saved_tensors
+        x, xq, wq, sw, s = ctx.saved_tensors
         stride, dilation, groups, pads = ctx.conv
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        left, right, top, bottom = pads
+        symmetric = left == right and top == bottom
+        xd = xq * s  # STE: the clean dequantized input and weights
         gxp, gw, gb = torch.ops.aten.convolution_backward(
             gy.contiguous(),
-            xq_pad * s,
+            xd if symmetric else F.pad(xd, pads),
             wq * sw.view(-1, 1, 1, 1),
             [wq.shape[0]] if ctx.has_bias else None,
             list(stride),
-            [0, 0],
+            [top, left] if symmetric else [0, 0],
             list(dilation),
             False,
             [0, 0],
@@ -234,9 +237,10 @@ class _ConvFn(torch.autograd.Function):
         )
         gx = None
         if need_x:
-            left, right, top, bottom = pads
-            hp, wp = gxp.shape[2], gxp.shape[3]
-            gx = gxp[:, :, top : hp - bottom, left : wp - right].masked_fill(x.abs() > ctx.limit * s, 0.0)
+            if not symmetric:
+                hp, wp = gxp.shape[2], gxp.shape[3]
+                gxp = gxp[:, :, top : hp - bottom, left : wp - right]
+            gx = gxp.masked_fill(x.abs() > ctx.limit * s, 0.0)  # no grad where x was clipped
         return gx, gw, gb if ctx.has_bias else None, None
 
 
@@ -264,15 +268,11 @@ class ArrayConv2d(nn.Conv2d, _OnArray):
         kh, kw = self.kernel_size
         return self.groups, self.out_channels // self.groups, self.in_channels // self.groups * kh * kw
 
-    def integer_output_padded(self, xq_pad: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-        """Integer output (N, O, Ho, Wo) for an explicitly padded integer-valued input."""
-        s: Any = self.stride
-        d: Any = self.dilation
-        return self._finish(conv_parts(self.plan, xq_pad, wq, s, d).exact())
-
     def integer_output(self, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
         """Integer output (N, O, Ho, Wo) for an unpadded integer-valued input (N, Cin, H, W)."""
-        return self.integer_output_padded(F.pad(xq, self.pads), wq)
+        s: Any = self.stride
+        d: Any = self.dilation
+        return self._finish(conv_parts(self.plan, xq, wq, self.pads, s, d).exact())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ConvFn.apply(x, self.weight, self.bias, self)

@@ -1,0 +1,66 @@
+"""The fast path's alternative kernels (chosen by size) equal the reference too: per-tile
+int8 GEMMs for psum tile sums (conv layers with many positions) and int32 GEMMs
+chunked over rows (very long K), forced here on small layers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import accelerator as A
+import accelerator.fast as fast
+from accelerator import ArrayConfig, Fault, FaultMap
+from accelerator.quant import quantizer
+
+from .conftest import random_fault_map
+from .test_layers import _conv_reference
+
+
+@pytest.fixture(params=["int_tile_sums", "chunked_rows"])
+def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "int_tile_sums":
+        monkeypatch.setattr(fast, "FLOAT_TILE_SUMS_MAX_POS", 0)
+    else:
+        monkeypatch.setattr(fast, "INT32_ROWS", 3)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_conv_variants_match_reference(variant: str, seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(10):
+        array = ArrayConfig(rng.randint(2, 5), rng.randint(2, 5))
+        G = rng.choice([1, 2])
+        conv = nn.Conv2d(G * rng.randint(1, 3), G * rng.randint(1, 4), rng.choice([1, 3]), padding=1, groups=G)
+        x = torch.randn(2, conv.in_channels, 6, 5, generator=torch.Generator().manual_seed(seed))
+        model = A.calibrate(nn.Sequential(conv), x)
+        fmap = random_fault_map(array, rng.randint(1, 10), rng, sites=("act", "psum", "weight"))
+        layer = A.on_array(model, array, fmap)[0]
+        q = quantizer("int8")
+        xq, (wq, _) = q.act(x, layer.scale_tensor()), q.weight(layer.weight)
+        got = layer.integer_output(xq, wq)
+        assert torch.equal(got.round().long(), _conv_reference(layer, xq, wq, fmap)), fmap.to_dict()
+
+
+def test_linear_variants_match_reference(variant: str) -> None:
+    rng = random.Random(5)
+    for _ in range(20):
+        array = ArrayConfig(rng.randint(1, 5), rng.randint(1, 5))
+        B, K, n_out = rng.randint(1, 4), rng.randint(1, 20), rng.randint(1, 9)
+        x = torch.randint(-127, 128, (B, K))
+        w = torch.randint(-127, 128, (n_out, K))
+        fmap = random_fault_map(array, rng.randint(1, 10), rng)
+        assert torch.equal(A.fast_matmul(x, w, array, fmap), A.systolic_matmul(x, w, array, fmap)), fmap.to_dict()
+
+
+def test_extreme_operands_are_exact() -> None:
+    """-128 (stuck sign bits) and 127 everywhere: the int8 GEMMs must not saturate."""
+    array = ArrayConfig(4, 3)
+    fmap = FaultMap(array, (Fault(0, 0, "act", 7, 1), Fault(1, 1, "weight", 7, 1), Fault(2, 2, "psum", 3, 1)))
+    for xv, wv in ((-127, -127), (127, -127), (-127, 127), (127, 127)):
+        x = torch.full((5, 11), xv)
+        w = torch.full((6, 11), wv)
+        assert torch.equal(A.fast_matmul(x, w, array, fmap), A.systolic_matmul(x, w, array, fmap))
