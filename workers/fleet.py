@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 from torch import nn
 
 import accelerator as acc
-from accelerator import ArrayConfig, FaultMap
+from accelerator import BYPASS_POLICIES, ArrayConfig, FaultMap, bypass_faulty_pes
 from app.db.base import utcnow
 from app.db.models import (
     AcceleratorProfile,
@@ -467,20 +467,32 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
     severity = severity_from_measurements(
         [(t, acc.evaluate(dep.model, dep.array, t.fault_map, dep.data)) for t in tasks], rmap.baseline
     )
+    constraint = AccuracyConstraint.from_dict(plan.constraint)
     screening: dict[str, float] = {}
     for i, m in enumerate(maps, start=1):
         screening[str(m.chip_id)] = float(acc.evaluate(dep.model, dep.array, m, dep.data))
         if i % 10 == 0 or i == len(maps):
-            ctx.report(0.65 + 0.3 * i / len(maps), f"screening chips on their own maps: {i}/{len(maps)}")
+            ctx.report(0.65 + 0.2 * i / len(maps), f"screening chips on their own maps: {i}/{len(maps)}")
+    bypass_screening: dict[str, dict[str, float]] = {}
+    if plan.params.get("bypass", True) and dep.array.bypass:
+        thr = constraint.threshold(rmap.baseline)
+        failing = [m for m in maps if screening[str(m.chip_id)] < thr - 1e-12]
+        for i, m in enumerate(failing, start=1):
+            bypass_screening.update(pipeline.screen_bypassed(dep.model, dep.array, dep.data, [m]))
+            if i % 10 == 0 or i == len(failing):
+                ctx.report(
+                    0.85 + 0.1 * i / len(failing), f"screening failing chips with PEs bypassed: {i}/{len(failing)}"
+                )
     doc = plan_fleet(
         maps,
         screening,
         rmap,
-        AccuracyConstraint.from_dict(plan.constraint),
+        constraint,
         max_group_size=int(plan.params.get("max_group_size", 5)),
         severity=severity,
         seed=int(plan.params.get("seed", 0)),
         schedule=str(plan.params.get("schedule", "progressive_union")),
+        bypass_screening=bypass_screening,
     )
     with Session(ctx.engine, expire_on_commit=False) as s:
         row = s.get(Plan, plan.id)
@@ -549,6 +561,11 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
             "group": {"id": group_id, "key": key, "plan_id": plan_id, "round": g.round, "reason": g.reason},
             "members": list(g.members),
             "accuracy": {c: verification[c] for c in g.members},
+            "bypass": {  # per member: the PEs it must bypass (beyond its dead ones) to compute what was verified
+                c: {"policy": doc.chips[c].bypass, "pes": doc.chips[c].bypassed}
+                for c in g.members
+                if doc.chips[c].bypass
+            },
             "fused_map_digest": g.fused.digest,
             "fused_rate": g.fused.rate,
             "schedule": g.schedule,
@@ -682,6 +699,7 @@ def assign_plan_chips(engine: Engine, plan: PlanInfo, doc: FleetPlan) -> None:
         pks = dict(s.execute(select(Chip.chip_id, Chip.id).where(Chip.chip_id.in_(list(doc.chips)))).tuples().all())
         for cid, st in doc.chips.items():
             values: dict[str, Any] = {"plan_id": plan.id, "status": st.status, "reason": st.reason, "source": "plan"}
+            values["bypass"] = st.bypass
             values.update(group_id=None, artifact_id=None, accuracy=st.accuracy)
             if st.status == "verified" and st.group_id in groups:
                 values["group_id"], values["artifact_id"] = groups[st.group_id]
@@ -703,6 +721,8 @@ def assign_chip(ctx: JobContext) -> dict[str, Any]:
     Inference only: a chip whose base-model screening meets the plan's constraint needs
     nothing; otherwise the first group model that meets it on the chip's own map is
     assigned at once; if none does, the chip waits (status `waiting`) for the next plan.
+    Where the plan allows bypass, each deployment (`deployments`: own map, then each
+    bypass policy) is tried, and the one taken is recorded with the assignment.
     """
     pks = [int(p) for p in ctx.params["chip_pks"]]
     out: dict[str, Any] = {}
@@ -710,6 +730,17 @@ def assign_chip(ctx: JobContext) -> dict[str, Any]:
         ctx.report(n / len(pks), f"chip {n + 1}/{len(pks)}")
         out[str(chip_pk)] = assign_one_chip(ctx, chip_pk)
     return {"assignments": out}
+
+
+def deployments(fm: FaultMap, bypass: bool) -> list[tuple[str | None, FaultMap]]:
+    """The ways a chip can be deployed, mildest first: its own map, then each bypass policy that changes it."""
+    options: list[tuple[str | None, FaultMap]] = [(None, fm)]
+    if bypass and fm.array.bypass:
+        for policy in BYPASS_POLICIES:
+            m = bypass_faulty_pes(fm, policy)
+            if all(m != seen for _, seen in options):
+                options.append((policy, m))
+    return options
 
 
 def assign_one_chip(ctx: JobContext, chip_pk: int) -> dict[str, str]:
@@ -724,9 +755,9 @@ def assign_one_chip(ctx: JobContext, chip_pk: int) -> dict[str, str]:
             .where(BaseModel.accelerator_id == accel_id, Plan.status == "executed")
             .order_by(Plan.id.desc())
         ).all()
-        latest: dict[int, tuple[int, dict[str, Any]]] = {}
+        latest: dict[int, tuple[int, dict[str, Any], bool]] = {}
         for p in plans:
-            latest.setdefault(p.base_model_id, (p.id, p.document or {}))
+            latest.setdefault(p.base_model_id, (p.id, p.document or {}, bool((p.params or {}).get("bypass", True))))
         trained = {
             plan_id: [
                 (g.id, g.key, g.model_artifact_id, g.model.sha256, g.protect_layer)
@@ -737,35 +768,44 @@ def assign_one_chip(ctx: JobContext, chip_pk: int) -> dict[str, str]:
                 )
                 if g.model is not None
             ]
-            for plan_id, _ in latest.values()
+            for plan_id, _, _ in latest.values()
         }
     out: dict[str, str] = {}
-    for model_id, (plan_id, document) in latest.items():
+    for model_id, (plan_id, document, bypass) in latest.items():
         dep = deployed(ctx.engine, model_id)
         fm = FaultMap.from_dict(fault_map, array=dep.array)
         thr = FleetPlan.from_dict(document).threshold
         values: dict[str, Any] = {"plan_id": plan_id, "source": "late", "group_id": None, "artifact_id": None}
-        screening = float(acc.evaluate(dep.model, dep.array, fm, dep.data))
-        if screening >= thr - 1e-12:
-            art_id, accuracy = base_model_for_chip(ctx.engine, dep, fm, thr)
-            values.update(status="needs_nothing", artifact_id=art_id, accuracy=accuracy, reason=None)
+        values["bypass"] = None
+        options = deployments(fm, bypass)
+        screening = {policy: float(acc.evaluate(dep.model, dep.array, m, dep.data)) for policy, m in options}
+        policy, best = max(screening.items(), key=lambda kv: kv[1])  # max keeps the first (mildest) of ties
+        if best >= thr - 1e-12:
+            art_id, accuracy = base_model_for_chip(ctx.engine, dep, dict(options)[policy], thr)
+            values.update(status="needs_nothing", artifact_id=art_id, accuracy=accuracy, reason=None, bypass=policy)
         else:
-            best = screening
             values.update(
                 status="waiting",
                 reason="no existing group model meets the constraint on this chip; it waits for the next plan",
             )
             for group_id, key, group_art, sha, layer in trained[plan_id]:
-                ctx.check()
-                accuracy = float(
-                    acc.evaluate(load_group_model(dep, sha), dep.array, fm, dep.data, protect=(layer,) if layer else ())
-                )
-                best = max(best, accuracy)
-                if accuracy >= thr - 1e-12:
-                    values.update(
-                        status="verified", group_id=group_id, artifact_id=group_art, accuracy=accuracy, reason=None
-                    )
-                    log.info("late chip %s fits group %s of plan %s", chip_pk, key, plan_id)
+                model = load_group_model(dep, sha)
+                for policy, m in options:
+                    ctx.check()
+                    accuracy = float(acc.evaluate(model, dep.array, m, dep.data, protect=(layer,) if layer else ()))
+                    best = max(best, accuracy)
+                    if accuracy >= thr - 1e-12:
+                        values.update(
+                            status="verified",
+                            group_id=group_id,
+                            artifact_id=group_art,
+                            accuracy=accuracy,
+                            reason=None,
+                            bypass=policy,
+                        )
+                        log.info("late chip %s fits group %s of plan %s (bypass %s)", chip_pk, key, plan_id, policy)
+                        break
+                if values["status"] == "verified":
                     break
             if values["status"] == "waiting":
                 values["accuracy"] = best

@@ -297,6 +297,9 @@ class ChipAssignment(Base):
     source: Mapped[str] = mapped_column(String(8), default="plan", doc="plan, or late (assigned after the plan ran)")
     accuracy: Mapped[float | None] = mapped_column(Float)
     reason: Mapped[str | None] = mapped_column(Text)
+    bypass: Mapped[str | None] = mapped_column(
+        String(16), doc="bypass policy the chip is deployed with (accelerator.faults.BYPASS_POLICIES), null: none"
+    )
     updated_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
 
     artifact: Mapped[Artifact | None] = relationship()

@@ -101,6 +101,11 @@ class PlanIn(BaseModel):
     chips: ChipSelection = Field(default_factory=ChipSelection, description="empty: every chip of the profile")
     max_group_size: int = Field(default=5, ge=1, le=256)
     schedule: Literal["progressive_union", "all_at_once", "sample_members"] = "progressive_union"
+    bypass: bool = Field(
+        default=True,
+        description="deploy a chip with faulty PEs bypassed (fault-aware pruning) where that screens better; "
+        "needs an accelerator profile with bypass support",
+    )
     resilience: ResilienceGrid = Field(default_factory=ResilienceGrid)
     train: TrainIn = Field(default_factory=TrainIn)
     seed: int = Field(default=0, ge=0)

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from accelerator.faults import FaultMap, bypass_faulty_pes
 from app.api.errors import ApiError
 from app.db.models import (
     AcceleratorProfile,
@@ -137,6 +138,7 @@ def new_plan(session: Session, body: PlanIn, bm: BaseModel) -> Plan:
         params={
             "max_group_size": body.max_group_size,
             "schedule": body.schedule,
+            "bypass": body.bypass,
             "resilience": body.resilience.model_dump(),
             "train": body.train.model_dump(),
             "seed": body.seed,
@@ -215,6 +217,8 @@ def plan_view(session: Session, plan: Plan) -> dict[str, Any]:
                     "accuracy",
                     "best_accuracy",
                     "reason",
+                    "bypass",
+                    "bypassed",
                 )
             }
             for st in doc.get("chips", [])
@@ -278,6 +282,17 @@ def chip_assignment(session: Session, chip_id: str, model: str | None) -> tuple[
     return chip, a
 
 
+def chip_bypass(chip: Chip, policy: str | None) -> dict[str, Any] | None:
+    """The PEs a chip must be configured to bypass for its model (beyond its dead ones), or None."""
+    if policy is None:
+        return None
+    fm = FaultMap.from_dict(chip.fault_map)
+    dead = {(f.row, f.col) for f in fm.faults if f.site == "pe"}
+    deployed = bypass_faulty_pes(fm, policy)
+    pes = sorted({(f.row, f.col) for f in deployed.faults if f.site == "pe"} - dead)
+    return {"policy": policy, "pes": [list(pe) for pe in pes]}
+
+
 def chip_manifest(session: Session, chip: Chip, a: ChipAssignment) -> bytes:
     """The chip's own manifest: its group's (with this chip's accuracy) or the pruned base model's."""
     bm = session.get(BaseModel, a.base_model_id)
@@ -303,6 +318,7 @@ def chip_manifest(session: Session, chip: Chip, a: ChipAssignment) -> bytes:
         },
         "model": {"sha256": a.artifact.sha256, "size": a.artifact.size, "file": "model.safetensors"},
         "kind": "group_model" if a.group_id is not None else "base_model_pruned_for_dead_pes",
+        "bypass": chip_bypass(chip, a.bypass),
         "group": group_manifest,
     }
     return json.dumps(doc, sort_keys=True, indent=2).encode()

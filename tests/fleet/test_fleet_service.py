@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from safetensors.torch import load as load_safetensors
 
 import accelerator as acc
-from accelerator import ArrayConfig, FaultMap
+from accelerator import ArrayConfig, FaultMap, bypass_faulty_pes
 from planner import FleetSpec, generate_fleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -157,7 +157,15 @@ def test_fleet_plan_execute_verify_download(service: Any) -> None:
 
     array = ArrayConfig(ROWS, COLS)
     data = acc.load_dataset("digits")
-    maps = {m["chip_id"]: FaultMap.from_dict(m, array=array) for m in fleet["maps"]}
+    assert plan["summary"]["bypassed_chips"] == sum(1 for ch in states.values() if ch["bypass"]) > 0
+    own = {m["chip_id"]: FaultMap.from_dict(m, array=array) for m in fleet["maps"]}
+    # a chip the plan deploys with PEs bypassed computes on its bypassed map
+    maps = {c: bypass_faulty_pes(m, states[c]["bypass"]) if states[c]["bypass"] else m for c, m in own.items()}
+    for c, m in maps.items():
+        extra = {(f.row, f.col) for f in m.faults if f.site == "pe"} - {
+            (f.row, f.col) for f in own[c].faults if f.site == "pe"
+        }
+        assert sorted(extra) == sorted(tuple(pe) for pe in states[c]["bypassed"])
     for g in trained:
         blob, headers = _download(service, f"/api/v1/groups/{g['id']}/model")
         sha = hashlib.sha256(blob).hexdigest()
@@ -185,6 +193,8 @@ def test_fleet_plan_execute_verify_download(service: Any) -> None:
             assert r.status_code == 200, r.text
             man = r.json()
             assert man["chip_id"] == chip_id and man["status"] == ch["status"]
+            stated_bypass = man["bypass"] or {"policy": None, "pes": []}
+            assert stated_bypass == {"policy": ch["bypass"], "pes": ch["bypassed"]}
             if ch["status"] == "verified":
                 group = next(g for g in plan["groups"] if g["key"] == ch["group_id"])
                 assert man["model"]["sha256"] == group["model_sha256"]
