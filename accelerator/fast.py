@@ -40,6 +40,10 @@ INT32_ROWS = 1 << 16
 # tile sums over at most this many positions run as one batched float32 matmul (few
 # positions: a Linear layer's batch); more positions run per-tile int8 GEMMs
 FLOAT_TILE_SUMS_MAX_POS = 1024
+# psum tile sums are computed for chunks of positions of about this many bytes (at least
+# PSUM_MIN_CHUNK positions), so that they stay in cache between the GEMMs and bit tests
+PSUM_CHUNK_BYTES = 1 << 20
+PSUM_MIN_CHUNK = 4096
 
 
 def exact_dtype(bound: int) -> torch.dtype:
@@ -80,11 +84,11 @@ class LayerPlan:
     seg_out: torch.Tensor  # (n_seg,) long: index into aff
     seg_rows: torch.Tensor  # (n_seg, rp) int8 1 where tile row r is in the segment
     seg_act: torch.Tensor  # (n_seg, n_a) int8 1 where act fault j's row is in the segment
-    single: torch.Tensor  # (n1,) indices into aff meeting one stuck bit: segment n of seg_out
-    single_bit: torch.Tensor  # (n1, 1) int32 that bit b
-    single_val: torch.Tensor  # (n1, 1) int64 its stuck value
-    chained: torch.Tensor  # (n2,) indices into aff with several stuck bits: m segments each
-    p_and: torch.Tensor  # (n2, m) int64 stuck masks of the segments (identity for padding)
+    # aff[:n1] meet one stuck bit b (one segment each), aff[n1:] several (m segments each)
+    n_single: int
+    single_mask: torch.Tensor  # (n1, 1) int32 2^b (two's complement)
+    single_const: torch.Tensor  # (n1, 1) int32 T * v * 2^b mod 2^32, v the stuck value
+    p_and: torch.Tensor  # (n_aff - n1, m) int32 stuck masks of the segments (identity for padding)
     p_or: torch.Tensor
     cache: dict[object, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -137,6 +141,8 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
     check_fault_map(array, faults)
     R, C = array.rows, array.cols
     nf = array.number_format
+    if nf.psum_bits != 32:  # psum registers and the output buffer are computed in int32
+        raise NotImplementedError(f"number format {nf.name!r}: only 32-bit psums are emulated")
     T = -(-k // R)
     TR = T * R
     d = faults.dense()
@@ -172,7 +178,6 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
         rows = [r for r in range(R) if not d.dead[r, c] and (d.psum_and[r, c] != -1 or d.psum_or[r, c] != 0)]
         if rows:
             per_col[c] = rows
-    aff = [o for o in range(out_per_group) if int(col[o]) in per_col]
     rp = max((v[-1] + 1 for v in per_col.values()), default=0)
 
     def stuck_bits(r: int, c: int) -> list[tuple[int, int]]:
@@ -181,13 +186,15 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
             (b, 1) for b in range(nf.psum_bits) if (o >> b) & 1
         ]
 
-    single = [
-        i
-        for i, o in enumerate(aff)
-        if len(per_col[int(col[o])]) == 1 and len(stuck_bits(per_col[int(col[o])][0], int(col[o]))) == 1
-    ]
-    chained = [i for i in range(len(aff)) if i not in single]
-    m = max((len(per_col[int(col[aff[i]])]) for i in chained), default=0)
+    def one_step(o: int) -> bool:
+        rows = per_col[int(col[o])]
+        return len(rows) == 1 and len(stuck_bits(rows[0], int(col[o]))) == 1
+
+    # affected outputs: those meeting one stuck bit first, then the chained ones
+    hit = [o for o in range(out_per_group) if int(col[o]) in per_col]
+    aff = [o for o in hit if one_step(o)] + [o for o in hit if not one_step(o)]
+    n1 = sum(one_step(o) for o in hit)
+    m = max((len(per_col[int(col[o])]) for o in aff[n1:]), default=0)
     seg_out: list[int] = []
     seg_rows: list[torch.Tensor] = []
     seg_act: list[torch.Tensor] = []
@@ -198,26 +205,30 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
         seg_rows.append(((torch.arange(rp) > lo) & (torch.arange(rp) <= hi)).to(torch.int8))
         seg_act.append(((act_rows > lo) & (act_rows <= hi)).to(torch.int8))
 
-    single_bit, single_val = [], []
-    for i in single:
+    single_mask, single_const = [], []
+    for i in range(n1):
         c = int(col[aff[i]])
         r = per_col[c][0]
         add_segment(i, -1, r)
         ((b, v),) = stuck_bits(r, c)
-        single_bit.append(b)
-        single_val.append(v)
-    p_and = torch.full((len(chained), m), -1, dtype=torch.int64)
-    p_or = torch.zeros(len(chained), m, dtype=torch.int64)
-    for n, i in enumerate(chained):
-        c = int(col[aff[i]])
-        lo = -1
+        single_mask.append(1 << b)
+        single_const.append(T * v << b)
+    p_and = torch.full((len(aff) - n1, m), -1, dtype=torch.int64)
+    p_or = torch.zeros(len(aff) - n1, m, dtype=torch.int64)
+    for n, o in enumerate(aff[n1:]):
+        c, lo = int(col[o]), -1
         for s in range(m):
             rows = per_col[c]
             r = rows[s] if s < len(rows) else lo  # padding segments: empty, identity masks
-            add_segment(i, lo, r)
+            add_segment(n1 + n, lo, r)
             if s < len(rows):
                 p_and[n, s], p_or[n, s] = int(d.psum_and[r, c]), int(d.psum_or[r, c])
             lo = r
+
+    def int32(v: list[int] | torch.Tensor) -> torch.Tensor:
+        """Values mod 2^32 as int32 two's complement (the psum registers are 32 bits wide)."""
+        return wrap_signed(torch.as_tensor(v, dtype=torch.int64), nf.psum_bits).to(torch.int32)
+
     return LayerPlan(
         R=R,
         C=C,
@@ -239,12 +250,11 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
         seg_out=torch.tensor(seg_out, dtype=torch.long),
         seg_rows=torch.stack(seg_rows) if seg_rows else torch.zeros(0, rp, dtype=torch.int8),
         seg_act=torch.stack(seg_act) if seg_act else torch.zeros(0, n_a, dtype=torch.int8),
-        single=torch.tensor(single, dtype=torch.long),
-        single_bit=torch.tensor(single_bit, dtype=torch.int32).view(-1, 1),
-        single_val=torch.tensor(single_val, dtype=torch.int64).view(-1, 1),
-        chained=torch.tensor(chained, dtype=torch.long),
-        p_and=p_and,
-        p_or=p_or,
+        n_single=n1,
+        single_mask=int32(single_mask).view(-1, 1),
+        single_const=int32(single_const).view(-1, 1),
+        p_and=int32(p_and),
+        p_or=int32(p_or),
     )
 
 
@@ -356,27 +366,29 @@ def _psum_patch(plan: LayerPlan, w8: torch.Tensor, cols: torch.Tensor, y: torch.
     Per tile, the segment sums S_i (rows after the previous faulty row up to row r_i,
     stuck act rows included) come from int8 GEMMs on the tile rows (int32, exact);
     outputs meeting one stuck bit then need only bit_b(S) (`_single_step_adjust`),
-    chained ones run the psum registers (`_chained_adjust`).
+    chained ones run the psum registers (`_chained_adjust`). Positions go in chunks so
+    that the tile sums stay in cache between the GEMMs and the bit tests.
     """
     G, T, R, rp, n_a, TR = plan.G, plan.T, plan.R, plan.rp, plan.n_act, plan.TR
     outs = plan.aff[plan.seg_out]
     # segment weights (G, T, n_seg, rp) on the tile rows and (G, T, n_seg, n_a) on its act rows
     w_rows = w8[:, outs, :TR].view(G, -1, T, R)[..., :rp] * plan.seg_rows.view(1, -1, 1, rp)
+    w_rows = w_rows.transpose(1, 2).contiguous()
     w_act = None
     if n_a:
         w_act = w8[:, outs, TR:].view(G, -1, T, n_a) * plan.seg_act.view(1, -1, 1, n_a)
         w_act = w_act.transpose(1, 2).contiguous()
-    s = _tile_sums(plan, w_rows.transpose(1, 2).contiguous(), w_act, cols)  # (G, T, n_seg, P)
-    n1, n_pos = plan.single.numel(), cols.shape[2]
-    if not plan.chained.numel():
-        adjust = _single_step_adjust(plan, s)
-    else:
-        adjust = torch.empty(G, plan.n_aff, n_pos, dtype=torch.int64)
+    P, n1 = cols.shape[2], plan.n_single
+    chunk = max(PSUM_MIN_CHUNK, PSUM_CHUNK_BYTES // (4 * T * outs.numel()))
+    adjust = torch.empty(G, plan.n_aff, P, dtype=torch.int32)
+    for p0 in range(0, P, chunk):
+        p1 = min(P, p0 + chunk)
+        s = _tile_sums(plan, w_rows, w_act, cols[:, :, p0:p1])  # (G, T, n_seg, p1 - p0)
         if n1:
-            adjust[:, plan.single] = _single_step_adjust(plan, s[:, :, :n1])
-        adjust[:, plan.chained] = _chained_adjust(plan, s[:, :, n1:].unflatten(2, (-1, plan.m)))
-    # int64 -> int32 keeps the low 32 bits (two's complement): the buffer's wrap-around
-    return y[:, plan.aff].to(torch.int64).add_(adjust).to(torch.int32)
+            adjust[:, :n1, p0:p1] = _single_step_adjust(plan, s[:, :, :n1])
+        if n1 < plan.n_aff:
+            adjust[:, n1:, p0:p1] = _chained_adjust(plan, s[:, :, n1:].unflatten(2, (-1, plan.m)))
+    return y[:, plan.aff].add_(adjust)
 
 
 def _tile_sums(plan: LayerPlan, w_rows: torch.Tensor, w_act: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
@@ -403,38 +415,28 @@ def _tile_sums(plan: LayerPlan, w_rows: torch.Tensor, w_act: torch.Tensor | None
 
 
 def _single_step_adjust(plan: LayerPlan, s: torch.Tensor) -> torch.Tensor:
-    """Affected outputs plan.single meeting one stuck bit b (value v): sum over tiles of
-    2^b (v - bit_b(S)) = 2^b (T v - sum_t bit_b(S)), S (G, T, n1, P) int32 (the
-    register's two's-complement bits), overwritten. Returns (G, n1, P) int64."""
-    b = plan.single_bit
-    bits = s.bitwise_right_shift_(b).bitwise_and_(1)
-    # counts <= T: an int32 reduction (int64-accumulating ones are many times slower)
-    ones = (bits[:, 0] if plan.T == 1 else bits.sum(1, dtype=torch.int32)).to(torch.int64)  # (G, n1, P)
-    return ones.sub_(plan.T * plan.single_val).neg_().bitwise_left_shift_(b.to(torch.int64))
+    """Affected outputs 0..n1-1 meeting one stuck bit b (value v): sum over tiles of
+    2^b (v - bit_b(S)) = T v 2^b - sum_t (S & 2^b), S (G, T, n1, P) int32 (the
+    register's two's-complement bits), overwritten. Returns (G, n1, P) int32, mod 2^32."""
+    bits = s.bitwise_and_(plan.single_mask)
+    summed = bits[:, 0] if plan.T == 1 else bits.sum(1, dtype=torch.int32)  # int32 sums wrap mod 2^32
+    return summed.neg_().add_(plan.single_const)
 
 
 def _chained_adjust(plan: LayerPlan, s: torch.Tensor) -> torch.Tensor:
-    """General case for affected outputs plan.chained: segment sums S_i (G, T, n2, m, P)
-    int32 go through the column's psum registers in row order, p = (p + S_i) & and_i |
-    or_i on int64 (the low 32 bits are the register; no wrap needed until the buffer).
-    Returns sum over tiles of (p_last - sum_i S_i), (G, n2, P) int64."""
+    """General case for affected outputs aff[n1:]: segment sums S_i (G, T, n2, m, P)
+    int32, overwritten, go through the column's psum registers in row order, p = (p +
+    S_i) & and_i | or_i. Returns sum over tiles of (p_last - sum_i S_i), (G, n2, P)
+    int32, mod 2^32."""
     n, m = s.shape[2], s.shape[3]
-    p = s[:, :, :, 0].to(torch.int64)
+    total = s.sum(3, dtype=torch.int32)  # one tile's segments: |.| <= R * 2^14, exact
+    p = s[:, :, :, 0]
     for i in range(m):  # chained psum faults of a column apply in row order
         if i:
             p += s[:, :, :, i]
         p.bitwise_and_(plan.p_and[:, i].view(n, 1)).bitwise_or_(plan.p_or[:, i].view(n, 1))
-    p -= s.sum(3, dtype=torch.int32)  # one tile's segments add up to |.| < 2^31: int32 is exact
-    return _sum_tiles(p)
-
-
-def _sum_tiles(p: torch.Tensor) -> torch.Tensor:
-    """p (G, T, ...) int64 summed over tiles (dim 1) by slice adds: int64 reductions over
-    a middle dimension are several times slower than elementwise adds on CPU."""
-    out = p[:, 0].clone()
-    for t in range(1, p.shape[1]):
-        out += p[:, t]
-    return out
+    p -= total
+    return p[:, 0] if plan.T == 1 else p.sum(1, dtype=torch.int32)
 
 
 @dataclass
@@ -478,7 +480,7 @@ class ArrayProduct:
         out = out.to(dtype)
         if self.chan is not None:
             assert self.vals is not None
-            v = self.vals * scale.to(torch.float64)[self.chan].view(view)
+            v = self.vals.to(torch.float64).mul_(scale.to(torch.float64)[self.chan].view(view))
             if bias is not None:
                 v += bias.to(torch.float64)[self.chan].view(view)
             out[:, self.chan] = v.to(dtype)
