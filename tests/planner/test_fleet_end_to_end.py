@@ -58,3 +58,24 @@ def test_small_fleet_every_chip_verified_or_justly_unrecoverable() -> None:
         again = pl.retrain_group(model, array, data, g, plan.maps, rmap.epochs, cfg, protect=protect)
         acc = pl.verify_group(again, array, data, [cid], plan.maps, protect=protect)[cid]
         assert acc == pytest.approx(plan.chips[cid].accuracy) and acc >= thr
+
+    # the same fleet, chips deployed with PEs bypassed where that screens better
+    from accelerator.faults import bypass_faulty_pes
+
+    failing = [m for m in fleet if screening[str(m.chip_id)] < thr]
+    by_bypass = pl.screen_bypassed(model, array, data, failing)
+    run_b = pl.run_fleet(
+        model, array, data, fleet, screening, rmap, constraint, cfg, severity=severity, bypass_screening=by_bypass
+    )
+    plan_b = run_b.plan
+    assert plan_b.done and plan_b.chips_failing_screening <= plan.chips_failing_screening
+    own = {str(m.chip_id): m for m in fleet}
+    for cid, st in plan_b.chips.items():
+        assert st.status in (NEEDS_NOTHING, VERIFIED, UNRECOVERABLE)
+        if st.bypass is None:
+            assert plan_b.maps[cid] == own[cid] and st.screening == screening[cid]
+        else:  # deployed on the best-screening policy's map, which beat its own map
+            assert plan_b.maps[cid] == bypass_faulty_pes(own[cid], st.bypass)
+            assert st.screening == max(by_bypass[cid].values()) > screening[cid]
+        if st.status == VERIFIED:
+            assert st.accuracy is not None and st.accuracy >= thr
