@@ -40,10 +40,6 @@ INT32_ROWS = 1 << 16
 # tile sums over at most this many positions run as one batched float32 matmul (few
 # positions: a Linear layer's batch); more positions run per-tile int8 GEMMs
 FLOAT_TILE_SUMS_MAX_POS = 1024
-# psum tile sums are computed for chunks of positions of about this many bytes (at least
-# PSUM_MIN_CHUNK positions), so that they stay in cache between the GEMMs and bit tests
-PSUM_CHUNK_BYTES = 1 << 20
-PSUM_MIN_CHUNK = 4096
 
 
 def exact_dtype(bound: int) -> torch.dtype:
@@ -311,26 +307,41 @@ def conv_cols(
     kernel: tuple[int, int],
     stride: tuple[int, int],
     dilation: tuple[int, int],
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Extended lowered input (G, TR + T*n_a, N*Ho*Wo) int8 (im2col, samples first) of
-    an integer-valued conv input xq (N, Cin, H, W) zero-padded by pads (left, right,
-    top, bottom), and the output size (Ho, Wo). K-index k of group g is input channel
-    g*Cin_g + k // (kh*kw) at kernel position k % (kh*kw)."""
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Extended lowered input (G, TR + T*n_a, P) int8 (im2col, samples first) of an
+    integer-valued conv input xq (N, Cin, H, W) zero-padded by pads (left, right, top,
+    bottom), and (Ho, Wo, Wc): P = N * Ho * Wc positions, of which w < Wo in each
+    output row are the outputs. K-index k of group g is input channel g*Cin_g + k //
+    (kh*kw) at kernel position k % (kh*kw).
+
+    With stride 1 the rows are "wide" (Wc = padded width): row k of sample n is then
+    one contiguous run of the padded input, a fast copy; the positions w >= Wo wrap
+    into the next input row and are computed but never read.
+    """
     N, Cin, H, W = xq.shape
     left, right, top, bottom = pads
-    xp = torch.zeros(N, Cin, H + top + bottom, W + left + right, dtype=torch.int8)
-    xp[:, :, top : top + H, left : left + W].copy_(xq)  # padding explicit: act faults hit it
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    Ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    Wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    Hp, Wp = H + top + bottom, W + left + right
+    Ho, Wo = (Hp - dh * (kh - 1) - 1) // sh + 1, (Wp - dw * (kw - 1) - 1) // sw + 1
+    wide = sh == 1 and sw == 1
+    # zero padding explicit (act faults hit it); wide rows of the last sample read
+    # (kw-1)*dw elements past the end
+    flat = torch.zeros(N * Cin * Hp * Wp + (kw - 1) * dw, dtype=torch.int8)
+    xp = flat[: N * Cin * Hp * Wp].view(N, Cin, Hp, Wp)
+    xp[:, :, top : top + H, left : left + W].copy_(xq)
     G = plan.G
     cin_g = Cin // G
-    sN, sC, sH, sW = xp.stride()
-    src = xp.as_strided((G, cin_g, kh, kw, N, Ho, Wo), (cin_g * sC, sC, dh * sH, dw * sW, sN, sh * sH, sw * sW))
-    cols = torch.empty(G, plan.rows, N * Ho * Wo, dtype=torch.int8)
-    cols[:, : plan.K].view(G, cin_g, kh, kw, N, Ho, Wo).copy_(src)
+    sN, sC = Cin * Hp * Wp, Hp * Wp
+    Wc = Wp if wide else Wo
+    cols = torch.empty(G, plan.rows, N * Ho * Wc, dtype=torch.int8)
+    if wide:
+        src = flat.as_strided((G, cin_g, kh, kw, N, Ho * Wp), (cin_g * sC, sC, dh * Wp, dw, sN, 1))
+        cols[:, : plan.K].view(G, cin_g, kh, kw, N, Ho * Wp).copy_(src)
+    else:
+        src = flat.as_strided((G, cin_g, kh, kw, N, Ho, Wo), (cin_g * sC, sC, dh * Wp, dw, sN, sh * Wp, sw))
+        cols[:, : plan.K].view(G, cin_g, kh, kw, N, Ho, Wo).copy_(src)
     cols[:, plan.K : plan.TR].zero_()
-    return _fill_act_rows(plan, cols), (Ho, Wo)
+    return _fill_act_rows(plan, cols), (Ho, Wo, Wc)
 
 
 def _int_gemm(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -366,8 +377,7 @@ def _psum_patch(plan: LayerPlan, w8: torch.Tensor, cols: torch.Tensor, y: torch.
     Per tile, the segment sums S_i (rows after the previous faulty row up to row r_i,
     stuck act rows included) come from int8 GEMMs on the tile rows (int32, exact);
     outputs meeting one stuck bit then need only bit_b(S) (`_single_step_adjust`),
-    chained ones run the psum registers (`_chained_adjust`). Positions go in chunks so
-    that the tile sums stay in cache between the GEMMs and the bit tests.
+    chained ones run the psum registers (`_chained_adjust`).
     """
     G, T, R, rp, n_a, TR = plan.G, plan.T, plan.R, plan.rp, plan.n_act, plan.TR
     outs = plan.aff[plan.seg_out]
@@ -378,17 +388,14 @@ def _psum_patch(plan: LayerPlan, w8: torch.Tensor, cols: torch.Tensor, y: torch.
     if n_a:
         w_act = w8[:, outs, TR:].view(G, -1, T, n_a) * plan.seg_act.view(1, -1, 1, n_a)
         w_act = w_act.transpose(1, 2).contiguous()
-    P, n1 = cols.shape[2], plan.n_single
-    chunk = max(PSUM_MIN_CHUNK, PSUM_CHUNK_BYTES // (4 * T * outs.numel()))
-    adjust = torch.empty(G, plan.n_aff, P, dtype=torch.int32)
-    for p0 in range(0, P, chunk):
-        p1 = min(P, p0 + chunk)
-        s = _tile_sums(plan, w_rows, w_act, cols[:, :, p0:p1])  # (G, T, n_seg, p1 - p0)
-        if n1:
-            adjust[:, :n1, p0:p1] = _single_step_adjust(plan, s[:, :, :n1])
-        if n1 < plan.n_aff:
-            adjust[:, n1:, p0:p1] = _chained_adjust(plan, s[:, :, n1:].unflatten(2, (-1, plan.m)))
-    return y[:, plan.aff].add_(adjust)
+    s = _tile_sums(plan, w_rows, w_act, cols)  # (G, T, n_seg, P)
+    n1 = plan.n_single
+    vals = y[:, plan.aff]
+    if n1:
+        vals[:, :n1] += _single_step_adjust(plan, s[:, :, :n1])
+    if n1 < plan.n_aff:
+        vals[:, n1:] += _chained_adjust(plan, s[:, :, n1:].unflatten(2, (-1, plan.m)))
+    return vals
 
 
 def _tile_sums(plan: LayerPlan, w_rows: torch.Tensor, w_act: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
@@ -418,9 +425,19 @@ def _single_step_adjust(plan: LayerPlan, s: torch.Tensor) -> torch.Tensor:
     """Affected outputs 0..n1-1 meeting one stuck bit b (value v): sum over tiles of
     2^b (v - bit_b(S)) = T v 2^b - sum_t (S & 2^b), S (G, T, n1, P) int32 (the
     register's two's-complement bits), overwritten. Returns (G, n1, P) int32, mod 2^32."""
-    bits = s.bitwise_and_(plan.single_mask)
-    summed = bits[:, 0] if plan.T == 1 else bits.sum(1, dtype=torch.int32)  # int32 sums wrap mod 2^32
-    return summed.neg_().add_(plan.single_const)
+    return _sum_tiles(s.bitwise_and_(plan.single_mask)).neg_().add_(plan.single_const)
+
+
+def _sum_tiles(s: torch.Tensor) -> torch.Tensor:
+    """s (G, T, ...) int32 summed over tiles (dim 1), wrapping mod 2^32, in place: a
+    halving tree of slice adds (a reduction over a middle dimension is several times
+    slower on CPU). Returns a view of s."""
+    T = s.shape[1]
+    while T > 1:
+        h = T // 2
+        s[:, :h] += s[:, T - h : T]
+        T -= h
+    return s[:, 0]
 
 
 def _chained_adjust(plan: LayerPlan, s: torch.Tensor) -> torch.Tensor:
@@ -429,14 +446,14 @@ def _chained_adjust(plan: LayerPlan, s: torch.Tensor) -> torch.Tensor:
     S_i) & and_i | or_i. Returns sum over tiles of (p_last - sum_i S_i), (G, n2, P)
     int32, mod 2^32."""
     n, m = s.shape[2], s.shape[3]
-    total = s.sum(3, dtype=torch.int32)  # one tile's segments: |.| <= R * 2^14, exact
-    p = s[:, :, :, 0]
+    p = s[:, :, :, 0].clone()
     for i in range(m):  # chained psum faults of a column apply in row order
         if i:
             p += s[:, :, :, i]
         p.bitwise_and_(plan.p_and[:, i].view(n, 1)).bitwise_or_(plan.p_or[:, i].view(n, 1))
-    p -= total
-    return p[:, 0] if plan.T == 1 else p.sum(1, dtype=torch.int32)
+    for i in range(m):
+        p -= s[:, :, :, i]
+    return _sum_tiles(p)
 
 
 @dataclass
@@ -555,13 +572,13 @@ def conv_parts(
         if plan.TR * (1 << 14) >= 1 << 31:
             main = _wrap_float(main.to(torch.float64), plan.ps_bits)
         return ArrayProduct(main)
-    cols, (Ho, Wo) = conv_cols(plan, xq, pads, (kh, kw), stride, dilation)
+    cols, (Ho, Wo, Wc) = conv_cols(plan, xq, pads, (kh, kw), stride, dilation)
     y, patch = array_product(plan, array_weight(plan, wg), cols)
     N = xq.shape[0]
 
     def nchw(t: torch.Tensor) -> torch.Tensor:
-        """(G, O', N * Ho * Wo) -> (N, G * O', Ho, Wo), a view."""
-        return t.view(G, t.shape[1], N, Ho, Wo).permute(2, 0, 1, 3, 4).reshape(N, -1, Ho, Wo)
+        """(G, O', N * Ho * Wc) -> (N, G * O', Ho, Wo), a view."""
+        return t.view(G, t.shape[1], N, Ho, Wc)[..., :Wo].permute(2, 0, 1, 3, 4).reshape(N, -1, Ho, Wo)
 
     if patch is None:
         return ArrayProduct(nchw(y), dtype=dt)
