@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from accelerator.faults import ArrayConfig, FaultMap
-from accelerator.systolic import check_fault_map, check_integer_operands, stuck_signed, wrap_signed
+from accelerator.systolic import check_fault_map, check_integer_operands, wrap_signed
 
 EXACT_F32 = 1 << 24  # every integer of magnitude <= 2^24 is exact in float32
 # int8 x int8 products are at most 2^14: an int32 GEMM accumulator is exact up to this
@@ -66,9 +66,9 @@ class LayerPlan:
     K: int
     op_bits: int
     ps_bits: int
-    w_and: torch.Tensor | None  # (Og, TR) int64 stuck masks, None when no weight edits
+    w_and: torch.Tensor | None  # (Og, TR) int8 stuck masks, None when no weight edits
     w_or: torch.Tensor | None
-    keep: torch.Tensor | None  # (Og, TR) bool, False on dead PEs
+    keep: torch.Tensor | None  # (Og, TR) int8, 0 on dead PEs
     act_k: torch.Tensor  # (T * n_a,) padded K-index of each (tile, act fault), tile-major
     act_masks: torch.Tensor  # (2, n_a) int8: and, or an activation carries right of the fault
     row_keep: torch.Tensor  # (Og, TR) bool: False where the output reads an act-stuck row instead
@@ -137,8 +137,8 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
     check_fault_map(array, faults)
     R, C = array.rows, array.cols
     nf = array.number_format
-    if nf.psum_bits != 32:  # psum registers and the output buffer are computed in int32
-        raise NotImplementedError(f"number format {nf.name!r}: only 32-bit psums are emulated")
+    if nf.psum_bits != 32 or nf.operand_bits != 8:  # registers are emulated as int8 / int32 tensors
+        raise NotImplementedError(f"number format {nf.name!r}: only int8 operands and 32-bit psums are emulated")
     T = -(-k // R)
     TR = T * R
     d = faults.dense()
@@ -146,9 +146,10 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
     kr = torch.arange(TR) % R
     w_and = w_or = keep = None
     if d.has_weight:
-        w_and = torch.from_numpy(d.weight_and)[kr][:, col].T.contiguous()
-        w_or = torch.from_numpy(d.weight_or)[kr][:, col].T.contiguous()
-        keep = ~torch.from_numpy(d.dead)[kr][:, col].T.contiguous()
+        # int8 two's complement holds the 8-bit masks exactly (like act_masks below)
+        w_and = wrap_signed(torch.from_numpy(d.weight_and)[kr][:, col].T, nf.operand_bits).to(torch.int8)
+        w_or = wrap_signed(torch.from_numpy(d.weight_or)[kr][:, col].T, nf.operand_bits).to(torch.int8)
+        keep = (~torch.from_numpy(d.dead)[kr][:, col].T).to(torch.int8).contiguous()
 
     # act faults that reach at least one used column
     acts = [a for a in _act_segments(faults) if a[1] < min(C, out_per_group) - 1]
@@ -255,24 +256,24 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
 
 
 def effective_weight(plan: LayerPlan, wq: torch.Tensor) -> torch.Tensor:
-    """The weights the PEs multiply with: (G, Og, K) integer-valued -> (G, Og, TR) float.
+    """The weights the PEs multiply with: (G, Og, K) integer-valued -> (G, Og, TR) int8.
 
-    Padded with zero weights to whole K-tiles, then weight stuck bits applied and
-    dead PEs zeroed (bypass = fault-aware pruning).
+    Padded with zero weights to whole K-tiles, then weight stuck bits applied (on the
+    int8 two's-complement encoding: the weight register itself) and dead PEs zeroed
+    (bypass = fault-aware pruning).
     """
-    wp = F.pad(wq, (0, plan.TR - plan.K))
+    w8 = F.pad(wq.to(torch.int8), (0, plan.TR - plan.K))
     if plan.w_and is None:
-        return wp
+        return w8
     assert plan.w_or is not None and plan.keep is not None
-    wi = stuck_signed(wp.to(torch.int64), plan.w_and, plan.w_or, plan.op_bits)
-    return (wi * plan.keep).to(wq.dtype)
+    return w8.bitwise_and_(plan.w_and).bitwise_or_(plan.w_or).mul_(plan.keep)
 
 
 def array_weight(plan: LayerPlan, wq: torch.Tensor) -> torch.Tensor:
     """int8 weights on the extended lowered input: (G, Og, K) integer-valued ->
     (G, Og, TR + T * n_a). An output right of an act fault reads the fault's stuck row
     (with the clean row's weight) instead of the clean row."""
-    w8 = effective_weight(plan, wq).to(torch.int8)
+    w8 = effective_weight(plan, wq)
     if not plan.n_act:
         return w8
     G, Og, T, n_a = plan.G, plan.Og, plan.T, plan.n_act
@@ -356,46 +357,92 @@ def _int_gemm(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tens
     return out.copy_(acc)  # int64 -> int32 keeps the low 32 bits (two's complement)
 
 
-def array_product(plan: LayerPlan, w8: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Exact int32 array output (G, Og, P) of the `array_weight` w8 on the extended input
-    cols, except at the psum-affected outputs plan.aff, whose exact values are the
+@dataclass
+class ArrayWeight:
+    """A layer's integer weights prepared for one plan (`array_weights`): weight-dependent,
+    input-independent, so reusable across calls while the weights stay the same.
+
+    `dense`: without act or psum faults, the effective weights as float in the layer's
+    weight shape. Otherwise `w8` (G, Og + n, J) int8: the `array_weight` rows, then with
+    a single K-tile the n = n_seg psum segment rows on the same J = R + n_a input rows;
+    with several tiles `tiles`, the per-tile segment weights of `_segment_weights`.
+    """
+
+    shape: tuple[int, ...]
+    dense: torch.Tensor | None = None
+    w8: torch.Tensor | None = None
+    tiles: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+
+def array_weights(plan: LayerPlan, wq: torch.Tensor) -> ArrayWeight:
+    """Prepare integer-valued weights wq (O, K) or (O, Cin/G, kh, kw) for `plan`."""
+    wg = wq.reshape(plan.G, plan.Og, plan.K)
+    shape = tuple(wq.shape)
+    if plan.clean_outputs:
+        dense = effective_weight(plan, wg)[:, :, : plan.K].reshape(shape).to(exact_dtype(plan.TR << 14))
+        return ArrayWeight(shape, dense=dense)
+    w8 = array_weight(plan, wg)
+    if not plan.n_aff:
+        return ArrayWeight(shape, w8=w8)
+    if plan.T == 1:  # one tile: the segment sums are extra rows of the main GEMM
+        return ArrayWeight(shape, w8=torch.cat([w8, w8[:, plan.aff[plan.seg_out]] * _one_tile_segment_mask(plan)], 1))
+    return ArrayWeight(shape, w8=w8, tiles=_segment_weights(plan, w8))
+
+
+def array_product(plan: LayerPlan, aw: ArrayWeight, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact int32 array output (G, Og, P) of the prepared weights aw on the extended
+    input cols, except at the psum-affected outputs plan.aff, whose exact values are the
     second result (G, n_aff, P) int32 (None without psum faults): those outputs are
-    dequantized from the wrapped value in float64."""
-    G, P = cols.shape[0], cols.shape[2]
-    y = torch.empty(G, plan.Og, P, dtype=torch.int32)
-    for g in range(G):
-        _int_gemm(w8[g], cols[g], y[g])
+    dequantized from the wrapped value in float64.
+
+    Psum faults need, per K-tile, the segment sums S_i of each affected output (rows
+    after its previous faulty row up to row r_i, stuck act rows included): int8 GEMMs
+    on the tile rows (int32, exact).
+    """
+    assert aw.w8 is not None
+    Og = plan.Og
+    out = _gemm_groups(aw.w8, cols)
+    y = out[:, :Og]
     if not plan.n_aff:
         return y, None
-    return y, _psum_patch(plan, w8, cols, y)
-
-
-def _psum_patch(plan: LayerPlan, w8: torch.Tensor, cols: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Exact values (G, n_aff, P) int32 of the psum-affected outputs, from y (G, Og, P),
-    the array output without the psum faults.
-
-    Per tile, the segment sums S_i (rows after the previous faulty row up to row r_i,
-    stuck act rows included) come from int8 GEMMs on the tile rows (int32, exact);
-    outputs meeting one stuck bit then need only bit_b(S) (`_single_step_adjust`),
-    chained ones run the psum registers (`_chained_adjust`).
-    """
-    G, T, R, rp, n_a, TR = plan.G, plan.T, plan.R, plan.rp, plan.n_act, plan.TR
-    outs = plan.aff[plan.seg_out]
-    # segment weights (G, T, n_seg, rp) on the tile rows and (G, T, n_seg, n_a) on its act rows
-    w_rows = w8[:, outs, :TR].view(G, -1, T, R)[..., :rp] * plan.seg_rows.view(1, -1, 1, rp)
-    w_rows = w_rows.transpose(1, 2).contiguous()
-    w_act = None
-    if n_a:
-        w_act = w8[:, outs, TR:].view(G, -1, T, n_a) * plan.seg_act.view(1, -1, 1, n_a)
-        w_act = w_act.transpose(1, 2).contiguous()
-    s = _tile_sums(plan, w_rows, w_act, cols)  # (G, T, n_seg, P)
+    s = out[:, Og:].unsqueeze(1) if aw.tiles is None else _tile_sums(plan, *aw.tiles, cols)  # (G, T, n_seg, P)
     n1 = plan.n_single
     vals = y[:, plan.aff]
     if n1:
         vals[:, :n1] += _single_step_adjust(plan, s[:, :, :n1])
     if n1 < plan.n_aff:
         vals[:, n1:] += _chained_adjust(plan, s[:, :, n1:].unflatten(2, (-1, plan.m)))
-    return vals
+    return y, vals
+
+
+def _gemm_groups(w8: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Per-group int8 GEMMs: w8 (G, M, J) @ cols (G, J, P) -> (G, M, P) int32."""
+    out = torch.empty(w8.shape[0], w8.shape[1], cols.shape[2], dtype=torch.int32)
+    for g in range(w8.shape[0]):
+        _int_gemm(w8[g], cols[g], out[g])
+    return out
+
+
+def _one_tile_segment_mask(plan: LayerPlan) -> torch.Tensor:
+    """(n_seg, R + n_a) int8: the rows of the (only) tile in each psum segment, cached."""
+    mask = plan.cache.get("segment_mask")
+    if mask is None:
+        rows = F.pad(plan.seg_rows, (0, plan.R - plan.rp))
+        mask = plan.cache["segment_mask"] = torch.cat([rows, plan.seg_act], dim=1)
+    return mask
+
+
+def _segment_weights(plan: LayerPlan, w8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weights of the psum segments per tile: (G, T, n_seg, rp) on the tile rows 0..rp-1
+    and (G, T, n_seg, n_a) on the tile's stuck act rows (None without act faults)."""
+    G, T, R, rp, n_a, TR = plan.G, plan.T, plan.R, plan.rp, plan.n_act, plan.TR
+    outs = plan.aff[plan.seg_out]
+    w_rows = w8[:, outs, :TR].view(G, -1, T, R)[..., :rp] * plan.seg_rows.view(1, -1, 1, rp)
+    w_act = None
+    if n_a:
+        w_act = w8[:, outs, TR:].view(G, -1, T, n_a) * plan.seg_act.view(1, -1, 1, n_a)
+        w_act = w_act.transpose(1, 2).contiguous()
+    return w_rows.transpose(1, 2).contiguous(), w_act
 
 
 def _tile_sums(plan: LayerPlan, w_rows: torch.Tensor, w_act: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
@@ -512,16 +559,16 @@ def _chan(plan: LayerPlan) -> torch.Tensor:
     return chan
 
 
-def linear_parts(plan: LayerPlan, xq: torch.Tensor, wq: torch.Tensor) -> ArrayProduct:
-    """Array output for integer-valued x (B, K) and w (O, K), (B, O) (see ArrayProduct)."""
-    dt = exact_dtype(plan.TR * (1 << 14))
-    if plan.clean_outputs:
-        weff = effective_weight(plan, wq.unsqueeze(0))
-        main = F.linear(xq.to(dt), weff[0, :, : plan.K].to(dt))
-        if plan.TR * (1 << 14) >= 1 << 31:  # only astronomically large K could overflow the int32 buffer
+def linear_parts(plan: LayerPlan, xq: torch.Tensor, aw: ArrayWeight) -> ArrayProduct:
+    """Array output for integer-valued x (B, K) and prepared weights aw of w (O, K):
+    (B, O) (see ArrayProduct)."""
+    dt = exact_dtype(plan.TR << 14)
+    if aw.dense is not None:
+        main = F.linear(xq.to(dt), aw.dense)
+        if plan.TR << 14 >= 1 << 31:  # only astronomically large K could overflow the int32 buffer
             main = _wrap_float(main.to(torch.float64), plan.ps_bits)
         return ArrayProduct(main)
-    y, patch = array_product(plan, array_weight(plan, wq.unsqueeze(0)), linear_cols(plan, xq))
+    y, patch = array_product(plan, aw, linear_cols(plan, xq))
     if patch is None:
         return ArrayProduct(y[0].t(), dtype=dt)
     return ArrayProduct(y[0].t(), _chan(plan), patch[0].t(), dtype=dt)
@@ -535,7 +582,7 @@ def _wrap_float(v: torch.Tensor, bits: int) -> torch.Tensor:
 
 def linear_product(plan: LayerPlan, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     """Array output for integer-valued x (B, K) and w (O, K): (B, O) float (exact integers)."""
-    return linear_parts(plan, xq, wq).exact()
+    return linear_parts(plan, xq, array_weights(plan, wq)).exact()
 
 
 def fast_matmul(x: torch.Tensor, w: torch.Tensor, array: ArrayConfig, faults: FaultMap) -> torch.Tensor:
@@ -548,32 +595,29 @@ def fast_matmul(x: torch.Tensor, w: torch.Tensor, array: ArrayConfig, faults: Fa
 def conv_parts(
     plan: LayerPlan,
     xq: torch.Tensor,
-    wq: torch.Tensor,
+    aw: ArrayWeight,
     pads: tuple[int, int, int, int],
     stride: tuple[int, int],
     dilation: tuple[int, int],
 ) -> ArrayProduct:
     """Array output of a conv: integer-valued input (N, Cin, H, W) zero-padded by pads
-    (left, right, top, bottom), weights (O, Cin/G, kh, kw) -> (N, O, Ho, Wo) (see
-    ArrayProduct)."""
-    n_out, cin_g, kh, kw = wq.shape
-    G = plan.G
-    wg = wq.reshape(G, n_out // G, cin_g * kh * kw)
-    dt = exact_dtype(plan.TR * (1 << 14))
-    if plan.clean_outputs:
+    (left, right, top, bottom), prepared weights aw of w (O, Cin/G, kh, kw) -> (N, O,
+    Ho, Wo) (see ArrayProduct)."""
+    G, (kh, kw) = plan.G, aw.shape[2:]
+    dt = exact_dtype(plan.TR << 14)
+    if aw.dense is not None:
         # zero padding meets no act fault here: the conv pads by itself (symmetric) and
         # padding rows of the last tile multiply activation 0
-        w4 = effective_weight(plan, wg)[:, :, : plan.K].reshape(n_out, cin_g, kh, kw).to(dt)
         left, right, top, bottom = pads
         if left == right and top == bottom:
-            main = F.conv2d(xq.to(dt), w4, None, stride, (top, left), dilation, G)
+            main = F.conv2d(xq.to(dt), aw.dense, None, stride, (top, left), dilation, G)
         else:
-            main = F.conv2d(F.pad(xq.to(dt), pads), w4, None, stride, 0, dilation, G)
-        if plan.TR * (1 << 14) >= 1 << 31:
+            main = F.conv2d(F.pad(xq.to(dt), pads), aw.dense, None, stride, 0, dilation, G)
+        if plan.TR << 14 >= 1 << 31:
             main = _wrap_float(main.to(torch.float64), plan.ps_bits)
         return ArrayProduct(main)
     cols, (Ho, Wo, Wc) = conv_cols(plan, xq, pads, (kh, kw), stride, dilation)
-    y, patch = array_product(plan, array_weight(plan, wg), cols)
+    y, patch = array_product(plan, aw, cols)
     N = xq.shape[0]
 
     def nchw(t: torch.Tensor) -> torch.Tensor:
@@ -593,5 +637,6 @@ def conv_product(
     stride: tuple[int, int],
     dilation: tuple[int, int],
 ) -> torch.Tensor:
-    """Array output of a conv (see conv_parts): (N, O, Ho, Wo) float (exact integers)."""
-    return conv_parts(plan, xq, wq, pads, stride, dilation).exact()
+    """Array output of a conv (see conv_parts) for integer-valued weights wq (O, Cin/G,
+    kh, kw): (N, O, Ho, Wo) float (exact integers)."""
+    return conv_parts(plan, xq, array_weights(plan, wq), pads, stride, dilation).exact()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accelerator.fast import ArrayProduct, LayerPlan, build_plan, conv_parts, linear_parts
+from accelerator.fast import ArrayProduct, ArrayWeight, LayerPlan, array_weights, build_plan, conv_parts, linear_parts
 from accelerator.faults import ArrayConfig, FaultMap
 from accelerator.quant import quantizer
 from accelerator.systolic import check_fault_map, wrap_signed
@@ -143,6 +143,22 @@ class _OnArray:
         self.faults = faults
         self.plan = plan
 
+    def array_weights(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ArrayWeight]:
+        """(wq, scale, prepared weights) of the float `weight` for the current plan.
+
+        Cached for the next call while the plan, the weight tensor and its in-place
+        version (optimizer steps and state_dict loads bump it) stay the same: evaluation
+        batches reuse them, training steps recompute them.
+        """
+        version = (weight.data_ptr(), weight._version)
+        cached = self.__dict__.get("_weights")
+        if cached is not None and cached[0] is self.plan and cached[1] is weight and cached[2] == version:
+            return cached[3]
+        wq, sw = quantizer(self.array.fmt).weight(weight)
+        prepared = (wq, sw, array_weights(self.plan, wq))
+        self.__dict__["_weights"] = (self.plan, weight, version, prepared)
+        return prepared
+
     def output_parts(self, prod: ArrayProduct) -> ArrayProduct:
         """The layer output as seen after transient errors (exact integers only when flips apply)."""
         return ArrayProduct(self._finish(prod.exact())) if self.ber > 0 else prod
@@ -176,8 +192,8 @@ class _LinearFn(torch.autograd.Function):
         s = layer.scale_tensor()
         x2 = x.reshape(-1, x.shape[-1])
         xq = q.act(x2, s)
-        wq, sw = q.weight(weight)
-        out = layer.output_parts(linear_parts(layer.plan, xq, wq)).dequant(s * sw, bias, x.dtype)
+        wq, sw, aw = layer.array_weights(weight)
+        out = layer.output_parts(linear_parts(layer.plan, xq, aw)).dequant(s * sw, bias, x.dtype)
         ctx.save_for_backward(x2, xq, wq, sw, s)
         ctx.limit = q.act_limit()
         ctx.has_bias = bias is not None
@@ -204,10 +220,10 @@ class _ConvFn(torch.autograd.Function):
         q = quantizer(layer.array.fmt)
         s = layer.scale_tensor()
         xq = q.act(x, s)
-        wq, sw = q.weight(weight)
+        wq, sw, aw = layer.array_weights(weight)
         st: Any = layer.stride
         dl: Any = layer.dilation
-        out = layer.output_parts(conv_parts(layer.plan, xq, wq, layer.pads, st, dl)).dequant(s * sw, bias, x.dtype)
+        out = layer.output_parts(conv_parts(layer.plan, xq, aw, layer.pads, st, dl)).dequant(s * sw, bias, x.dtype)
         ctx.save_for_backward(x, xq, wq, sw, s)
         ctx.limit = q.act_limit()
         ctx.has_bias = bias is not None
@@ -252,7 +268,7 @@ class ArrayLinear(nn.Linear, _OnArray):
 
     def integer_output(self, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
         """Integer layer output (B, O) (exact, float dtype) for integer-valued xq (B, K), wq (O, K)."""
-        return self._finish(linear_parts(self.plan, xq, wq).exact())
+        return self._finish(linear_parts(self.plan, xq, array_weights(self.plan, wq)).exact())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _LinearFn.apply(x, self.weight, self.bias, self)
@@ -272,7 +288,7 @@ class ArrayConv2d(nn.Conv2d, _OnArray):
         """Integer output (N, O, Ho, Wo) for an unpadded integer-valued input (N, Cin, H, W)."""
         s: Any = self.stride
         d: Any = self.dilation
-        return self._finish(conv_parts(self.plan, xq, wq, self.pads, s, d).exact())
+        return self._finish(conv_parts(self.plan, xq, array_weights(self.plan, wq), self.pads, s, d).exact())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ConvFn.apply(x, self.weight, self.bias, self)
@@ -368,7 +384,7 @@ def to_float(model: nn.Module) -> nn.Module:
     new = copy.deepcopy(model)
     for name, mod in array_layers(new).items():
         plain = _adopt(mod, nn.Conv2d if isinstance(mod, ArrayConv2d) else nn.Linear)
-        for attr in ("array", "faults", "ber", "protected", "rng", "plan", "_plans", "pads"):
+        for attr in ("array", "faults", "ber", "protected", "rng", "plan", "_plans", "pads", "_weights"):
             plain.__dict__.pop(attr, None)
         _set_child(new, name, plain)
     return new

@@ -64,3 +64,34 @@ def test_extreme_operands_are_exact() -> None:
         x = torch.full((5, 11), xv)
         w = torch.full((6, 11), wv)
         assert torch.equal(A.fast_matmul(x, w, array, fmap), A.systolic_matmul(x, w, array, fmap))
+
+
+def test_prepared_weights_follow_weight_and_fault_changes() -> None:
+    """Layers reuse their prepared weights across calls: an optimizer step, a state_dict
+    load and a fault-map swap must each be seen by the next forward."""
+    torch.manual_seed(0)
+    array = ArrayConfig(4, 4)
+    model = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.Flatten(), nn.Linear(5 * 16, 6))
+    x = torch.randn(3, 2, 4, 4)
+    A.calibrate(model, x)
+    fmap = random_fault_map(array, 8, random.Random(3), sites=("weight", "act", "psum"))
+    am = A.on_array(model, array, fmap).eval()
+
+    def fresh() -> torch.Tensor:
+        with torch.no_grad():
+            return A.on_array(A.to_float(am), array, fmap).eval()(x)
+
+    with torch.no_grad():
+        am(x)
+    opt = torch.optim.SGD(am.parameters(), lr=0.5)
+    am.train()
+    torch.nn.functional.cross_entropy(am(x), torch.arange(3)).backward()
+    opt.step()
+    am.eval()
+    with torch.no_grad():
+        assert torch.equal(am(x), fresh())
+        am.load_state_dict(model.state_dict())
+        assert torch.equal(am(x), fresh())
+        fmap = random_fault_map(array, 8, random.Random(4), sites=("weight", "act", "psum"))
+        A.set_faults(am, fmap)
+        assert torch.equal(am(x), fresh())
