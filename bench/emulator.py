@@ -9,7 +9,9 @@ shared and noisy: medians of interleaved repetitions). Also the speed-up of the
 fast path over the `systolic_matmul` reference on the same integer operands of
 one layer.
 
-Usage: python bench/emulator.py [--reps N] [--models lenet5,resnet20]
+Usage: python bench/emulator.py [--reps N] [--models lenet5,resnet20] [--threads N]
+(--threads sets torch.set_num_threads for both sides; default: torch's default. On a
+machine shared with other jobs, 1 thread gives steadier ratios.)
 """
 
 from __future__ import annotations
@@ -152,7 +154,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--models", default="lenet5,resnet20")
     ap.add_argument("--budget-s", type=float, default=12.0, help="per model and site: stop adding rounds after this")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = []
     t0 = time.perf_counter()
