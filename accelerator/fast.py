@@ -25,6 +25,7 @@ Layout: an extended lowered input is (G, TR + T * n_act, P) int8 with G conv gro
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -397,21 +398,20 @@ def array_product(plan: LayerPlan, aw: ArrayWeight, cols: torch.Tensor) -> tuple
 
     Psum faults need, per K-tile, the segment sums S_i of each affected output (rows
     after its previous faulty row up to row r_i, stuck act rows included): int8 GEMMs
-    on the tile rows (int32, exact).
+    on the tile rows (int32, exact), turned into adjustments tile by tile.
     """
     assert aw.w8 is not None
-    Og = plan.Og
+    Og, n1 = plan.Og, plan.n_single
     out = _gemm_groups(aw.w8, cols)
     y = out[:, :Og]
     if not plan.n_aff:
         return y, None
-    s = out[:, Og:].unsqueeze(1) if aw.tiles is None else _tile_sums(plan, *aw.tiles, cols)  # (G, T, n_seg, P)
-    n1 = plan.n_single
     vals = y[:, plan.aff]
-    if n1:
-        vals[:, :n1] += _single_step_adjust(plan, s[:, :, :n1])
-    if n1 < plan.n_aff:
-        vals[:, n1:] += _chained_adjust(plan, s[:, :, n1:].unflatten(2, (-1, plan.m)))
+    # one stuck bit b (value v): sum over tiles of 2^b (v - bit_b(S)) = T v 2^b - sum_t (S & 2^b)
+    vals[:, :n1] += plan.single_const
+    tiles = [out[:, Og:].unsqueeze(1)] if aw.tiles is None else _tile_sums(plan, *aw.tiles, cols)
+    for s in tiles:
+        _add_tile_adjust(plan, s, vals)
     return y, vals
 
 
@@ -445,9 +445,13 @@ def _segment_weights(plan: LayerPlan, w8: torch.Tensor) -> tuple[torch.Tensor, t
     return w_rows.transpose(1, 2).contiguous(), w_act
 
 
-def _tile_sums(plan: LayerPlan, w_rows: torch.Tensor, w_act: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
+def _tile_sums(
+    plan: LayerPlan, w_rows: torch.Tensor, w_act: torch.Tensor | None, cols: torch.Tensor
+) -> Iterator[torch.Tensor]:
     """Per K-tile products: w_rows (G, T, M, rp) int8 with tile rows 0..rp-1 and w_act
-    (G, T, M, n_a) int8 with the tile's stuck act rows -> (G, T, M, P) int32, exact."""
+    (G, T, M, n_a) int8 with the tile's stuck act rows -> (G, T', M, P) int32 for
+    batches of T' tiles, exact: all tiles at once for few positions, else one by one
+    (a tile's sums stay in cache for the bit tests that follow)."""
     G, T, M, rp = w_rows.shape
     R, TR, n_a, P = plan.R, plan.TR, plan.n_act, cols.shape[2]
     rows = cols[:, :TR].view(G, T, R, P)[:, :, :rp]
@@ -457,22 +461,26 @@ def _tile_sums(plan: LayerPlan, w_rows: torch.Tensor, w_act: torch.Tensor | None
         s = torch.matmul(w_rows.float(), rows.float())
         if w_act is not None:
             s += torch.matmul(w_act.float(), acts.float())
-        return s.to(torch.int32)
-    out = torch.empty(G, T, M, P, dtype=torch.int32)
-    tmp = torch.empty(M, P, dtype=torch.int32) if w_act is not None else None
-    for g in range(G):
-        for t in range(T):
-            torch._int_mm(w_rows[g, t], rows[g, t], out=out[g, t])
-            if w_act is not None and tmp is not None:
-                out[g, t] += torch._int_mm(w_act[g, t], acts[g, t], out=tmp)
-    return out
+        yield s.to(torch.int32)
+        return
+    for t in range(T):
+        out = torch.empty(G, 1, M, P, dtype=torch.int32)
+        for g in range(G):
+            torch._int_mm(w_rows[g, t], rows[g, t], out=out[g, 0])
+            if w_act is not None:
+                out[g, 0] += torch._int_mm(w_act[g, t], acts[g, t])
+        yield out
 
 
-def _single_step_adjust(plan: LayerPlan, s: torch.Tensor) -> torch.Tensor:
-    """Affected outputs 0..n1-1 meeting one stuck bit b (value v): sum over tiles of
-    2^b (v - bit_b(S)) = T v 2^b - sum_t (S & 2^b), S (G, T, n1, P) int32 (the
-    register's two's-complement bits), overwritten. Returns (G, n1, P) int32, mod 2^32."""
-    return _sum_tiles(s.bitwise_and_(plan.single_mask)).neg_().add_(plan.single_const)
+def _add_tile_adjust(plan: LayerPlan, s: torch.Tensor, vals: torch.Tensor) -> None:
+    """Add to vals (G, n_aff, P) int32 the psum-fault adjustments of the tiles whose
+    segment sums are s (G, T', n_seg, P) int32 (overwritten), mod 2^32: -(S & 2^b) for
+    the single-step outputs, p_last - sum_i S_i for the chained ones."""
+    n1 = plan.n_single
+    if n1:
+        vals[:, :n1] -= _sum_tiles(s[:, :, :n1].bitwise_and_(plan.single_mask))
+    if n1 < plan.n_aff:
+        vals[:, n1:] += _chained_adjust(plan, s[:, :, n1:].unflatten(2, (-1, plan.m)))
 
 
 def _sum_tiles(s: torch.Tensor) -> torch.Tensor:
@@ -489,9 +497,8 @@ def _sum_tiles(s: torch.Tensor) -> torch.Tensor:
 
 def _chained_adjust(plan: LayerPlan, s: torch.Tensor) -> torch.Tensor:
     """General case for affected outputs aff[n1:]: segment sums S_i (G, T, n2, m, P)
-    int32, overwritten, go through the column's psum registers in row order, p = (p +
-    S_i) & and_i | or_i. Returns sum over tiles of (p_last - sum_i S_i), (G, n2, P)
-    int32, mod 2^32."""
+    int32 go through the column's psum registers in row order, p = (p + S_i) & and_i |
+    or_i. Returns sum over tiles of (p_last - sum_i S_i), (G, n2, P) int32, mod 2^32."""
     n, m = s.shape[2], s.shape[3]
     p = s[:, :, :, 0].clone()
     for i in range(m):  # chained psum faults of a column apply in row order
