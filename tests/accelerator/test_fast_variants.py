@@ -95,3 +95,25 @@ def test_prepared_weights_follow_weight_and_fault_changes() -> None:
         fmap = random_fault_map(array, 8, random.Random(4), sites=("weight", "act", "psum"))
         A.set_faults(am, fmap)
         assert torch.equal(am(x), fresh())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_tile_psum_layers_match_reference(seed: int) -> None:
+    """K <= rows (one tile) with psum faults: the segment sums are extra rows of the
+    main GEMM."""
+    rng = random.Random(seed)
+    for _ in range(10):
+        array = ArrayConfig(rng.randint(9, 20), rng.randint(2, 5))
+        G = rng.choice([1, 2])
+        conv = nn.Conv2d(G, G * rng.randint(1, 4), 3, padding=rng.choice([0, 1]), groups=G)
+        x = torch.randn(3, G, 6, 5, generator=torch.Generator().manual_seed(seed))
+        model = A.calibrate(nn.Sequential(conv), x)
+        fmap = random_fault_map(array, rng.randint(1, 12), rng, sites=("psum", "weight", "pe"))
+        layer = A.on_array(model, array, fmap)[0]
+        assert layer.plan.T == 1
+        q = quantizer("int8")
+        xq, (wq, _) = q.act(x, layer.scale_tensor()), q.weight(layer.weight)
+        assert torch.equal(layer.integer_output(xq, wq).round().long(), _conv_reference(layer, xq, wq, fmap))
+        xm = torch.randint(-127, 128, (4, rng.randint(1, array.rows)))
+        wm = torch.randint(-127, 128, (rng.randint(1, 9), xm.shape[1]))
+        assert torch.equal(A.fast_matmul(xm, wm, array, fmap), A.systolic_matmul(xm, wm, array, fmap))
