@@ -2,11 +2,11 @@
 
 Same results as `systolic.systolic_matmul`, bit for bit, at close to GEMM speed:
 
-* dead PEs and weight stuck bits edit the integer weight matrix once per call
-  (`effective_weight`), padded to whole K-tiles so padding rows keep their stuck
-  weight values;
+* dead PEs and weight stuck bits edit the int8 weight matrix (`effective_weight`),
+  padded to whole K-tiles so padding rows keep their stuck weight values; a layer
+  prepares its weights once per (plan, weight version) (`array_weights`);
 * without act or psum faults the output is one float GEMM (conv) of the input with
-  those weights;
+  those weights (exact: integer sums below 2^24 in float32, else float64);
 * otherwise the layer runs on int8 GEMMs with int32 accumulation (exact) over the
   *extended lowered input* (`linear_cols`, `conv_cols`): the TR lowered rows (K padded
   to whole tiles) followed by one row per (tile, act fault) holding the activation as
@@ -14,13 +14,14 @@ Same results as `systolic.systolic_matmul`, bit for bit, at close to GEMM speed:
   act fault reads that stuck row instead of the clean one (`array_weight`), so act
   faults cost T * n_act extra rows of one GEMM;
 * psum faults need, per K-tile, the partial sums of the faulty column up to each
-  faulty row: per-tile GEMMs on the tile's rows (and its stuck act rows); the stuck
-  bits are applied in row order and wrapped at 32 bits; the rest of the column sum
-  comes from the main GEMM (addition commutes with mod 2^32).
+  faulty row: int8 GEMMs on the tile's rows (and its stuck act rows), extra rows of the
+  main GEMM when there is one tile. The stuck bits are applied in row order in int32,
+  whose wrapping adds and bitwise ops are exactly the array's 32-bit psum registers;
+  the rest of the column sum comes from the main GEMM (addition commutes with mod 2^32).
 
 Layout: an extended lowered input is (G, TR + T * n_act, P) int8 with G conv groups
-(each a separate matmul on the array) and P = N * L positions, samples first
-(p = n * L + l, L output positions per sample); a Linear layer is G = 1, L = 1.
+(each a separate matmul on the array) and P positions, samples first: P = N * Ho * Wc
+for a conv (`conv_cols`), P = B for a Linear layer (G = 1).
 """
 
 from __future__ import annotations
