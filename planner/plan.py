@@ -88,6 +88,9 @@ class Group:
     union); `schedule` is a schedule spec (`planner.schedules`); `protect` asks for the
     most sensitive layer to run fault-free (3x its cycles). `round` 0 is the initial
     plan, later rounds come from `replan`; `reason` says why the group exists.
+    `warm_from`: the group whose retrained model this one continues from (None: the
+    base model), which had seen `start_epoch` epochs; `amount` counts only the epochs
+    trained here, so the group's model has seen `total_epochs`.
     """
 
     group_id: str
@@ -100,6 +103,12 @@ class Group:
     round: int = 0
     reason: str = "grouped"
     status: str = "pending"  # pending -> done (after verification)
+    warm_from: str | None = None
+    start_epoch: int = 0
+
+    @property
+    def total_epochs(self) -> int:
+        return self.start_epoch + self.amount
 
     def injection_schedule(self, maps: Mapping[str, FaultMap], steps_per_epoch: int | None = None) -> InjectionSchedule:
         """The schedule over the members' own maps (`maps`: chip id -> map)."""
@@ -121,6 +130,8 @@ class Group:
             "round": self.round,
             "reason": self.reason,
             "status": self.status,
+            "warm_from": self.warm_from,
+            "start_epoch": self.start_epoch,
         }
 
     @classmethod
@@ -136,6 +147,8 @@ class Group:
             int(d.get("round", 0)),
             d.get("reason", "grouped"),
             d.get("status", "pending"),
+            d.get("warm_from"),
+            int(d.get("start_epoch", 0)),
         )
 
 
@@ -510,6 +523,8 @@ def make_group(
     round: int = 0,
     reason: str = "grouped",
     protect: bool = False,
+    warm_from: str | None = None,
+    start_epoch: int = 0,
 ) -> Group:
     ordered = tuple(sorted(members, key=lambda c: (chips[c].effective_rate, c)))
     fused = fuse_fault_maps([maps[c] for c in ordered], chip_id=group_id)
@@ -523,6 +538,8 @@ def make_group(
         protect,
         round,
         reason,
+        warm_from=warm_from,
+        start_epoch=start_epoch,
     )
 
 

@@ -524,6 +524,14 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
     protect: tuple[str, ...] = ()
     if g.protect:
         protect = (pipeline.most_sensitive_layer(dep.model, dep.array, g.fused, dep.data),)
+    start_model = dep.model
+    if g.warm_from:  # a replan that continues an earlier group's retrained model
+        with Session(ctx.engine, expire_on_commit=False) as s:
+            parent = s.scalars(select(Group).where(Group.plan_id == plan_id, Group.key == g.warm_from)).first()
+            sha = parent.model.sha256 if parent is not None and parent.model is not None else None
+        if sha is None:
+            raise ValueError(f"group {key} continues group {g.warm_from}, which has no trained model")
+        start_model = load_group_model(dep, sha)
     ckdir = Path(ctx.settings.artifact_dir or ".") / "checkpoints" / f"group-{group_id}"
     ckdir.mkdir(parents=True, exist_ok=True)
     resumed_from = pipeline.checkpointed_epochs(ckdir)
@@ -538,7 +546,7 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
         )
 
     retrained = pipeline.retrain_group(
-        dep.model,
+        start_model,
         dep.array,
         dep.data,
         g,
@@ -570,6 +578,8 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
             "fused_rate": g.fused.rate,
             "schedule": g.schedule,
             "epochs": g.amount,
+            "total_epochs": g.total_epochs,
+            "warm_from": g.warm_from,
             "protect": list(protect),
             "baseline_accuracy": doc.resilience_map.baseline,
             "constraint": plan.constraint,

@@ -102,16 +102,21 @@ def train_through(
     protect: Sequence[str] = (),
     checkpoint_dir: Path | None = None,
     on_progress: EpochProgress | None = None,
+    start: int = 0,
 ) -> Iterator[tuple[int, nn.Module]]:
-    """Fault-aware retraining that yields (epochs done, model) at each of `amounts` (0 = `model` itself).
+    """Fault-aware retraining that yields (epochs done, model) at each of `amounts` (`start` = `model` itself).
 
-    `checkpoint_dir`: each chunk checkpoints every epoch to `chunk-<first epoch>.pt` there and
-    resumes from it, so a killed run restarts at its last finished epoch (finished chunks
-    reload at once). `on_progress(epochs done, total epochs, metrics)` after every epoch.
+    `start`: epochs `model` has already seen (a continued run: epoch numbers, schedule and
+    seeds go on from there). `checkpoint_dir`: each chunk checkpoints every epoch to
+    `chunk-<first epoch>.pt` there and resumes from it, so a killed run restarts at its
+    last finished epoch (finished chunks reload at once). `on_progress(epochs done,
+    total epochs, metrics)` after every epoch.
     """
-    current, done = model, 0
-    total = max(amounts, default=0)
+    current, done = model, start
+    total = max(amounts, default=start)
     for a in sorted(set(amounts)):
+        if a < start:
+            continue
         if a > done:
             sched: FaultMap | Callable[[int, int], FaultMap] = (
                 faults if isinstance(faults, FaultMap) else OffsetSchedule(faults, done)
@@ -255,8 +260,11 @@ def retrain_group(
     checkpoint_dir: Path | None = None,
     on_progress: EpochProgress | None = None,
 ) -> nn.Module:
-    """The base model retrained `group.amount` epochs on the group's schedule over its members' maps
+    """`model` retrained `group.amount` epochs on the group's schedule over its members' maps
     (checkpointed every epoch and resumable when `checkpoint_dir` is given, see `train_through`).
+
+    `model` is the base model, or for a group that continues another (`group.warm_from`)
+    that group's retrained model, which had seen `group.start_epoch` epochs.
 
     Weights on the fused map's dead (or bypassed) PEs are 0 before and after training: on
     a member chip where that PE works, a zero weight computes what the bypass computes, so
@@ -265,7 +273,7 @@ def retrain_group(
     """
     steps = math.ceil(len(data.x_train) / cfg.batch_size)
     schedule = group.injection_schedule(maps, steps_per_epoch=steps)
-    amounts = chunk_boundaries(group.amount, grid)
+    amounts = [a for a in chunk_boundaries(group.total_epochs, grid) if a > group.start_epoch]
     runs = list(
         train_through(
             acc.prune_dead_pes(model, array, group.fused),
@@ -277,6 +285,7 @@ def retrain_group(
             protect=protect,
             checkpoint_dir=checkpoint_dir,
             on_progress=on_progress,
+            start=group.start_epoch,
         )
     )
     return acc.prune_dead_pes(runs[-1][1] if runs else model, array, group.fused)
@@ -332,24 +341,30 @@ def run_plan(
     run = FleetRun(plan)
     grid = plan.resilience_map.epochs
     layer_cycles = acc.cycles(model, array, data.input_shape, batch=1)
+    trained: dict[str, nn.Module] = {}  # the last round's models, which the next round may continue
     while not run.plan.done and run.rounds < max_rounds:
         verification: dict[str, float] = {}
         pending = run.plan.pending_groups
+        this_round: dict[str, nn.Module] = {}
         for i, g in enumerate(pending, start=1):
             protect: tuple[str, ...] = ()
             if g.protect:
                 protect = (most_sensitive_layer(model, array, g.fused, data),)
                 for c in g.members:
                     run.protection[c] = {"layer": protect[0], "tmr_penalty": acc.tmr_penalty(layer_cycles, protect)}
-            retrained = retrain_group(model, array, data, g, run.plan.maps, grid, cfg, protect=protect)
+            start = trained[g.warm_from] if g.warm_from else model
+            retrained = retrain_group(start, array, data, g, run.plan.maps, grid, cfg, protect=protect)
+            this_round[g.group_id] = retrained
             run.retraining_epochs += g.amount
             verification.update(verify_group(retrained, array, data, g.members, run.plan.maps, protect=protect))
             if on_progress is not None:
                 on_progress(
                     f"round {run.rounds} group {i}/{len(pending)} {g.group_id} size={len(g.members)} "
-                    f"amount={g.amount} protect={list(protect)} min_acc={min(verification[c] for c in g.members):.4f}"
+                    f"amount={g.amount} after={g.start_epoch} protect={list(protect)} "
+                    f"min_acc={min(verification[c] for c in g.members):.4f}"
                 )
         run.plan = replan(run.plan, verification)
+        trained = this_round
         run.rounds += 1
     run.wall_s = time.perf_counter() - t0
     return run

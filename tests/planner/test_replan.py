@@ -17,7 +17,7 @@ def hardness(chip_id: str) -> float:
 
 def fake_verify(plan: Plan, group: Group, chip_id: str) -> float:
     """Accuracy of `group`'s model on `chip_id`: better with more epochs, protection, smaller groups."""
-    capacity = group.amount / plan.resilience_map.largest_amount * (1.0 if group.protect else 0.8)
+    capacity = group.total_epochs / plan.resilience_map.largest_amount * (1.0 if group.protect else 0.8)
     capacity /= len(group.members) ** 0.25
     thr = plan.threshold
     return thr + 0.01 if capacity >= hardness(chip_id) else thr - 0.02 * (1 + hardness(chip_id) - capacity)
@@ -40,7 +40,7 @@ def test_replan_terminates_and_declares_unrecoverable_only_at_the_top_of_the_lad
     fleet, screening = fleet_and_screening(120, seed, array)
     plan = plan_fleet(fleet, screening, rmap, constraint, max_group_size=5, seed=seed)
     final, rounds = run_to_end(plan)
-    bound = 3 + 1 + len(rmap.epochs) + 1  # halvings of 5, alone, more epochs, protection
+    bound = 1 + 3 + 1 + len(rmap.epochs) + 1  # together, halvings of 5, alone, more epochs, protection
     assert rounds <= bound
     statuses = {s.status for s in final.chips.values()}
     assert statuses <= {NEEDS_NOTHING, VERIFIED, UNRECOVERABLE}
@@ -69,7 +69,7 @@ def test_replan_terminates_and_declares_unrecoverable_only_at_the_top_of_the_lad
 def test_replan_ladder_steps(rmap: ResilienceMap, constraint: AccuracyConstraint, array: ArrayConfig) -> None:
     fleet, screening = fleet_and_screening(400, 0, array)
     plan = plan_fleet(fleet, screening, rmap, constraint, max_group_size=5)
-    big = next(g for g in plan.groups if len(g.members) >= 3)
+    big = next(g for g in plan.groups if len(g.members) >= 3 and rmap.next_amount(g.amount) is not None)
     single = next(g for g in plan.groups if len(g.members) == 1)
     thr = plan.threshold
     verification = {c: thr + 0.01 for g in plan.pending_groups for c in g.members}
@@ -78,10 +78,18 @@ def test_replan_ladder_steps(rmap: ResilienceMap, constraint: AccuracyConstraint
     nxt = replan(plan, verification)
     assert plan.round == 0 and all(g.status == "pending" for g in plan.groups)  # input untouched
     new = {g.members: g for g in nxt.pending_groups}
+    # a group's miss continues from the group's model, training only up to the next amount on the map
     g1 = new[(big.members[0],)]
-    assert g1.reason == "alone" and g1.amount >= big.amount and g1.round == 1
+    assert g1.reason == "more_epochs_together" and g1.round == 1 and g1.warm_from == big.group_id
+    assert g1.start_epoch == big.total_epochs and g1.total_epochs == rmap.next_amount(big.amount)
     g2 = new[(single.members[0],)]
-    assert g2.reason in ("more_epochs", "protect") and (g2.amount > single.amount or g2.protect)
+    assert g2.reason in ("more_epochs", "protect") and (g2.total_epochs > single.total_epochs or g2.protect)
+    if g2.reason == "more_epochs":  # its own model, continued
+        assert g2.warm_from == single.group_id and g2.amount == g2.total_epochs - single.total_epochs
     assert nxt.chips[big.members[1]].status == VERIFIED
+    # missing again after the warm continuation: cold, alone, at no less than it has seen
+    again = replan(nxt, {c: thr - 0.05 for g in nxt.pending_groups for c in g.members})
+    g3 = next(g for g in again.pending_groups if g.members == (big.members[0],))
+    assert g3.reason in ("more_epochs", "protect") and g3.total_epochs > g1.total_epochs or g3.protect
     with pytest.raises(ValueError, match="no verification"):
         replan(nxt, {})
