@@ -26,6 +26,7 @@ for a conv (`conv_cols`), P = B for a Linear layer (G = 1).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -347,15 +348,33 @@ def conv_cols(
     return _fill_act_rows(plan, cols), (Ho, Wo, Wc)
 
 
+@functools.cache
+def _int_mm_is_exact() -> bool:
+    """Whether this CPU's int8 GEMM (torch._int_mm, oneDNN) is exact on extreme operands.
+    Without VNNI, oneDNN may form int16 pair sums that saturate; then every int8 GEMM
+    here runs in float64 instead (exact, slower). A property of the machine, probed once."""
+    a = torch.tensor([[-128, 127, -128, 127] * 16, [127] * 64, [-128] * 64], dtype=torch.int8)
+    b = torch.cat([a.t(), -a.t().clamp(min=-127)], dim=1).contiguous()
+    return torch.equal(torch._int_mm(a, b), a.to(torch.int32) @ b.to(torch.int32))
+
+
+def _int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a (M, J) @ b (J, P) on int8 operands -> int32, exact (J < 2^17 rows)."""
+    if _int_mm_is_exact():
+        return torch._int_mm(a, b, out=out)
+    prod = torch.matmul(a.to(torch.float64), b.to(torch.float64))
+    return prod.to(torch.int32) if out is None else out.copy_(prod)
+
+
 def _int_gemm(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (M, P) int32 = w (M, J) @ x (J, P) on int8 operands, wrapped to int32 like the
     array's output buffer (exact int32 accumulation while J <= INT32_ROWS)."""
     J = w.shape[1]
     if J <= INT32_ROWS:
-        return torch._int_mm(w, x, out=out)
+        return _int_mm(w, x, out=out)
     acc = torch.zeros(out.shape, dtype=torch.int64)
     for j in range(0, J, INT32_ROWS):
-        acc += torch._int_mm(w[:, j : j + INT32_ROWS].contiguous(), x[j : j + INT32_ROWS])
+        acc += _int_mm(w[:, j : j + INT32_ROWS].contiguous(), x[j : j + INT32_ROWS])
     return out.copy_(acc)  # int64 -> int32 keeps the low 32 bits (two's complement)
 
 
@@ -467,9 +486,9 @@ def _tile_sums(
     for t in range(T):
         out = torch.empty(G, 1, M, P, dtype=torch.int32)
         for g in range(G):
-            torch._int_mm(w_rows[g, t], rows[g, t], out=out[g, 0])
+            _int_mm(w_rows[g, t], rows[g, t], out=out[g, 0])
             if w_act is not None:
-                out[g, 0] += torch._int_mm(w_act[g, t], acts[g, t])
+                out[g, 0] += _int_mm(w_act[g, t], acts[g, t])
         yield out
 
 

@@ -1,6 +1,7 @@
-"""The fast path's alternative kernels (chosen by size) equal the reference too: per-tile
-int8 GEMMs for psum tile sums (conv layers with many positions) and int32 GEMMs
-chunked over rows (very long K), forced here on small layers."""
+"""The fast path's alternative kernels equal the reference too, forced here on small
+layers: per-tile int8 GEMMs for psum tile sums (chosen for many positions), int32 GEMMs
+chunked over rows (very long K) and the float64 fallback for CPUs whose int8 GEMM
+is not exact."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ from .conftest import random_fault_map
 from .test_layers import _conv_reference
 
 
-@pytest.fixture(params=["int_tile_sums", "chunked_rows"])
+@pytest.fixture(params=["int_tile_sums", "chunked_rows", "float64_gemm"])
 def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "int_tile_sums":
         monkeypatch.setattr(fast, "FLOAT_TILE_SUMS_MAX_POS", 0)
-    else:
+    elif request.param == "chunked_rows":
         monkeypatch.setattr(fast, "INT32_ROWS", 3)
+    else:
+        monkeypatch.setattr(fast, "FLOAT_TILE_SUMS_MAX_POS", 0)
+        monkeypatch.setattr(fast, "_int_mm_is_exact", lambda: False)
     return str(request.param)
 
 
