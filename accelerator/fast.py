@@ -384,9 +384,10 @@ class ArrayWeight:
     input-independent, so reusable across calls while the weights stay the same.
 
     `dense`: without act or psum faults, the effective weights as float in the layer's
-    weight shape. Otherwise `w8` (G, Og + n, J) int8: the `array_weight` rows, then with
-    a single K-tile the n = n_seg psum segment rows on the same J = R + n_a input rows;
-    with several tiles `tiles`, the per-tile segment weights of `_segment_weights`.
+    weight shape. Otherwise `w8` (G, Og + n, J) int8 on the first J rows of the extended
+    input (J = K without act faults): the `array_weight` rows, then with a single K-tile
+    the n = n_seg psum segment rows; with several tiles `tiles`, the per-tile segment
+    weights of `_segment_weights`.
     """
 
     shape: tuple[int, ...]
@@ -403,11 +404,12 @@ def array_weights(plan: LayerPlan, wq: torch.Tensor) -> ArrayWeight:
         dense = effective_weight(plan, wg)[:, :, : plan.K].reshape(shape).to(exact_dtype(plan.TR << 14))
         return ArrayWeight(shape, dense=dense)
     w8 = array_weight(plan, wg)
-    if not plan.n_aff:
-        return ArrayWeight(shape, w8=w8)
-    if plan.T == 1:  # one tile: the segment sums are extra rows of the main GEMM
-        return ArrayWeight(shape, w8=torch.cat([w8, w8[:, plan.aff[plan.seg_out]] * _one_tile_segment_mask(plan)], 1))
-    return ArrayWeight(shape, w8=w8, tiles=_segment_weights(plan, w8))
+    tiles = _segment_weights(plan, w8) if plan.n_aff and plan.T > 1 else None
+    if plan.n_aff and plan.T == 1:  # one tile: the segment sums are extra rows of the main GEMM
+        w8 = torch.cat([w8, w8[:, plan.aff[plan.seg_out]] * _one_tile_segment_mask(plan)], 1)
+    if not plan.n_act:  # padding rows past K then read activation 0: left out of the main GEMM
+        w8 = w8[:, :, : plan.K].contiguous()
+    return ArrayWeight(shape, w8=w8, tiles=tiles)
 
 
 def array_product(plan: LayerPlan, aw: ArrayWeight, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -422,7 +424,7 @@ def array_product(plan: LayerPlan, aw: ArrayWeight, cols: torch.Tensor) -> tuple
     """
     assert aw.w8 is not None
     Og, n1 = plan.Og, plan.n_single
-    out = _gemm_groups(aw.w8, cols)
+    out = _gemm_groups(aw.w8, cols[:, : aw.w8.shape[2]])
     y = out[:, :Og]
     if not plan.n_aff:
         return y, None
