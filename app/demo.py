@@ -151,3 +151,8 @@ def print_report(plan: dict[str, Any]) -> None:
         "failing screening); "
         f"ratio {s.get('epochs_ratio_vs_per_chip_fat')}"
     )
+    if s.get("bypassed_chips"):
+        print(
+            f"{s['bypassed_chips']} chips run with PEs bypassed where that screened better "
+            "(both counts are on those deployed maps; see each chip's manifest for its bypass list)"
+        )
