@@ -56,7 +56,9 @@ from planner import (  # noqa: E402
     generate_fleet,
     plan_fleet,
     read_ndjson,
+    write_ndjson,
 )
+from planner.fleet import FaultMix, parse_site_weights  # noqa: E402
 from planner.plan import PLACEMENTS  # noqa: E402
 from planner.schedules import SCHEDULES  # noqa: E402
 from workers import pipeline as pl  # noqa: E402
@@ -79,6 +81,13 @@ def floats(text: str) -> list[float]:
 
 def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
+
+
+def site_weights(text: str) -> dict[str, float]:
+    try:
+        return parse_site_weights(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def cache_key(**parts: Any) -> str:
@@ -184,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.01, help="fault-aware retraining learning rate")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--defects-per-die", type=float, default=None, help="generated fleet: mean defects per die")
+    ap.add_argument(
+        "--sites", type=site_weights, default=None, help="generated fleet: e.g. pe=0.1,weight=0.3,act=0.3,psum=0.3"
+    )
+    ap.add_argument(
+        "--psum-high-bias", type=float, default=0.0, help="generated fleet: share of psum bits in the top half"
+    )
+    ap.add_argument("--write-fleet", type=Path, default=None, help="write the generated fleet as NDJSON and exit")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=None, help="directory caching the base model and resilience map")
     args = ap.parse_args(argv)
@@ -209,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         array = parse_array(args.array)
         defects = args.defects_per_die if args.defects_per_die is not None else 1.0 if array.n_pes <= 256 else 2.0
-        maps = generate_fleet(args.chips, args.seed, FleetSpec(array=array, defects_per_die=defects))
-        source = f"generated (seed {args.seed}, {defects} defects/die)"
+        mix = FaultMix(**({"sites": args.sites} if args.sites else {}), psum_high_bias=args.psum_high_bias)
+        maps = generate_fleet(args.chips, args.seed, FleetSpec(array=array, defects_per_die=defects, mix=mix))
+        source = f"generated (seed {args.seed}, {defects} defects/die, mix {mix.to_dict()})"
+        if args.write_fleet is not None:
+            log(f"wrote {write_ndjson(maps, args.write_fleet)} fault maps to {args.write_fleet}")
+            return 0
     maps = [m if m.chip_id else dataclasses.replace(m, chip_id=f"chip-{i:05d}") for i, m in enumerate(maps)]
     by_id = {str(m.chip_id): m for m in maps}
     chip_ids = sorted(by_id)

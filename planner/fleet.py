@@ -248,3 +248,21 @@ def iter_ndjson(path: str | Path) -> Iterator[FaultMap]:
 
 def read_ndjson(path: str | Path) -> list[FaultMap]:
     return list(iter_ndjson(path))
+
+
+def parse_site_weights(text: str) -> dict[str, float]:
+    """``pe=0.1,weight=0.3,act=0.3,psum=0.3`` -> relative site weights for `FaultMix.sites`.
+
+    Raises `ValueError` naming the offending entry.
+    """
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if name not in SITES or weight < 0:
+            raise ValueError(f"sites: {part!r} is not SITE=WEIGHT with SITE one of {list(SITES)} and WEIGHT >= 0")
+        out[name] = weight
+    return out

@@ -68,3 +68,17 @@ def test_ndjson_round_trip(tmp_path: Path) -> None:
         fh.write('{"array": {"rows": 8, "cols": 12}, "faults": [{"row": 9, "col": 0, "site": "pe"}]}\n')
     with pytest.raises(ValueError, match=r"fleet.ndjson:51: faults\[0\].row"):
         read_ndjson(path)
+
+
+def test_site_weights_parse_and_name_a_bad_entry() -> None:
+    from planner.fleet import parse_site_weights
+
+    assert parse_site_weights("pe=0.1, weight=0.3,act=0.3,psum=0.3") == {
+        "pe": 0.1,
+        "weight": 0.3,
+        "act": 0.3,
+        "psum": 0.3,
+    }
+    for bad in ("pe=x", "foo=1", "psum", "act=-1"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            parse_site_weights(bad)
