@@ -35,6 +35,7 @@ from accelerator.faults import (
     FaultMap,
     NumberFormat,
     bypass_faulty_pes,
+    bypassed_pes,
 )
 
 # public name -> submodule that defines it (imported lazily: these need torch)
@@ -83,6 +84,7 @@ __all__ = [
     "FaultMap",
     "NumberFormat",
     "bypass_faulty_pes",
+    "bypassed_pes",
     *_LAZY,
 ]
 

@@ -330,6 +330,19 @@ class FaultMap:
 BYPASS_POLICIES: tuple[str, ...] = ("faulty", "shadowed")
 
 
+def bypassed_pes(fault_map: FaultMap, policy: str = "faulty") -> list[tuple[int, int]]:
+    """The PEs (row, col), sorted, that `policy` bypasses beyond the map's dead ones (see `bypass_faulty_pes`)."""
+    if policy not in BYPASS_POLICIES:
+        raise ValueError(f"bypass: unknown policy {policy!r}; known: {list(BYPASS_POLICIES)}")
+    if not fault_map.array.bypass:
+        raise ValueError(f"bypass: array {fault_map.array.rows}x{fault_map.array.cols} has no bypass support")
+    pes = {(f.row, f.col) for f in fault_map.faults if f.site in ("weight", "psum")}
+    if policy == "shadowed":
+        cols = fault_map.array.cols
+        pes |= {(f.row, c) for f in fault_map.faults if f.site == "act" for c in range(f.col + 1, cols)}
+    return sorted(pes - {(f.row, f.col) for f in fault_map.faults if f.site == "pe"})
+
+
 def bypass_faulty_pes(fault_map: FaultMap, policy: str = "faulty") -> FaultMap:
     """The map as deployed with PEs bypassed under `policy` (fault-aware pruning), see `BYPASS_POLICIES`.
 
@@ -340,15 +353,7 @@ def bypass_faulty_pes(fault_map: FaultMap, policy: str = "faulty") -> FaultMap:
     on each bypassed PE; the same object when nothing is added. Raises ValueError when
     the array has no bypass support or the policy is unknown.
     """
-    if policy not in BYPASS_POLICIES:
-        raise ValueError(f"bypass: unknown policy {policy!r}; known: {list(BYPASS_POLICIES)}")
-    if not fault_map.array.bypass:
-        raise ValueError(f"bypass: array {fault_map.array.rows}x{fault_map.array.cols} has no bypass support")
-    pes = {(f.row, f.col) for f in fault_map.faults if f.site in ("weight", "psum")}
-    if policy == "shadowed":
-        cols = fault_map.array.cols
-        pes |= {(f.row, c) for f in fault_map.faults if f.site == "act" for c in range(f.col + 1, cols)}
-    extra = sorted(pes - {(f.row, f.col) for f in fault_map.faults if f.site == "pe"})
+    extra = bypassed_pes(fault_map, policy)
     if not extra:
         return fault_map
     return fault_map.with_faults((*fault_map.faults, *(Fault(r, c, "pe") for r, c in extra)))

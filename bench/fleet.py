@@ -50,6 +50,7 @@ from planner import (  # noqa: E402
     AccuracyConstraint,
     FleetSpec,
     Group,
+    Plan,
     ResilienceMap,
     SiteSeverity,
     fuse_fault_maps,
@@ -314,29 +315,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.bypass:
         log(f"screening with faulty PEs bypassed: {len(failing_bypassed)} still fail ({bypass_s:.1f} s)")
 
-    alone = plan_fleet(
-        list(by_id.values()),
-        screening,
-        rmap,
-        constraint,
-        max_group_size=1,
-        severity=severity,
-        seed=args.seed,
-        placement=args.placement,
-    )
+    def plan_alone(bypass: Mapping[str, Mapping[str, float]] | None = None) -> Plan:
+        """Every chip alone at its own amount: efat_no_grouping, and per-chip FAT's amount E."""
+        return plan_fleet(
+            list(by_id.values()),
+            screening,
+            rmap,
+            constraint,
+            max_group_size=1,
+            severity=severity,
+            seed=args.seed,
+            placement=args.placement,
+            bypass_screening=bypass,
+        )
+
+    alone = plan_alone()
     E = alone.per_chip_fat_amount
     fat_epochs = E * len(failing)
-    alone_bypassed = plan_fleet(
-        list(by_id.values()),
-        screening,
-        rmap,
-        constraint,
-        max_group_size=1,
-        severity=severity,
-        seed=args.seed,
-        placement=args.placement,
-        bypass_screening=bypass_screening,
-    )
+    alone_bypassed = plan_alone(bypass_screening) if args.bypass else alone
     grid = rmap.epochs
     results: dict[str, Any] = {}
 

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from accelerator.faults import BYPASS_POLICIES, FaultMap, bypass_faulty_pes
+from accelerator.faults import BYPASS_POLICIES, FaultMap, bypass_faulty_pes, bypassed_pes
 from planner.constraint import AccuracyConstraint
 from planner.resilience import ResilienceMap
 from planner.schedules import InjectionSchedule, fuse_fault_maps, schedule_from_spec
@@ -577,10 +577,6 @@ def group_chips(
     return out
 
 
-def _dead_pes(fault_map: FaultMap) -> frozenset[tuple[int, int]]:
-    return frozenset((f.row, f.col) for f in fault_map.faults if f.site == "pe")
-
-
 def plan_fleet(
     chips: Sequence[FaultMap],
     screening: Mapping[str, float],
@@ -634,9 +630,8 @@ def plan_fleet(
                 policies[cid], screened[cid] = policy, float(by_policy[policy])
     bypassed: dict[str, list[list[int]]] = {}
     for cid, policy in policies.items():
-        deployed = bypass_faulty_pes(maps[cid], policy)
-        bypassed[cid] = [list(pe) for pe in sorted(_dead_pes(deployed) - _dead_pes(maps[cid]))]
-        maps[cid] = deployed
+        bypassed[cid] = [list(pe) for pe in bypassed_pes(maps[cid], policy)]
+        maps[cid] = bypass_faulty_pes(maps[cid], policy)
     rmap, thr = resilience_map, constraint.threshold(resilience_map.baseline)
     smallest_positive = next((e for e in rmap.epochs if e > 0), rmap.largest_amount)
 

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 from torch import nn
 
 import accelerator as acc
-from accelerator import BYPASS_POLICIES, ArrayConfig, FaultMap, bypass_faulty_pes
+from accelerator import ArrayConfig, FaultMap
 from app.db.base import utcnow
 from app.db.models import (
     AcceleratorProfile,
@@ -731,7 +731,7 @@ def assign_chip(ctx: JobContext) -> dict[str, Any]:
     Inference only: a chip whose base-model screening meets the plan's constraint needs
     nothing; otherwise the first group model that meets it on the chip's own map is
     assigned at once; if none does, the chip waits (status `waiting`) for the next plan.
-    Where the plan allows bypass, each deployment (`deployments`: own map, then each
+    Where the plan allows bypass, each deployment (`pipeline.deployments`: own map, then each
     bypass policy) is tried, and the one taken is recorded with the assignment.
     """
     pks = [int(p) for p in ctx.params["chip_pks"]]
@@ -740,17 +740,6 @@ def assign_chip(ctx: JobContext) -> dict[str, Any]:
         ctx.report(n / len(pks), f"chip {n + 1}/{len(pks)}")
         out[str(chip_pk)] = assign_one_chip(ctx, chip_pk)
     return {"assignments": out}
-
-
-def deployments(fm: FaultMap, bypass: bool) -> list[tuple[str | None, FaultMap]]:
-    """The ways a chip can be deployed, mildest first: its own map, then each bypass policy that changes it."""
-    options: list[tuple[str | None, FaultMap]] = [(None, fm)]
-    if bypass and fm.array.bypass:
-        for policy in BYPASS_POLICIES:
-            m = bypass_faulty_pes(fm, policy)
-            if all(m != seen for _, seen in options):
-                options.append((policy, m))
-    return options
 
 
 def assign_one_chip(ctx: JobContext, chip_pk: int) -> dict[str, str]:
@@ -787,7 +776,7 @@ def assign_one_chip(ctx: JobContext, chip_pk: int) -> dict[str, str]:
         thr = FleetPlan.from_dict(document).threshold
         values: dict[str, Any] = {"plan_id": plan_id, "source": "late", "group_id": None, "artifact_id": None}
         values["bypass"] = None
-        options = deployments(fm, bypass)
+        options = pipeline.deployments(fm, bypass)
         screening = {policy: float(acc.evaluate(dep.model, dep.array, m, dep.data)) for policy, m in options}
         policy, best = max(screening.items(), key=lambda kv: kv[1])  # max keeps the first (mildest) of ties
         if best >= thr - 1e-12:

@@ -220,24 +220,30 @@ def screen_chips(model: nn.Module, array: ArrayConfig, data: Dataset, maps: Sequ
     return {str(m.chip_id): acc.evaluate(model, array, m, data) for m in maps}
 
 
+def deployments(fm: FaultMap, bypass: bool = True) -> list[tuple[str | None, FaultMap]]:
+    """The ways a chip can be deployed, mildest first: its own map (policy None), then each
+    bypass policy that yields a map not listed yet (none without `bypass` or array support)."""
+    options: list[tuple[str | None, FaultMap]] = [(None, fm)]
+    if bypass and fm.array.bypass:
+        for policy in acc.BYPASS_POLICIES:
+            m = acc.bypass_faulty_pes(fm, policy)
+            if all(m != seen for _, seen in options):
+                options.append((policy, m))
+    return options
+
+
 def screen_bypassed(
     model: nn.Module, array: ArrayConfig, data: Dataset, maps: Sequence[FaultMap]
 ) -> dict[str, dict[str, float]]:
-    """Base-model accuracy of each chip deployed under each bypass policy (`bypass_faulty_pes`).
+    """Base-model accuracy of each chip deployed under each bypass policy (`deployments`).
 
     chip id -> {policy: accuracy}, listing only the policies that change a chip's map
     (nothing on an array without bypass support): what `plan_fleet(bypass_screening=...)` takes.
     """
-    if not array.bypass:
-        return {}
     out: dict[str, dict[str, float]] = {}
     for m in maps:
-        seen: set[FaultMap] = {m}
-        for policy in acc.BYPASS_POLICIES:
-            deployed = acc.bypass_faulty_pes(m, policy)
-            if deployed not in seen:
-                seen.add(deployed)
-                out.setdefault(str(m.chip_id), {})[policy] = acc.evaluate(model, array, deployed, data)
+        for policy, deployed in deployments(m)[1:]:
+            out.setdefault(str(m.chip_id), {})[str(policy)] = acc.evaluate(model, array, deployed, data)
     return out
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from accelerator.faults import FaultMap, bypass_faulty_pes
+from accelerator.faults import FaultMap, bypassed_pes
 from app.api.errors import ApiError
 from app.db.models import (
     AcceleratorProfile,
@@ -286,10 +286,7 @@ def chip_bypass(chip: Chip, policy: str | None) -> dict[str, Any] | None:
     """The PEs a chip must be configured to bypass for its model (beyond its dead ones), or None."""
     if policy is None:
         return None
-    fm = FaultMap.from_dict(chip.fault_map)
-    dead = {(f.row, f.col) for f in fm.faults if f.site == "pe"}
-    deployed = bypass_faulty_pes(fm, policy)
-    pes = sorted({(f.row, f.col) for f in deployed.faults if f.site == "pe"} - dead)
+    pes = bypassed_pes(FaultMap.from_dict(chip.fault_map), policy)
     return {"policy": policy, "pes": [list(pe) for pe in pes]}
 
 

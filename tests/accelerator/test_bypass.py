@@ -8,6 +8,15 @@ import torch
 from accelerator import ArrayConfig, Fault, FaultMap, bypass_faulty_pes, systolic_matmul
 
 
+def zero_weights_on(w: torch.Tensor, pes: set[tuple[int, int]], array: ArrayConfig) -> torch.Tensor:
+    """`w` (O, K) with the weights PEs `pes` hold set to 0: PE (r, c) holds W[o, t*R + r] for o = c mod C."""
+    pruned = w.clone()
+    for r, c in pes:
+        for o in range(c, w.shape[0], array.cols):
+            pruned[o, r :: array.rows] = 0
+    return pruned
+
+
 def test_bypass_marks_weight_and_psum_pes_dead_and_keeps_act_faults() -> None:
     array = ArrayConfig(4, 4)
     fm = FaultMap(
@@ -37,10 +46,7 @@ def test_bypassed_pes_compute_as_if_their_weights_were_zero() -> None:
     w = torch.randint(-128, 128, (7, 10), generator=g)
     fm = FaultMap(array, (Fault(1, 2, "psum", 29, 1), Fault(3, 0, "weight", 6, 1), Fault(0, 1, "psum", 31, 1)))
     got = systolic_matmul(x, w, array, bypass_faulty_pes(fm))
-    pruned = w.clone()
-    for f in fm.faults:  # PE (r, c) holds W[o, t*R + r] for o = c mod C
-        for o in range(f.col, w.shape[0], array.cols):
-            pruned[o, f.row :: array.rows] = 0
+    pruned = zero_weights_on(w, {(f.row, f.col) for f in fm.faults}, array)
     assert torch.equal(got, x @ pruned.T)
     assert not torch.equal(systolic_matmul(x, w, array, fm), got)  # the faults mattered before
 
@@ -55,10 +61,7 @@ def test_shadowed_policy_also_bypasses_the_pes_that_see_a_stuck_activation() -> 
     dead = {(f.row, f.col) for f in out.faults if f.site == "pe"}
     assert dead == {(1, 3), (1, 4), (3, 1), (3, 2), (3, 3), (3, 4), (2, 4)}
     assert bypass_faulty_pes(fm) != out  # "faulty" leaves the act faults' rows alone
-    pruned = w.clone()
-    for r, c in dead:
-        for o in range(c, w.shape[0], array.cols):
-            pruned[o, r :: array.rows] = 0
+    pruned = zero_weights_on(w, dead, array)
     # the stuck activations now meet only bypassed PEs: the chip computes the pruned product exactly
     assert torch.equal(systolic_matmul(x, w, array, out), x @ pruned.T)
 
