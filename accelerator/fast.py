@@ -15,9 +15,12 @@ Same results as `systolic.systolic_matmul`, bit for bit, at close to GEMM speed:
   faults cost T * n_act extra rows of one GEMM;
 * psum faults need, per K-tile, the partial sums of the faulty column up to each
   faulty row: int8 GEMMs on the tile's rows (and its stuck act rows), extra rows of the
-  main GEMM when there is one tile. The stuck bits are applied in row order in int32,
-  whose wrapping adds and bitwise ops are exactly the array's 32-bit psum registers;
-  the rest of the column sum comes from the main GEMM (addition commutes with mod 2^32).
+  main GEMM when there is one tile. Setting stuck bit b to v adds 2^b (v - bit_b(p)) to
+  the psum p: the bits are met one by one in row order in int32, whose wrapping adds
+  and bitwise ops are exactly the array's 32-bit psum registers, and the rest of the
+  column sum comes from the main GEMM (addition commutes with mod 2^32);
+* big temporaries (the lowered input, the padded input) live in per-thread buffers
+  reused across calls (`_scratch`): fresh ones cost more in page faults than in work.
 
 Layout: an extended lowered input is (G, TR + T * n_act, P) int8 with G conv groups
 (each a separate matmul on the array) and P positions, samples first: P = N * Ho * Wc
@@ -27,7 +30,7 @@ for a conv (`conv_cols`), P = B for a Linear layer (G = 1).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +46,14 @@ INT32_ROWS = 1 << 16
 # tile sums over at most this many positions run as one batched float32 matmul (few
 # positions: a Linear layer's batch); more positions run per-tile int8 GEMMs
 FLOAT_TILE_SUMS_MAX_POS = 1024
+# per-tile int8 GEMMs for psum segment sums run over chunks of positions whose int32
+# sums take about this many bytes (they stay in a core's L2 cache), at least this many
+TILE_CHUNK_BYTES = 1 << 21
+TILE_CHUNK_MIN_POS = 4096
+# lowered inputs up to this size live in a per-thread buffer reused across calls: a
+# fresh one of tens of MB costs more in page faults (first touch) than filling it
+WORKSPACE_MAX_BYTES = 1 << 28
+_workspace = threading.local()
 
 
 def exact_dtype(bound: int) -> torch.dtype:
@@ -57,8 +68,7 @@ class LayerPlan:
     Built once per (fault map, layer geometry); weight-independent. Shapes: TR = T*R
     is K padded to whole tiles; n_a act faults that reach a used column; n_aff
     psum-affected outputs (local output indices within a group); rp = rows 0..rp-1 of a
-    tile needed for the psum prefix sums; n_seg psum segments (one per single-step
-    output, then m per chained output).
+    tile needed for the psum prefix sums; n_seg psum steps (`steps`) in all.
     """
 
     R: int
@@ -76,19 +86,19 @@ class LayerPlan:
     act_masks: torch.Tensor  # (2, n_a) int8: and, or an activation carries right of the fault
     row_keep: torch.Tensor  # (Og, TR) bool: False where the output reads an act-stuck row instead
     act_sel: torch.Tensor  # (Og, n_a) bool: fault j is the last one of its row left of the output
-    aff: torch.Tensor  # (n_aff,) long
+    aff: torch.Tensor  # (n_aff,) long, by number of steps, most first
     rp: int
-    # psum segment i of an affected output: the rows after its previous faulty row up to
-    # row r_i (and the stuck act rows among them)
+    # A psum fault sets its stuck bits one by one: step j of an affected output sets bit
+    # b_j to v_j at tile row r_j (row order; a fault with several bits: several steps).
+    # The steps come in blocks: block i holds step i of aff[:steps[i]].
+    steps: tuple[int, ...]
+    # one prefix sum per step: tile rows 0..r_j (and the stuck act rows among them)
     seg_out: torch.Tensor  # (n_seg,) long: index into aff
-    seg_rows: torch.Tensor  # (n_seg, rp) int8 1 where tile row r is in the segment
-    seg_act: torch.Tensor  # (n_seg, n_a) int8 1 where act fault j's row is in the segment
-    # aff[:n1] meet one stuck bit b (one segment each), aff[n1:] several (m segments each)
-    n_single: int
-    single_mask: torch.Tensor  # (n1, 1) int32 2^b (two's complement)
-    single_const: torch.Tensor  # (n1, 1) int32 T * v * 2^b mod 2^32, v the stuck value
-    p_and: torch.Tensor  # (n_aff - n1, m) int32 stuck masks of the segments (identity for padding)
-    p_or: torch.Tensor
+    seg_rows: torch.Tensor  # (n_seg, rp) int8 1 where tile row r <= r_j
+    seg_act: torch.Tensor  # (n_seg, n_a) int8 1 where act fault j's row <= r_j
+    step_mask: torch.Tensor  # (n_seg, 1) int32 2^b_j (two's complement)
+    step_carry: torch.Tensor  # (n_seg, 1) int32 K_{j-1} mod 2^32, K_j = sum_{i <= j} v_i 2^b_i
+    out_const: torch.Tensor  # (n_aff, 1) int32 T * K_last mod 2^32
     cache: dict[object, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -98,10 +108,6 @@ class LayerPlan:
     @property
     def n_aff(self) -> int:
         return int(self.aff.numel())
-
-    @property
-    def m(self) -> int:
-        return int(self.p_and.shape[1])
 
     @property
     def TR(self) -> int:
@@ -186,44 +192,30 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
             (b, 1) for b in range(nf.psum_bits) if (o >> b) & 1
         ]
 
-    def one_step(o: int) -> bool:
-        rows = per_col[int(col[o])]
-        return len(rows) == 1 and len(stuck_bits(rows[0], int(col[o]))) == 1
+    def steps_of(o: int) -> list[tuple[int, int, int]]:
+        """(row, bit, value) of each stuck bit output o's psum meets, in row order."""
+        c = int(col[o])
+        return [(r, b, v) for r in per_col.get(c, []) for b, v in stuck_bits(r, c)]
 
-    # affected outputs: those meeting one stuck bit first, then the chained ones
-    hit = [o for o in range(out_per_group) if int(col[o]) in per_col]
-    aff = [o for o in hit if one_step(o)] + [o for o in hit if not one_step(o)]
-    n1 = sum(one_step(o) for o in hit)
-    m = max((len(per_col[int(col[o])]) for o in aff[n1:]), default=0)
+    # affected outputs, most steps first: step i's block is then a prefix of aff
+    aff = sorted((o for o in range(out_per_group) if int(col[o]) in per_col), key=lambda o: -len(steps_of(o)))
+    n_steps = [len(steps_of(o)) for o in aff]
+    steps = tuple(sum(n > i for n in n_steps) for i in range(max(n_steps, default=0)))
     seg_out: list[int] = []
     seg_rows: list[torch.Tensor] = []
     seg_act: list[torch.Tensor] = []
-
-    def add_segment(i: int, lo: int, hi: int) -> None:
-        """Segment of aff[i]: tile rows lo < r <= hi (empty when hi == lo: padding)."""
-        seg_out.append(i)
-        seg_rows.append(((torch.arange(rp) > lo) & (torch.arange(rp) <= hi)).to(torch.int8))
-        seg_act.append(((act_rows > lo) & (act_rows <= hi)).to(torch.int8))
-
-    single_mask, single_const = [], []
-    for i in range(n1):
-        c = int(col[aff[i]])
-        r = per_col[c][0]
-        add_segment(i, -1, r)
-        ((b, v),) = stuck_bits(r, c)
-        single_mask.append(1 << b)
-        single_const.append(T * v << b)
-    p_and = torch.full((len(aff) - n1, m), -1, dtype=torch.int64)
-    p_or = torch.zeros(len(aff) - n1, m, dtype=torch.int64)
-    for n, o in enumerate(aff[n1:]):
-        c, lo = int(col[o]), -1
-        for s in range(m):
-            rows = per_col[c]
-            r = rows[s] if s < len(rows) else lo  # padding segments: empty, identity masks
-            add_segment(n1 + n, lo, r)
-            if s < len(rows):
-                p_and[n, s], p_or[n, s] = int(d.psum_and[r, c]), int(d.psum_or[r, c])
-            lo = r
+    step_mask: list[int] = []
+    step_carry: list[int] = []
+    for i, n in enumerate(steps):
+        for a in range(n):
+            o_steps = steps_of(aff[a])
+            r, b, _ = o_steps[i]
+            seg_out.append(a)
+            seg_rows.append((torch.arange(rp) <= r).to(torch.int8))
+            seg_act.append((act_rows <= r).to(torch.int8))
+            step_mask.append(1 << b)
+            step_carry.append(sum(v << bb for _, bb, v in o_steps[:i]))
+    out_const = [T * sum(v << b for _, b, v in steps_of(o)) for o in aff]
 
     def int32(v: list[int] | torch.Tensor) -> torch.Tensor:
         """Values mod 2^32 as int32 two's complement (the psum registers are 32 bits wide)."""
@@ -247,14 +239,13 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
         act_sel=act_sel,
         aff=torch.tensor(aff, dtype=torch.long),
         rp=rp,
+        steps=steps,
         seg_out=torch.tensor(seg_out, dtype=torch.long),
         seg_rows=torch.stack(seg_rows) if seg_rows else torch.zeros(0, rp, dtype=torch.int8),
         seg_act=torch.stack(seg_act) if seg_act else torch.zeros(0, n_a, dtype=torch.int8),
-        n_single=n1,
-        single_mask=int32(single_mask).view(-1, 1),
-        single_const=int32(single_const).view(-1, 1),
-        p_and=int32(p_and),
-        p_or=int32(p_or),
+        step_mask=int32(step_mask).view(-1, 1),
+        step_carry=int32(step_carry).view(-1, 1),
+        out_const=int32(out_const).view(-1, 1),
     )
 
 
@@ -296,6 +287,22 @@ def _fill_act_rows(plan: LayerPlan, cols: torch.Tensor) -> torch.Tensor:
     return cols
 
 
+def _scratch(slot: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised int8 tensor of `shape`, contiguous, from this thread's reusable
+    buffer `slot` (grown as needed; fresh memory beyond WORKSPACE_MAX_BYTES). Valid until
+    the next request of the same slot in this thread: for temporaries of one call only."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=torch.int8)
+    bufs: dict[str, torch.Tensor] = _workspace.__dict__.setdefault("bufs", {})
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[slot] = torch.empty(numel, dtype=torch.int8)
+    return buf[:numel].view(shape)
+
+
 def linear_cols(plan: LayerPlan, xq: torch.Tensor) -> torch.Tensor:
     """Extended lowered input (1, TR + T*n_a, B) int8 of an integer-valued x (B, K)."""
     cols = torch.empty(1, plan.rows, xq.shape[0], dtype=torch.int8)
@@ -330,14 +337,14 @@ def conv_cols(
     wide = sh == 1 and sw == 1
     # zero padding explicit (act faults hit it); wide rows of the last sample read
     # (kw-1)*dw elements past the end
-    flat = torch.zeros(N * Cin * Hp * Wp + (kw - 1) * dw, dtype=torch.int8)
+    flat = _scratch("padded_input", (N * Cin * Hp * Wp + (kw - 1) * dw,)).zero_()
     xp = flat[: N * Cin * Hp * Wp].view(N, Cin, Hp, Wp)
     xp[:, :, top : top + H, left : left + W].copy_(xq)
     G = plan.G
     cin_g = Cin // G
     sN, sC = Cin * Hp * Wp, Hp * Wp
     Wc = Wp if wide else Wo
-    cols = torch.empty(G, plan.rows, N * Ho * Wc, dtype=torch.int8)
+    cols = _scratch("lowered_input", (G, plan.rows, N * Ho * Wc))
     if wide:
         src = flat.as_strided((G, cin_g, kh, kw, N, Ho * Wp), (cin_g * sC, sC, dh * Wp, dw, sN, 1))
         cols[:, : plan.K].view(G, cin_g, kh, kw, N, Ho * Wp).copy_(src)
@@ -418,22 +425,23 @@ def array_product(plan: LayerPlan, aw: ArrayWeight, cols: torch.Tensor) -> tuple
     second result (G, n_aff, P) int32 (None without psum faults): those outputs are
     dequantized from the wrapped value in float64.
 
-    Psum faults need, per K-tile, the segment sums S_i of each affected output (rows
-    after its previous faulty row up to row r_i, stuck act rows included): int8 GEMMs
-    on the tile rows (int32, exact), turned into adjustments tile by tile.
+    Psum faults need, per K-tile, the prefix sums c_j of each affected output's psum
+    up to the row of its step j (stuck act rows included): int8 GEMMs on the tile rows
+    (int32, exact), turned into adjustments tile by tile (`_add_tile_adjust`).
     """
     assert aw.w8 is not None
-    Og, n1 = plan.Og, plan.n_single
+    Og = plan.Og
     out = _gemm_groups(aw.w8, cols[:, : aw.w8.shape[2]])
     y = out[:, :Og]
     if not plan.n_aff:
         return y, None
     vals = y[:, plan.aff]
-    # one stuck bit b (value v): sum over tiles of 2^b (v - bit_b(S)) = T v 2^b - sum_t (S & 2^b)
-    vals[:, :n1] += plan.single_const
-    tiles = [out[:, Og:].unsqueeze(1)] if aw.tiles is None else _tile_sums(plan, *aw.tiles, cols)
-    for s in tiles:
-        _add_tile_adjust(plan, s, vals)
+    # setting bit b to v adds 2^b (v - bit_b(p)): over all steps and tiles T K_last - sum (p & 2^b)
+    vals += plan.out_const
+    if aw.tiles is None:
+        _add_tile_adjust(plan, out[:, Og:].unsqueeze(1), vals)
+    else:
+        _add_tiles_adjust(plan, *aw.tiles, cols, vals)
     return y, vals
 
 
@@ -455,7 +463,7 @@ def _one_tile_segment_mask(plan: LayerPlan) -> torch.Tensor:
 
 
 def _segment_weights(plan: LayerPlan, w8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weights of the psum segments per tile: (G, T, n_seg, rp) on the tile rows 0..rp-1
+    """Weights of the psum steps' prefix sums per tile: (G, T, n_seg, rp) on the tile rows 0..rp-1
     and (G, T, n_seg, n_a) on the tile's stuck act rows (None without act faults)."""
     G, T, R, rp, n_a, TR = plan.G, plan.T, plan.R, plan.rp, plan.n_act, plan.TR
     outs = plan.aff[plan.seg_out]
@@ -467,13 +475,16 @@ def _segment_weights(plan: LayerPlan, w8: torch.Tensor) -> tuple[torch.Tensor, t
     return w_rows.transpose(1, 2).contiguous(), w_act
 
 
-def _tile_sums(
-    plan: LayerPlan, w_rows: torch.Tensor, w_act: torch.Tensor | None, cols: torch.Tensor
-) -> Iterator[torch.Tensor]:
-    """Per K-tile products: w_rows (G, T, M, rp) int8 with tile rows 0..rp-1 and w_act
-    (G, T, M, n_a) int8 with the tile's stuck act rows -> (G, T', M, P) int32 for
-    batches of T' tiles, exact: all tiles at once for few positions, else one by one
-    (a tile's sums stay in cache for the bit tests that follow)."""
+def _add_tiles_adjust(
+    plan: LayerPlan, w_rows: torch.Tensor, w_act: torch.Tensor | None, cols: torch.Tensor, vals: torch.Tensor
+) -> None:
+    """Add to vals (G, n_aff, P) int32 the psum-fault adjustments of every K-tile, from
+    the per-tile step weights w_rows (G, T, M, rp) int8 on tile rows 0..rp-1 and
+    w_act (G, T, M, n_a) int8 on the tile's stuck act rows (M = n_seg).
+
+    Few positions: all tiles at once in one batched float32 matmul. Otherwise chunks of
+    positions, tile by tile: a chunk's (G, M, chunk) int32 prefix sums stay in the
+    core's L2 cache for the bit ops that follow."""
     G, T, M, rp = w_rows.shape
     R, TR, n_a, P = plan.R, plan.TR, plan.n_act, cols.shape[2]
     rows = cols[:, :TR].view(G, T, R, P)[:, :, :rp]
@@ -483,26 +494,42 @@ def _tile_sums(
         s = torch.matmul(w_rows.float(), rows.float())
         if w_act is not None:
             s += torch.matmul(w_act.float(), acts.float())
-        yield s.to(torch.int32)
+        _add_tile_adjust(plan, s.to(torch.int32), vals)
         return
-    for t in range(T):
-        out = torch.empty(G, 1, M, P, dtype=torch.int32)
-        for g in range(G):
-            _int_mm(w_rows[g, t], rows[g, t], out=out[g, 0])
-            if w_act is not None:
-                out[g, 0] += _int_mm(w_act[g, t], acts[g, t])
-        yield out
+    pc = min(P, max(TILE_CHUNK_MIN_POS, TILE_CHUNK_BYTES // (4 * G * M)))
+    buf = torch.empty(2 if w_act is not None else 1, G * M * pc, dtype=torch.int32)
+    for c0 in range(0, P, pc):
+        n = min(pc, P - c0)
+        s = buf[0, : G * M * n].view(G, 1, M, n)  # contiguous, as torch._int_mm's out must be
+        for t in range(T):
+            for g in range(G):
+                _int_mm(w_rows[g, t], rows[g, t, :, c0 : c0 + n], out=s[g, 0])
+                if w_act is not None:
+                    s[g, 0] += _int_mm(w_act[g, t], acts[g, t, :, c0 : c0 + n], out=buf[1, : M * n].view(M, n))
+            _add_tile_adjust(plan, s, vals[:, :, c0 : c0 + n])
 
 
 def _add_tile_adjust(plan: LayerPlan, s: torch.Tensor, vals: torch.Tensor) -> None:
-    """Add to vals (G, n_aff, P) int32 the psum-fault adjustments of the tiles whose
-    segment sums are s (G, T', n_seg, P) int32 (overwritten), mod 2^32: -(S & 2^b) for
-    the single-step outputs, p_last - sum_i S_i for the chained ones."""
-    n1 = plan.n_single
-    if n1:
-        vals[:, :n1] -= _sum_tiles(s[:, :, :n1].bitwise_and_(plan.single_mask))
-    if n1 < plan.n_aff:
-        vals[:, n1:] += _chained_adjust(plan, s[:, :, n1:].unflatten(2, (-1, plan.m)))
+    """Subtract from vals (G, n_aff, P) int32 the stuck bits met in the tiles whose step
+    prefix sums are s (G, T', n_seg, P) int32 (overwritten), mod 2^32.
+
+    Step j meets the psum p_j = c_j + K_{j-1} - acc_{j-1} (c_j the tile's prefix sum,
+    acc_j = sum_{i <= j} p_i & 2^b_i the bits met so far) and sets its bit, adding
+    2^b_j v_j - (p_j & 2^b_j): the tile adds K_last - acc_last in all, whose constant
+    part is `out_const`. Each block turns in place into acc of its step."""
+    steps, off = plan.steps, 0
+    prev: torch.Tensor | None = None
+    for i, n in enumerate(steps):
+        blk = s[:, :, off : off + n]
+        if prev is not None:  # p_j from the prefix sum c_j and the bits met before
+            blk.sub_(prev[:, :, :n]).add_(plan.step_carry[off : off + n])
+        blk.bitwise_and_(plan.step_mask[off : off + n])
+        if prev is not None:
+            blk.add_(prev[:, :, :n])
+        done = steps[i + 1] if i + 1 < len(steps) else 0  # aff[done:n] take no further step
+        if done < n:
+            vals[:, done:n] -= _sum_tiles(blk[:, :, done:n])
+        prev, off = blk, off + n
 
 
 def _sum_tiles(s: torch.Tensor) -> torch.Tensor:
@@ -515,21 +542,6 @@ def _sum_tiles(s: torch.Tensor) -> torch.Tensor:
         s[:, :h] += s[:, T - h : T]
         T -= h
     return s[:, 0]
-
-
-def _chained_adjust(plan: LayerPlan, s: torch.Tensor) -> torch.Tensor:
-    """General case for affected outputs aff[n1:]: segment sums S_i (G, T, n2, m, P)
-    int32 go through the column's psum registers in row order, p = (p + S_i) & and_i |
-    or_i. Returns sum over tiles of (p_last - sum_i S_i), (G, n2, P) int32, mod 2^32."""
-    n, m = s.shape[2], s.shape[3]
-    p = s[:, :, :, 0].clone()
-    for i in range(m):  # chained psum faults of a column apply in row order
-        if i:
-            p += s[:, :, :, i]
-        p.bitwise_and_(plan.p_and[:, i].view(n, 1)).bitwise_or_(plan.p_or[:, i].view(n, 1))
-    for i in range(m):
-        p -= s[:, :, :, i]
-    return _sum_tiles(p)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The fast path's alternative kernels equal the reference too, forced here on small
-layers: per-tile int8 GEMMs for psum tile sums (chosen for many positions), int32 GEMMs
-chunked over rows (very long K) and the float64 fallback for CPUs whose int8 GEMM
-is not exact."""
+layers: per-tile int8 GEMMs for psum tile sums (chosen for many positions), also over
+chunks of positions, int32 GEMMs chunked over rows (very long K) and the float64
+fallback for CPUs whose int8 GEMM is not exact; and psum faults in bulk (chains down a
+column, several stuck bits on one PE, act faults on the same rows)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,14 @@ from .conftest import random_fault_map
 from .test_layers import _conv_reference
 
 
-@pytest.fixture(params=["int_tile_sums", "chunked_rows", "float64_gemm"])
+@pytest.fixture(params=["int_tile_sums", "chunked_positions", "chunked_rows", "float64_gemm"])
 def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "int_tile_sums":
         monkeypatch.setattr(fast, "FLOAT_TILE_SUMS_MAX_POS", 0)
+    elif request.param == "chunked_positions":  # 5 positions a chunk: rarely a divisor of P, above a Linear's B
+        monkeypatch.setattr(fast, "FLOAT_TILE_SUMS_MAX_POS", 0)
+        monkeypatch.setattr(fast, "TILE_CHUNK_BYTES", 0)
+        monkeypatch.setattr(fast, "TILE_CHUNK_MIN_POS", 5)
     elif request.param == "chunked_rows":
         monkeypatch.setattr(fast, "INT32_ROWS", 3)
     else:
@@ -121,3 +126,40 @@ def test_one_tile_psum_layers_match_reference(seed: int) -> None:
         xm = torch.randint(-127, 128, (4, rng.randint(1, array.rows)))
         wm = torch.randint(-127, 128, (rng.randint(1, 9), xm.shape[1]))
         assert torch.equal(A.fast_matmul(xm, wm, array, fmap), A.systolic_matmul(xm, wm, array, fmap))
+
+
+def _psum_heavy_map(array: ArrayConfig, rng: random.Random) -> FaultMap:
+    """Psum faults chained down a few columns, some PEs with several stuck bits (both
+    values, sign bit included), act faults on the same rows."""
+    faults: dict[tuple[int, int, str, int | None], Fault] = {}
+    for c in rng.sample(range(array.cols), min(2, array.cols)):
+        for r in rng.sample(range(array.rows), rng.randint(1, min(3, array.rows))):
+            for b in rng.sample([0, 5, 19, 20, 30, 31], rng.randint(1, 3)):
+                f = Fault(r, c, "psum", b, rng.randrange(2))
+                faults[f.key] = f
+    for _ in range(rng.randint(0, 3)):
+        f = Fault(rng.randrange(array.rows), rng.randrange(array.cols), "act", rng.randrange(8), rng.randrange(2))
+        faults[f.key] = f
+    return FaultMap(array, tuple(faults.values()))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_psum_chains_and_multibit_faults_match_reference(variant: str, seed: int) -> None:
+    """Every step order of _add_tile_adjust: outputs with 1..9 stuck bits met in a
+    column, one tile (K <= rows) and several, convs with stride and padding, Linear."""
+    rng = random.Random(100 + seed)
+    q = quantizer("int8")
+    for _ in range(6):
+        array = ArrayConfig(rng.randint(3, 6), rng.randint(2, 4))
+        fmap = _psum_heavy_map(array, rng)
+        cin, kernel = rng.choice([1, 3]), rng.choice([1, 3])  # 1x1: one tile (K <= rows); 3x3: several
+        conv = nn.Conv2d(cin, rng.randint(2, 6), kernel, stride=rng.choice([1, 2]), padding=rng.choice([0, 1]))
+        x = torch.randn(2, cin, 7, 6, generator=torch.Generator().manual_seed(seed))
+        layer = A.on_array(A.calibrate(nn.Sequential(conv), x), array, fmap)[0]
+        xq, (wq, _) = q.act(x, layer.scale_tensor()), q.weight(layer.weight)
+        got = layer.integer_output(xq, wq)
+        assert torch.equal(got.round().long(), _conv_reference(layer, xq, wq, fmap)), fmap.to_dict()
+        for K in (rng.randint(1, array.rows), rng.randint(array.rows + 1, 4 * array.rows)):
+            xm = torch.randint(-128, 128, (rng.randint(1, 9), K))
+            wm = torch.randint(-128, 128, (rng.randint(1, 9), K))
+            assert torch.equal(A.fast_matmul(xm, wm, array, fmap), A.systolic_matmul(xm, wm, array, fmap))
