@@ -323,11 +323,17 @@ class FaultMap:
         return view
 
 
-# Bypass policies, mildest first. "faulty": every PE whose own weight or psum register is
-# stuck (DESIGN.md: a bypassed PE's weight and psum faults no longer matter). "shadowed":
-# also every PE right of a stuck activation register in its row, the PEs that would
-# multiply the stuck value; their weights then act as 0, so the act fault has no effect.
-BYPASS_POLICIES: tuple[str, ...] = ("faulty", "shadowed")
+# Bypass policies. "faulty": every PE whose own weight or psum register is stuck
+# (DESIGN.md: a bypassed PE's weight and psum faults no longer matter). "shadowed": also
+# every PE right of a stuck activation register in its row, the PEs that would multiply
+# the stuck value; their weights then act as 0, so the act fault has no effect.
+# "upper_3q", "upper_half", "upper_quarter": what "shadowed" does, only for faults whose
+# stuck bit lies in the upper three quarters, half or quarter of its register's bits. A
+# stuck low-order bit moves a value by at most 2^bit, often less than losing the PE (or,
+# for an act fault, a row's worth of PEs) costs; a stuck high-order bit is far worse.
+BYPASS_POLICIES: tuple[str, ...] = ("faulty", "shadowed", "upper_3q", "upper_half", "upper_quarter")
+# the fraction of a register's bits, counted from the bottom, below which a policy leaves a fault alone
+_LOWEST_BYPASSED_BIT = {"faulty": 0.0, "shadowed": 0.0, "upper_3q": 0.25, "upper_half": 0.5, "upper_quarter": 0.75}
 
 
 def bypassed_pes(fault_map: FaultMap, policy: str = "faulty") -> list[tuple[int, int]]:
@@ -336,10 +342,12 @@ def bypassed_pes(fault_map: FaultMap, policy: str = "faulty") -> list[tuple[int,
         raise ValueError(f"bypass: unknown policy {policy!r}; known: {list(BYPASS_POLICIES)}")
     if not fault_map.array.bypass:
         raise ValueError(f"bypass: array {fault_map.array.rows}x{fault_map.array.cols} has no bypass support")
-    pes = {(f.row, f.col) for f in fault_map.faults if f.site in ("weight", "psum")}
-    if policy == "shadowed":
-        cols = fault_map.array.cols
-        pes |= {(f.row, c) for f in fault_map.faults if f.site == "act" for c in range(f.col + 1, cols)}
+    array = fault_map.array
+    lowest = _LOWEST_BYPASSED_BIT[policy]
+    hit = [f for f in fault_map.faults if f.bit is not None and f.bit >= lowest * array.bit_width(f.site)]
+    pes = {(f.row, f.col) for f in hit if f.site in ("weight", "psum")}
+    if policy != "faulty":
+        pes |= {(f.row, c) for f in hit if f.site == "act" for c in range(f.col + 1, array.cols)}
     return sorted(pes - {(f.row, f.col) for f in fault_map.faults if f.site == "pe"})
 
 

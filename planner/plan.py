@@ -29,11 +29,13 @@ cause. `replan` sends them to the top rung next (alone, largest amount, protecte
 
 Bypass (fault-aware pruning, Zhang et al.'s FAP): on an array with bypass support a
 chip can be deployed with PEs bypassed (`accelerator.faults.BYPASS_POLICIES`: those
-whose weight or psum register is stuck, and optionally those right of a stuck
-activation register). Their weights then act as 0 instead of being corrupted. Given
+whose weight or psum register is stuck, optionally those right of a stuck activation
+register, or both only for faults on the register's high-order bits). Their weights then
+act as 0 instead of being corrupted. Given
 `bypass_screening`, a chip is planned on the policy's map that screens best, when that
-beats its own map. Why: a stuck high psum or activation bit cannot be retrained away
-(one in a logit's column leaves chance accuracy), while a pruned weight is what
+beats its own map (a tie goes to the policy that bypasses fewer PEs). Why: a stuck high
+psum or activation bit cannot be retrained away (one in a logit's column leaves chance
+accuracy), while a pruned weight is what
 retraining compensates best; and a union of bypassed maps is a union of pruning masks,
 which fuses well (`workers.pipeline.retrain_group` keeps those weights at 0, so a group
 model computes on every member what it computed on the fused map).
@@ -599,7 +601,7 @@ def plan_fleet(
     `bypass_screening`: chip id -> {bypass policy: the same accuracy on the chip's map
     with PEs bypassed under that policy} (`accelerator.faults.bypass_faulty_pes`). A
     chip is deployed with the policy of highest accuracy when it beats its own map's
-    (ties: the milder policy): from here on its map in the plan is the bypassed one
+    (ties: the one that bypasses fewer PEs): from here on its map in the plan is the bypassed one
     (fused, retrained and verified as such), and its state names the policy and lists
     the bypassed PEs, which the chip must be configured with.
     """
@@ -625,9 +627,16 @@ def plan_fleet(
         unknown = set(by_policy) - set(BYPASS_POLICIES)
         if unknown:
             raise ValueError(f"plan_fleet: chip {cid!r}: unknown bypass policy {sorted(unknown)}")
-        for policy in BYPASS_POLICIES:
-            if cid in maps and policy in by_policy and float(by_policy[policy]) > screened[cid]:
-                policies[cid], screened[cid] = policy, float(by_policy[policy])
+        if cid not in maps:
+            continue
+        # best accuracy; a tie goes to the policy that bypasses fewer PEs (then the earlier one)
+        ranked = sorted(
+            (-float(by_policy[p]), len(bypassed_pes(maps[cid], p)), i, p)
+            for i, p in enumerate(BYPASS_POLICIES)
+            if p in by_policy
+        )
+        if ranked and -ranked[0][0] > screened[cid]:
+            policies[cid], screened[cid] = ranked[0][3], -ranked[0][0]
     bypassed: dict[str, list[list[int]]] = {}
     for cid, policy in policies.items():
         bypassed[cid] = [list(pe) for pe in bypassed_pes(maps[cid], policy)]

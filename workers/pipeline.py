@@ -367,7 +367,8 @@ def run_plan(
                 on_progress(
                     f"round {run.rounds} group {i}/{len(pending)} {g.group_id} size={len(g.members)} "
                     f"amount={g.amount} after={g.start_epoch} protect={list(protect)} "
-                    f"min_acc={min(verification[c] for c in g.members):.4f}"
+                    f"min_acc={min(verification[c] for c in g.members):.4f} "
+                    f"accs={[round(verification[c], 4) for c in g.members]}"
                 )
         run.plan = replan(run.plan, verification)
         trained = this_round

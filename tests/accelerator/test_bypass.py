@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from accelerator import ArrayConfig, Fault, FaultMap, bypass_faulty_pes, systolic_matmul
+from accelerator.faults import bypassed_pes
 
 
 def zero_weights_on(w: torch.Tensor, pes: set[tuple[int, int]], array: ArrayConfig) -> torch.Tensor:
@@ -72,3 +73,29 @@ def test_bypass_needs_array_support() -> None:
         bypass_faulty_pes(fm)
     with pytest.raises(ValueError, match="unknown policy"):
         bypass_faulty_pes(FaultMap(ArrayConfig(4, 4), ()), "all")
+
+
+def test_upper_bit_policies_bypass_only_faults_on_high_order_bits() -> None:
+    array = ArrayConfig(4, 5)
+    low = (Fault(0, 1, "weight", 1, 1), Fault(1, 0, "act", 3, 1), Fault(2, 2, "psum", 15, 0))
+    high = (Fault(3, 1, "weight", 6, 0), Fault(2, 3, "act", 4, 1), Fault(0, 4, "psum", 16, 1))
+    fm = FaultMap(array, low + high)
+    dead = {(f.row, f.col) for f in bypass_faulty_pes(fm, "upper_half").faults if f.site == "pe"}
+    # weight bit 6 of 8, act bit 4 of 8 (its row right of it), psum bit 16 of 32: the upper half
+    assert dead == {(3, 1), (2, 4), (0, 4)}
+    assert bypassed_pes(fm, "upper_3q") == sorted(dead | {(2, 2)} | {(1, c) for c in range(1, 5)})  # bits >= 2, 8
+    assert bypassed_pes(fm, "upper_quarter") == [(3, 1)]  # only weight bit 6 is in the top quarter (>= 6, 24)
+    assert bypassed_pes(fm, "shadowed") == sorted(set(bypassed_pes(fm, "upper_3q")) | {(0, 1)})
+    only_high = FaultMap(array, high)
+    assert bypass_faulty_pes(only_high, "upper_half") == bypass_faulty_pes(only_high, "shadowed")
+    only_low = FaultMap(array, low[:1])
+    assert bypass_faulty_pes(only_low, "upper_half") is only_low
+    # what stays is exactly the low-order faults: the chip computes the pruned product on them
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(-128, 128, (6, 11), generator=g)
+    w = torch.randint(-128, 128, (9, 11), generator=g)
+    pruned = zero_weights_on(w, dead, array)
+    rest = FaultMap(array, low)
+    assert torch.equal(
+        systolic_matmul(x, w, array, bypass_faulty_pes(fm, "upper_half")), systolic_matmul(x, pruned, array, rest)
+    )

@@ -216,3 +216,9 @@ def test_a_chip_the_bypass_helps_is_planned_on_its_bypassed_map(
     assert plan.chips["B-1"].bypassed == [[2, 3], *([5, c] for c in range(6, 16))]
     with pytest.raises(ValueError, match="unknown bypass policy"):
         plan_fleet(fleet, screening, rmap, constraint, bypass_screening={"B-1": {"all": 0.9}})
+
+    # a tie goes to the policy that bypasses fewer PEs: upper_half leaves the low act bit alone
+    mixed = FaultMap(array, (Fault(2, 3, "psum", 30, 1), Fault(5, 5, "act", 1, 1)), chip_id="B-4")
+    tie = {"B-4": {"shadowed": thr - 0.01, "upper_half": thr - 0.01, "faulty": thr - 0.03}}
+    plan = plan_fleet([*fleet, mixed], {**screening, "B-4": 0.2}, rmap, constraint, bypass_screening=tie)
+    assert plan.chips["B-4"].bypass == "upper_half" and plan.chips["B-4"].bypassed == [[2, 3]]
