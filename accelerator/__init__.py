@@ -1,7 +1,7 @@
 """Emulated faulty weight-stationary systolic-array accelerator (torch + numpy).
 
-Fault-map types (`ArrayConfig`, `Fault`, `FaultMap`, and `bypass_faulty_pes`, the map
-of a chip deployed with its faulty PEs bypassed) live in the torch-free
+Fault-map types (`ArrayConfig`, `Fault`, `FaultMap`, and `bypass_faulty_pes` /
+`bypass_pes`, the map of a chip deployed with PEs bypassed) live in the torch-free
 `accelerator.faults` and import eagerly; everything that needs torch is loaded on
 first attribute access, so `planner` can use the fault types without torch.
 
@@ -35,6 +35,7 @@ from accelerator.faults import (
     FaultMap,
     NumberFormat,
     bypass_faulty_pes,
+    bypass_pes,
     bypassed_pes,
 )
 
@@ -84,6 +85,7 @@ __all__ = [
     "FaultMap",
     "NumberFormat",
     "bypass_faulty_pes",
+    "bypass_pes",
     "bypassed_pes",
     *_LAZY,
 ]

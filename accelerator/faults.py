@@ -267,6 +267,11 @@ class FaultMap:
         return frozenset((f.row, f.col) for f in self.faults)
 
     @property
+    def dead_pes(self) -> frozenset[tuple[int, int]]:
+        """The PEs (row, col) with a `pe` fault: dead, or bypassed at deployment."""
+        return frozenset((f.row, f.col) for f in self.faults if f.site == "pe")
+
+    @property
     def rate(self) -> float:
         """Fraction of PEs with at least one fault, in [0, 1]."""
         return len(self.faulty_pes) / self.array.n_pes
@@ -348,7 +353,19 @@ def bypassed_pes(fault_map: FaultMap, policy: str = "faulty") -> list[tuple[int,
     pes = {(f.row, f.col) for f in hit if f.site in ("weight", "psum")}
     if policy != "faulty":
         pes |= {(f.row, c) for f in hit if f.site == "act" for c in range(f.col + 1, array.cols)}
-    return sorted(pes - {(f.row, f.col) for f in fault_map.faults if f.site == "pe"})
+    return sorted(pes - fault_map.dead_pes)
+
+
+def bypass_pes(fault_map: FaultMap, pes: Iterable[tuple[int, int]]) -> FaultMap:
+    """The map as deployed with PEs `pes` (row, col) bypassed: a `pe` fault added on each
+    one not dead already; the same object when nothing is added. Raises ValueError when
+    the array has no bypass support and there is something to bypass."""
+    extra = sorted(set(pes) - fault_map.dead_pes)
+    if not extra:
+        return fault_map
+    if not fault_map.array.bypass:
+        raise ValueError(f"bypass: array {fault_map.array.rows}x{fault_map.array.cols} has no bypass support")
+    return fault_map.with_faults((*fault_map.faults, *(Fault(r, c, "pe") for r, c in extra)))
 
 
 def bypass_faulty_pes(fault_map: FaultMap, policy: str = "faulty") -> FaultMap:
@@ -361,10 +378,7 @@ def bypass_faulty_pes(fault_map: FaultMap, policy: str = "faulty") -> FaultMap:
     on each bypassed PE; the same object when nothing is added. Raises ValueError when
     the array has no bypass support or the policy is unknown.
     """
-    extra = bypassed_pes(fault_map, policy)
-    if not extra:
-        return fault_map
-    return fault_map.with_faults((*fault_map.faults, *(Fault(r, c, "pe") for r, c in extra)))
+    return bypass_pes(fault_map, bypassed_pes(fault_map, policy))
 
 
 def apply_stuck(raw: np.ndarray, and_mask: np.ndarray | int, or_mask: np.ndarray | int, bits: int) -> np.ndarray:

@@ -7,7 +7,7 @@ fault types of `accelerator.faults`. No torch, no database.
 
 from planner.constraint import AccuracyConstraint
 from planner.fleet import FaultMix, FleetSpec, generate_fleet, read_ndjson, sample_fault_map, write_ndjson
-from planner.plan import ChipState, Group, Plan, PlanSettings, plan_fleet
+from planner.plan import ChipState, Group, Plan, PlanSettings, group_deployment, plan_fleet
 from planner.replan import replan
 from planner.resilience import CellTask, MeasureCell, ResilienceMap
 from planner.schedules import (
@@ -48,6 +48,7 @@ __all__ = [
     "all_at_once",
     "fuse_fault_maps",
     "generate_fleet",
+    "group_deployment",
     "measure_site_severity",
     "plan_fleet",
     "progressive_union",

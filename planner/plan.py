@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from accelerator.faults import BYPASS_POLICIES, FaultMap, bypass_faulty_pes, bypassed_pes
+from accelerator.faults import BYPASS_POLICIES, FaultMap, bypass_faulty_pes, bypass_pes, bypassed_pes
 from planner.constraint import AccuracyConstraint
 from planner.resilience import ResilienceMap
 from planner.schedules import InjectionSchedule, fuse_fault_maps, schedule_from_spec
@@ -80,6 +80,22 @@ def _rate_to_json(rate: float) -> float | None:
 
 def _rate_from_json(value: float | None) -> float:
     return math.inf if value is None else float(value)
+
+
+def group_deployment(chip_map: FaultMap, fused: FaultMap) -> FaultMap:
+    """`chip_map` (a member's planned map) with every PE dead in the group's `fused` map
+    bypassed too, on an array with bypass support (a fused map has no dead PEs otherwise).
+
+    Why: a fused map's dead PE swallows the weight and psum faults other members have
+    on that PE (DESIGN.md: a bypassed PE's faults no longer matter), so the group's
+    model never trained against them, and its weights there are 0
+    (`workers.pipeline.retrain_group`). Bypassing those PEs on every member costs the
+    model nothing and makes it compute on each member what it computed on the fused
+    map; left on, a member's stuck high weight or psum bit there can cost it most of its
+    accuracy (on the README's fleet file: two members of a group of five at 0.58 and 0.59
+    while the other three reached 0.96).
+    """
+    return bypass_pes(chip_map, fused.dead_pes)
 
 
 @dataclass
@@ -111,6 +127,10 @@ class Group:
     @property
     def total_epochs(self) -> int:
         return self.start_epoch + self.amount
+
+    def deployment(self, chip_map: FaultMap) -> FaultMap:
+        """A member's map as deployed with this group's model (see `group_deployment`)."""
+        return group_deployment(chip_map, self.fused)
 
     def injection_schedule(self, maps: Mapping[str, FaultMap], steps_per_epoch: int | None = None) -> InjectionSchedule:
         """The schedule over the members' own maps (`maps`: chip id -> map)."""

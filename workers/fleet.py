@@ -51,7 +51,8 @@ from app.db.models import (
 )
 from app.services import jobs as jobsvc
 from app.services.artifacts import open_artifact_file, read_artifact, store_bytes
-from planner import AccuracyConstraint, CellTask, ResilienceMap, plan_fleet, replan
+from planner import AccuracyConstraint, CellTask, ResilienceMap, group_deployment, plan_fleet, replan
+from planner import Group as PlannedGroup
 from planner import Plan as FleetPlan
 from planner.severity import severity_from_measurements, severity_tasks
 from workers import pipeline
@@ -507,6 +508,20 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
 # --- executing: one retraining job per group, verification, replans ------------------------
 
 
+def member_bypass(doc: FleetPlan, g: PlannedGroup) -> dict[str, dict[str, Any]]:
+    """Per member of `g`: the PEs it must bypass (beyond its dead ones) to compute what was
+    verified, its bypass policy's and the group's (`planner.group_deployment`); members
+    with none are left out."""
+    out = {}
+    for c in g.members:
+        st = doc.chips[c]
+        group_pes = g.fused.dead_pes - doc.maps[c].dead_pes
+        pes = sorted({(int(r), int(col)) for r, col in st.bypassed} | group_pes)
+        if st.bypass or pes:
+            out[c] = {"policy": st.bypass, "pes": [list(pe) for pe in pes]}
+    return out
+
+
 @handler("retrain_group")
 def retrain_group(ctx: JobContext) -> dict[str, Any]:
     """Retrain the base model on a group's schedule (checkpoint per epoch), export it, verify every member."""
@@ -558,7 +573,9 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
         on_progress=on_epoch,
     )
     ctx.report(0.88, "verifying every member chip on its own fault map")
-    verification = pipeline.verify_group(retrained, dep.array, dep.data, g.members, doc.maps, protect=protect)
+    verification = pipeline.verify_group(
+        retrained, dep.array, dep.data, g.members, doc.maps, protect=protect, fused=g.fused
+    )
     state = retrained.state_dict()
     model_bytes = state_dict_bytes(state, {"group": key})
     delta_bytes = sparse_delta(dep.model.state_dict(), state)
@@ -569,11 +586,7 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
             "group": {"id": group_id, "key": key, "plan_id": plan_id, "round": g.round, "reason": g.reason},
             "members": list(g.members),
             "accuracy": {c: verification[c] for c in g.members},
-            "bypass": {  # per member: the PEs it must bypass (beyond its dead ones) to compute what was verified
-                c: {"policy": doc.chips[c].bypass, "pes": doc.chips[c].bypassed}
-                for c in g.members
-                if doc.chips[c].bypass
-            },
+            "bypass": member_bypass(doc, g),
             "fused_map_digest": g.fused.digest,
             "fused_rate": g.fused.rate,
             "schedule": g.schedule,
@@ -759,7 +772,7 @@ def assign_one_chip(ctx: JobContext, chip_pk: int) -> dict[str, str]:
             latest.setdefault(p.base_model_id, (p.id, p.document or {}, bool((p.params or {}).get("bypass", True))))
         trained = {
             plan_id: [
-                (g.id, g.key, g.model_artifact_id, g.model.sha256, g.protect_layer)
+                (g.id, g.key, g.model_artifact_id, g.model.sha256, g.protect_layer, g.fused_map)
                 for g in s.scalars(
                     select(Group)
                     .where(Group.plan_id == plan_id, Group.model_artifact_id.is_not(None))
@@ -787,11 +800,15 @@ def assign_one_chip(ctx: JobContext, chip_pk: int) -> dict[str, str]:
                 status="waiting",
                 reason="no existing group model meets the constraint on this chip; it waits for the next plan",
             )
-            for group_id, key, group_art, sha, layer in trained[plan_id]:
+            for group_id, key, group_art, sha, layer, fused_json in trained[plan_id]:
                 model = load_group_model(dep, sha)
+                fused = FaultMap.from_dict(fused_json, array=dep.array)
                 for policy, m in options:
                     ctx.check()
-                    accuracy = float(acc.evaluate(model, dep.array, m, dep.data, protect=(layer,) if layer else ()))
+                    on_chip = group_deployment(m, fused)  # as the group's members run its model
+                    accuracy = float(
+                        acc.evaluate(model, dep.array, on_chip, dep.data, protect=(layer,) if layer else ())
+                    )
                     best = max(best, accuracy)
                     if accuracy >= thr - 1e-12:
                         values.update(

@@ -33,6 +33,7 @@ from planner import (
     Plan,
     ResilienceMap,
     SiteSeverity,
+    group_deployment,
     measure_site_severity,
     plan_fleet,
     replan,
@@ -305,9 +306,17 @@ def verify_group(
     maps: Mapping[str, FaultMap],
     *,
     protect: Sequence[str] = (),
+    fused: FaultMap | None = None,
 ) -> dict[str, float]:
-    """The retrained model's accuracy on each member chip's own map, by chip id."""
-    return {c: acc.evaluate(retrained, array, maps[c], data, protect=tuple(protect)) for c in members}
+    """The retrained model's accuracy on each member chip's own map, by chip id.
+
+    `fused`: the group's fused map; each member is then verified as deployed with the
+    group's model, the fused map's dead PEs bypassed too (`planner.group_deployment`)."""
+    out = {}
+    for c in members:
+        deployed = maps[c] if fused is None else group_deployment(maps[c], fused)
+        out[c] = acc.evaluate(retrained, array, deployed, data, protect=tuple(protect))
+    return out
 
 
 # --- the loop ---------------------------------------------------------------------------
@@ -362,7 +371,9 @@ def run_plan(
             retrained = retrain_group(start, array, data, g, run.plan.maps, grid, cfg, protect=protect)
             this_round[g.group_id] = retrained
             run.retraining_epochs += g.amount
-            verification.update(verify_group(retrained, array, data, g.members, run.plan.maps, protect=protect))
+            verification.update(
+                verify_group(retrained, array, data, g.members, run.plan.maps, protect=protect, fused=g.fused)
+            )
             if on_progress is not None:
                 on_progress(
                     f"round {run.rounds} group {i}/{len(pending)} {g.group_id} size={len(g.members)} "

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from accelerator.faults import FaultMap, bypassed_pes
+from accelerator.faults import FaultMap, bypass_faulty_pes, bypass_pes
 from app.api.errors import ApiError
 from app.db.models import (
     AcceleratorProfile,
@@ -282,11 +282,17 @@ def chip_assignment(session: Session, chip_id: str, model: str | None) -> tuple[
     return chip, a
 
 
-def chip_bypass(chip: Chip, policy: str | None) -> dict[str, Any] | None:
-    """The PEs a chip must be configured to bypass for its model (beyond its dead ones), or None."""
-    if policy is None:
+def chip_bypass(chip: Chip, policy: str | None, group_fused: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The PEs a chip must be configured to bypass for its model (beyond its dead ones), or None
+    when there are none: its bypass policy's, and with a group model (`group_fused`, the
+    group's fused map) that map's dead PEs as well (`planner.group_deployment`)."""
+    own = FaultMap.from_dict(chip.fault_map)
+    deployed = bypass_faulty_pes(own, policy) if policy else own
+    if group_fused is not None:
+        deployed = bypass_pes(deployed, FaultMap.from_dict(group_fused, array=own.array).dead_pes)
+    pes = sorted(deployed.dead_pes - own.dead_pes)
+    if policy is None and not pes:
         return None
-    pes = bypassed_pes(FaultMap.from_dict(chip.fault_map), policy)
     return {"policy": policy, "pes": [list(pe) for pe in pes]}
 
 
@@ -315,7 +321,7 @@ def chip_manifest(session: Session, chip: Chip, a: ChipAssignment) -> bytes:
         },
         "model": {"sha256": a.artifact.sha256, "size": a.artifact.size, "file": "model.safetensors"},
         "kind": "group_model" if a.group_id is not None else "base_model_pruned_for_dead_pes",
-        "bypass": chip_bypass(chip, a.bypass),
+        "bypass": chip_bypass(chip, a.bypass, a.group.fused_map if a.group is not None else None),
         "group": group_manifest,
     }
     return json.dumps(doc, sort_keys=True, indent=2).encode()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from accelerator import ArrayConfig, Fault, FaultMap, bypass_faulty_pes, systolic_matmul
+from accelerator import ArrayConfig, Fault, FaultMap, bypass_faulty_pes, bypass_pes, systolic_matmul
 from accelerator.faults import bypassed_pes
 
 
@@ -99,3 +99,19 @@ def test_upper_bit_policies_bypass_only_faults_on_high_order_bits() -> None:
     assert torch.equal(
         systolic_matmul(x, w, array, bypass_faulty_pes(fm, "upper_half")), systolic_matmul(x, pruned, array, rest)
     )
+
+
+def test_bypass_pes_adds_dead_pes_once_and_needs_bypass_support() -> None:
+    array = ArrayConfig(4, 4)
+    fm = FaultMap(array, (Fault(0, 0, "pe"), Fault(1, 2, "weight", 6, 1)), chip_id="c1")
+    out = bypass_pes(fm, [(0, 0), (1, 2), (3, 3)])
+    assert out.dead_pes == {(0, 0), (1, 2), (3, 3)} and out.chip_id == "c1"
+    assert len(out.faults) == len(fm.faults) + 2  # (0, 0) was dead already
+    assert bypass_pes(fm, [(0, 0)]) is fm
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-128, 128, (5, 9), generator=g)
+    w = torch.randint(-128, 128, (6, 9), generator=g)
+    pruned = zero_weights_on(w, {(0, 0), (1, 2), (3, 3)}, array)
+    assert torch.equal(systolic_matmul(x, w, array, out), x @ pruned.T)  # the stuck weight bit is gone too
+    with pytest.raises(ValueError, match="no bypass support"):
+        bypass_pes(FaultMap(ArrayConfig(4, 4, bypass=False), ()), [(1, 1)])

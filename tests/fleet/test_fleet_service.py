@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from safetensors.torch import load as load_safetensors
 
 import accelerator as acc
-from accelerator import ArrayConfig, FaultMap, bypass_faulty_pes
+from accelerator import ArrayConfig, FaultMap, bypass_faulty_pes, bypass_pes
 from planner import FleetSpec, generate_fleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -166,6 +166,7 @@ def test_fleet_plan_execute_verify_download(service: Any) -> None:
             (f.row, f.col) for f in own[c].faults if f.site == "pe"
         }
         assert sorted(extra) == sorted(tuple(pe) for pe in states[c]["bypassed"])
+    group_manifests: dict[str, dict[str, Any]] = {}
     for g in trained:
         blob, headers = _download(service, f"/api/v1/groups/{g['id']}/model")
         sha = hashlib.sha256(blob).hexdigest()
@@ -180,7 +181,12 @@ def test_fleet_plan_execute_verify_download(service: Any) -> None:
         protect = tuple(manifest["protect"])
         for chip_id, stated in manifest["accuracy"].items():
             # the downloaded file reproduces the accuracy its manifest states, on the chip's own map
-            assert acc.evaluate(model, array, maps[chip_id], data, protect=protect) == pytest.approx(stated, abs=1e-12)
+            # with the PEs the manifest says to bypass (its policy's and its group's) bypassed
+            pes = [tuple(pe) for pe in (manifest["bypass"].get(chip_id) or {"pes": []})["pes"]]
+            assert set(maps[chip_id].dead_pes - own[chip_id].dead_pes) <= set(pes)
+            on_chip = bypass_pes(own[chip_id], pes)
+            assert acc.evaluate(model, array, on_chip, data, protect=protect) == pytest.approx(stated, abs=1e-12)
+        group_manifests[g["key"]] = manifest
         delta, _ = _download(service, f"/api/v1/groups/{g['id']}/model", format="delta")
         assert len(delta) > 0
 
@@ -194,11 +200,15 @@ def test_fleet_plan_execute_verify_download(service: Any) -> None:
             man = r.json()
             assert man["chip_id"] == chip_id and man["status"] == ch["status"]
             stated_bypass = man["bypass"] or {"policy": None, "pes": []}
-            assert stated_bypass == {"policy": ch["bypass"], "pes": ch["bypassed"]}
             if ch["status"] == "verified":
                 group = next(g for g in plan["groups"] if g["key"] == ch["group_id"])
                 assert man["model"]["sha256"] == group["model_sha256"]
+                # the chip's manifest and its group's agree on what the chip bypasses
+                assert man["bypass"] == group_manifests[group["key"]]["bypass"].get(chip_id)
+                assert stated_bypass["policy"] == ch["bypass"]
+                assert {tuple(pe) for pe in ch["bypassed"]} <= {tuple(pe) for pe in stated_bypass["pes"]}
             else:
+                assert stated_bypass == {"policy": ch["bypass"], "pes": ch["bypassed"]}
                 assert man["kind"] == "base_model_pruned_for_dead_pes"
         # a second execute is the same execution, not a new one
         again = _ok(c.post(f"/api/v1/plans/{plan_id}/execute"), 202)

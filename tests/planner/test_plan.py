@@ -12,7 +12,9 @@ from planner import (
     Plan,
     ResilienceMap,
     SiteSeverity,
+    fuse_fault_maps,
     generate_fleet,
+    group_deployment,
     plan_fleet,
 )
 from planner.plan import NEEDS_NOTHING
@@ -222,3 +224,19 @@ def test_a_chip_the_bypass_helps_is_planned_on_its_bypassed_map(
     tie = {"B-4": {"shadowed": thr - 0.01, "upper_half": thr - 0.01, "faulty": thr - 0.03}}
     plan = plan_fleet([*fleet, mixed], {**screening, "B-4": 0.2}, rmap, constraint, bypass_screening=tie)
     assert plan.chips["B-4"].bypass == "upper_half" and plan.chips["B-4"].bypassed == [[2, 3]]
+
+
+def test_group_members_deploy_with_the_fused_maps_dead_pes_bypassed(array: ArrayConfig) -> None:
+    from accelerator.faults import Fault
+
+    dead_here = FaultMap(array, (Fault(2, 3, "pe"), Fault(7, 1, "pe")), chip_id="A-1")
+    stuck_there = FaultMap(array, (Fault(2, 3, "weight", 6, 1), Fault(4, 4, "act", 2, 0)), chip_id="B-1")
+    fused = fuse_fault_maps([dead_here, stuck_there], chip_id="g")
+    b = group_deployment(stuck_there, fused)
+    # B's stuck weight register sits on a PE the fused map has dead: the group model never
+    # trained against it, so B runs with that PE (and every other fused dead PE) bypassed
+    assert b.dead_pes == {(2, 3), (7, 1)} and set(stuck_there.faults) <= set(b.faults)
+    assert group_deployment(dead_here, fused) is dead_here
+    no_bypass = ArrayConfig(array.rows, array.cols, bypass=False)
+    plain = FaultMap(no_bypass, (Fault(1, 1, "weight", 0, 1),))
+    assert group_deployment(plain, fuse_fault_maps([plain])) is plain

@@ -93,3 +93,31 @@ def test_replan_ladder_steps(rmap: ResilienceMap, constraint: AccuracyConstraint
     assert g3.reason in ("more_epochs", "protect") and g3.total_epochs > g1.total_epochs or g3.protect
     with pytest.raises(ValueError, match="no verification"):
         replan(nxt, {})
+
+
+def test_a_member_that_misses_alone_after_its_group_continues_the_groups_model(
+    rmap: ResilienceMap, constraint: AccuracyConstraint, array: ArrayConfig
+) -> None:
+    fleet, screening = fleet_and_screening(400, 0, array)
+    plan = plan_fleet(fleet, screening, rmap, constraint, max_group_size=5)
+    pair = next(
+        g for g in plan.groups if len(g.members) >= 2 and (rmap.next_amount(g.amount) or 1e9) < rmap.largest_amount
+    )
+    thr = plan.threshold
+    ok = {c: thr + 0.01 for g in plan.pending_groups for c in g.members}
+    # round 0 misses: the group goes on together; then one member misses again
+    together = replan(plan, {**ok, **{c: thr - 0.01 for c in pair.members}})
+    (cont,) = (g for g in together.pending_groups if set(g.members) == set(pair.members))
+    assert cont.reason == "more_epochs_together" and cont.warm_from == pair.group_id
+    lone = pair.members[0]
+    nxt = replan(together, {**{c: thr + 0.01 for c in cont.members}, lone: thr - 0.002})
+    (g,) = nxt.pending_groups
+    # alone, from the continued group's model, for the smallest amount on the map
+    assert g.members == (lone,) and g.reason == "alone" and not g.protect
+    assert g.warm_from == cont.group_id and g.start_epoch == cont.total_epochs and g.amount == rmap.epochs[1]
+    assert all(nxt.chips[c].status == VERIFIED for c in pair.members[1:])
+    # missing again: its own model goes on to the next amount on the map
+    again = replan(nxt, {lone: thr - 0.002})
+    (g2,) = again.pending_groups
+    assert g2.reason == "more_epochs" and g2.warm_from == g.group_id
+    assert g2.total_epochs == rmap.next_amount(g.total_epochs)
