@@ -287,20 +287,21 @@ def _fill_act_rows(plan: LayerPlan, cols: torch.Tensor) -> torch.Tensor:
     return cols
 
 
-def _scratch(slot: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised int8 tensor of `shape`, contiguous, from this thread's reusable
-    buffer `slot` (grown as needed; fresh memory beyond WORKSPACE_MAX_BYTES). Valid until
-    the next request of the same slot in this thread: for temporaries of one call only."""
-    numel = 1
+def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """An uninitialised contiguous tensor of `shape` and `dtype` from this thread's
+    reusable buffer `slot` (grown as needed; fresh memory beyond WORKSPACE_MAX_BYTES).
+    Valid until the next request of the same slot in this thread: for temporaries of
+    one call only."""
+    nbytes = dtype.itemsize
     for d in shape:
-        numel *= d
-    if numel > WORKSPACE_MAX_BYTES:
-        return torch.empty(shape, dtype=torch.int8)
+        nbytes *= d
+    if nbytes > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype)
     bufs: dict[str, torch.Tensor] = _workspace.__dict__.setdefault("bufs", {})
     buf = bufs.get(slot)
-    if buf is None or buf.numel() < numel:
-        buf = bufs[slot] = torch.empty(numel, dtype=torch.int8)
-    return buf[:numel].view(shape)
+    if buf is None or buf.numel() < nbytes:
+        buf = bufs[slot] = torch.empty(nbytes, dtype=torch.uint8)  # 64-byte aligned: any dtype views it
+    return buf[:nbytes].view(dtype).view(shape)
 
 
 def linear_cols(plan: LayerPlan, xq: torch.Tensor) -> torch.Tensor:
@@ -497,7 +498,7 @@ def _add_tiles_adjust(
         _add_tile_adjust(plan, s.to(torch.int32), vals)
         return
     pc = min(P, max(TILE_CHUNK_MIN_POS, TILE_CHUNK_BYTES // (4 * G * M)))
-    buf = torch.empty(2 if w_act is not None else 1, G * M * pc, dtype=torch.int32)
+    buf = _scratch("tile_sums", (2 if w_act is not None else 1, G * M * pc), torch.int32)
     for c0 in range(0, P, pc):
         n = min(pc, P - c0)
         s = buf[0, : G * M * n].view(G, 1, M, n)  # contiguous, as torch._int_mm's out must be

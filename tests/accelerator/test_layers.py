@@ -213,8 +213,9 @@ def test_state_dict_roundtrip_keeps_scales(tmp_path) -> None:  # type: ignore[no
         A.load_model("resnet20", path, (1, 12, 12), 4)
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_psum_patch_wraps_like_the_int32_buffer(kind: str) -> None:
+def test_psum_patch_wraps_like_the_int32_buffer(kind: str, bias: bool) -> None:
     """Psum-affected outputs are patched in int64 and narrowed to int32: the sum over
     tiles must wrap in two's complement exactly like the array's output buffer, and the
     dequantized forward must scale the wrapped value (not a float32-rounded one)."""
@@ -226,7 +227,7 @@ def test_psum_patch_wraps_like_the_int32_buffer(kind: str) -> None:
         (Fault(3, 0, "psum", 30, 1), Fault(1, 1, "psum", 31, 1), Fault(3, 1, "psum", 29, 0)),
     )
     torch.manual_seed(0)
-    layer_f: nn.Module = nn.Linear(12, 2) if kind == "linear" else nn.Conv2d(12, 2, 1)
+    layer_f: nn.Module = nn.Linear(12, 2, bias=bias) if kind == "linear" else nn.Conv2d(12, 2, 1, bias=bias)
     with torch.no_grad():
         layer_f.weight.copy_(torch.rand_like(layer_f.weight) + 0.1)  # positive: clean sums > 0
     x = torch.rand(6, 12) if kind == "linear" else torch.rand(3, 12, 2, 1)
@@ -243,7 +244,7 @@ def test_psum_patch_wraps_like_the_int32_buffer(kind: str) -> None:
     got2 = got if kind == "linear" else got.permute(0, 2, 3, 1).reshape(-1, 2)
     assert torch.equal(got2.round().long(), ref)
     scale = (layer.scale_tensor() * sw).double()
-    want = (ref.double() * scale + layer.bias.double()).float()
+    want = (ref.double() * scale + (layer.bias.double() if bias else 0.0)).float()
     with torch.no_grad():
         out = layer(x)
     out2 = out if kind == "linear" else out.permute(0, 2, 3, 1).reshape(-1, 2)
