@@ -589,7 +589,12 @@ class ArrayProduct:
             v = self.vals.to(torch.float64).mul_(scale.to(torch.float64)[self.chan].view(view))
             if bias is not None:
                 v += bias.to(torch.float64)[self.chan].view(view)
-            out[:, self.chan] = v.to(dtype)
+            if v.dim() > 2:  # conv: a copy per channel (to dtype on the way) of whole planes,
+                # about twice as fast as an index_put over dim 1 plus a float32 temporary
+                for a, c in enumerate(self.chan.tolist()):
+                    out[:, c].copy_(v[:, a])
+            else:
+                out[:, self.chan] = v.to(dtype)
         return out
 
 
