@@ -572,7 +572,7 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
         checkpoint_dir=ckdir,
         on_progress=on_epoch,
     )
-    ctx.report(0.88, "verifying every member chip on its own fault map")
+    ctx.report(0.88, "verifying every member chip on its own fault map, with the group's bypass")
     verification = pipeline.verify_group(
         retrained, dep.array, dep.data, g.members, doc.maps, protect=protect, fused=g.fused
     )
