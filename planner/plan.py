@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from accelerator.faults import BYPASS_POLICIES, FaultMap, bypass_faulty_pes, bypass_pes, bypassed_pes
+from accelerator.faults import BYPASS_POLICIES, FaultMap, bypass_pes, bypassed_pes
 from planner.constraint import AccuracyConstraint
 from planner.resilience import ResilienceMap
 from planner.schedules import InjectionSchedule, fuse_fault_maps, schedule_from_spec
@@ -127,10 +127,6 @@ class Group:
     @property
     def total_epochs(self) -> int:
         return self.start_epoch + self.amount
-
-    def deployment(self, chip_map: FaultMap) -> FaultMap:
-        """A member's map as deployed with this group's model (see `group_deployment`)."""
-        return group_deployment(chip_map, self.fused)
 
     def injection_schedule(self, maps: Mapping[str, FaultMap], steps_per_epoch: int | None = None) -> InjectionSchedule:
         """The schedule over the members' own maps (`maps`: chip id -> map)."""
@@ -583,7 +579,7 @@ def group_chips(
     rates = np.array([chips[c].effective_rate for c in ids])
     ordered_maps = [maps[c] for c in ids]
     packer = _Packer(ordered_maps, rates, severity)
-    min_amount = next((e for e in rmap.epochs if e > 0), rmap.largest_amount)
+    min_amount = rmap.smallest_positive_amount
     out: list[tuple[list[str], float, int]] = []
     for amount in sorted(set(own.tolist())):
         bucket = np.nonzero(own == amount)[0]
@@ -643,26 +639,22 @@ def plan_fleet(
     maps = dict(sorted(maps.items()))
     screened = {cid: float(screening[cid]) for cid in maps}
     policies: dict[str, str] = {}
+    bypassed: dict[str, list[list[int]]] = {}
     for cid, by_policy in (bypass_screening or {}).items():
         unknown = set(by_policy) - set(BYPASS_POLICIES)
         if unknown:
             raise ValueError(f"plan_fleet: chip {cid!r}: unknown bypass policy {sorted(unknown)}")
         if cid not in maps:
             continue
+        pes = {p: bypassed_pes(maps[cid], p) for p in BYPASS_POLICIES if p in by_policy}
         # best accuracy; a tie goes to the policy that bypasses fewer PEs (then the earlier one)
-        ranked = sorted(
-            (-float(by_policy[p]), len(bypassed_pes(maps[cid], p)), i, p)
-            for i, p in enumerate(BYPASS_POLICIES)
-            if p in by_policy
-        )
-        if ranked and -ranked[0][0] > screened[cid]:
-            policies[cid], screened[cid] = ranked[0][3], -ranked[0][0]
-    bypassed: dict[str, list[list[int]]] = {}
-    for cid, policy in policies.items():
-        bypassed[cid] = [list(pe) for pe in bypassed_pes(maps[cid], policy)]
-        maps[cid] = bypass_faulty_pes(maps[cid], policy)
+        best = min(pes, key=lambda p: (-float(by_policy[p]), len(pes[p]), BYPASS_POLICIES.index(p)), default=None)
+        if best is not None and float(by_policy[best]) > screened[cid]:
+            policies[cid], screened[cid] = best, float(by_policy[best])
+            bypassed[cid] = [list(pe) for pe in pes[best]]
+            maps[cid] = bypass_pes(maps[cid], pes[best])
     rmap, thr = resilience_map, constraint.threshold(resilience_map.baseline)
-    smallest_positive = next((e for e in rmap.epochs if e > 0), rmap.largest_amount)
+    smallest_positive = rmap.smallest_positive_amount
 
     states: dict[str, ChipState] = {}
     for cid, m in maps.items():

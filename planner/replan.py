@@ -60,10 +60,9 @@ def _next_step(plan: Plan, group: Group, chip_id: str) -> _Step | None:
 
 def _alone(plan: Plan, group: Group, chip_id: str) -> _Step:
     """A member that missed in `group` goes on alone from the group's model (ladder step 2)."""
-    rmap = plan.resilience_map
-    smallest = next((e for e in rmap.epochs if e > 0), rmap.largest_amount)
+    amount = plan.resilience_map.smallest_positive_amount
     rate = plan.chips[chip_id].effective_rate
-    return ([chip_id], rate, smallest, "alone", group.protect, group.group_id, group.total_epochs)
+    return ([chip_id], rate, amount, "alone", group.protect, group.group_id, group.total_epochs)
 
 
 def replan(plan: Plan, verification: Mapping[str, float]) -> Plan:

@@ -244,6 +244,11 @@ class ResilienceMap:
     def largest_amount(self) -> int:
         return self.epochs[-1]
 
+    @property
+    def smallest_positive_amount(self) -> int:
+        """The smallest amount on the map above 0 epochs (the largest when there is none)."""
+        return next((e for e in self.epochs if e > 0), self.largest_amount)
+
     # --- JSON ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
