@@ -14,11 +14,12 @@ Same results as `systolic.systolic_matmul`, bit for bit, at close to GEMM speed:
   act fault reads that stuck row instead of the clean one (`array_weight`), so act
   faults cost T * n_act extra rows of one GEMM;
 * psum faults need, per K-tile, the partial sums of the faulty column up to each
-  faulty row: int8 GEMMs on the tile's rows (and its stuck act rows), extra rows of the
-  main GEMM when there is one tile. Setting stuck bit b to v adds 2^b (v - bit_b(p)) to
-  the psum p: the bits are met one by one in row order in int32, whose wrapping adds
-  and bitwise ops are exactly the array's 32-bit psum registers, and the rest of the
-  column sum comes from the main GEMM (addition commutes with mod 2^32);
+  faulty row (the tile's rows, clean or act-stuck as the output reads them). Setting
+  stuck bit b to v adds 2^b (v - bit_b(p)) to the psum p: the bits are met one by one
+  in row order in int32, whose wrapping adds and bitwise ops are exactly the array's
+  32-bit psum registers, and the rest of the column sum comes from the main GEMM
+  (addition commutes with mod 2^32). A compiled kernel (`kernels.stuck_psum_bits`)
+  does the prefix sums and bit ops of a block of positions in cache;
 * big temporaries (the lowered input, the padded input) live in per-thread buffers
   reused across calls (`_scratch`): fresh ones cost more in page faults than in work.
 
@@ -37,20 +38,16 @@ import torch
 import torch.nn.functional as F
 
 from accelerator.faults import ArrayConfig, FaultMap
+from accelerator.kernels import stuck_psum_bits
 from accelerator.systolic import check_fault_map, check_integer_operands, wrap_signed
 
 EXACT_F32 = 1 << 24  # every integer of magnitude <= 2^24 is exact in float32
 # int8 x int8 products are at most 2^14: an int32 GEMM accumulator is exact up to this
 # many rows (beyond it the rows are summed in chunks and wrapped like the int32 buffer)
 INT32_ROWS = 1 << 16
-# tile sums over at most this many positions run as one batched float32 matmul (few
-# positions: a Linear layer's batch); more positions run per-tile int8 GEMMs
-FLOAT_TILE_SUMS_MAX_POS = 1024
-# per-tile int8 GEMMs for psum prefix sums run over chunks of positions whose int32
-# sums take about this many bytes (they stay in cache for the bit ops; measured best on
-# a 2-core EPYC, 1 MB L2 a core and 32 MB L3, at 1 and 2 threads), at least this many
-TILE_CHUNK_BYTES = 1 << 22
-TILE_CHUNK_MIN_POS = 4096
+# the psum kernel works on blocks of this many positions (a thread's unit of work;
+# measured best among 128..2048 on a 2-core EPYC at 1 and 2 threads)
+PSUM_BLOCK = 512
 # lowered inputs up to this size live in a per-thread buffer reused across calls: a
 # fresh one of tens of MB costs more in page faults (first touch) than filling it
 WORKSPACE_MAX_BYTES = 1 << 28
@@ -69,7 +66,7 @@ class LayerPlan:
     Built once per (fault map, layer geometry); weight-independent. Shapes: TR = T*R
     is K padded to whole tiles; n_a act faults that reach a used column; n_aff
     psum-affected outputs (local output indices within a group); rp = rows 0..rp-1 of a
-    tile needed for the psum prefix sums; n_seg psum steps (`steps`) in all.
+    tile needed for the psum prefix sums; S = most psum steps of one output.
     """
 
     R: int
@@ -87,19 +84,18 @@ class LayerPlan:
     act_masks: torch.Tensor  # (2, n_a) int8: and, or an activation carries right of the fault
     row_keep: torch.Tensor  # (Og, TR) bool: False where the output reads an act-stuck row instead
     act_sel: torch.Tensor  # (Og, n_a) bool: fault j is the last one of its row left of the output
-    aff: torch.Tensor  # (n_aff,) long, by number of steps, most first
+    aff: torch.Tensor  # (n_aff,) long
     rp: int
     # A psum fault sets its stuck bits one by one: step j of an affected output sets bit
-    # b_j to v_j at tile row r_j (row order; a fault with several bits: several steps).
-    # The steps come in blocks: block i holds step i of aff[:steps[i]].
-    steps: tuple[int, ...]
-    # one prefix sum per step: tile rows 0..r_j (and the stuck act rows among them)
-    seg_out: torch.Tensor  # (n_seg,) long: index into aff
-    seg_rows: torch.Tensor  # (n_seg, rp) int8 1 where tile row r <= r_j
-    seg_act: torch.Tensor  # (n_seg, n_a) int8 1 where act fault j's row <= r_j
-    step_mask: torch.Tensor  # (n_seg, 1) int32 2^b_j (two's complement)
-    step_carry: torch.Tensor  # (n_seg, 1) int32 K_{j-1} mod 2^32, K_j = sum_{i <= j} v_i 2^b_i
+    # b_j to v_j after tile row r_j (row order; a fault with several bits: several steps)
+    n_steps: torch.Tensor  # (n_aff,) long
+    step_row: torch.Tensor  # (n_aff, S) long r_j
+    step_mask: torch.Tensor  # (n_aff, S) int32 2^b_j (two's complement)
+    step_carry: torch.Tensor  # (n_aff, S) int32 K_{j-1} mod 2^32, K_j = sum_{i <= j} v_i 2^b_i
     out_const: torch.Tensor  # (n_aff, 1) int32 T * K_last mod 2^32
+    # the row of the extended lowered input that tile row r of tile t is read from for
+    # affected output a: the clean row, or the stuck row of the act fault left of it
+    term_row: torch.Tensor  # (T, n_aff, rp) long
     cache: dict[object, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -198,25 +194,25 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
         c = int(col[o])
         return [(r, b, v) for r in per_col.get(c, []) for b, v in stuck_bits(r, c)]
 
-    # affected outputs, most steps first: step i's block is then a prefix of aff
-    aff = sorted((o for o in range(out_per_group) if int(col[o]) in per_col), key=lambda o: -len(steps_of(o)))
-    n_steps = [len(steps_of(o)) for o in aff]
-    steps = tuple(sum(n > i for n in n_steps) for i in range(max(n_steps, default=0)))
-    seg_out: list[int] = []
-    seg_rows: list[torch.Tensor] = []
-    seg_act: list[torch.Tensor] = []
-    step_mask: list[int] = []
-    step_carry: list[int] = []
-    for i, n in enumerate(steps):
-        for a in range(n):
-            o_steps = steps_of(aff[a])
-            r, b, _ = o_steps[i]
-            seg_out.append(a)
-            seg_rows.append((torch.arange(rp) <= r).to(torch.int8))
-            seg_act.append((act_rows <= r).to(torch.int8))
-            step_mask.append(1 << b)
-            step_carry.append(sum(v << bb for _, bb, v in o_steps[:i]))
-    out_const = [T * sum(v << b for _, b, v in steps_of(o)) for o in aff]
+    aff = [o for o in range(out_per_group) if int(col[o]) in per_col]
+    o_steps = [steps_of(o) for o in aff]
+    S = max((len(st) for st in o_steps), default=0)
+    step_row = torch.zeros(len(aff), S, dtype=torch.long)
+    step_mask = torch.zeros(len(aff), S, dtype=torch.long)
+    step_carry = torch.zeros(len(aff), S, dtype=torch.long)
+    for a, st in enumerate(o_steps):
+        for i, (r, b, _) in enumerate(st):
+            step_row[a, i], step_mask[a, i] = r, 1 << b
+            step_carry[a, i] = sum(v << bb for _, bb, v in st[:i])
+    out_const = [T * sum(v << b for _, b, v in st) for st in o_steps]
+    # tile row r of output o is read from the stuck row of act fault j where act_sel[o, j]
+    src = torch.arange(rp).repeat(len(aff), 1)  # (n_aff, rp): tile row r, or R + j: act fault j's stuck row
+    for a, o in enumerate(aff):
+        for j in torch.nonzero(act_sel[o]).flatten().tolist():
+            if int(act_rows[j]) < rp:
+                src[a, int(act_rows[j])] = R + j
+    t = torch.arange(T).view(T, 1, 1)
+    term_row = torch.where(src < R, t * R + src, TR + t * n_a + (src - R))
 
     def int32(v: list[int] | torch.Tensor) -> torch.Tensor:
         """Values mod 2^32 as int32 two's complement (the psum registers are 32 bits wide)."""
@@ -240,13 +236,12 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
         act_sel=act_sel,
         aff=torch.tensor(aff, dtype=torch.long),
         rp=rp,
-        steps=steps,
-        seg_out=torch.tensor(seg_out, dtype=torch.long),
-        seg_rows=torch.stack(seg_rows) if seg_rows else torch.zeros(0, rp, dtype=torch.int8),
-        seg_act=torch.stack(seg_act) if seg_act else torch.zeros(0, n_a, dtype=torch.int8),
-        step_mask=int32(step_mask).view(-1, 1),
-        step_carry=int32(step_carry).view(-1, 1),
+        n_steps=torch.tensor([len(st) for st in o_steps], dtype=torch.long),
+        step_row=step_row,
+        step_mask=int32(step_mask),
+        step_carry=int32(step_carry),
         out_const=int32(out_const).view(-1, 1),
+        term_row=term_row.contiguous(),
     )
 
 
@@ -393,16 +388,16 @@ class ArrayWeight:
     input-independent, so reusable across calls while the weights stay the same.
 
     `dense`: without act or psum faults, the effective weights as float in the layer's
-    weight shape. Otherwise `w8` (G, Og + n, J) int8 on the first J rows of the extended
-    input (J = K without act faults): the `array_weight` rows, then with a single K-tile
-    the n = n_seg psum segment rows; with several tiles `tiles`, the per-tile segment
-    weights of `_segment_weights`.
+    weight shape. Otherwise `w8` (G, Og, J) int8, the `array_weight` rows on the first J
+    rows of the extended input (J = K without act faults), and with psum faults
+    `terms` (G, T, n_aff, rp) int8: the weight of each tile row an affected output's
+    psum meets, on the input row `plan.term_row` it reads.
     """
 
     shape: tuple[int, ...]
     dense: torch.Tensor | None = None
     w8: torch.Tensor | None = None
-    tiles: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    terms: torch.Tensor | None = None
 
 
 def array_weights(plan: LayerPlan, wq: torch.Tensor) -> ArrayWeight:
@@ -413,12 +408,10 @@ def array_weights(plan: LayerPlan, wq: torch.Tensor) -> ArrayWeight:
         dense = effective_weight(plan, wg)[:, :, : plan.K].reshape(shape).to(exact_dtype(plan.TR << 14))
         return ArrayWeight(shape, dense=dense)
     w8 = array_weight(plan, wg)
-    tiles = _segment_weights(plan, w8) if plan.n_aff and plan.T > 1 else None
-    if plan.n_aff and plan.T == 1:  # one tile: the segment sums are extra rows of the main GEMM
-        w8 = torch.cat([w8, w8[:, plan.aff[plan.seg_out]] * _one_tile_segment_mask(plan)], 1)
+    terms = w8[:, plan.aff.view(1, -1, 1), plan.term_row].contiguous() if plan.n_aff else None
     if not plan.n_act:  # padding rows past K then read activation 0: left out of the main GEMM
         w8 = w8[:, :, : plan.K].contiguous()
-    return ArrayWeight(shape, w8=w8, tiles=tiles)
+    return ArrayWeight(shape, w8=w8, terms=terms)
 
 
 def array_product(plan: LayerPlan, aw: ArrayWeight, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -427,23 +420,19 @@ def array_product(plan: LayerPlan, aw: ArrayWeight, cols: torch.Tensor) -> tuple
     second result (G, n_aff, P) int32 (None without psum faults): those outputs are
     dequantized from the wrapped value in float64.
 
-    Psum faults need, per K-tile, the prefix sums c_j of each affected output's psum
-    up to the row of its step j (stuck act rows included): int8 GEMMs on the tile rows
-    (int32, exact), turned into adjustments tile by tile (`_add_tile_adjust`).
+    Psum faults: setting bit b to v adds 2^b (v - bit_b(p)) to the psum p, over all
+    steps and tiles T K_last - sum (p & 2^b); the bits met come from the prefix sums of
+    each affected output's psum in each tile (`kernels.stuck_psum_bits`).
     """
     assert aw.w8 is not None
-    Og = plan.Og
-    out = _gemm_groups(aw.w8, cols[:, : aw.w8.shape[2]])
-    y = out[:, :Og]
+    y = _gemm_groups(aw.w8, cols[:, : aw.w8.shape[2]])
     if not plan.n_aff:
         return y, None
-    vals = y[:, plan.aff]
-    # setting bit b to v adds 2^b (v - bit_b(p)): over all steps and tiles T K_last - sum (p & 2^b)
-    vals += plan.out_const
-    if aw.tiles is None:
-        _add_tile_adjust(plan, out[:, Og:].unsqueeze(1), vals)
-    else:
-        _add_tiles_adjust(plan, *aw.tiles, cols, vals)
+    assert aw.terms is not None
+    vals = y[:, plan.aff] + plan.out_const
+    stuck_psum_bits(
+        cols, plan.term_row, aw.terms, plan.step_row, plan.step_mask, plan.step_carry, plan.n_steps, vals, PSUM_BLOCK
+    )
     return y, vals
 
 
@@ -453,97 +442,6 @@ def _gemm_groups(w8: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     for g in range(w8.shape[0]):
         _int_gemm(w8[g], cols[g], out[g])
     return out
-
-
-def _one_tile_segment_mask(plan: LayerPlan) -> torch.Tensor:
-    """(n_seg, R + n_a) int8: the rows of the (only) tile in each psum segment, cached."""
-    mask = plan.cache.get("segment_mask")
-    if mask is None:
-        rows = F.pad(plan.seg_rows, (0, plan.R - plan.rp))
-        mask = plan.cache["segment_mask"] = torch.cat([rows, plan.seg_act], dim=1)
-    return mask
-
-
-def _segment_weights(plan: LayerPlan, w8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weights of the psum steps' prefix sums per tile: (G, T, n_seg, rp) on the tile rows 0..rp-1
-    and (G, T, n_seg, n_a) on the tile's stuck act rows (None without act faults)."""
-    G, T, R, rp, n_a, TR = plan.G, plan.T, plan.R, plan.rp, plan.n_act, plan.TR
-    outs = plan.aff[plan.seg_out]
-    w_rows = w8[:, outs, :TR].view(G, -1, T, R)[..., :rp] * plan.seg_rows.view(1, -1, 1, rp)
-    w_act = None
-    if n_a:
-        w_act = w8[:, outs, TR:].view(G, -1, T, n_a) * plan.seg_act.view(1, -1, 1, n_a)
-        w_act = w_act.transpose(1, 2).contiguous()
-    return w_rows.transpose(1, 2).contiguous(), w_act
-
-
-def _add_tiles_adjust(
-    plan: LayerPlan, w_rows: torch.Tensor, w_act: torch.Tensor | None, cols: torch.Tensor, vals: torch.Tensor
-) -> None:
-    """Add to vals (G, n_aff, P) int32 the psum-fault adjustments of every K-tile, from
-    the per-tile step weights w_rows (G, T, M, rp) int8 on tile rows 0..rp-1 and
-    w_act (G, T, M, n_a) int8 on the tile's stuck act rows (M = n_seg).
-
-    Few positions: all tiles at once in one batched float32 matmul. Otherwise chunks of
-    positions, tile by tile: a chunk's (G, M, chunk) int32 prefix sums stay in cache
-    for the bit ops that follow."""
-    G, T, M, rp = w_rows.shape
-    R, TR, n_a, P = plan.R, plan.TR, plan.n_act, cols.shape[2]
-    rows = cols[:, :TR].view(G, T, R, P)[:, :, :rp]
-    acts = cols[:, TR:].view(G, T, n_a, P)
-    if P <= FLOAT_TILE_SUMS_MAX_POS and (rp + n_a) << 14 <= EXACT_F32:
-        # few positions: one batched float32 matmul beats T small GEMM calls (exact below 2^24)
-        s = torch.matmul(w_rows.float(), rows.float())
-        if w_act is not None:
-            s += torch.matmul(w_act.float(), acts.float())
-        _add_tile_adjust(plan, s.to(torch.int32), vals)
-        return
-    pc = min(P, max(TILE_CHUNK_MIN_POS, TILE_CHUNK_BYTES // (4 * G * M)))
-    buf = _scratch("tile_sums", (2 if w_act is not None else 1, G * M * pc), torch.int32)
-    for c0 in range(0, P, pc):
-        n = min(pc, P - c0)
-        s = buf[0, : G * M * n].view(G, 1, M, n)  # contiguous, as torch._int_mm's out must be
-        for t in range(T):
-            for g in range(G):
-                _int_mm(w_rows[g, t], rows[g, t, :, c0 : c0 + n], out=s[g, 0])
-                if w_act is not None:
-                    s[g, 0] += _int_mm(w_act[g, t], acts[g, t, :, c0 : c0 + n], out=buf[1, : M * n].view(M, n))
-            _add_tile_adjust(plan, s, vals[:, :, c0 : c0 + n])
-
-
-def _add_tile_adjust(plan: LayerPlan, s: torch.Tensor, vals: torch.Tensor) -> None:
-    """Subtract from vals (G, n_aff, P) int32 the stuck bits met in the tiles whose step
-    prefix sums are s (G, T', n_seg, P) int32 (overwritten), mod 2^32.
-
-    Step j meets the psum p_j = c_j + K_{j-1} - acc_{j-1} (c_j the tile's prefix sum,
-    acc_j = sum_{i <= j} p_i & 2^b_i the bits met so far) and sets its bit, adding
-    2^b_j v_j - (p_j & 2^b_j): the tile adds K_last - acc_last in all, whose constant
-    part is `out_const`. Each block turns in place into acc of its step."""
-    steps, off = plan.steps, 0
-    prev: torch.Tensor | None = None
-    for i, n in enumerate(steps):
-        blk = s[:, :, off : off + n]
-        if prev is not None:  # p_j from the prefix sum c_j and the bits met before
-            blk.sub_(prev[:, :, :n]).add_(plan.step_carry[off : off + n])
-        blk.bitwise_and_(plan.step_mask[off : off + n])
-        if prev is not None:
-            blk.add_(prev[:, :, :n])
-        done = steps[i + 1] if i + 1 < len(steps) else 0  # aff[done:n] take no further step
-        if done < n:
-            vals[:, done:n] -= _sum_tiles(blk[:, :, done:n])
-        prev, off = blk, off + n
-
-
-def _sum_tiles(s: torch.Tensor) -> torch.Tensor:
-    """s (G, T, ...) int32 summed over tiles (dim 1), wrapping mod 2^32, in place: a
-    halving tree of slice adds (a reduction over a middle dimension is several times
-    slower on CPU). Returns a view of s."""
-    T = s.shape[1]
-    while T > 1:
-        h = T // 2
-        s[:, :h] += s[:, T - h : T]
-        T -= h
-    return s[:, 0]
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The fast path's alternative kernels equal the reference too, forced here on small
-layers: per-tile int8 GEMMs for psum tile sums (chosen for many positions), also over
-chunks of positions, int32 GEMMs chunked over rows (very long K) and the float64
-fallback for CPUs whose int8 GEMM is not exact; and psum faults in bulk (chains down a
-column, several stuck bits on one PE, act faults on the same rows)."""
+layers: the psum kernel over blocks of a few positions (a layer's positions split
+across blocks and threads, the last block partial), int32 GEMMs chunked over rows (very
+long K) and the float64 fallback for CPUs whose int8 GEMM is not exact; and psum faults
+in bulk (chains down a column, several stuck bits on one PE, act faults on the same
+rows)."""
 
 from __future__ import annotations
 
@@ -21,18 +22,13 @@ from .conftest import random_fault_map
 from .test_layers import _conv_reference
 
 
-@pytest.fixture(params=["int_tile_sums", "chunked_positions", "chunked_rows", "float64_gemm"])
+@pytest.fixture(params=["psum_blocks", "small_psum_blocks", "chunked_rows", "float64_gemm"])
 def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "int_tile_sums":
-        monkeypatch.setattr(fast, "FLOAT_TILE_SUMS_MAX_POS", 0)
-    elif request.param == "chunked_positions":  # 5 positions a chunk: rarely a divisor of P, above a Linear's B
-        monkeypatch.setattr(fast, "FLOAT_TILE_SUMS_MAX_POS", 0)
-        monkeypatch.setattr(fast, "TILE_CHUNK_BYTES", 0)
-        monkeypatch.setattr(fast, "TILE_CHUNK_MIN_POS", 5)
+    if request.param == "small_psum_blocks":  # 5 positions a block: rarely a divisor of P, above a Linear's B
+        monkeypatch.setattr(fast, "PSUM_BLOCK", 5)
     elif request.param == "chunked_rows":
         monkeypatch.setattr(fast, "INT32_ROWS", 3)
-    else:
-        monkeypatch.setattr(fast, "FLOAT_TILE_SUMS_MAX_POS", 0)
+    elif request.param == "float64_gemm":
         monkeypatch.setattr(fast, "_int_mm_is_exact", lambda: False)
     return str(request.param)
 
@@ -108,8 +104,7 @@ def test_prepared_weights_follow_weight_and_fault_changes() -> None:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_one_tile_psum_layers_match_reference(seed: int) -> None:
-    """K <= rows (one tile) with psum faults: the segment sums are extra rows of the
-    main GEMM."""
+    """K <= rows (one tile) with psum faults."""
     rng = random.Random(seed)
     for _ in range(10):
         array = ArrayConfig(rng.randint(9, 20), rng.randint(2, 5))
@@ -145,8 +140,8 @@ def _psum_heavy_map(array: ArrayConfig, rng: random.Random) -> FaultMap:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_psum_chains_and_multibit_faults_match_reference(variant: str, seed: int) -> None:
-    """Every step order of _add_tile_adjust: outputs with 1..9 stuck bits met in a
-    column, one tile (K <= rows) and several, convs with stride and padding, Linear."""
+    """Outputs with 1..9 stuck bits met in a column, one tile (K <= rows) and several,
+    convs with stride and padding, Linear."""
     rng = random.Random(100 + seed)
     q = quantizer("int8")
     for _ in range(6):
