@@ -9,8 +9,10 @@ through all tiles, prefix sums and bit operations of an output, and only the sum
 the bits met is written.
 
 Threads: torch's count (numba's parallel loop, one contiguous range of blocks a
-thread). The kernel holds the GIL while it runs, so calls from several Python threads
-take turns and numba's threading layer needs no thread safety of its own.
+thread; numba's OpenMP layer and torch load the same libgomp, so their threads are
+one pool and do not spin against each other). The kernel holds the GIL while it runs,
+so calls from several Python threads take turns and numba's threading layer needs no
+thread safety of its own.
 """
 
 from __future__ import annotations
@@ -102,8 +104,13 @@ def stuck_psum_bits(
     `_stuck_psum_bits`; contiguous CPU tensors: cols int8, term_row (T, A, L) and
     step_row (A, S) int64, term_w (G, T, A, L) int8, step_mask / step_carry (A, S)
     int32, n_steps (A,) int64). Runs on as many threads as torch uses."""
-    n_threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+    torch_threads = torch.get_num_threads()
+    n_threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     numba.set_num_threads(n_threads)
     args = (cols, term_row, term_w, step_row, step_mask, step_carry, n_steps)
     kernel: Any = _stuck_psum_bits  # a numba Dispatcher: its call signature is the Python function's
     kernel(*(t.numpy() for t in args), block, n_threads, vals.numpy())
+    if torch.get_num_threads() != torch_threads:
+        # numba's first parallel call sets the thread count of the OpenMP runtime it
+        # shares with torch (one libgomp): give torch its own count back
+        torch.set_num_threads(torch_threads)

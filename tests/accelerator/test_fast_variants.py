@@ -7,7 +7,10 @@ rows)."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -158,3 +161,21 @@ def test_psum_chains_and_multibit_faults_match_reference(variant: str, seed: int
             xm = torch.randint(-128, 128, (rng.randint(1, 9), K))
             wm = torch.randint(-128, 128, (rng.randint(1, 9), K))
             assert torch.equal(A.fast_matmul(xm, wm, array, fmap), A.systolic_matmul(xm, wm, array, fmap))
+
+
+def test_psum_kernel_keeps_torch_thread_count() -> None:
+    """The psum kernel's first call starts numba's threads; torch's own thread count
+    (set by the user, e.g. 1 on a shared machine) must survive it. In a fresh process:
+    only the first parallel call of a process could change it."""
+    code = (
+        "import torch, accelerator as A\n"
+        "torch.set_num_threads(1)\n"
+        "array = A.ArrayConfig(4, 4)\n"
+        "fmap = A.FaultMap(array, (A.Fault(1, 1, 'psum', 3, 1),))\n"
+        "x, w = torch.randint(-127, 128, (40, 9)), torch.randint(-127, 128, (5, 9))\n"
+        "assert torch.equal(A.fast_matmul(x, w, array, fmap), A.systolic_matmul(x, w, array, fmap))\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, timeout=300)
+    assert out.stdout.strip() == "1", out.stderr
