@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from accelerator.faults import ArrayConfig, FaultMap
-from accelerator.kernels import stuck_psum_bits
+from accelerator.kernels import dequant_conv, stuck_psum_bits
 from accelerator.systolic import check_fault_map, check_integer_operands, wrap_signed
 
 EXACT_F32 = 1 << 24  # every integer of magnitude <= 2^24 is exact in float32
@@ -449,12 +449,19 @@ class ArrayProduct:
     """A layer's array output (N, O, ...): `y` holds the exact integers (float, or int32
     from the int8 path) everywhere except at output channels `chan` (psum-affected),
     whose exact values are `vals` (N, len(chan), ...) int32. `dtype` is the float type
-    that dequantizes y exactly (None: y's own float type)."""
+    that dequantizes y exactly (None: y's own float type).
+
+    `wide`: a conv's int8-path output as computed, of which y and vals are views: the
+    array output (G, Og, N, Ho, Wc) int32, the psum values (G, n_aff, N, Ho, Wc) int32
+    (n_aff may be 0), each output channel's index into them or -1 (O,) long, and Wo.
+    Dequantized in one pass by a kernel instead of a strided read per channel.
+    """
 
     y: torch.Tensor
     chan: torch.Tensor | None = None
     vals: torch.Tensor | None = None
     dtype: torch.dtype | None = None
+    wide: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
 
     def _float_dtype(self) -> torch.dtype:
         return self.dtype or (self.y.dtype if self.y.is_floating_point() else torch.float32)
@@ -472,6 +479,10 @@ class ArrayProduct:
         """y * scale (+ bias) per output channel, in `dtype` (contiguous); patched
         channels are scaled from their exact values in float64."""
         fdt = self._float_dtype()
+        if self.wide is not None and fdt == torch.float32:
+            y, vals, slot, wo = self.wide
+            b = torch.zeros_like(scale) if bias is None else bias
+            return dequant_conv(y, vals, slot, scale.float().contiguous(), b.float().contiguous(), wo, dtype)
         view = (1, -1) + (1,) * (self.y.dim() - 2)
         sc = scale.to(fdt).view(view)
         if self.y.dtype == fdt and self.y.is_contiguous() and self.chan is None and bias is None:
@@ -503,6 +514,19 @@ def _chan(plan: LayerPlan) -> torch.Tensor:
     if chan is None:
         chan = plan.cache["chan"] = (torch.arange(plan.G)[:, None] * plan.Og + plan.aff[None, :]).reshape(-1)
     return chan
+
+
+def _channel_slots(plan: LayerPlan, n_aff: int) -> torch.Tensor:
+    """(G * Og,) long: output channel g * Og + aff[a] -> a, the others -1 (all of them
+    when n_aff = 0), cached."""
+    key = ("slots", n_aff)
+    slots = plan.cache.get(key)
+    if slots is None:
+        slots = torch.full((plan.G * plan.Og,), -1, dtype=torch.long)
+        if n_aff:
+            slots[_chan(plan)] = torch.arange(n_aff).repeat(plan.G)
+        plan.cache[key] = slots
+    return slots
 
 
 def linear_parts(plan: LayerPlan, xq: torch.Tensor, aw: ArrayWeight) -> ArrayProduct:
@@ -570,9 +594,12 @@ def conv_parts(
         """(G, O', N * Ho * Wc) -> (N, G * O', Ho, Wo), a view."""
         return t.view(G, t.shape[1], N, Ho, Wc)[..., :Wo].permute(2, 0, 1, 3, 4).reshape(N, -1, Ho, Wo)
 
+    y5 = y.view(G, plan.Og, N, Ho, Wc)
     if patch is None:
-        return ArrayProduct(nchw(y), dtype=dt)
-    return ArrayProduct(nchw(y), _chan(plan), nchw(patch), dtype=dt)
+        wide = (y5, y5[:, :0], _channel_slots(plan, 0), Wo)
+        return ArrayProduct(nchw(y), dtype=dt, wide=wide)
+    wide = (y5, patch.view(G, plan.n_aff, N, Ho, Wc), _channel_slots(plan, plan.n_aff), Wo)
+    return ArrayProduct(nchw(y), _chan(plan), nchw(patch), dtype=dt, wide=wide)
 
 
 def conv_product(

@@ -17,6 +17,8 @@ thread safety of its own.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numba
@@ -104,13 +106,73 @@ def stuck_psum_bits(
     `_stuck_psum_bits`; contiguous CPU tensors: cols int8, term_row (T, A, L) and
     step_row (A, S) int64, term_w (G, T, A, L) int8, step_mask / step_carry (A, S)
     int32, n_steps (A,) int64). Runs on as many threads as torch uses."""
+    args = (cols, term_row, term_w, step_row, step_mask, step_carry, n_steps)
+    with _torch_threads() as n_threads:
+        kernel: Any = _stuck_psum_bits  # a numba Dispatcher: its call signature is the Python function's
+        kernel(*(t.numpy() for t in args), block, n_threads, vals.numpy())
+
+
+@contextmanager
+def _torch_threads() -> Iterator[int]:
+    """Run numba's parallel loops on as many threads as torch uses (yields that count)."""
     torch_threads = torch.get_num_threads()
     n_threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     numba.set_num_threads(n_threads)
-    args = (cols, term_row, term_w, step_row, step_mask, step_carry, n_steps)
-    kernel: Any = _stuck_psum_bits  # a numba Dispatcher: its call signature is the Python function's
-    kernel(*(t.numpy() for t in args), block, n_threads, vals.numpy())
+    yield n_threads
     if torch.get_num_threads() != torch_threads:
         # numba's first parallel call sets the thread count of the OpenMP runtime it
         # shares with torch (one libgomp): give torch its own count back
         torch.set_num_threads(torch_threads)
+
+
+@numba.njit(parallel=True, cache=True, boundscheck=False)
+def _dequant_conv(y, vals, slot, scale, bias, scale64, bias64, wo, out):
+    """out (N, O, Ho, wo) = y * scale + bias per output channel o = g * Og + j, from the
+    array output y (G, Og, N, Ho, Wc) int32 in float32 (exact: |y| < 2^24); channels with
+    slot[o] = a >= 0 from vals (G, A, N, Ho, Wc) int32 in float64 (scale64, bias64):
+    their wrapped values may be beyond float32's exact integers."""
+    G, Og, N, Ho = y.shape[0], y.shape[1], y.shape[2], y.shape[3]
+    for job in numba.prange(N * G * Og):
+        n, o = job // (G * Og), job % (G * Og)
+        g, j, a = o // Og, o % Og, slot[o]
+        for h in range(Ho):
+            dst = out[n, o, h]
+            if a < 0:
+                src, s, b = y[g, j, n, h], scale[o], bias[o]
+                for w in range(wo):
+                    dst[w] = np.float32(src[w]) * s + b
+            else:
+                src64, s64, b64 = vals[g, a, n, h], scale64[o], bias64[o]
+                for w in range(wo):
+                    dst[w] = np.float64(src64[w]) * s64 + b64
+
+
+def dequant_conv(
+    y: torch.Tensor,
+    vals: torch.Tensor,
+    slot: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    wo: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dequantized conv output (N, O, Ho, wo) in `dtype` from the array output y (G, Og,
+    N, Ho, Wc) int32 (wide rows: only w < wo are outputs) and the exact values vals (G,
+    A, N, Ho, Wc) int32 of the channels o with slot[o] = a >= 0 (slot (O,) int64).
+    scale, bias: (O,) float32."""
+    G, Og, N, Ho, _ = y.shape
+    out = torch.empty(N, G * Og, Ho, wo, dtype=dtype)
+    with _torch_threads():
+        kernel: Any = _dequant_conv
+        kernel(
+            y.numpy(),
+            vals.numpy(),
+            slot.numpy(),
+            scale.numpy(),
+            bias.numpy(),
+            scale.double().numpy(),
+            bias.double().numpy(),
+            wo,
+            out.numpy(),
+        )
+    return out
