@@ -18,8 +18,9 @@ Same results as `systolic.systolic_matmul`, bit for bit, at close to GEMM speed:
   stuck bit b to v adds 2^b (v - bit_b(p)) to the psum p: the bits are met one by one
   in row order in int32, whose wrapping adds and bitwise ops are exactly the array's
   32-bit psum registers, and the rest of the column sum comes from the main GEMM
-  (addition commutes with mod 2^32). A compiled kernel (`kernels.stuck_psum_bits`)
-  does the prefix sums and bit ops of a block of positions in cache;
+  (addition commutes with mod 2^32). A kernel (`kernels.stuck_psum_bits`, compiled
+  with numba when installed) does the prefix sums and bit ops of a block of positions
+  in cache;
 * big temporaries (the lowered input, the padded input) live in per-thread buffers
   reused across calls (`_scratch`): fresh ones cost more in page faults than in work.
 
@@ -37,8 +38,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from accelerator import kernels
 from accelerator.faults import ArrayConfig, FaultMap
-from accelerator.kernels import dequant_conv, stuck_psum_bits
 from accelerator.systolic import check_fault_map, check_integer_operands, wrap_signed
 
 EXACT_F32 = 1 << 24  # every integer of magnitude <= 2^24 is exact in float32
@@ -90,7 +91,7 @@ class LayerPlan:
     # b_j to v_j after tile row r_j (row order; a fault with several bits: several steps)
     n_steps: torch.Tensor  # (n_aff,) long
     step_row: torch.Tensor  # (n_aff, S) long r_j
-    step_mask: torch.Tensor  # (n_aff, S) int32 2^b_j (two's complement)
+    step_mask: torch.Tensor  # (n_aff, S) int32 2^b_j (two's complement); 0 past n_steps
     step_carry: torch.Tensor  # (n_aff, S) int32 K_{j-1} mod 2^32, K_j = sum_{i <= j} v_i 2^b_i
     out_const: torch.Tensor  # (n_aff, 1) int32 T * K_last mod 2^32
     # the row of the extended lowered input that tile row r of tile t is read from for
@@ -430,7 +431,7 @@ def array_product(plan: LayerPlan, aw: ArrayWeight, cols: torch.Tensor) -> tuple
         return y, None
     assert aw.terms is not None
     vals = y[:, plan.aff] + plan.out_const
-    stuck_psum_bits(
+    kernels.stuck_psum_bits(
         cols, plan.term_row, aw.terms, plan.step_row, plan.step_mask, plan.step_carry, plan.n_steps, vals, PSUM_BLOCK
     )
     return y, vals
@@ -479,10 +480,10 @@ class ArrayProduct:
         """y * scale (+ bias) per output channel, in `dtype` (contiguous); patched
         channels are scaled from their exact values in float64."""
         fdt = self._float_dtype()
-        if self.wide is not None and fdt == torch.float32:
+        if self.wide is not None and fdt == torch.float32 and kernels.compiled() is not None:
             y, vals, slot, wo = self.wide
             b = torch.zeros_like(scale) if bias is None else bias
-            return dequant_conv(y, vals, slot, scale.float().contiguous(), b.float().contiguous(), wo, dtype)
+            return kernels.dequant_conv(y, vals, slot, scale.float().contiguous(), b.float().contiguous(), wo, dtype)
         view = (1, -1) + (1,) * (self.y.dim() - 2)
         sc = scale.to(fdt).view(view)
         if self.y.dtype == fdt and self.y.is_contiguous() and self.chan is None and bias is None:

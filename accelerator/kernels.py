@@ -1,94 +1,38 @@
-"""Compiled CPU kernels (numba) for the one part of the fast path that no library op
-does well: the stuck psum bits of a layer's psum-affected outputs.
+"""Kernels for the parts of the fast path that no library op does well, compiled with
+numba when it is installed (`accelerator._compiled`), else in plain torch (same
+results, slower): the accelerator itself needs only torch and numpy.
 
-Why a kernel: per K-tile, each psum step needs the prefix sum of its output's column
-down to the step's row, and then a few bit operations on it. As library ops that is a
-skinny int8 GEMM per tile whose int32 result (4 bytes per 32 MACs) goes to memory, plus
-one pass over memory per bit operation. Here a block of positions stays in cache
-through all tiles, prefix sums and bit operations of an output, and only the sum of
-the bits met is written.
+`stuck_psum_bits`, the stuck psum bits of a layer's psum-affected outputs: per K-tile,
+each psum step needs the prefix sum of its output's column down to the step's row, and
+then a few bit operations on it. As library ops that is a skinny int8 GEMM or a cumsum
+per tile whose result goes to memory, plus one pass over memory per bit
+operation; the compiled kernel keeps a block of positions in cache through all tiles,
+prefix sums and bit operations of an output and writes only the sum of the bits met.
 
-Threads: torch's count (numba's parallel loop, one contiguous range of blocks a
-thread; numba's OpenMP layer and torch load the same libgomp, so their threads are
-one pool and do not spin against each other). The kernel holds the GIL while it runs,
-so calls from several Python threads take turns and numba's threading layer needs no
-thread safety of its own.
+`dequant_conv` (compiled only; `compiled()` says whether it is there): a conv's int8
+array output and psum values straight to the dequantized float output in one pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+import functools
+from types import ModuleType
 
-import numba
-import numpy as np
 import torch
 
-
-@numba.njit(cache=True, boundscheck=False)
-def _block_bits(cols, term_row, term_w, step_row, step_mask, step_carry, n_steps, g, p0, n, c, acc, met):
-    """met[a, :n] = the stuck bits met by output a at positions p0..p0+n-1 of group g,
-    summed over tiles (c, acc: scratch of at least n int32)."""
-    T, A = term_row.shape[0], term_row.shape[1]
-    met[:, :n] = 0
-    for t in range(T):
-        for a in range(A):
-            c[:n] = 0
-            acc[:n] = 0
-            r = 0
-            for s in range(n_steps[a]):
-                end = step_row[a, s] + 1
-                while r + 4 <= end:  # four rows a pass over c: fewer loads and stores of c
-                    w0, w1 = np.int32(term_w[g, t, a, r]), np.int32(term_w[g, t, a, r + 1])
-                    w2, w3 = np.int32(term_w[g, t, a, r + 2]), np.int32(term_w[g, t, a, r + 3])
-                    x0, x1 = cols[g, term_row[t, a, r], p0 : p0 + n], cols[g, term_row[t, a, r + 1], p0 : p0 + n]
-                    x2, x3 = cols[g, term_row[t, a, r + 2], p0 : p0 + n], cols[g, term_row[t, a, r + 3], p0 : p0 + n]
-                    for i in range(n):
-                        c[i] += (
-                            w0 * np.int32(x0[i]) + w1 * np.int32(x1[i]) + w2 * np.int32(x2[i]) + w3 * np.int32(x3[i])
-                        )
-                    r += 4
-                while r < end:
-                    w0 = np.int32(term_w[g, t, a, r])
-                    x0 = cols[g, term_row[t, a, r], p0 : p0 + n]
-                    for i in range(n):
-                        c[i] += w0 * np.int32(x0[i])
-                    r += 1
-                # int64 arithmetic, stored as int32: the low 32 bits wrap like the register
-                mask, carry = step_mask[a, s], step_carry[a, s]
-                for i in range(n):
-                    acc[i] += (c[i] + carry - acc[i]) & mask
-            for i in range(n):
-                met[a, i] += acc[i]
+# the torch fallback of stuck_psum_bits works on chunks of positions whose float32
+# inputs and prefix sums take about this many bytes
+FALLBACK_CHUNK_BYTES = 1 << 24
 
 
-@numba.njit(parallel=True, cache=True, boundscheck=False)
-def _stuck_psum_bits(cols, term_row, term_w, step_row, step_mask, step_carry, n_steps, block, n_threads, vals):
-    """vals (G, A, P) int32 -= the stuck psum bits met, summed over tiles (mod 2^32).
-
-    cols (G, J, P) int8: extended lowered input. Output a's psum in tile t meets, in
-    row order, tile rows 0, 1, ..., each read from cols row term_row[t, a, r] (the clean
-    row or a stuck act row) with weight term_w[g, t, a, r]. Its step s (of n_steps[a])
-    comes after tile row step_row[a, s]: the psum there is p = c + K - acc (c the prefix
-    sum, K = step_carry[a, s] the stuck values set before, acc the bits met before),
-    and the bit met is p & step_mask[a, s]. Work comes in blocks of `block` positions of
-    one group; each of n_threads threads takes a contiguous range of them.
-    """
-    G, P, A = cols.shape[0], cols.shape[2], term_row.shape[1]
-    n_blocks = (P + block - 1) // block
-    n_jobs = G * n_blocks
-    n_parts = min(n_threads, n_jobs)
-    for part in numba.prange(n_parts):
-        c = np.empty(block, np.int32)
-        acc = np.empty(block, np.int32)
-        met = np.empty((A, block), np.int32)
-        for job in range(part * n_jobs // n_parts, (part + 1) * n_jobs // n_parts):
-            g, p0 = job // n_blocks, (job % n_blocks) * block
-            n = min(block, P - p0)
-            _block_bits(cols, term_row, term_w, step_row, step_mask, step_carry, n_steps, g, p0, n, c, acc, met)
-            for a in range(A):
-                vals[g, a, p0 : p0 + n] -= met[a, :n]
+@functools.cache
+def compiled() -> ModuleType | None:
+    """The numba kernels, or None when numba is not installed (probed once)."""
+    try:
+        from accelerator import _compiled
+    except ImportError:
+        return None
+    return _compiled
 
 
 def stuck_psum_bits(
@@ -102,49 +46,53 @@ def stuck_psum_bits(
     vals: torch.Tensor,
     block: int,
 ) -> None:
-    """Subtract from vals (G, A, P) int32, in place, the stuck psum bits met (see
-    `_stuck_psum_bits`; contiguous CPU tensors: cols int8, term_row (T, A, L) and
-    step_row (A, S) int64, term_w (G, T, A, L) int8, step_mask / step_carry (A, S)
-    int32, n_steps (A,) int64). Runs on as many threads as torch uses."""
-    args = (cols, term_row, term_w, step_row, step_mask, step_carry, n_steps)
-    with _torch_threads() as n_threads:
-        kernel: Any = _stuck_psum_bits  # a numba Dispatcher: its call signature is the Python function's
-        kernel(*(t.numpy() for t in args), block, n_threads, vals.numpy())
+    """Subtract from vals (G, A, P) int32, in place, the stuck psum bits met, summed over
+    tiles (mod 2^32).
+
+    cols (G, J, P) int8: extended lowered input. Output a's psum in tile t meets, in
+    row order, tile rows 0, 1, ..., each read from cols row term_row[t, a, r] (T, A, L)
+    (the clean row or a stuck act row) with weight term_w[g, t, a, r] (G, T, A, L) int8.
+    Its step s (of n_steps[a], (A,) long) comes after tile row step_row[a, s] (A, S)
+    long: the psum there is p = c + K - acc (c the prefix sum, K = step_carry[a, s] the
+    stuck values set before, acc the bits met before) and the bit met is p &
+    step_mask[a, s] (both (A, S) int32). `block`: positions a thread takes at a time
+    (compiled kernel). All contiguous CPU tensors.
+    """
+    kernels = compiled()
+    if kernels is not None:
+        kernels.stuck_psum_bits(cols, term_row, term_w, step_row, step_mask, step_carry, n_steps, vals, block)
+        return
+    _stuck_psum_bits_torch(cols, term_row, term_w, step_row, step_mask, step_carry, vals)
 
 
-@contextmanager
-def _torch_threads() -> Iterator[int]:
-    """Run numba's parallel loops on as many threads as torch uses (yields that count)."""
-    torch_threads = torch.get_num_threads()
-    n_threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
-    numba.set_num_threads(n_threads)
-    yield n_threads
-    if torch.get_num_threads() != torch_threads:
-        # numba's first parallel call sets the thread count of the OpenMP runtime it
-        # shares with torch (one libgomp): give torch its own count back
-        torch.set_num_threads(torch_threads)
-
-
-@numba.njit(parallel=True, cache=True, boundscheck=False)
-def _dequant_conv(y, vals, slot, scale, bias, scale64, bias64, wo, out):
-    """out (N, O, Ho, wo) = y * scale + bias per output channel o = g * Og + j, from the
-    array output y (G, Og, N, Ho, Wc) int32 in float32 (exact: |y| < 2^24); channels with
-    slot[o] = a >= 0 from vals (G, A, N, Ho, Wc) int32 in float64 (scale64, bias64):
-    their wrapped values may be beyond float32's exact integers."""
-    G, Og, N, Ho = y.shape[0], y.shape[1], y.shape[2], y.shape[3]
-    for job in numba.prange(N * G * Og):
-        n, o = job // (G * Og), job % (G * Og)
-        g, j, a = o // Og, o % Og, slot[o]
-        for h in range(Ho):
-            dst = out[n, o, h]
-            if a < 0:
-                src, s, b = y[g, j, n, h], scale[o], bias[o]
-                for w in range(wo):
-                    dst[w] = np.float32(src[w]) * s + b
-            else:
-                src64, s64, b64 = vals[g, a, n, h], scale64[o], bias64[o]
-                for w in range(wo):
-                    dst[w] = np.float64(src64[w]) * s64 + b64
+def _stuck_psum_bits_torch(
+    cols: torch.Tensor,
+    term_row: torch.Tensor,
+    term_w: torch.Tensor,
+    step_row: torch.Tensor,
+    step_mask: torch.Tensor,
+    step_carry: torch.Tensor,
+    vals: torch.Tensor,
+) -> None:
+    """`stuck_psum_bits` in torch: per tile, one float32 GEMM (exact: sums of at most
+    L products of 2^14) gives every step's prefix sum; then the bits, step by step (the
+    steps past n_steps[a] have mask 0 and meet no bit)."""
+    G, P = cols.shape[0], cols.shape[2]
+    T, A, L = term_row.shape
+    S = step_row.shape[1]
+    upto = torch.arange(L).view(1, 1, L) <= step_row.view(A, S, 1)  # (A, S, L): row r in step s's prefix
+    for t in range(T):
+        rows, idx = torch.unique(term_row[t], return_inverse=True)  # the tile's input rows; (A, L) into them
+        w = torch.zeros(G, A, S, len(rows))
+        w.scatter_(3, idx.view(1, A, 1, L).expand(G, A, S, L), (term_w[:, t].unsqueeze(2) * upto).float())
+        w = w.view(G, A * S, len(rows))
+        chunk = max(1, FALLBACK_CHUNK_BYTES // (4 * (A * S + len(rows))))
+        for p0 in range(0, P, chunk):
+            c = torch.bmm(w, cols[:, rows, p0 : p0 + chunk].float()).to(torch.int32).view(G, A, S, -1)
+            acc = torch.zeros_like(c[:, :, 0])  # (G, A, n)
+            for s in range(S):
+                acc += (c[:, :, s] + step_carry[:, s].view(1, A, 1) - acc) & step_mask[:, s].view(1, A, 1)
+            vals[:, :, p0 : p0 + chunk] -= acc
 
 
 def dequant_conv(
@@ -158,21 +106,9 @@ def dequant_conv(
 ) -> torch.Tensor:
     """Dequantized conv output (N, O, Ho, wo) in `dtype` from the array output y (G, Og,
     N, Ho, Wc) int32 (wide rows: only w < wo are outputs) and the exact values vals (G,
-    A, N, Ho, Wc) int32 of the channels o with slot[o] = a >= 0 (slot (O,) int64).
-    scale, bias: (O,) float32."""
-    G, Og, N, Ho, _ = y.shape
-    out = torch.empty(N, G * Og, Ho, wo, dtype=dtype)
-    with _torch_threads():
-        kernel: Any = _dequant_conv
-        kernel(
-            y.numpy(),
-            vals.numpy(),
-            slot.numpy(),
-            scale.numpy(),
-            bias.numpy(),
-            scale.double().numpy(),
-            bias.double().numpy(),
-            wo,
-            out.numpy(),
-        )
+    A, N, Ho, Wc) int32 of the channels o with slot[o] = a >= 0 (slot (O,) int64), in
+    float64 for those. scale, bias: (O,) float32. Needs the compiled kernels."""
+    kernels = compiled()
+    assert kernels is not None, "dequant_conv needs numba (check kernels.compiled())"
+    out: torch.Tensor = kernels.dequant_conv(y, vals, slot, scale, bias, wo, dtype)
     return out

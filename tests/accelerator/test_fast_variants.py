@@ -1,9 +1,10 @@
 """The fast path's alternative kernels equal the reference too, forced here on small
 layers: the psum kernel over blocks of a few positions (a layer's positions split
-across blocks and threads, the last block partial), int32 GEMMs chunked over rows (very
-long K) and the float64 fallback for CPUs whose int8 GEMM is not exact; and psum faults
-in bulk (chains down a column, several stuck bits on one PE, act faults on the same
-rows)."""
+across blocks and threads, the last block partial), the plain-torch kernels used
+without numba (also over chunks of a few positions), int32 GEMMs chunked over rows
+(very long K) and the float64 fallback for CPUs whose int8 GEMM is not exact; and psum
+faults in bulk (chains down a column, several stuck bits on one PE, act faults on the
+same rows)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import nn
 
 import accelerator as A
 import accelerator.fast as fast
+import accelerator.kernels as kernels
 from accelerator import ArrayConfig, Fault, FaultMap
 from accelerator.quant import quantizer
 
@@ -25,10 +27,23 @@ from .conftest import random_fault_map
 from .test_layers import _conv_reference
 
 
-@pytest.fixture(params=["psum_blocks", "small_psum_blocks", "chunked_rows", "float64_gemm"])
+@pytest.fixture(
+    params=[
+        "psum_blocks",
+        "small_psum_blocks",
+        "torch_kernels",
+        "torch_kernels_chunked",
+        "chunked_rows",
+        "float64_gemm",
+    ]
+)
 def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "small_psum_blocks":  # 5 positions a block: rarely a divisor of P, above a Linear's B
         monkeypatch.setattr(fast, "PSUM_BLOCK", 5)
+    elif request.param.startswith("torch_kernels"):  # as without numba installed
+        monkeypatch.setattr(kernels, "compiled", lambda: None)
+        if request.param == "torch_kernels_chunked":
+            monkeypatch.setattr(kernels, "FALLBACK_CHUNK_BYTES", 1)
     elif request.param == "chunked_rows":
         monkeypatch.setattr(fast, "INT32_ROWS", 3)
     elif request.param == "float64_gemm":
