@@ -478,7 +478,9 @@ class ArrayProduct:
 
     def dequant(self, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """y * scale (+ bias) per output channel, in `dtype` (contiguous); patched
-        channels are scaled from their exact values in float64."""
+        channels are scaled from their exact values in float64. The product and the sum
+        are rounded one after the other (no fused multiply-add), here and in
+        `kernels.dequant_conv`: with or without numba a model gives the same floats."""
         fdt = self._float_dtype()
         if self.wide is not None and fdt == torch.float32 and kernels.compiled() is not None:
             y, vals, slot, wo = self.wide
@@ -488,12 +490,10 @@ class ArrayProduct:
         sc = scale.to(fdt).view(view)
         if self.y.dtype == fdt and self.y.is_contiguous() and self.chan is None and bias is None:
             out = self.y.mul_(sc)
-        else:  # one pass: int32 (or permuted) input read, contiguous float output written
-            out = torch.empty(self.y.shape, dtype=fdt)
-            if bias is not None:
-                torch.addcmul(bias.to(fdt).view(view), self.y, sc, out=out)
-            else:
-                torch.mul(self.y, sc, out=out)
+        else:  # int32 (or permuted) input read, contiguous float output written
+            out = torch.mul(self.y, sc, out=torch.empty(self.y.shape, dtype=fdt))
+        if bias is not None:  # rounded after the product, as in the kernel: the same floats
+            out.add_(bias.to(fdt).view(view))
         out = out.to(dtype)
         if self.chan is not None:
             assert self.vals is not None

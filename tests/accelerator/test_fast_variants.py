@@ -194,3 +194,22 @@ def test_psum_kernel_keeps_torch_thread_count() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "NUMBA_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, timeout=300)
     assert out.stdout.strip() == "1", out.stderr
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiled_and_torch_kernels_give_the_same_floats(monkeypatch: pytest.MonkeyPatch, bias: bool) -> None:
+    """A model's outputs (so its accuracy) must not depend on whether numba is there:
+    the compiled dequant and the torch one round the same way, bit for bit."""
+    if kernels.compiled() is None:
+        pytest.skip("numba is not installed: there is no compiled kernel to compare")
+    rng = random.Random(11)
+    array = ArrayConfig(6, 5)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=bias), nn.ReLU(), nn.Conv2d(8, 7, 3, bias=bias))
+    x = torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(11))
+    A.calibrate(model, x)
+    fmap = random_fault_map(array, 12, rng, sites=("act", "psum", "weight", "pe"))
+    am = A.on_array(model, array, fmap).eval()
+    with torch.no_grad():
+        compiled = am(x)
+        monkeypatch.setattr(kernels, "compiled", lambda: None)
+        assert torch.equal(am(x), compiled)
