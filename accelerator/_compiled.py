@@ -18,6 +18,8 @@ import numba
 import numpy as np
 import torch
 
+from accelerator.kernels import PsumSteps
+
 
 @numba.njit(cache=True, boundscheck=False)
 def _block_bits(cols, term_row, term_w, step_row, step_mask, step_carry, n_steps, g, p0, n, c, acc, met):
@@ -84,22 +86,9 @@ def _stuck_psum_bits(cols, term_row, term_w, step_row, step_mask, step_carry, n_
                 vals[g, a, p0 : p0 + n] -= met[a, :n]
 
 
-def stuck_psum_bits(
-    cols: torch.Tensor,
-    term_row: torch.Tensor,
-    term_w: torch.Tensor,
-    step_row: torch.Tensor,
-    step_mask: torch.Tensor,
-    step_carry: torch.Tensor,
-    n_steps: torch.Tensor,
-    vals: torch.Tensor,
-    block: int,
-) -> None:
-    """Subtract from vals (G, A, P) int32, in place, the stuck psum bits met (see
-    `_stuck_psum_bits`; contiguous CPU tensors: cols int8, term_row (T, A, L) and
-    step_row (A, S) int64, term_w (G, T, A, L) int8, step_mask / step_carry (A, S)
-    int32, n_steps (A,) int64). Runs on as many threads as torch uses."""
-    args = (cols, term_row, term_w, step_row, step_mask, step_carry, n_steps)
+def stuck_psum_bits(cols: torch.Tensor, steps: PsumSteps, term_w: torch.Tensor, vals: torch.Tensor, block: int) -> None:
+    """`accelerator.kernels.stuck_psum_bits`, compiled. Runs on as many threads as torch uses."""
+    args = (cols, steps.term_row, term_w, steps.step_row, steps.step_mask, steps.step_carry, steps.n_steps)
     with _torch_threads() as n_threads:
         kernel: Any = _stuck_psum_bits  # a numba Dispatcher: its call signature is the Python function's
         kernel(*(t.numpy() for t in args), block, n_threads, vals.numpy())

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from accelerator import kernels
 from accelerator.faults import ArrayConfig, FaultMap
+from accelerator.kernels import PsumSteps
 from accelerator.systolic import check_fault_map, check_integer_operands, wrap_signed
 
 EXACT_F32 = 1 << 24  # every integer of magnitude <= 2^24 is exact in float32
@@ -88,15 +89,11 @@ class LayerPlan:
     aff: torch.Tensor  # (n_aff,) long
     rp: int
     # A psum fault sets its stuck bits one by one: step j of an affected output sets bit
-    # b_j to v_j after tile row r_j (row order; a fault with several bits: several steps)
-    n_steps: torch.Tensor  # (n_aff,) long
-    step_row: torch.Tensor  # (n_aff, S) long r_j
-    step_mask: torch.Tensor  # (n_aff, S) int32 2^b_j (two's complement); 0 past n_steps
-    step_carry: torch.Tensor  # (n_aff, S) int32 K_{j-1} mod 2^32, K_j = sum_{i <= j} v_i 2^b_i
+    # b_j to v_j after tile row r_j (row order; a fault with several bits: several
+    # steps). psum: those steps and the input rows each tile row is read from (term_row
+    # (T, n_aff, rp)); step_carry K_{j-1} with K_j = sum_{i <= j} v_i 2^b_i.
+    psum: PsumSteps
     out_const: torch.Tensor  # (n_aff, 1) int32 T * K_last mod 2^32
-    # the row of the extended lowered input that tile row r of tile t is read from for
-    # affected output a: the clean row, or the stuck row of the act fault left of it
-    term_row: torch.Tensor  # (T, n_aff, rp) long
     cache: dict[object, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -237,12 +234,14 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
         act_sel=act_sel,
         aff=torch.tensor(aff, dtype=torch.long),
         rp=rp,
-        n_steps=torch.tensor([len(st) for st in o_steps], dtype=torch.long),
-        step_row=step_row,
-        step_mask=int32(step_mask),
-        step_carry=int32(step_carry),
+        psum=PsumSteps(
+            term_row=term_row.contiguous(),
+            step_row=step_row,
+            step_mask=int32(step_mask),
+            step_carry=int32(step_carry),
+            n_steps=torch.tensor([len(st) for st in o_steps], dtype=torch.long),
+        ),
         out_const=int32(out_const).view(-1, 1),
-        term_row=term_row.contiguous(),
     )
 
 
@@ -392,7 +391,7 @@ class ArrayWeight:
     weight shape. Otherwise `w8` (G, Og, J) int8, the `array_weight` rows on the first J
     rows of the extended input (J = K without act faults), and with psum faults
     `terms` (G, T, n_aff, rp) int8: the weight of each tile row an affected output's
-    psum meets, on the input row `plan.term_row` it reads.
+    psum meets, on the input row `plan.psum.term_row` it reads.
     """
 
     shape: tuple[int, ...]
@@ -409,7 +408,7 @@ def array_weights(plan: LayerPlan, wq: torch.Tensor) -> ArrayWeight:
         dense = effective_weight(plan, wg)[:, :, : plan.K].reshape(shape).to(exact_dtype(plan.TR << 14))
         return ArrayWeight(shape, dense=dense)
     w8 = array_weight(plan, wg)
-    terms = w8[:, plan.aff.view(1, -1, 1), plan.term_row].contiguous() if plan.n_aff else None
+    terms = w8[:, plan.aff.view(1, -1, 1), plan.psum.term_row].contiguous() if plan.n_aff else None
     if not plan.n_act:  # padding rows past K then read activation 0: left out of the main GEMM
         w8 = w8[:, :, : plan.K].contiguous()
     return ArrayWeight(shape, w8=w8, terms=terms)
@@ -431,9 +430,7 @@ def array_product(plan: LayerPlan, aw: ArrayWeight, cols: torch.Tensor) -> tuple
         return y, None
     assert aw.terms is not None
     vals = y[:, plan.aff] + plan.out_const
-    kernels.stuck_psum_bits(
-        cols, plan.term_row, aw.terms, plan.step_row, plan.step_mask, plan.step_carry, plan.n_steps, vals, PSUM_BLOCK
-    )
+    kernels.stuck_psum_bits(cols, plan.psum, aw.terms, vals, PSUM_BLOCK)
     return y, vals
 
 
@@ -482,10 +479,12 @@ class ArrayProduct:
         are rounded one after the other (no fused multiply-add), here and in
         `kernels.dequant_conv`: with or without numba a model gives the same floats."""
         fdt = self._float_dtype()
-        if self.wide is not None and fdt == torch.float32 and kernels.compiled() is not None:
+        compiled = kernels.compiled()
+        if self.wide is not None and fdt == torch.float32 and compiled is not None:
             y, vals, slot, wo = self.wide
             b = torch.zeros_like(scale) if bias is None else bias
-            return kernels.dequant_conv(y, vals, slot, scale.float().contiguous(), b.float().contiguous(), wo, dtype)
+            out: torch.Tensor = compiled.dequant_conv(y, vals, slot, scale.float().contiguous(), b.float(), wo, dtype)
+            return out
         view = (1, -1) + (1,) * (self.y.dim() - 2)
         sc = scale.to(fdt).view(view)
         if self.y.dtype == fdt and self.y.is_contiguous() and self.chan is None and bias is None:

@@ -9,13 +9,15 @@ per tile whose result goes to memory, plus one pass over memory per bit
 operation; the compiled kernel keeps a block of positions in cache through all tiles,
 prefix sums and bit operations of an output and writes only the sum of the bits met.
 
-`dequant_conv` (compiled only; `compiled()` says whether it is there): a conv's int8
-array output and psum values straight to the dequantized float output in one pass.
+Compiled only, `compiled().dequant_conv`: a conv's int8 array output and psum values
+straight to the dequantized float output in one pass (`fast.ArrayProduct.dequant`
+does it in torch without numba, rounding the same way).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -23,6 +25,26 @@ import torch
 # the torch fallback of stuck_psum_bits works on chunks of positions whose float32
 # inputs and prefix sums take about this many bytes
 FALLBACK_CHUNK_BYTES = 1 << 24
+
+
+@dataclass(frozen=True)
+class PsumSteps:
+    """What each psum-affected output a of a layer meets in every K-tile, in row order
+    (weight-independent: from the fault map and the layer's shape).
+
+    Its psum meets tile rows 0, 1, ..., tile t's row r read from input row
+    term_row[t, a, r] (the clean row, or the stuck row of an act fault left of the
+    output). Its step s (of n_steps[a]) comes after tile row step_row[a, s]: the psum
+    there is p = c + K - acc (c the prefix sum, K = step_carry[a, s] the stuck values
+    set before, acc the bits met before) and the bit met is p & step_mask[a, s]
+    (2^b as int32; 0 past n_steps[a], where no bit is met).
+    """
+
+    term_row: torch.Tensor  # (T, A, L) long
+    step_row: torch.Tensor  # (A, S) long
+    step_mask: torch.Tensor  # (A, S) int32
+    step_carry: torch.Tensor  # (A, S) int32, mod 2^32
+    n_steps: torch.Tensor  # (A,) long
 
 
 @functools.cache
@@ -35,48 +57,23 @@ def compiled() -> ModuleType | None:
     return _compiled
 
 
-def stuck_psum_bits(
-    cols: torch.Tensor,
-    term_row: torch.Tensor,
-    term_w: torch.Tensor,
-    step_row: torch.Tensor,
-    step_mask: torch.Tensor,
-    step_carry: torch.Tensor,
-    n_steps: torch.Tensor,
-    vals: torch.Tensor,
-    block: int,
-) -> None:
-    """Subtract from vals (G, A, P) int32, in place, the stuck psum bits met, summed over
-    tiles (mod 2^32).
-
-    cols (G, J, P) int8: extended lowered input. Output a's psum in tile t meets, in
-    row order, tile rows 0, 1, ..., each read from cols row term_row[t, a, r] (T, A, L)
-    (the clean row or a stuck act row) with weight term_w[g, t, a, r] (G, T, A, L) int8.
-    Its step s (of n_steps[a], (A,) long) comes after tile row step_row[a, s] (A, S)
-    long: the psum there is p = c + K - acc (c the prefix sum, K = step_carry[a, s] the
-    stuck values set before, acc the bits met before) and the bit met is p &
-    step_mask[a, s] (both (A, S) int32). `block`: positions a thread takes at a time
-    (compiled kernel). All contiguous CPU tensors.
-    """
+def stuck_psum_bits(cols: torch.Tensor, steps: PsumSteps, term_w: torch.Tensor, vals: torch.Tensor, block: int) -> None:
+    """Subtract from vals (G, A, P) int32, in place, the stuck psum bits the outputs
+    meet (`steps`), summed over tiles (mod 2^32). cols (G, J, P) int8: the extended
+    lowered input; term_w (G, T, A, L) int8: the weight of each row steps.term_row
+    names. `block`: positions a thread takes at a time (compiled kernel). All
+    contiguous CPU tensors."""
     kernels = compiled()
     if kernels is not None:
-        kernels.stuck_psum_bits(cols, term_row, term_w, step_row, step_mask, step_carry, n_steps, vals, block)
+        kernels.stuck_psum_bits(cols, steps, term_w, vals, block)
         return
-    _stuck_psum_bits_torch(cols, term_row, term_w, step_row, step_mask, step_carry, vals)
+    _stuck_psum_bits_torch(cols, steps, term_w, vals)
 
 
-def _stuck_psum_bits_torch(
-    cols: torch.Tensor,
-    term_row: torch.Tensor,
-    term_w: torch.Tensor,
-    step_row: torch.Tensor,
-    step_mask: torch.Tensor,
-    step_carry: torch.Tensor,
-    vals: torch.Tensor,
-) -> None:
+def _stuck_psum_bits_torch(cols: torch.Tensor, steps: PsumSteps, term_w: torch.Tensor, vals: torch.Tensor) -> None:
     """`stuck_psum_bits` in torch: per tile, one float32 GEMM (exact: sums of at most
-    L products of 2^14) gives every step's prefix sum; then the bits, step by step (the
-    steps past n_steps[a] have mask 0 and meet no bit)."""
+    L products of 2^14) gives every step's prefix sum; then the bits, step by step."""
+    term_row, step_row, step_mask, step_carry = steps.term_row, steps.step_row, steps.step_mask, steps.step_carry
     G, P = cols.shape[0], cols.shape[2]
     T, A, L = term_row.shape
     S = step_row.shape[1]
@@ -93,22 +90,3 @@ def _stuck_psum_bits_torch(
             for s in range(S):
                 acc += (c[:, :, s] + step_carry[:, s].view(1, A, 1) - acc) & step_mask[:, s].view(1, A, 1)
             vals[:, :, p0 : p0 + chunk] -= acc
-
-
-def dequant_conv(
-    y: torch.Tensor,
-    vals: torch.Tensor,
-    slot: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    wo: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Dequantized conv output (N, O, Ho, wo) in `dtype` from the array output y (G, Og,
-    N, Ho, Wc) int32 (wide rows: only w < wo are outputs) and the exact values vals (G,
-    A, N, Ho, Wc) int32 of the channels o with slot[o] = a >= 0 (slot (O,) int64), in
-    float64 for those. scale, bias: (O,) float32. Needs the compiled kernels."""
-    kernels = compiled()
-    assert kernels is not None, "dequant_conv needs numba (check kernels.compiled())"
-    out: torch.Tensor = kernels.dequant_conv(y, vals, slot, scale, bias, wo, dtype)
-    return out
