@@ -10,8 +10,12 @@ fast path over the `systolic_matmul` reference on the same integer operands of
 one layer.
 
 Usage: python bench/emulator.py [--reps N] [--models lenet5,resnet20] [--sites psum,mixed] [--threads N]
+[--processes N]
 (--threads sets torch.set_num_threads for both sides; default: torch's default. On a
-machine shared with other jobs, 1 thread gives steadier ratios.)
+machine shared with other jobs, 1 thread gives steadier ratios. --processes repeats the
+whole measurement in that many fresh processes and reports each ratio's median over
+them and its range: on a shared 2-core VM one process's ratios were seen to differ from
+the next one's by 15% and more.)
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ import argparse
 import json
 import random
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +156,42 @@ def bench_model(
     return out
 
 
+RATIOS = ("fat_step_ratio", "eval_ratio", "eval_vs_float_step_ratio")
+
+
+def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON of several whole runs (fresh processes) as one: each ratio's median over
+    the runs, with its [min, max] as `<ratio>_range`; the summary's maxima over the
+    medians."""
+    results = []
+    for i, first in enumerate(runs[0]["results"]):
+        sites = {}
+        for site in first["sites"]:
+            per_run = [r["results"][i]["sites"][site] for r in runs]
+            entry: dict[str, Any] = {"faults": per_run[0]["faults"]}
+            for key in RATIOS:
+                vals = [s[key] for s in per_run]
+                entry[key] = round(statistics.median(vals), 3)
+                entry[f"{key}_range"] = [min(vals), max(vals)]
+            sites[site] = entry
+        speedups = [r["results"][i]["speedup_over_systolic_matmul"] for r in runs]
+        results.append(
+            {
+                **{k: first[k] for k in ("arch", "input_shape", "batch", "array")},
+                "sites": sites,
+                "speedup_over_systolic_matmul": statistics.median(speedups),
+            }
+        )
+    summary = {
+        **{k: runs[0]["summary"][k] for k in ("torch_threads", "reps", "goal_ratio")},
+        "processes": len(runs),
+        "max_fat_step_ratio": max(s["fat_step_ratio"] for r in results for s in r["sites"].values()),
+        "max_eval_ratio": max(s["eval_ratio"] for r in results for s in r["sites"].values()),
+        "wall_s": round(sum(r["summary"]["wall_s"] for r in runs), 1),
+    }
+    return {"summary": summary, "results": results}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
@@ -156,7 +199,17 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=12.0, help="per model and site: stop adding rounds after this")
     ap.add_argument("--sites", default=",".join(SITES), help="fault sites to measure, comma-separated")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--processes", type=int, default=1, help="repeat in this many fresh processes: medians and ranges")
     args = ap.parse_args()
+    if args.processes > 1:
+        one = ["--reps", str(args.reps), "--models", args.models, "--budget-s", str(args.budget_s)]
+        cmd = [sys.executable, __file__, *one, "--sites", args.sites, "--threads", str(args.threads)]
+        runs = [
+            json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            for _ in range(args.processes)
+        ]
+        print(json.dumps(combine_runs(runs), indent=1))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
