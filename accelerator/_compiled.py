@@ -60,15 +60,10 @@ def _block_bits(cols, term_row, term_w, step_row, step_mask, step_carry, n_steps
 
 @numba.njit(parallel=True, cache=True, boundscheck=False)
 def _stuck_psum_bits(cols, term_row, term_w, step_row, step_mask, step_carry, n_steps, block, n_threads, vals):
-    """vals (G, A, P) int32 -= the stuck psum bits met, summed over tiles (mod 2^32).
-
-    cols (G, J, P) int8: extended lowered input. Output a's psum in tile t meets, in
-    row order, tile rows 0, 1, ..., each read from cols row term_row[t, a, r] (the clean
-    row or a stuck act row) with weight term_w[g, t, a, r]. Its step s (of n_steps[a])
-    comes after tile row step_row[a, s]: the psum there is p = c + K - acc (c the prefix
-    sum, K = step_carry[a, s] the stuck values set before, acc the bits met before),
-    and the bit met is p & step_mask[a, s]. Work comes in blocks of `block` positions of
-    one group; each of n_threads threads takes a contiguous range of them.
+    """vals (G, A, P) int32 -= the stuck psum bits met, summed over tiles (mod 2^32);
+    cols (G, J, P) int8, term_w (G, T, A, L) int8, the rest the fields of
+    `kernels.PsumSteps`. Work comes in blocks of `block` positions of one group; each
+    of n_threads threads takes a contiguous range of them.
     """
     G, P, A = cols.shape[0], cols.shape[2], term_row.shape[1]
     n_blocks = (P + block - 1) // block
@@ -100,11 +95,13 @@ def _torch_threads() -> Iterator[int]:
     torch_threads = torch.get_num_threads()
     n_threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     numba.set_num_threads(n_threads)
-    yield n_threads
-    if torch.get_num_threads() != torch_threads:
-        # numba's first parallel call sets the thread count of the OpenMP runtime it
-        # shares with torch (one libgomp): give torch its own count back
-        torch.set_num_threads(torch_threads)
+    try:
+        yield n_threads
+    finally:
+        if torch.get_num_threads() != torch_threads:
+            # numba's first parallel call sets the thread count of the OpenMP runtime it
+            # shares with torch (one libgomp): give torch its own count back
+            torch.set_num_threads(torch_threads)
 
 
 @numba.njit(parallel=True, cache=True, boundscheck=False)

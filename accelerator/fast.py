@@ -476,8 +476,9 @@ class ArrayProduct:
     def dequant(self, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """y * scale (+ bias) per output channel, in `dtype` (contiguous); patched
         channels are scaled from their exact values in float64. The product and the sum
-        are rounded one after the other (no fused multiply-add), here and in
-        `kernels.dequant_conv`: with or without numba a model gives the same floats."""
+        are rounded one after the other (no fused multiply-add), here and in the compiled
+        `kernels.compiled().dequant_conv`: with or without numba a model gives the same
+        floats."""
         fdt = self._float_dtype()
         compiled = kernels.compiled()
         if self.wide is not None and fdt == torch.float32 and compiled is not None:
@@ -516,16 +517,12 @@ def _chan(plan: LayerPlan) -> torch.Tensor:
     return chan
 
 
-def _channel_slots(plan: LayerPlan, n_aff: int) -> torch.Tensor:
-    """(G * Og,) long: output channel g * Og + aff[a] -> a, the others -1 (all of them
-    when n_aff = 0), cached."""
-    key = ("slots", n_aff)
-    slots = plan.cache.get(key)
+def _channel_slots(plan: LayerPlan) -> torch.Tensor:
+    """(G * Og,) long: output channel g * Og + aff[a] -> a, the others -1, cached."""
+    slots = plan.cache.get("slots")
     if slots is None:
-        slots = torch.full((plan.G * plan.Og,), -1, dtype=torch.long)
-        if n_aff:
-            slots[_chan(plan)] = torch.arange(n_aff).repeat(plan.G)
-        plan.cache[key] = slots
+        slots = plan.cache["slots"] = torch.full((plan.G * plan.Og,), -1, dtype=torch.long)
+        slots[_chan(plan)] = torch.arange(plan.n_aff).repeat(plan.G)
     return slots
 
 
@@ -595,10 +592,10 @@ def conv_parts(
         return t.view(G, t.shape[1], N, Ho, Wc)[..., :Wo].permute(2, 0, 1, 3, 4).reshape(N, -1, Ho, Wo)
 
     y5 = y.view(G, plan.Og, N, Ho, Wc)
+    vals5 = y5[:, :0] if patch is None else patch.view(G, plan.n_aff, N, Ho, Wc)
+    wide = (y5, vals5, _channel_slots(plan), Wo)
     if patch is None:
-        wide = (y5, y5[:, :0], _channel_slots(plan, 0), Wo)
         return ArrayProduct(nchw(y), dtype=dt, wide=wide)
-    wide = (y5, patch.view(G, plan.n_aff, N, Ho, Wc), _channel_slots(plan, plan.n_aff), Wo)
     return ArrayProduct(nchw(y), _chan(plan), nchw(patch), dtype=dt, wide=wide)
 
 

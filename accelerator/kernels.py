@@ -4,9 +4,9 @@ results, slower): the accelerator itself needs only torch and numpy.
 
 `stuck_psum_bits`, the stuck psum bits of a layer's psum-affected outputs: per K-tile,
 each psum step needs the prefix sum of its output's column down to the step's row, and
-then a few bit operations on it. As library ops that is a skinny int8 GEMM or a cumsum
-per tile whose result goes to memory, plus one pass over memory per bit
-operation; the compiled kernel keeps a block of positions in cache through all tiles,
+then a few bit operations on it. As library ops that is a skinny GEMM per tile whose
+result goes to memory, plus one pass over memory per bit operation (the torch
+fallback here); the compiled kernel keeps a block of positions in cache through all tiles,
 prefix sums and bit operations of an output and writes only the sum of the bits met.
 
 Compiled only, `compiled().dequant_conv`: a conv's int8 array output and psum values
