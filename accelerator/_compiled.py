@@ -17,18 +17,36 @@ from typing import Any
 import numba
 import numpy as np
 import torch
+from llvmlite import binding, ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-from accelerator.kernels import PsumSteps
+from accelerator.kernels import LoweredRows, PsumSteps
+
+
+def _has_vnni() -> bool:
+    """Whether numba compiles for a CPU with AVX-512 VNNI (numba targets the host CPU
+    unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES name a portable one)."""
+    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:  # type: ignore[attr-defined]
+        return False
+    return bool(binding.get_host_cpu_features().get("avx512vnni", False))
+
+
+# psum kernel: VNNI's vpdpbusd where the CPU has it (tests switch it off to check the other)
+USE_VNNI = _has_vnni()
 
 
 @numba.njit(cache=True, boundscheck=False)
-def _block_bits(cols, term_row, term_w, step_row, step_mask, step_carry, n_steps, g, p0, n, c, acc, met):
-    """met[a, :n] = the stuck bits met by output a at positions p0..p0+n-1 of group g,
-    summed over tiles (c, acc: scratch of at least n int32)."""
-    T, A = term_row.shape[0], term_row.shape[1]
-    met[:, :n] = 0
-    for t in range(T):
-        for a in range(A):
+def _block_bits(rows, term_row, term_w, steps, g, base, n, a0, a1, c, acc, met):
+    """met[a, :n] = the stuck bits met by output a in a0..a1-1 at the n positions from
+    `base` of group g's rows (data[row_off[g, j] + base + i]), summed over tiles (c,
+    acc: scratch of at least n int32)."""
+    data, row_off = rows[0], rows[1]
+    step_row, step_mask, step_carry, n_steps = steps
+    met[a0:a1, :n] = 0
+    for t in range(term_row.shape[0]):
+        for a in range(a0, a1):
             c[:n] = 0
             acc[:n] = 0
             r = 0
@@ -37,8 +55,9 @@ def _block_bits(cols, term_row, term_w, step_row, step_mask, step_carry, n_steps
                 while r + 4 <= end:  # four rows a pass over c: fewer loads and stores of c
                     w0, w1 = np.int32(term_w[g, t, a, r]), np.int32(term_w[g, t, a, r + 1])
                     w2, w3 = np.int32(term_w[g, t, a, r + 2]), np.int32(term_w[g, t, a, r + 3])
-                    x0, x1 = cols[g, term_row[t, a, r], p0 : p0 + n], cols[g, term_row[t, a, r + 1], p0 : p0 + n]
-                    x2, x3 = cols[g, term_row[t, a, r + 2], p0 : p0 + n], cols[g, term_row[t, a, r + 3], p0 : p0 + n]
+                    o0, o1 = row_off[g, term_row[t, a, r]] + base, row_off[g, term_row[t, a, r + 1]] + base
+                    o2, o3 = row_off[g, term_row[t, a, r + 2]] + base, row_off[g, term_row[t, a, r + 3]] + base
+                    x0, x1, x2, x3 = data[o0 : o0 + n], data[o1 : o1 + n], data[o2 : o2 + n], data[o3 : o3 + n]
                     for i in range(n):
                         c[i] += (
                             w0 * np.int32(x0[i]) + w1 * np.int32(x1[i]) + w2 * np.int32(x2[i]) + w3 * np.int32(x3[i])
@@ -46,7 +65,8 @@ def _block_bits(cols, term_row, term_w, step_row, step_mask, step_carry, n_steps
                     r += 4
                 while r < end:
                     w0 = np.int32(term_w[g, t, a, r])
-                    x0 = cols[g, term_row[t, a, r], p0 : p0 + n]
+                    o0 = row_off[g, term_row[t, a, r]] + base
+                    x0 = data[o0 : o0 + n]
                     for i in range(n):
                         c[i] += w0 * np.int32(x0[i])
                     r += 1
@@ -58,35 +78,180 @@ def _block_bits(cols, term_row, term_w, step_row, step_mask, step_carry, n_steps
                 met[a, i] += acc[i]
 
 
+@intrinsic
+def _dpbusd16(typingctx: Any, c: Any, ci: Any, x: Any, xi: Any, w: Any) -> Any:
+    """c[ci : ci + 16] (int32) += per lane i, the dot product of the 4 bytes of
+    x[xi + i] (uint32: 4 uint8) with the 4 bytes of w (int32: 4 int8), wrapping mod
+    2^32: one AVX-512 VNNI vpdpbusd (64 multiply-adds)."""
+    sig = types.void(c, ci, x, xi, w)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        v16 = ir.VectorType(ir.IntType(32), 16)
+        ptrs = []
+        for arr, idx in ((0, 1), (2, 3)):
+            data = context.make_array(signature.args[arr])(context, builder, args[arr]).data
+            i = context.cast(builder, args[idx], signature.args[idx], types.intp)
+            ptrs.append(builder.bitcast(builder.gep(data, [i]), v16.as_pointer()))
+        w32 = context.cast(builder, args[4], signature.args[4], types.int32)
+        wv = builder.insert_element(ir.Constant(v16, ir.Undefined), w32, ir.Constant(ir.IntType(32), 0))
+        wv = builder.shuffle_vector(wv, ir.Constant(v16, ir.Undefined), ir.Constant(v16, [0] * 16))
+        # (v16i32, v16i32, v16i32) is LLVM 14's signature; newer LLVMs upgrade it when parsing
+        fnty = ir.FunctionType(v16, [v16] * 3)
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+        acc = builder.load(ptrs[0], align=4)
+        builder.store(builder.call(fn, [acc, builder.load(ptrs[1], align=4), wv]), ptrs[0], align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(cache=True, boundscheck=False)
+def _quad_slots(term_row, J):
+    """The row quads the VNNI kernel interleaves once a block: quad (T, A, Lq), the slot
+    of the four input rows that tile t's rows 4q..4q+3 of output a read (-1 where those
+    are not rows j..j+3 < J with j % 4 = 0, as at act faults: interleaved on the fly), and
+    slot_row (n_slots,), each slot's first input row."""
+    T, A, L = term_row.shape
+    Lq = (L + 3) // 4
+    quad = np.full((T, A, Lq), -1, np.int64)
+    slot_of = np.full(term_row.max() // 4 + 1, -1, np.int64)
+    n_slots = 0
+    for t in range(T):
+        for a in range(A):
+            for q in range(Lq):
+                j0 = term_row[t, a, 4 * q]
+                ok = j0 % 4 == 0 and j0 + 3 < J
+                for k in range(1, min(4, L - 4 * q)):
+                    ok = ok and term_row[t, a, 4 * q + k] == j0 + k
+                if ok:
+                    if slot_of[j0 // 4] < 0:
+                        slot_of[j0 // 4] = n_slots
+                        n_slots += 1
+                    quad[t, a, q] = slot_of[j0 // 4]
+    slot_row = np.empty(n_slots, np.int64)
+    for jq in range(slot_of.shape[0]):
+        if slot_of[jq] >= 0:
+            slot_row[slot_of[jq]] = 4 * jq
+    return quad, slot_row
+
+
+@numba.njit(cache=True, boundscheck=False)
+def _interleave(data, o0, o1, o2, o3, n, out):
+    """out[i] = the bytes data[o0 + i], ..., data[o3 + i], each + 128 (as uint8: VNNI's
+    unsigned operand)."""
+    x0, x1, x2, x3 = data[o0 : o0 + n], data[o1 : o1 + n], data[o2 : o2 + n], data[o3 : o3 + n]
+    for i in range(n):
+        out[i] = (
+            (np.uint32(x0[i]) & 0xFF)
+            | (np.uint32(x1[i]) & 0xFF) << 8
+            | (np.uint32(x2[i]) & 0xFF) << 16
+            | (np.uint32(x3[i]) & 0xFF) << 24
+        ) ^ np.uint32(0x80808080)
+
+
+@numba.njit(cache=True, boundscheck=False)
+def _block_bits_vnni(rows, term_row, term_w, quad, slot_row, steps, g, base, n, a0, a1, xq, c, acc, met):
+    """`_block_bits` with VNNI: four rows a vpdpbusd on the inputs + 128 (uint8), whose
+    extra 128 * (sum of the weights met) each step takes off its carry. xq (n_slots + 1,
+    >= n rounded up to 16) uint32, c, acc: scratch (c as long as an xq row)."""
+    data, row_off = rows[0], rows[1]
+    step_row, step_mask, step_carry, n_steps = steps
+    T, L = term_row.shape[0], term_row.shape[2]
+    m = (n + 15) // 16 * 16
+    n_slots = slot_row.shape[0]
+    for s in range(n_slots):
+        o = row_off[g, slot_row[s]] + base
+        _interleave(
+            data,
+            o,
+            row_off[g, slot_row[s] + 1] + base,
+            row_off[g, slot_row[s] + 2] + base,
+            row_off[g, slot_row[s] + 3] + base,
+            n,
+            xq[s],
+        )
+    met[a0:a1, :n] = 0
+    for t in range(T):
+        for a in range(a0, a1):
+            c[:m] = 0
+            acc[:n] = 0
+            lo, wsum = 0, np.int64(0)
+            for s in range(n_steps[a]):
+                end = step_row[a, s] + 1
+                for q in range(lo // 4, (end + 3) // 4):
+                    w = np.int64(0)  # the quad's weights in [lo, end) as 4 bytes, the others 0
+                    for k in range(max(lo - 4 * q, 0), min(end - 4 * q, 4)):
+                        wk = np.int64(term_w[g, t, a, 4 * q + k])
+                        w |= (wk & 0xFF) << (8 * k)
+                        wsum += wk
+                    x = quad[t, a, q]
+                    if x < 0:  # rows past L read row L - 1 (weight 0)
+                        x = n_slots
+                        o = [row_off[g, term_row[t, a, min(4 * q + k, L - 1)]] + base for k in range(4)]
+                        _interleave(data, o[0], o[1], o[2], o[3], n, xq[x])
+                    xr = xq[x]
+                    for i in range(0, m, 16):
+                        _dpbusd16(c, i, xr, i, w)  # type: ignore[call-arg]  # called without typingctx
+                lo = end
+                mask, carry = step_mask[a, s], np.int64(step_carry[a, s]) - 128 * wsum
+                for i in range(n):
+                    acc[i] += (c[i] + carry - acc[i]) & mask
+            for i in range(n):
+                met[a, i] += acc[i]
+
+
 @numba.njit(parallel=True, cache=True, boundscheck=False)
-def _stuck_psum_bits(cols, term_row, term_w, step_row, step_mask, step_carry, n_steps, block, n_threads, vals):
+def _stuck_psum_bits(rows, term_row, term_w, steps, block, n_threads, vnni, vals):
     """vals (G, A, P) int32 -= the stuck psum bits met, summed over tiles (mod 2^32);
-    cols (G, J, P) int8, term_w (G, T, A, L) int8, the rest the fields of
-    `kernels.PsumSteps`. Work comes in blocks of `block` positions of one group; each
-    of n_threads threads takes a contiguous range of them.
-    """
-    G, P, A = cols.shape[0], cols.shape[2], term_row.shape[1]
-    n_blocks = (P + block - 1) // block
-    n_jobs = G * n_blocks
+    rows: the fields of a `kernels.LoweredRows`, term_w (G, T, A, L) int8, the rest
+    the fields of `kernels.PsumSteps`. Work comes in blocks of up to `block` positions
+    of one run of one group, and with fewer blocks than threads also in ranges of
+    outputs; each of n_threads threads takes a contiguous range of them."""
+    seg_len, seg_stride, n_seg = rows[2], rows[3], rows[4]
+    G, A = vals.shape[0], vals.shape[1]
+    per_seg = (seg_len + block - 1) // block
+    n_blocks = G * n_seg * per_seg
+    a_parts = min(A, max(1, n_threads // n_blocks))
+    n_jobs = n_blocks * a_parts
     n_parts = min(n_threads, n_jobs)
+    quad, slot_row = _quad_slots(term_row, rows[1].shape[1])
+    m = (block + 15) // 16 * 16
     for part in numba.prange(n_parts):
-        c = np.empty(block, np.int32)
-        acc = np.empty(block, np.int32)
+        xq = np.empty((slot_row.shape[0] + 1, m), np.uint32)
+        c = np.empty(m, np.int32)
+        acc = np.empty(m, np.int32)
         met = np.empty((A, block), np.int32)
         for job in range(part * n_jobs // n_parts, (part + 1) * n_jobs // n_parts):
-            g, p0 = job // n_blocks, (job % n_blocks) * block
-            n = min(block, P - p0)
-            _block_bits(cols, term_row, term_w, step_row, step_mask, step_carry, n_steps, g, p0, n, c, acc, met)
-            for a in range(A):
+            b, ap = job // a_parts, job % a_parts
+            a0, a1 = ap * A // a_parts, (ap + 1) * A // a_parts
+            g, k = b // (n_seg * per_seg), b % (n_seg * per_seg)
+            seg, i0 = k // per_seg, (k % per_seg) * block
+            n = min(block, seg_len - i0)
+            base, p0 = seg * seg_stride + i0, seg * seg_len + i0
+            if vnni:
+                _block_bits_vnni(rows, term_row, term_w, quad, slot_row, steps, g, base, n, a0, a1, xq, c, acc, met)
+            else:
+                _block_bits(rows, term_row, term_w, steps, g, base, n, a0, a1, c, acc, met)
+            for a in range(a0, a1):
                 vals[g, a, p0 : p0 + n] -= met[a, :n]
 
 
-def stuck_psum_bits(cols: torch.Tensor, steps: PsumSteps, term_w: torch.Tensor, vals: torch.Tensor, block: int) -> None:
+def stuck_psum_bits(cols: LoweredRows, steps: PsumSteps, term_w: torch.Tensor, vals: torch.Tensor, block: int) -> None:
     """`accelerator.kernels.stuck_psum_bits`, compiled. Runs on as many threads as torch uses."""
-    args = (cols, steps.term_row, term_w, steps.step_row, steps.step_mask, steps.step_carry, steps.n_steps)
+    rows = (cols.data.numpy(), cols.row_off.numpy(), cols.seg_len, cols.seg_stride, cols.n_seg)
+    step_fields = (steps.step_row, steps.step_mask, steps.step_carry, steps.n_steps)
     with _torch_threads() as n_threads:
         kernel: Any = _stuck_psum_bits  # a numba Dispatcher: its call signature is the Python function's
-        kernel(*(t.numpy() for t in args), block, n_threads, vals.numpy())
+        kernel(
+            rows,
+            steps.term_row.numpy(),
+            term_w.numpy(),
+            tuple(t.numpy() for t in step_fields),
+            block,
+            n_threads,
+            USE_VNNI,
+            vals.numpy(),
+        )
 
 
 @contextmanager

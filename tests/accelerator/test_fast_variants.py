@@ -1,6 +1,7 @@
 """The fast path's alternative kernels equal the reference too, forced here on small
 layers: the psum kernel over blocks of a few positions (a layer's positions split
-across blocks and threads, the last block partial), the plain-torch kernels used
+across blocks and threads, the last block partial), the compiled psum kernel as on
+CPUs without AVX-512 VNNI, the plain-torch kernels used
 without numba (also over chunks of a few positions), int32 GEMMs chunked over rows
 (very long K) and the float64 fallback for CPUs whose int8 GEMM is not exact; and psum
 faults in bulk (chains down a column, several stuck bits on one PE, act faults on the
@@ -31,6 +32,7 @@ from .test_layers import _conv_reference
     params=[
         "psum_blocks",
         "small_psum_blocks",
+        "psum_kernel_without_vnni",
         "torch_kernels",
         "torch_kernels_chunked",
         "chunked_rows",
@@ -40,6 +42,10 @@ from .test_layers import _conv_reference
 def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "small_psum_blocks":  # 5 positions a block: rarely a divisor of P, above a Linear's B
         monkeypatch.setattr(fast, "PSUM_BLOCK", 5)
+    elif request.param == "psum_kernel_without_vnni":  # the compiled kernel on CPUs without AVX-512 VNNI
+        if kernels.compiled() is None:
+            pytest.skip("numba is not installed")
+        monkeypatch.setattr(kernels.compiled(), "USE_VNNI", False)
     elif request.param.startswith("torch_kernels"):  # as without numba installed
         monkeypatch.setattr(kernels, "compiled", lambda: None)
         if request.param == "torch_kernels_chunked":
