@@ -38,34 +38,11 @@ USE_VNNI = _has_vnni()
 
 
 @numba.njit(cache=True, boundscheck=False)
-def _block_rows(rows, used, g, p0, n, buf, m, offs):
-    """Where the n positions from p0 of group g's rows lie: returns src with row j at
-    src[offs[j] : offs[j] + n] (offs (J,) int64, set for the rows in `used`). A block
-    within one run of `rows` is read in place; one spanning runs is first gathered into
-    buf (>= len(used) * m int8)."""
-    data, row_off, seg_len, seg_stride = rows[0], rows[1], rows[2], rows[3]
-    seg, k = p0 // seg_len, p0 % seg_len
-    if k + n <= seg_len:
-        for j in used:
-            offs[j] = row_off[g, j] + seg * seg_stride + k
-        return data
-    for u in range(used.shape[0]):
-        j = used[u]
-        offs[j] = u * m
-        i, sg, kk = 0, seg, k
-        while i < n:
-            ln = min(n - i, seg_len - kk)
-            o = row_off[g, j] + sg * seg_stride + kk
-            buf[u * m + i : u * m + i + ln] = data[o : o + ln]
-            i, sg, kk = i + ln, sg + 1, 0
-    return buf
-
-
-@numba.njit(cache=True, boundscheck=False)
-def _block_bits(src, offs, term_row, term_w, steps, g, n, a0, a1, c, acc, met):
-    """met[a, :n] = the stuck bits met by output a in a0..a1-1 at a block's n positions
-    of group g (row j at src[offs[j] :], `_block_rows`), summed over tiles (c, acc:
-    scratch of at least n int32)."""
+def _block_bits(rows, term_row, term_w, steps, g, base, n, a0, a1, c, acc, met):
+    """met[a, :n] = the stuck bits met by output a in a0..a1-1 at the n positions from
+    `base` of group g's rows (data[row_off[g, j] + base + i]), summed over tiles (c,
+    acc: scratch of at least n int32)."""
+    data, row_off = rows[0], rows[1]
     step_row, step_mask, step_carry, n_steps = steps
     met[a0:a1, :n] = 0
     for t in range(term_row.shape[0]):
@@ -78,9 +55,9 @@ def _block_bits(src, offs, term_row, term_w, steps, g, n, a0, a1, c, acc, met):
                 while r + 4 <= end:  # four rows a pass over c: fewer loads and stores of c
                     w0, w1 = np.int32(term_w[g, t, a, r]), np.int32(term_w[g, t, a, r + 1])
                     w2, w3 = np.int32(term_w[g, t, a, r + 2]), np.int32(term_w[g, t, a, r + 3])
-                    o0, o1 = offs[term_row[t, a, r]], offs[term_row[t, a, r + 1]]
-                    o2, o3 = offs[term_row[t, a, r + 2]], offs[term_row[t, a, r + 3]]
-                    x0, x1, x2, x3 = src[o0 : o0 + n], src[o1 : o1 + n], src[o2 : o2 + n], src[o3 : o3 + n]
+                    o0, o1 = row_off[g, term_row[t, a, r]] + base, row_off[g, term_row[t, a, r + 1]] + base
+                    o2, o3 = row_off[g, term_row[t, a, r + 2]] + base, row_off[g, term_row[t, a, r + 3]] + base
+                    x0, x1, x2, x3 = data[o0 : o0 + n], data[o1 : o1 + n], data[o2 : o2 + n], data[o3 : o3 + n]
                     for i in range(n):
                         c[i] += (
                             w0 * np.int32(x0[i]) + w1 * np.int32(x1[i]) + w2 * np.int32(x2[i]) + w3 * np.int32(x3[i])
@@ -88,8 +65,8 @@ def _block_bits(src, offs, term_row, term_w, steps, g, n, a0, a1, c, acc, met):
                     r += 4
                 while r < end:
                     w0 = np.int32(term_w[g, t, a, r])
-                    o0 = offs[term_row[t, a, r]]
-                    x0 = src[o0 : o0 + n]
+                    o0 = row_off[g, term_row[t, a, r]] + base
+                    x0 = data[o0 : o0 + n]
                     for i in range(n):
                         c[i] += w0 * np.int32(x0[i])
                     r += 1
@@ -159,19 +136,10 @@ def _quad_slots(term_row, J):
 
 
 @numba.njit(cache=True, boundscheck=False)
-def _used_rows(term_row, J):
-    """The input rows (< J) a layer's psums read (term_row): (n_used,) int64, ascending."""
-    hit = np.zeros(J, np.bool_)
-    for j in term_row.ravel():
-        hit[j] = True
-    return np.nonzero(hit)[0]
-
-
-@numba.njit(cache=True, boundscheck=False)
-def _interleave(src, o0, o1, o2, o3, n, out):
-    """out[i] = the bytes src[o0 + i], ..., src[o3 + i], each + 128 (as uint8: VNNI's
+def _interleave(data, o0, o1, o2, o3, n, out):
+    """out[i] = the bytes data[o0 + i], ..., data[o3 + i], each + 128 (as uint8: VNNI's
     unsigned operand)."""
-    x0, x1, x2, x3 = src[o0 : o0 + n], src[o1 : o1 + n], src[o2 : o2 + n], src[o3 : o3 + n]
+    x0, x1, x2, x3 = data[o0 : o0 + n], data[o1 : o1 + n], data[o2 : o2 + n], data[o3 : o3 + n]
     for i in range(n):
         out[i] = (
             (np.uint32(x0[i]) & 0xFF)
@@ -182,31 +150,26 @@ def _interleave(src, o0, o1, o2, o3, n, out):
 
 
 @numba.njit(cache=True, boundscheck=False)
-def _interleave_rows(rows, g, j0, j1, j2, j3, p0, n, out):
-    """`_interleave` of rows j0..j3 of group g at the n positions from p0 (`kernels.LoweredRows`
-    fields rows), run by run."""
-    data, row_off, seg_len, seg_stride = rows[0], rows[1], rows[2], rows[3]
-    seg, k, i = p0 // seg_len, p0 % seg_len, 0
-    while i < n:
-        ln = min(n - i, seg_len - k)
-        base = seg * seg_stride + k
-        o0, o1, o2, o3 = row_off[g, j0] + base, row_off[g, j1] + base, row_off[g, j2] + base, row_off[g, j3] + base
-        _interleave(data, o0, o1, o2, o3, ln, out[i : i + ln])
-        i, seg, k = i + ln, seg + 1, 0
-
-
-@numba.njit(cache=True, boundscheck=False)
-def _block_bits_vnni(rows, term_row, term_w, quad, slot_row, steps, g, p0, n, a0, a1, xq, c, acc, met):
+def _block_bits_vnni(rows, term_row, term_w, quad, slot_row, steps, g, base, n, a0, a1, xq, c, acc, met):
     """`_block_bits` with VNNI: four rows a vpdpbusd on the inputs + 128 (uint8), whose
     extra 128 * (sum of the weights met) each step takes off its carry. xq (n_slots + 1,
     >= n rounded up to 16) uint32, c, acc: scratch (c as long as an xq row)."""
+    data, row_off = rows[0], rows[1]
     step_row, step_mask, step_carry, n_steps = steps
     T, L = term_row.shape[0], term_row.shape[2]
     m = (n + 15) // 16 * 16
     n_slots = slot_row.shape[0]
     for s in range(n_slots):
-        j = slot_row[s]
-        _interleave_rows(rows, g, j, j + 1, j + 2, j + 3, p0, n, xq[s])
+        o = row_off[g, slot_row[s]] + base
+        _interleave(
+            data,
+            o,
+            row_off[g, slot_row[s] + 1] + base,
+            row_off[g, slot_row[s] + 2] + base,
+            row_off[g, slot_row[s] + 3] + base,
+            n,
+            xq[s],
+        )
     met[a0:a1, :n] = 0
     for t in range(T):
         for a in range(a0, a1):
@@ -224,8 +187,8 @@ def _block_bits_vnni(rows, term_row, term_w, quad, slot_row, steps, g, p0, n, a0
                     x = quad[t, a, q]
                     if x < 0:  # rows past L read row L - 1 (weight 0)
                         x = n_slots
-                        j = [term_row[t, a, min(4 * q + k, L - 1)] for k in range(4)]
-                        _interleave_rows(rows, g, j[0], j[1], j[2], j[3], p0, n, xq[x])
+                        o = [row_off[g, term_row[t, a, min(4 * q + k, L - 1)]] + base for k in range(4)]
+                        _interleave(data, o[0], o[1], o[2], o[3], n, xq[x])
                     xr = xq[x]
                     for i in range(0, m, 16):
                         _dpbusd16(c, i, xr, i, w)  # type: ignore[call-arg]  # called without typingctx
@@ -241,22 +204,19 @@ def _block_bits_vnni(rows, term_row, term_w, quad, slot_row, steps, g, p0, n, a0
 def _stuck_psum_bits(rows, term_row, term_w, steps, block, n_threads, vnni, vals):
     """vals (G, A, P) int32 -= the stuck psum bits met, summed over tiles (mod 2^32);
     rows: the fields of a `kernels.LoweredRows`, term_w (G, T, A, L) int8, the rest
-    the fields of `kernels.PsumSteps`. Work comes in blocks of `block` positions of one
-    group, and with fewer blocks than threads also in ranges of outputs; each of
-    n_threads threads takes a contiguous range of them."""
-    J, P = rows[1].shape[1], rows[2] * rows[4]
+    the fields of `kernels.PsumSteps`. Work comes in blocks of up to `block` positions
+    of one run of one group, and with fewer blocks than threads also in ranges of
+    outputs; each of n_threads threads takes a contiguous range of them."""
+    seg_len, seg_stride, n_seg = rows[2], rows[3], rows[4]
     G, A = vals.shape[0], vals.shape[1]
-    per_g = (P + block - 1) // block
-    n_blocks = G * per_g
+    per_seg = (seg_len + block - 1) // block
+    n_blocks = G * n_seg * per_seg
     a_parts = min(A, max(1, n_threads // n_blocks))
     n_jobs = n_blocks * a_parts
     n_parts = min(n_threads, n_jobs)
-    quad, slot_row = _quad_slots(term_row, J)
-    used = _used_rows(term_row, J)
+    quad, slot_row = _quad_slots(term_row, rows[1].shape[1])
     m = (block + 15) // 16 * 16
     for part in numba.prange(n_parts):
-        buf = np.empty(0 if vnni or rows[4] == 1 else used.shape[0] * m, np.int8)
-        offs = np.zeros(J, np.int64)
         xq = np.empty((slot_row.shape[0] + 1, m), np.uint32)
         c = np.empty(m, np.int32)
         acc = np.empty(m, np.int32)
@@ -264,13 +224,14 @@ def _stuck_psum_bits(rows, term_row, term_w, steps, block, n_threads, vnni, vals
         for job in range(part * n_jobs // n_parts, (part + 1) * n_jobs // n_parts):
             b, ap = job // a_parts, job % a_parts
             a0, a1 = ap * A // a_parts, (ap + 1) * A // a_parts
-            g, p0 = b // per_g, (b % per_g) * block
-            n = min(block, P - p0)
+            g, k = b // (n_seg * per_seg), b % (n_seg * per_seg)
+            seg, i0 = k // per_seg, (k % per_seg) * block
+            n = min(block, seg_len - i0)
+            base, p0 = seg * seg_stride + i0, seg * seg_len + i0
             if vnni:
-                _block_bits_vnni(rows, term_row, term_w, quad, slot_row, steps, g, p0, n, a0, a1, xq, c, acc, met)
+                _block_bits_vnni(rows, term_row, term_w, quad, slot_row, steps, g, base, n, a0, a1, xq, c, acc, met)
             else:
-                src = _block_rows(rows, used, g, p0, n, buf, m, offs)
-                _block_bits(src, offs, term_row, term_w, steps, g, n, a0, a1, c, acc, met)
+                _block_bits(rows, term_row, term_w, steps, g, base, n, a0, a1, c, acc, met)
             for a in range(a0, a1):
                 vals[g, a, p0 : p0 + n] -= met[a, :n]
 
@@ -311,7 +272,7 @@ def _torch_threads() -> Iterator[int]:
 @numba.njit(parallel=True, cache=True, boundscheck=False)
 def _dequant_conv(y, vals, slot, scale, bias, scale64, bias64, wo, out):
     """out (N, O, Ho, wo) = y * scale + bias per output channel o = g * Og + j, from the
-    array output y (G, Og, N, Ho, Wc) int32 or float32, in float32 (exact: |y| < 2^24); channels with
+    array output y (G, Og, N, Ho, Wc) int32 in float32 (exact: |y| < 2^24); channels with
     slot[o] = a >= 0 from vals (G, A, N, Ho, Wc) int32 in float64 (scale64, bias64):
     their wrapped values may be beyond float32's exact integers."""
     G, Og, N, Ho = y.shape[0], y.shape[1], y.shape[2], y.shape[3]
@@ -340,9 +301,9 @@ def dequant_conv(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Dequantized conv output (N, O, Ho, wo) in `dtype` from the array output y (G, Og,
-    N, Ho, Wc) int32 or float32 (exact integers; wide rows: only w < wo are outputs) and
-    the exact values vals (G, A, N, Ho, Wc) int32 of the channels o with slot[o] = a >= 0
-    (slot (O,) int64). Any strides. scale, bias: (O,) float32."""
+    N, Ho, Wc) int32 (wide rows: only w < wo are outputs) and the exact values vals (G,
+    A, N, Ho, Wc) int32 of the channels o with slot[o] = a >= 0 (slot (O,) int64).
+    scale, bias: (O,) float32."""
     G, Og, N, Ho, _ = y.shape
     out = torch.empty(N, G * Og, Ho, wo, dtype=dtype)
     with _torch_threads():

@@ -332,7 +332,11 @@ def conv_cols(
     Hp, Wp = H + top + bottom, W + left + right
     Ho, Wo = (Hp - dh * (kh - 1) - 1) // sh + 1, (Wp - dw * (kw - 1) - 1) // sw + 1
     wide = sh == 1 and sw == 1
-    flat = _padded_input(xq, pads, (kw - 1) * dw)  # zero padding explicit: act faults hit it
+    # zero padding explicit (act faults hit it); wide rows of the last sample read
+    # (kw-1)*dw elements past the end
+    flat = _scratch("padded_input", (N * Cin * Hp * Wp + (kw - 1) * dw,)).zero_()
+    xp = flat[: N * Cin * Hp * Wp].view(N, Cin, Hp, Wp)
+    xp[:, :, top : top + H, left : left + W].copy_(xq)
     G = plan.G
     cin_g = Cin // G
     sN, sC = Cin * Hp * Wp, Hp * Wp
@@ -383,13 +387,11 @@ class ArrayWeight:
     """A layer's integer weights prepared for one plan (`array_weights`): weight-dependent,
     input-independent, so reusable across calls while the weights stay the same.
 
-    `dense`: without act faults, the effective weights as float in the layer's weight
-    shape (the whole output without psum faults, the main output of a stride-1 conv
-    with them). With act or psum faults `w8` (G, Og, J) int8, the `array_weight` rows
-    on the first J rows of the extended input (J = K without act faults), and with
-    psum faults `terms` (G, T, n_aff, rp) int8: the weight of each tile row an affected
-    output's psum meets, on the input row `plan.psum.term_row` it reads (0 on padding
-    rows past K, which read activation 0).
+    `dense`: without act or psum faults, the effective weights as float in the layer's
+    weight shape. Otherwise `w8` (G, Og, J) int8, the `array_weight` rows on the first J
+    rows of the extended input (J = K without act faults), and with psum faults
+    `terms` (G, T, n_aff, rp) int8: the weight of each tile row an affected output's
+    psum meets, on the input row `plan.psum.term_row` it reads.
     """
 
     shape: tuple[int, ...]
@@ -402,19 +404,14 @@ def array_weights(plan: LayerPlan, wq: torch.Tensor) -> ArrayWeight:
     """Prepare integer-valued weights wq (O, K) or (O, Cin/G, kh, kw) for `plan`."""
     wg = wq.reshape(plan.G, plan.Og, plan.K)
     shape = tuple(wq.shape)
-    dense = None
-    if not plan.n_act:
-        dense = effective_weight(plan, wg)[:, :, : plan.K].reshape(shape).to(exact_dtype(plan.TR << 14))
     if plan.clean_outputs:
+        dense = effective_weight(plan, wg)[:, :, : plan.K].reshape(shape).to(exact_dtype(plan.TR << 14))
         return ArrayWeight(shape, dense=dense)
     w8 = array_weight(plan, wg)
-    terms = None
-    if plan.n_aff:
-        row = plan.psum.term_row
-        terms = w8[:, plan.aff.view(1, -1, 1), row] * ((row < plan.K) | (row >= plan.TR))
+    terms = w8[:, plan.aff.view(1, -1, 1), plan.psum.term_row].contiguous() if plan.n_aff else None
     if not plan.n_act:  # padding rows past K then read activation 0: left out of the main GEMM
         w8 = w8[:, :, : plan.K].contiguous()
-    return ArrayWeight(shape, dense=dense, w8=w8, terms=terms)
+    return ArrayWeight(shape, w8=w8, terms=terms)
 
 
 def array_product(plan: LayerPlan, aw: ArrayWeight, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -452,11 +449,10 @@ class ArrayProduct:
     whose exact values are `vals` (N, len(chan), ...) int32. `dtype` is the float type
     that dequantizes y exactly (None: y's own float type).
 
-    `wide`: a conv's output in group-major views, as the int8 path computes it (y and
-    vals are views of them) or of y and vals: the array output (G, Og, N, Ho, Wc) int32
-    or float32, the psum values (G, n_aff, N, Ho, Wc) int32 (n_aff may be 0), each
-    output channel's index into them or -1 (O,) long, and Wo <= Wc. Dequantized in one
-    pass by a kernel instead of a strided read per channel.
+    `wide`: a conv's int8-path output as computed, of which y and vals are views: the
+    array output (G, Og, N, Ho, Wc) int32, the psum values (G, n_aff, N, Ho, Wc) int32
+    (n_aff may be 0), each output channel's index into them or -1 (O,) long, and Wo.
+    Dequantized in one pass by a kernel instead of a strided read per channel.
     """
 
     y: torch.Tensor
@@ -534,8 +530,7 @@ def linear_parts(plan: LayerPlan, xq: torch.Tensor, aw: ArrayWeight) -> ArrayPro
     """Array output for integer-valued x (B, K) and prepared weights aw of w (O, K):
     (B, O) (see ArrayProduct)."""
     dt = exact_dtype(plan.TR << 14)
-    if plan.clean_outputs:
-        assert aw.dense is not None
+    if aw.dense is not None:
         main = F.linear(xq.to(dt), aw.dense)
         if plan.TR << 14 >= 1 << 31:  # only astronomically large K could overflow the int32 buffer
             main = _wrap_float(main.to(torch.float64), plan.ps_bits)
@@ -577,7 +572,7 @@ def conv_parts(
     Ho, Wo) (see ArrayProduct)."""
     G, (kh, kw) = plan.G, aw.shape[2:]
     dt = exact_dtype(plan.TR << 14)
-    if aw.dense is not None and (plan.clean_outputs or stride == (1, 1)):
+    if aw.dense is not None:
         # zero padding meets no act fault here: the conv pads by itself (symmetric) and
         # padding rows of the last tile multiply activation 0
         left, right, top, bottom = pads
@@ -587,9 +582,7 @@ def conv_parts(
             main = F.conv2d(F.pad(xq.to(dt), pads), aw.dense, None, stride, 0, dilation, G)
         if plan.TR << 14 >= 1 << 31:
             main = _wrap_float(main.to(torch.float64), plan.ps_bits)
-        if plan.clean_outputs:
-            return ArrayProduct(main)
-        return _conv_psum_patch(plan, aw, main, xq, pads, (kh, kw), dilation)
+        return ArrayProduct(main)
     cols, (Ho, Wo, Wc) = conv_cols(plan, xq, pads, (kh, kw), stride, dilation)
     y, patch = array_product(plan, aw, cols)
     N = xq.shape[0]
@@ -604,73 +597,6 @@ def conv_parts(
     if patch is None:
         return ArrayProduct(nchw(y), dtype=dt, wide=wide)
     return ArrayProduct(nchw(y), _chan(plan), nchw(patch), dtype=dt, wide=wide)
-
-
-def _conv_psum_patch(
-    plan: LayerPlan,
-    aw: ArrayWeight,
-    main: torch.Tensor,
-    xq: torch.Tensor,
-    pads: tuple[int, int, int, int],
-    kernel: tuple[int, int],
-    dilation: tuple[int, int],
-) -> ArrayProduct:
-    """A stride-1 conv without act faults: its main output main (N, O, Ho, Wo) (exact
-    integers, the array's clean GEMM) with the psum-affected channels patched. Their
-    stuck bits come from rows read straight from the padded input (`padded_rows`), so
-    the conv lowers nothing."""
-    assert aw.terms is not None
-    N, _, Ho, Wo = main.shape
-    G, A = plan.G, plan.n_aff
-    rows = padded_rows(plan, xq, pads, kernel, dilation)
-    bits = torch.zeros(G, A, rows.P, dtype=torch.int32)
-    kernels.stuck_psum_bits(rows, plan.psum, aw.terms, bits, PSUM_BLOCK)  # bits = -(the bits met)
-    chan = _chan(plan)
-    bits = bits.view(G, A, N, Ho, -1)[..., :Wo].permute(2, 0, 1, 3, 4).reshape(N, G * A, Ho, Wo)
-    # int32 arithmetic wraps like the psum registers
-    vals = main[:, chan].to(torch.int32).add_(plan.out_const.view(1, A, 1, 1).repeat(1, G, 1, 1)).add_(bits)
-    # the dequant kernel's (G, Og | A, N, Ho, Wo) views of them
-    wide = (main.view(N, G, -1, Ho, Wo).permute(1, 2, 0, 3, 4), vals.view(N, G, A, Ho, Wo).permute(1, 2, 0, 3, 4))
-    return ArrayProduct(main, chan, vals, dtype=main.dtype, wide=(*wide, _channel_slots(plan), Wo))
-
-
-def padded_rows(
-    plan: LayerPlan,
-    xq: torch.Tensor,
-    pads: tuple[int, int, int, int],
-    kernel: tuple[int, int],
-    dilation: tuple[int, int],
-) -> kernels.LoweredRows:
-    """The TR lowered rows of a stride-1 conv's integer-valued input xq (N, Cin, H, W)
-    as runs of its zero-padded int8 copy: the wide rows of `conv_cols` (position n *
-    Ho * Wp + i), each a contiguous run of the padded input per sample. Rows past K
-    point anywhere: their weights (`ArrayWeight.terms`) are 0."""
-    N, Cin, H, W = xq.shape
-    left, right, top, bottom = pads
-    (kh, kw), (dh, dw) = kernel, dilation
-    Hp, Wp = H + top + bottom, W + left + right
-    Ho = Hp - dh * (kh - 1)
-    key = ("padded_rows", Cin, Hp, Wp, kh, kw, dh, dw)
-    row_off = plan.cache.get(key)
-    if row_off is None:
-        k = torch.arange(plan.TR)
-        cin_g = Cin // plan.G
-        c = torch.arange(plan.G).view(-1, 1) * cin_g + k // (kh * kw)
-        i, j = k % (kh * kw) // kw, k % kw
-        row_off = plan.cache[key] = torch.where(k < plan.K, c * Hp * Wp + i * dh * Wp + j * dw, 0)
-    flat = _padded_input(xq, pads, (kw - 1) * dw)
-    return kernels.LoweredRows(flat, row_off, Ho * Wp, Cin * Hp * Wp, N)
-
-
-def _padded_input(xq: torch.Tensor, pads: tuple[int, int, int, int], tail: int) -> torch.Tensor:
-    """xq (N, Cin, H, W) zero-padded by pads (left, right, top, bottom) as int8, flat,
-    followed by `tail` zeros (what the wide rows of the last sample read past its end)."""
-    N, Cin, H, W = xq.shape
-    left, right, top, bottom = pads
-    Hp, Wp = H + top + bottom, W + left + right
-    flat = _scratch("padded_input", (N * Cin * Hp * Wp + tail,)).zero_()
-    flat[: N * Cin * Hp * Wp].view(N, Cin, Hp, Wp)[:, :, top : top + H, left : left + W].copy_(xq)
-    return flat
 
 
 def conv_product(

@@ -219,37 +219,3 @@ def test_compiled_and_torch_kernels_give_the_same_floats(monkeypatch: pytest.Mon
         compiled = am(x)
         monkeypatch.setattr(kernels, "compiled", lambda: None)
         assert torch.equal(am(x), compiled)
-
-
-@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
-@pytest.mark.parametrize("seed", range(3))
-def test_stride1_psum_convs_read_rows_from_the_padded_input(
-    variant: str, seed: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Stride-1 convs with psum faults but no act faults take their main output from the
-    float conv and the psum kernel's rows straight from the padded input (no im2col):
-    groups, dilation, asymmetric 'same' padding, arrays whose rows are and are not a
-    multiple of 4 (the VNNI kernel's row quads)."""
-    rng = random.Random(300 + seed)
-    q = quantizer("int8")
-    calls = []
-    padded_rows = fast.padded_rows
-    monkeypatch.setattr(fast, "padded_rows", lambda *a: calls.append(1) or padded_rows(*a))
-    for _ in range(8):
-        array = ArrayConfig(rng.choice([3, 4, 8]), rng.randint(2, 5))
-        fmap = random_fault_map(array, rng.randint(3, 12), rng, sites=("psum", "psum", "weight", "pe"))
-        r = rng.randrange(array.rows)  # one psum fault column 0 (always used) surely meets
-        stuck = Fault(r, 0, "psum", rng.choice([0, 31, rng.randrange(32)]), rng.randrange(2))
-        fmap = FaultMap(array, (*(f for f in fmap.faults if (f.row, f.col) != (r, 0)), stuck))
-        G = rng.choice([1, 2])
-        kernel = rng.choice([1, 2, 3])
-        padding: int | str = "same" if kernel == 2 else rng.choice([0, 1, 2])
-        conv = nn.Conv2d(
-            G * rng.randint(1, 4), G * rng.randint(1, 4), kernel, padding=padding, dilation=rng.choice([1, 2]), groups=G
-        )
-        x = torch.randn(3, conv.in_channels, 7, 6, generator=torch.Generator().manual_seed(seed))
-        layer = A.on_array(A.calibrate(nn.Sequential(conv), x), array, fmap)[0]
-        xq, (wq, _) = q.act(x, layer.scale_tensor()), q.weight(layer.weight)
-        got = layer.integer_output(xq, wq)
-        assert torch.equal(got.round().long(), _conv_reference(layer, xq, wq, fmap)), fmap.to_dict()
-    assert len(calls) == 8
