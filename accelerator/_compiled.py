@@ -22,7 +22,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from accelerator.kernels import LoweredRows, PsumSteps
+from accelerator.kernels import PsumSteps
 
 
 def _has_vnni() -> bool:
@@ -38,11 +38,9 @@ USE_VNNI = _has_vnni()
 
 
 @numba.njit(cache=True, boundscheck=False)
-def _block_bits(rows, term_row, term_w, steps, g, base, n, a0, a1, c, acc, met):
-    """met[a, :n] = the stuck bits met by output a in a0..a1-1 at the n positions from
-    `base` of group g's rows (data[row_off[g, j] + base + i]), summed over tiles (c,
-    acc: scratch of at least n int32)."""
-    data, row_off = rows[0], rows[1]
+def _block_bits(cols, term_row, term_w, steps, g, p0, n, a0, a1, c, acc, met):
+    """met[a, :n] = the stuck bits met by output a in a0..a1-1 at positions p0..p0+n-1
+    of group g, summed over tiles (c, acc: scratch of at least n int32)."""
     step_row, step_mask, step_carry, n_steps = steps
     met[a0:a1, :n] = 0
     for t in range(term_row.shape[0]):
@@ -55,9 +53,8 @@ def _block_bits(rows, term_row, term_w, steps, g, base, n, a0, a1, c, acc, met):
                 while r + 4 <= end:  # four rows a pass over c: fewer loads and stores of c
                     w0, w1 = np.int32(term_w[g, t, a, r]), np.int32(term_w[g, t, a, r + 1])
                     w2, w3 = np.int32(term_w[g, t, a, r + 2]), np.int32(term_w[g, t, a, r + 3])
-                    o0, o1 = row_off[g, term_row[t, a, r]] + base, row_off[g, term_row[t, a, r + 1]] + base
-                    o2, o3 = row_off[g, term_row[t, a, r + 2]] + base, row_off[g, term_row[t, a, r + 3]] + base
-                    x0, x1, x2, x3 = data[o0 : o0 + n], data[o1 : o1 + n], data[o2 : o2 + n], data[o3 : o3 + n]
+                    x0, x1 = cols[g, term_row[t, a, r], p0 : p0 + n], cols[g, term_row[t, a, r + 1], p0 : p0 + n]
+                    x2, x3 = cols[g, term_row[t, a, r + 2], p0 : p0 + n], cols[g, term_row[t, a, r + 3], p0 : p0 + n]
                     for i in range(n):
                         c[i] += (
                             w0 * np.int32(x0[i]) + w1 * np.int32(x1[i]) + w2 * np.int32(x2[i]) + w3 * np.int32(x3[i])
@@ -65,8 +62,7 @@ def _block_bits(rows, term_row, term_w, steps, g, base, n, a0, a1, c, acc, met):
                     r += 4
                 while r < end:
                     w0 = np.int32(term_w[g, t, a, r])
-                    o0 = row_off[g, term_row[t, a, r]] + base
-                    x0 = data[o0 : o0 + n]
+                    x0 = cols[g, term_row[t, a, r], p0 : p0 + n]
                     for i in range(n):
                         c[i] += w0 * np.int32(x0[i])
                     r += 1
@@ -136,10 +132,11 @@ def _quad_slots(term_row, J):
 
 
 @numba.njit(cache=True, boundscheck=False)
-def _interleave(data, o0, o1, o2, o3, n, out):
-    """out[i] = the bytes data[o0 + i], ..., data[o3 + i], each + 128 (as uint8: VNNI's
-    unsigned operand)."""
-    x0, x1, x2, x3 = data[o0 : o0 + n], data[o1 : o1 + n], data[o2 : o2 + n], data[o3 : o3 + n]
+def _interleave(cols, g, j0, j1, j2, j3, p0, n, out):
+    """out[i] = the bytes cols[g, j0..j3, p0 + i], each + 128 (as uint8: VNNI's unsigned
+    operand)."""
+    x0, x1 = cols[g, j0, p0 : p0 + n], cols[g, j1, p0 : p0 + n]
+    x2, x3 = cols[g, j2, p0 : p0 + n], cols[g, j3, p0 : p0 + n]
     for i in range(n):
         out[i] = (
             (np.uint32(x0[i]) & 0xFF)
@@ -150,26 +147,17 @@ def _interleave(data, o0, o1, o2, o3, n, out):
 
 
 @numba.njit(cache=True, boundscheck=False)
-def _block_bits_vnni(rows, term_row, term_w, quad, slot_row, steps, g, base, n, a0, a1, xq, c, acc, met):
+def _block_bits_vnni(cols, term_row, term_w, quad, slot_row, steps, g, p0, n, a0, a1, xq, c, acc, met):
     """`_block_bits` with VNNI: four rows a vpdpbusd on the inputs + 128 (uint8), whose
     extra 128 * (sum of the weights met) each step takes off its carry. xq (n_slots + 1,
     >= n rounded up to 16) uint32, c, acc: scratch (c as long as an xq row)."""
-    data, row_off = rows[0], rows[1]
     step_row, step_mask, step_carry, n_steps = steps
     T, L = term_row.shape[0], term_row.shape[2]
     m = (n + 15) // 16 * 16
     n_slots = slot_row.shape[0]
     for s in range(n_slots):
-        o = row_off[g, slot_row[s]] + base
-        _interleave(
-            data,
-            o,
-            row_off[g, slot_row[s] + 1] + base,
-            row_off[g, slot_row[s] + 2] + base,
-            row_off[g, slot_row[s] + 3] + base,
-            n,
-            xq[s],
-        )
+        j = slot_row[s]
+        _interleave(cols, g, j, j + 1, j + 2, j + 3, p0, n, xq[s])
     met[a0:a1, :n] = 0
     for t in range(T):
         for a in range(a0, a1):
@@ -187,8 +175,8 @@ def _block_bits_vnni(rows, term_row, term_w, quad, slot_row, steps, g, base, n, 
                     x = quad[t, a, q]
                     if x < 0:  # rows past L read row L - 1 (weight 0)
                         x = n_slots
-                        o = [row_off[g, term_row[t, a, min(4 * q + k, L - 1)]] + base for k in range(4)]
-                        _interleave(data, o[0], o[1], o[2], o[3], n, xq[x])
+                        j = [term_row[t, a, min(4 * q + k, L - 1)] for k in range(4)]
+                        _interleave(cols, g, j[0], j[1], j[2], j[3], p0, n, xq[x])
                     xr = xq[x]
                     for i in range(0, m, 16):
                         _dpbusd16(c, i, xr, i, w)  # type: ignore[call-arg]  # called without typingctx
@@ -201,20 +189,19 @@ def _block_bits_vnni(rows, term_row, term_w, quad, slot_row, steps, g, base, n, 
 
 
 @numba.njit(parallel=True, cache=True, boundscheck=False)
-def _stuck_psum_bits(rows, term_row, term_w, steps, block, n_threads, vnni, vals):
+def _stuck_psum_bits(cols, term_row, term_w, steps, block, n_threads, vnni, vals):
     """vals (G, A, P) int32 -= the stuck psum bits met, summed over tiles (mod 2^32);
-    rows: the fields of a `kernels.LoweredRows`, term_w (G, T, A, L) int8, the rest
-    the fields of `kernels.PsumSteps`. Work comes in blocks of up to `block` positions
-    of one run of one group, and with fewer blocks than threads also in ranges of
-    outputs; each of n_threads threads takes a contiguous range of them."""
-    seg_len, seg_stride, n_seg = rows[2], rows[3], rows[4]
-    G, A = vals.shape[0], vals.shape[1]
-    per_seg = (seg_len + block - 1) // block
-    n_blocks = G * n_seg * per_seg
+    cols (G, J, P) int8, term_w (G, T, A, L) int8, the rest the fields of
+    `kernels.PsumSteps`. Work comes in blocks of `block` positions of one group, and
+    with fewer blocks than threads also in ranges of outputs (a Linear layer's few
+    positions); each of n_threads threads takes a contiguous range of them."""
+    G, J, P, A = cols.shape[0], cols.shape[1], cols.shape[2], vals.shape[1]
+    per_g = (P + block - 1) // block
+    n_blocks = G * per_g
     a_parts = min(A, max(1, n_threads // n_blocks))
     n_jobs = n_blocks * a_parts
     n_parts = min(n_threads, n_jobs)
-    quad, slot_row = _quad_slots(term_row, rows[1].shape[1])
+    quad, slot_row = _quad_slots(term_row, J)
     m = (block + 15) // 16 * 16
     for part in numba.prange(n_parts):
         xq = np.empty((slot_row.shape[0] + 1, m), np.uint32)
@@ -224,33 +211,23 @@ def _stuck_psum_bits(rows, term_row, term_w, steps, block, n_threads, vnni, vals
         for job in range(part * n_jobs // n_parts, (part + 1) * n_jobs // n_parts):
             b, ap = job // a_parts, job % a_parts
             a0, a1 = ap * A // a_parts, (ap + 1) * A // a_parts
-            g, k = b // (n_seg * per_seg), b % (n_seg * per_seg)
-            seg, i0 = k // per_seg, (k % per_seg) * block
-            n = min(block, seg_len - i0)
-            base, p0 = seg * seg_stride + i0, seg * seg_len + i0
+            g, p0 = b // per_g, (b % per_g) * block
+            n = min(block, P - p0)
             if vnni:
-                _block_bits_vnni(rows, term_row, term_w, quad, slot_row, steps, g, base, n, a0, a1, xq, c, acc, met)
+                _block_bits_vnni(cols, term_row, term_w, quad, slot_row, steps, g, p0, n, a0, a1, xq, c, acc, met)
             else:
-                _block_bits(rows, term_row, term_w, steps, g, base, n, a0, a1, c, acc, met)
+                _block_bits(cols, term_row, term_w, steps, g, p0, n, a0, a1, c, acc, met)
             for a in range(a0, a1):
                 vals[g, a, p0 : p0 + n] -= met[a, :n]
 
 
-def stuck_psum_bits(cols: LoweredRows, steps: PsumSteps, term_w: torch.Tensor, vals: torch.Tensor, block: int) -> None:
+def stuck_psum_bits(cols: torch.Tensor, steps: PsumSteps, term_w: torch.Tensor, vals: torch.Tensor, block: int) -> None:
     """`accelerator.kernels.stuck_psum_bits`, compiled. Runs on as many threads as torch uses."""
-    rows = (cols.data.numpy(), cols.row_off.numpy(), cols.seg_len, cols.seg_stride, cols.n_seg)
-    step_fields = (steps.step_row, steps.step_mask, steps.step_carry, steps.n_steps)
+    step_fields = tuple(t.numpy() for t in (steps.step_row, steps.step_mask, steps.step_carry, steps.n_steps))
     with _torch_threads() as n_threads:
         kernel: Any = _stuck_psum_bits  # a numba Dispatcher: its call signature is the Python function's
         kernel(
-            rows,
-            steps.term_row.numpy(),
-            term_w.numpy(),
-            tuple(t.numpy() for t in step_fields),
-            block,
-            n_threads,
-            USE_VNNI,
-            vals.numpy(),
+            cols.numpy(), steps.term_row.numpy(), term_w.numpy(), step_fields, block, n_threads, USE_VNNI, vals.numpy()
         )
 
 

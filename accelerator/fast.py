@@ -430,7 +430,7 @@ def array_product(plan: LayerPlan, aw: ArrayWeight, cols: torch.Tensor) -> tuple
         return y, None
     assert aw.terms is not None
     vals = y[:, plan.aff] + plan.out_const
-    kernels.stuck_psum_bits(kernels.LoweredRows.of(cols), plan.psum, aw.terms, vals, PSUM_BLOCK)
+    kernels.stuck_psum_bits(cols, plan.psum, aw.terms, vals, PSUM_BLOCK)
     return y, vals
 
 

@@ -47,36 +47,6 @@ class PsumSteps:
     n_steps: torch.Tensor  # (A,) long
 
 
-@dataclass(frozen=True)
-class LoweredRows:
-    """The rows of an extended lowered input (G, J, P) int8 as runs of one flat buffer,
-    so that a conv's rows can be read straight from its padded input (no im2col):
-    row j of group g at position p = n * seg_len + i (i < seg_len) is
-    data[row_off[g, j] + n * seg_stride + i]."""
-
-    data: torch.Tensor  # (D,) int8
-    row_off: torch.Tensor  # (G, J) long
-    seg_len: int
-    seg_stride: int
-    n_seg: int
-
-    @property
-    def P(self) -> int:
-        return self.n_seg * self.seg_len
-
-    @staticmethod
-    def of(cols: torch.Tensor) -> LoweredRows:
-        """The rows of a contiguous lowered input cols (G, J, P)."""
-        G, J, P = cols.shape
-        return LoweredRows(cols.view(-1), torch.arange(G * J).view(G, J) * P, P, 0, 1)
-
-    def take(self, g: int, rows: torch.Tensor, p0: int, p1: int) -> torch.Tensor:
-        """Rows `rows` (R,) long of group g at positions p0..p1-1: (R, p1 - p0) int8."""
-        p = torch.arange(p0, p1)
-        pos = p // self.seg_len * self.seg_stride + p % self.seg_len
-        return self.data[self.row_off[g, rows].view(-1, 1) + pos.view(1, -1)]
-
-
 @functools.cache
 def compiled() -> ModuleType | None:
     """The numba kernels, or None when numba is not installed (probed once)."""
@@ -87,12 +57,12 @@ def compiled() -> ModuleType | None:
     return _compiled
 
 
-def stuck_psum_bits(cols: LoweredRows, steps: PsumSteps, term_w: torch.Tensor, vals: torch.Tensor, block: int) -> None:
+def stuck_psum_bits(cols: torch.Tensor, steps: PsumSteps, term_w: torch.Tensor, vals: torch.Tensor, block: int) -> None:
     """Subtract from vals (G, A, P) int32, in place, the stuck psum bits the outputs
-    meet (`steps`), summed over tiles (mod 2^32). cols: the rows of the extended
-    lowered input (G, J, P); term_w (G, T, A, L) int8: the weight of each row
-    steps.term_row names. `block`: positions a thread takes at a time (compiled
-    kernel; a block never spans two runs of cols). All contiguous CPU tensors."""
+    meet (`steps`), summed over tiles (mod 2^32). cols (G, J, P) int8: the extended
+    lowered input; term_w (G, T, A, L) int8: the weight of each row steps.term_row
+    names. `block`: positions a thread takes at a time (compiled kernel). All
+    contiguous CPU tensors."""
     kernels = compiled()
     if kernels is not None:
         kernels.stuck_psum_bits(cols, steps, term_w, vals, block)
@@ -100,11 +70,11 @@ def stuck_psum_bits(cols: LoweredRows, steps: PsumSteps, term_w: torch.Tensor, v
     _stuck_psum_bits_torch(cols, steps, term_w, vals)
 
 
-def _stuck_psum_bits_torch(cols: LoweredRows, steps: PsumSteps, term_w: torch.Tensor, vals: torch.Tensor) -> None:
+def _stuck_psum_bits_torch(cols: torch.Tensor, steps: PsumSteps, term_w: torch.Tensor, vals: torch.Tensor) -> None:
     """`stuck_psum_bits` in torch: per tile, one float32 GEMM (exact: sums of at most
     L products of 2^14) gives every step's prefix sum; then the bits, step by step."""
     term_row, step_row, step_mask, step_carry = steps.term_row, steps.step_row, steps.step_mask, steps.step_carry
-    G, P = cols.row_off.shape[0], cols.P
+    G, P = cols.shape[0], cols.shape[2]
     T, A, L = term_row.shape
     S = step_row.shape[1]
     upto = torch.arange(L).view(1, 1, L) <= step_row.view(A, S, 1)  # (A, S, L): row r in step s's prefix
@@ -115,8 +85,7 @@ def _stuck_psum_bits_torch(cols: LoweredRows, steps: PsumSteps, term_w: torch.Te
         w = w.view(G, A * S, len(rows))
         chunk = max(1, FALLBACK_CHUNK_BYTES // (4 * (A * S + len(rows))))
         for p0 in range(0, P, chunk):
-            x = torch.stack([cols.take(g, rows, p0, min(P, p0 + chunk)) for g in range(G)])
-            c = torch.bmm(w, x.float()).to(torch.int32).view(G, A, S, -1)
+            c = torch.bmm(w, cols[:, rows, p0 : p0 + chunk].float()).to(torch.int32).view(G, A, S, -1)
             acc = torch.zeros_like(c[:, :, 0])  # (G, A, n)
             for s in range(S):
                 acc += (c[:, :, s] + step_carry[:, s].view(1, A, 1) - acc) & step_mask[:, s].view(1, A, 1)
