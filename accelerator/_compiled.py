@@ -35,6 +35,10 @@ def _has_vnni() -> bool:
 
 # psum kernel: VNNI's vpdpbusd where the CPU has it (tests switch it off to check the other)
 USE_VNNI = _has_vnni()
+# positions a block (a thread's unit of work), measured best on a 2-core EPYC (znver4)
+# at 1 and 2 threads: 128..2048 for the plain kernel, 512..4096 for VNNI (its fixed
+# cost per output and tile weighs more against its faster multiply-adds)
+BLOCK, VNNI_BLOCK = 512, 2048
 
 
 @numba.njit(cache=True, boundscheck=False)
@@ -189,12 +193,13 @@ def _block_bits_vnni(cols, term_row, term_w, quad, slot_row, steps, g, p0, n, a0
 
 
 @numba.njit(parallel=True, cache=True, boundscheck=False)
-def _stuck_psum_bits(cols, term_row, term_w, steps, block, n_threads, vnni, vals):
-    """vals (G, A, P) int32 -= the stuck psum bits met, summed over tiles (mod 2^32);
-    cols (G, J, P) int8, term_w (G, T, A, L) int8, the rest the fields of
-    `kernels.PsumSteps`. Work comes in blocks of `block` positions of one group, and
-    with fewer blocks than threads also in ranges of outputs (a Linear layer's few
-    positions); each of n_threads threads takes a contiguous range of them."""
+def _psum_values(cols, term_row, term_w, steps, y, aff, const, block, n_threads, vnni, vals):
+    """vals (G, A, P) int32 = y[:, aff] + const less the stuck psum bits met, summed over
+    tiles (mod 2^32); cols (G, J, P) int8, term_w (G, T, A, L) int8, y (G, Og, P) int32,
+    aff (A,) int64, const (A,) int32, the rest the fields of `kernels.PsumSteps`. Work
+    comes in blocks of `block` positions of one group, and with fewer blocks than
+    threads also in ranges of outputs (a Linear layer's few positions); each of
+    n_threads threads takes a contiguous range of them."""
     G, J, P, A = cols.shape[0], cols.shape[1], cols.shape[2], vals.shape[1]
     per_g = (P + block - 1) // block
     n_blocks = G * per_g
@@ -218,17 +223,40 @@ def _stuck_psum_bits(cols, term_row, term_w, steps, block, n_threads, vnni, vals
             else:
                 _block_bits(cols, term_row, term_w, steps, g, p0, n, a0, a1, c, acc, met)
             for a in range(a0, a1):
-                vals[g, a, p0 : p0 + n] -= met[a, :n]
+                # int64 arithmetic, stored as int32: wraps mod 2^32
+                vals[g, a, p0 : p0 + n] = y[g, aff[a], p0 : p0 + n] + const[a] - met[a, :n]
 
 
-def stuck_psum_bits(cols: torch.Tensor, steps: PsumSteps, term_w: torch.Tensor, vals: torch.Tensor, block: int) -> None:
-    """`accelerator.kernels.stuck_psum_bits`, compiled. Runs on as many threads as torch uses."""
+def psum_values(
+    cols: torch.Tensor,
+    steps: PsumSteps,
+    term_w: torch.Tensor,
+    y: torch.Tensor,
+    aff: torch.Tensor,
+    const: torch.Tensor,
+    block: int | None,
+) -> torch.Tensor:
+    """`accelerator.kernels.psum_values`, compiled. Runs on as many threads as torch uses."""
+    block = block or (VNNI_BLOCK if USE_VNNI else BLOCK)
+    G, A, P = y.shape[0], aff.shape[0], y.shape[2]
+    vals = torch.empty(G, A, P, dtype=torch.int32)
     step_fields = tuple(t.numpy() for t in (steps.step_row, steps.step_mask, steps.step_carry, steps.n_steps))
     with _torch_threads() as n_threads:
-        kernel: Any = _stuck_psum_bits  # a numba Dispatcher: its call signature is the Python function's
+        kernel: Any = _psum_values  # a numba Dispatcher: its call signature is the Python function's
         kernel(
-            cols.numpy(), steps.term_row.numpy(), term_w.numpy(), step_fields, block, n_threads, USE_VNNI, vals.numpy()
+            cols.numpy(),
+            steps.term_row.numpy(),
+            term_w.numpy(),
+            step_fields,
+            y.numpy(),
+            aff.numpy(),
+            const.numpy(),
+            block,
+            n_threads,
+            USE_VNNI,
+            vals.numpy(),
         )
+    return vals
 
 
 @contextmanager

@@ -18,7 +18,7 @@ Same results as `systolic.systolic_matmul`, bit for bit, at close to GEMM speed:
   stuck bit b to v adds 2^b (v - bit_b(p)) to the psum p: the bits are met one by one
   in row order in int32, whose wrapping adds and bitwise ops are exactly the array's
   32-bit psum registers, and the rest of the column sum comes from the main GEMM
-  (addition commutes with mod 2^32). A kernel (`kernels.stuck_psum_bits`, compiled
+  (addition commutes with mod 2^32). A kernel (`kernels.psum_values`, compiled
   with numba when installed) does the prefix sums and bit ops of a block of positions
   in cache;
 * big temporaries (the lowered input, the padded input) live in per-thread buffers
@@ -47,9 +47,9 @@ EXACT_F32 = 1 << 24  # every integer of magnitude <= 2^24 is exact in float32
 # int8 x int8 products are at most 2^14: an int32 GEMM accumulator is exact up to this
 # many rows (beyond it the rows are summed in chunks and wrapped like the int32 buffer)
 INT32_ROWS = 1 << 16
-# the psum kernel works on blocks of this many positions (a thread's unit of work;
-# measured best among 128..2048 on a 2-core EPYC at 1 and 2 threads)
-PSUM_BLOCK = 512
+# the psum kernel works on blocks of this many positions, None: the kernel's own
+# (`kernels.psum_values`); tests set a few
+PSUM_BLOCK: int | None = None
 # lowered inputs up to this size live in a per-thread buffer reused across calls: a
 # fresh one of tens of MB costs more in page faults (first touch) than filling it
 WORKSPACE_MAX_BYTES = 1 << 28
@@ -93,7 +93,7 @@ class LayerPlan:
     # steps). psum: those steps and the input rows each tile row is read from (term_row
     # (T, n_aff, rp)); step_carry K_{j-1} with K_j = sum_{i <= j} v_i 2^b_i.
     psum: PsumSteps
-    out_const: torch.Tensor  # (n_aff, 1) int32 T * K_last mod 2^32
+    out_const: torch.Tensor  # (n_aff,) int32 T * K_last mod 2^32
     cache: dict[object, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -241,7 +241,7 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
             step_carry=int32(step_carry),
             n_steps=torch.tensor([len(st) for st in o_steps], dtype=torch.long),
         ),
-        out_const=int32(out_const).view(-1, 1),
+        out_const=int32(out_const),
     )
 
 
@@ -422,16 +422,14 @@ def array_product(plan: LayerPlan, aw: ArrayWeight, cols: torch.Tensor) -> tuple
 
     Psum faults: setting bit b to v adds 2^b (v - bit_b(p)) to the psum p, over all
     steps and tiles T K_last - sum (p & 2^b); the bits met come from the prefix sums of
-    each affected output's psum in each tile (`kernels.stuck_psum_bits`).
+    each affected output's psum in each tile (`kernels.psum_values`).
     """
     assert aw.w8 is not None
     y = _gemm_groups(aw.w8, cols[:, : aw.w8.shape[2]])
     if not plan.n_aff:
         return y, None
     assert aw.terms is not None
-    vals = y[:, plan.aff] + plan.out_const
-    kernels.stuck_psum_bits(cols, plan.psum, aw.terms, vals, PSUM_BLOCK)
-    return y, vals
+    return y, kernels.psum_values(cols, plan.psum, aw.terms, y, plan.aff, plan.out_const, PSUM_BLOCK)
 
 
 def _gemm_groups(w8: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -449,10 +447,11 @@ class ArrayProduct:
     whose exact values are `vals` (N, len(chan), ...) int32. `dtype` is the float type
     that dequantizes y exactly (None: y's own float type).
 
-    `wide`: a conv's int8-path output as computed, of which y and vals are views: the
+    `wide`: the int8 path's output as computed, of which y and vals are views: the
     array output (G, Og, N, Ho, Wc) int32, the psum values (G, n_aff, N, Ho, Wc) int32
-    (n_aff may be 0), each output channel's index into them or -1 (O,) long, and Wo.
-    Dequantized in one pass by a kernel instead of a strided read per channel.
+    (n_aff may be 0), each output channel's index into them or -1 (O,) long, and Wo (a
+    Linear layer's: G = Ho = Wc = Wo = 1, N = B). Dequantized in one pass by a kernel
+    instead of a strided read per channel.
     """
 
     y: torch.Tensor
@@ -485,7 +484,7 @@ class ArrayProduct:
             y, vals, slot, wo = self.wide
             b = torch.zeros_like(scale) if bias is None else bias
             out: torch.Tensor = compiled.dequant_conv(y, vals, slot, scale.float().contiguous(), b.float(), wo, dtype)
-            return out
+            return out.view(self.y.shape)  # a Linear layer's (B, O, 1, 1) as (B, O)
         view = (1, -1) + (1,) * (self.y.dim() - 2)
         sc = scale.to(fdt).view(view)
         if self.y.dtype == fdt and self.y.is_contiguous() and self.chan is None and bias is None:
@@ -536,9 +535,13 @@ def linear_parts(plan: LayerPlan, xq: torch.Tensor, aw: ArrayWeight) -> ArrayPro
             main = _wrap_float(main.to(torch.float64), plan.ps_bits)
         return ArrayProduct(main)
     y, patch = array_product(plan, aw, linear_cols(plan, xq))
+    B = xq.shape[0]
+    y5 = y.view(1, plan.Og, B, 1, 1)  # a conv's (G, Og, N, Ho, Wc) for the dequant kernel
+    vals5 = y5[:, :0] if patch is None else patch.view(1, plan.n_aff, B, 1, 1)
+    wide = (y5, vals5, _channel_slots(plan), 1)
     if patch is None:
-        return ArrayProduct(y[0].t(), dtype=dt)
-    return ArrayProduct(y[0].t(), _chan(plan), patch[0].t(), dtype=dt)
+        return ArrayProduct(y[0].t(), dtype=dt, wide=wide)
+    return ArrayProduct(y[0].t(), _chan(plan), patch[0].t(), dtype=dt, wide=wide)
 
 
 def _wrap_float(v: torch.Tensor, bits: int) -> torch.Tensor:

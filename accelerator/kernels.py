@@ -2,7 +2,8 @@
 numba when it is installed (`accelerator._compiled`), else in plain torch (same
 results, slower): the accelerator itself needs only torch and numpy.
 
-`stuck_psum_bits`, the stuck psum bits of a layer's psum-affected outputs: per K-tile,
+`psum_values`, the exact values of a layer's psum-affected outputs: the clean array
+output less the stuck psum bits they meet. Per K-tile,
 each psum step needs the prefix sum of its output's column down to the step's row, and
 then a few bit operations on it. As library ops that is a skinny GEMM per tile whose
 result goes to memory, plus one pass over memory per bit operation (the torch
@@ -22,7 +23,7 @@ from types import ModuleType
 
 import torch
 
-# the torch fallback of stuck_psum_bits works on chunks of positions whose float32
+# the torch fallback of psum_values works on chunks of positions whose float32
 # inputs and prefix sums take about this many bytes
 FALLBACK_CHUNK_BYTES = 1 << 24
 
@@ -57,22 +58,34 @@ def compiled() -> ModuleType | None:
     return _compiled
 
 
-def stuck_psum_bits(cols: torch.Tensor, steps: PsumSteps, term_w: torch.Tensor, vals: torch.Tensor, block: int) -> None:
-    """Subtract from vals (G, A, P) int32, in place, the stuck psum bits the outputs
-    meet (`steps`), summed over tiles (mod 2^32). cols (G, J, P) int8: the extended
-    lowered input; term_w (G, T, A, L) int8: the weight of each row steps.term_row
-    names. `block`: positions a thread takes at a time (compiled kernel). All
-    contiguous CPU tensors."""
+def psum_values(
+    cols: torch.Tensor,
+    steps: PsumSteps,
+    term_w: torch.Tensor,
+    y: torch.Tensor,
+    aff: torch.Tensor,
+    const: torch.Tensor,
+    block: int | None = None,
+) -> torch.Tensor:
+    """The exact values (G, A, P) int32 of the psum-affected outputs aff (A,) long:
+    their clean array outputs y[:, aff] (y (G, Og, P) int32) plus const (A,) int32,
+    less the stuck psum bits they meet (`steps`), summed over tiles (all mod 2^32).
+    cols (G, J, P) int8: the extended lowered input; term_w (G, T, A, L) int8: the
+    weight of each row steps.term_row names. `block`: positions a thread takes at a
+    time (compiled kernel; None: its measured best). All contiguous CPU tensors."""
     kernels = compiled()
     if kernels is not None:
-        kernels.stuck_psum_bits(cols, steps, term_w, vals, block)
-        return
+        vals: torch.Tensor = kernels.psum_values(cols, steps, term_w, y, aff, const, block)
+        return vals
+    vals = y[:, aff] + const.view(-1, 1)
     _stuck_psum_bits_torch(cols, steps, term_w, vals)
+    return vals
 
 
 def _stuck_psum_bits_torch(cols: torch.Tensor, steps: PsumSteps, term_w: torch.Tensor, vals: torch.Tensor) -> None:
-    """`stuck_psum_bits` in torch: per tile, one float32 GEMM (exact: sums of at most
-    L products of 2^14) gives every step's prefix sum; then the bits, step by step."""
+    """vals (G, A, P) -= the stuck psum bits met, in torch: per tile, one float32 GEMM
+    (exact: sums of at most L products of 2^14) gives every step's prefix sum; then
+    the bits, step by step."""
     term_row, step_row, step_mask, step_carry = steps.term_row, steps.step_row, steps.step_mask, steps.step_carry
     G, P = cols.shape[0], cols.shape[2]
     T, A, L = term_row.shape

@@ -210,7 +210,13 @@ def test_compiled_and_torch_kernels_give_the_same_floats(monkeypatch: pytest.Mon
         pytest.skip("numba is not installed: there is no compiled kernel to compare")
     rng = random.Random(11)
     array = ArrayConfig(6, 5)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=bias), nn.ReLU(), nn.Conv2d(8, 7, 3, bias=bias))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=bias),
+        nn.ReLU(),
+        nn.Conv2d(8, 7, 3, bias=bias),
+        nn.Flatten(),
+        nn.Linear(7 * 7 * 7, 9, bias=bias),
+    )
     x = torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(11))
     A.calibrate(model, x)
     fmap = random_fault_map(array, 12, rng, sites=("act", "psum", "weight", "pe"))
