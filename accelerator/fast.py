@@ -408,7 +408,12 @@ def array_weights(plan: LayerPlan, wq: torch.Tensor) -> ArrayWeight:
         dense = effective_weight(plan, wg)[:, :, : plan.K].reshape(shape).to(exact_dtype(plan.TR << 14))
         return ArrayWeight(shape, dense=dense)
     w8 = array_weight(plan, wg)
-    terms = w8[:, plan.aff.view(1, -1, 1), plan.psum.term_row].contiguous() if plan.n_aff else None
+    terms = None
+    if plan.n_aff:
+        idx = plan.cache.get("terms")  # w8[g, aff[a], term_row[t, a, r]] as flat indices into w8[g]
+        if idx is None:
+            idx = plan.cache["terms"] = (plan.aff.view(1, -1, 1) * w8.shape[2] + plan.psum.term_row).view(-1)
+        terms = w8.view(plan.G, -1).index_select(1, idx).view(plan.G, *plan.psum.term_row.shape)
     if not plan.n_act:  # padding rows past K then read activation 0: left out of the main GEMM
         w8 = w8[:, :, : plan.K].contiguous()
     return ArrayWeight(shape, w8=w8, terms=terms)
