@@ -3,16 +3,17 @@ numba when it is installed (`accelerator._compiled`), else in plain torch (same
 results, slower): the accelerator itself needs only torch and numpy.
 
 `psum_values`, the exact values of a layer's psum-affected outputs: the clean array
-output less the stuck psum bits they meet. Per K-tile,
-each psum step needs the prefix sum of its output's column down to the step's row, and
-then a few bit operations on it. As library ops that is a skinny GEMM per tile whose
-result goes to memory, plus one pass over memory per bit operation (the torch
-fallback here); the compiled kernel keeps a block of positions in cache through all tiles,
-prefix sums and bit operations of an output and writes only the sum of the bits met.
+output less the stuck psum bits they meet. Per K-tile, each psum step needs the
+prefix sum of its output's column down to the step's row, and then a few bit
+operations on it. As library ops that is a skinny GEMM per tile whose result goes to
+memory, plus one pass over memory per bit operation (the torch fallback here); the
+compiled kernel keeps a block of positions in cache through all tiles, prefix sums
+and bit operations of an output and writes only the values. On CPUs with AVX-512 VNNI
+its prefix sums take four rows an instruction (vpdpbusd, 64 multiply-adds).
 
-Compiled only, `compiled().dequant_conv`: a conv's int8 array output and psum values
-straight to the dequantized float output in one pass (`fast.ArrayProduct.dequant`
-does it in torch without numba, rounding the same way).
+Compiled only, `compiled().dequant_conv`: a conv's (or Linear layer's) int8 array
+output and psum values straight to the dequantized float output in one pass
+(`fast.ArrayProduct.dequant` does it in torch without numba, rounding the same way).
 """
 
 from __future__ import annotations
