@@ -79,9 +79,10 @@ class LayerPlan:
     K: int
     op_bits: int
     ps_bits: int
-    w_and: torch.Tensor | None  # (Og, TR) int8 stuck masks, None when no weight edits
+    # (Og, TR) int8 stuck masks, both 0 on dead PEs (their weight reads 0); None when no
+    # weight edits
+    w_and: torch.Tensor | None
     w_or: torch.Tensor | None
-    keep: torch.Tensor | None  # (Og, TR) int8, 0 on dead PEs
     act_k: torch.Tensor  # (T * n_a,) padded K-index of each (tile, act fault), tile-major
     act_masks: torch.Tensor  # (2, n_a) int8: and, or an activation carries right of the fault
     row_keep: torch.Tensor  # (Og, TR) bool: False where the output reads an act-stuck row instead
@@ -148,12 +149,12 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
     d = faults.dense()
     col = torch.arange(out_per_group) % C
     kr = torch.arange(TR) % R
-    w_and = w_or = keep = None
+    w_and = w_or = None
     if d.has_weight:
         # int8 two's complement holds the 8-bit masks exactly (like act_masks below)
-        w_and = wrap_signed(torch.from_numpy(d.weight_and)[kr][:, col].T, nf.operand_bits).to(torch.int8)
-        w_or = wrap_signed(torch.from_numpy(d.weight_or)[kr][:, col].T, nf.operand_bits).to(torch.int8)
-        keep = (~torch.from_numpy(d.dead)[kr][:, col].T).to(torch.int8).contiguous()
+        keep = ~torch.from_numpy(d.dead)[kr][:, col].T
+        w_and = wrap_signed(torch.from_numpy(d.weight_and)[kr][:, col].T, nf.operand_bits).to(torch.int8) * keep
+        w_or = wrap_signed(torch.from_numpy(d.weight_or)[kr][:, col].T, nf.operand_bits).to(torch.int8) * keep
 
     # act faults that reach at least one used column
     acts = [a for a in _act_segments(faults) if a[1] < min(C, out_per_group) - 1]
@@ -227,7 +228,6 @@ def build_plan(array: ArrayConfig, faults: FaultMap, groups: int, out_per_group:
         ps_bits=nf.psum_bits,
         w_and=w_and,
         w_or=w_or,
-        keep=keep,
         act_k=act_k,
         act_masks=act_masks,
         row_keep=row_keep,
@@ -255,8 +255,8 @@ def effective_weight(plan: LayerPlan, wq: torch.Tensor) -> torch.Tensor:
     w8 = F.pad(wq.to(torch.int8), (0, plan.TR - plan.K))
     if plan.w_and is None:
         return w8
-    assert plan.w_or is not None and plan.keep is not None
-    return w8.bitwise_and_(plan.w_and).bitwise_or_(plan.w_or).mul_(plan.keep)
+    assert plan.w_or is not None
+    return w8.bitwise_and_(plan.w_and).bitwise_or_(plan.w_or)
 
 
 def array_weight(plan: LayerPlan, wq: torch.Tensor) -> torch.Tensor:

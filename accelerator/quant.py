@@ -42,10 +42,12 @@ class Int8Symmetric:
     qmax = 127.0
 
     def weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
-        scale = torch.where(amax > 0, amax / self.qmax, torch.ones_like(amax))
+        w = w.detach()
+        amax = w.abs().amax(dim=tuple(range(1, w.dim())))
+        scale = torch.where(amax > 0, amax / self.qmax, 1.0)
         view = (-1,) + (1,) * (w.dim() - 1)
-        wq = torch.clamp(torch.round(w.detach() / scale.view(view)), -self.qmax, self.qmax)
+        # few ops and one temporary: weights are prepared again after every training step
+        wq = w.div(scale.view(view)).round_().clamp_(-self.qmax, self.qmax)
         return wq, scale
 
     def act(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
