@@ -182,8 +182,9 @@ def _block_bits_vnni(cols, term_row, term_w, quad, slot_row, steps, g, p0, n, a0
                     x = quad[t, a, q]
                     if x < 0:  # rows past L read row L - 1 (weight 0)
                         x = n_slots
-                        j = [term_row[t, a, min(4 * q + k, L - 1)] for k in range(4)]
-                        _interleave(cols, g, j[0], j[1], j[2], j[3], p0, n, xq[x])
+                        j0, j1 = term_row[t, a, min(4 * q, L - 1)], term_row[t, a, min(4 * q + 1, L - 1)]
+                        j2, j3 = term_row[t, a, min(4 * q + 2, L - 1)], term_row[t, a, min(4 * q + 3, L - 1)]
+                        _interleave(cols, g, j0, j1, j2, j3, p0, n, xq[x])
                     xr = xq[x]
                     for i in range(0, m, 16):
                         _dpbusd16(c, i, xr, i, w)  # type: ignore[call-arg]  # called without typingctx

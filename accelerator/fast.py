@@ -530,6 +530,16 @@ def _channel_slots(plan: LayerPlan) -> torch.Tensor:
     return slots
 
 
+def _wide(
+    plan: LayerPlan, y: torch.Tensor, patch: torch.Tensor | None, nhw: tuple[int, int, int], wo: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """`ArrayProduct.wide` of the int8 path's y (G, Og, P) and psum values patch (G,
+    n_aff, P) or None, P = N * Ho * Wc positions (nhw = (N, Ho, Wc))."""
+    y5 = y.view(plan.G, plan.Og, *nhw)
+    vals5 = y5[:, :0] if patch is None else patch.view(plan.G, plan.n_aff, *nhw)
+    return y5, vals5, _channel_slots(plan), wo
+
+
 def linear_parts(plan: LayerPlan, xq: torch.Tensor, aw: ArrayWeight) -> ArrayProduct:
     """Array output for integer-valued x (B, K) and prepared weights aw of w (O, K):
     (B, O) (see ArrayProduct)."""
@@ -540,10 +550,7 @@ def linear_parts(plan: LayerPlan, xq: torch.Tensor, aw: ArrayWeight) -> ArrayPro
             main = _wrap_float(main.to(torch.float64), plan.ps_bits)
         return ArrayProduct(main)
     y, patch = array_product(plan, aw, linear_cols(plan, xq))
-    B = xq.shape[0]
-    y5 = y.view(1, plan.Og, B, 1, 1)  # a conv's (G, Og, N, Ho, Wc) for the dequant kernel
-    vals5 = y5[:, :0] if patch is None else patch.view(1, plan.n_aff, B, 1, 1)
-    wide = (y5, vals5, _channel_slots(plan), 1)
+    wide = _wide(plan, y, patch, (xq.shape[0], 1, 1), 1)  # as a conv's with N = B, Ho = Wc = Wo = 1
     if patch is None:
         return ArrayProduct(y[0].t(), dtype=dt, wide=wide)
     return ArrayProduct(y[0].t(), _chan(plan), patch[0].t(), dtype=dt, wide=wide)
@@ -599,9 +606,7 @@ def conv_parts(
         """(G, O', N * Ho * Wc) -> (N, G * O', Ho, Wo), a view."""
         return t.view(G, t.shape[1], N, Ho, Wc)[..., :Wo].permute(2, 0, 1, 3, 4).reshape(N, -1, Ho, Wo)
 
-    y5 = y.view(G, plan.Og, N, Ho, Wc)
-    vals5 = y5[:, :0] if patch is None else patch.view(G, plan.n_aff, N, Ho, Wc)
-    wide = (y5, vals5, _channel_slots(plan), Wo)
+    wide = _wide(plan, y, patch, (N, Ho, Wc), Wo)
     if patch is None:
         return ArrayProduct(nchw(y), dtype=dt, wide=wide)
     return ArrayProduct(nchw(y), _chan(plan), nchw(patch), dtype=dt, wide=wide)

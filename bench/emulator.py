@@ -11,9 +11,8 @@ Weight preparation (quantizing the weights and applying the weight faults, cache
 while the weights stay the same) is charged where it happens in use: to every
 training step, whose weights the previous step changed, and to the first batch of
 an evaluation (`eval_first_ratio`); `eval_ratio` is an evaluation's every further
-batch. Also the speed-up of the
-fast path over the `systolic_matmul` reference on the same integer operands of
-one layer.
+batch. Also the speed-up of the fast path over the `systolic_matmul` reference on the
+same integer operands of one layer.
 
 Usage: python bench/emulator.py [--reps N] [--models lenet5,resnet20] [--sites psum,mixed] [--threads N]
 [--processes N]
