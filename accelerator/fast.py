@@ -31,9 +31,12 @@ for a conv (`conv_cols`), P = B for a Linear layer (G = 1).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +98,7 @@ class LayerPlan:
     # (T, n_aff, rp)); step_carry K_{j-1} with K_j = sum_{i <= j} v_i 2^b_i.
     psum: PsumSteps
     out_const: torch.Tensor  # (n_aff,) int32 T * K_last mod 2^32
-    cache: dict[object, torch.Tensor] = field(default_factory=dict, repr=False)
+    cache: dict[object, Any] = field(default_factory=dict, repr=False)  # derived tensors, copies on other devices
 
     @property
     def n_act(self) -> int:
@@ -118,6 +121,22 @@ class LayerPlan:
     def clean_outputs(self) -> bool:
         """True when the output is just the GEMM with the effective weights."""
         return self.n_act == 0 and self.n_aff == 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.aff.device
+
+    def to(self, device: torch.device) -> LayerPlan:
+        """This plan with its tensors on `device` (itself when already there); the copy
+        is cached, so a layer gets the same one on every call."""
+        if self.device == device:
+            return self
+        moved = self.cache.get(("to", device))
+        if moved is None:
+            tensors: dict[str, Any] = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+            psum = PsumSteps(**{k: v.to(device) for k, v in vars(self.psum).items() if k != "cache"})
+            moved = self.cache[("to", device)] = dataclasses.replace(self, **tensors, psum=psum, cache={})
+        return moved
 
 
 def _act_segments(faults: FaultMap) -> list[tuple[int, int, int, int]]:
@@ -283,14 +302,18 @@ def _fill_act_rows(plan: LayerPlan, cols: torch.Tensor) -> torch.Tensor:
     return cols
 
 
-def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.int8) -> torch.Tensor:
+def _scratch(
+    slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.int8, device: torch.device | None = None
+) -> torch.Tensor:
     """An uninitialised contiguous tensor of `shape` and `dtype` from this thread's
     reusable buffer `slot` (grown as needed; fresh memory beyond WORKSPACE_MAX_BYTES).
     Valid until the next request of the same slot in this thread: for temporaries of
-    one call only."""
+    one call only. On a GPU a fresh tensor (its caching allocator already reuses)."""
     nbytes = dtype.itemsize
     for d in shape:
         nbytes *= d
+    if device is not None and device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
     if nbytes > WORKSPACE_MAX_BYTES:
         return torch.empty(shape, dtype=dtype)
     bufs: dict[str, torch.Tensor] = _workspace.__dict__.setdefault("bufs", {})
@@ -302,7 +325,7 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.int8)
 
 def linear_cols(plan: LayerPlan, xq: torch.Tensor) -> torch.Tensor:
     """Extended lowered input (1, TR + T*n_a, B) int8 of an integer-valued x (B, K)."""
-    cols = torch.empty(1, plan.rows, xq.shape[0], dtype=torch.int8)
+    cols = torch.empty(1, plan.rows, xq.shape[0], dtype=torch.int8, device=xq.device)
     cols[0, : plan.K].copy_(xq.t())
     cols[0, plan.K : plan.TR].zero_()  # positions past K hold activation 0
     return _fill_act_rows(plan, cols)
@@ -334,14 +357,14 @@ def conv_cols(
     wide = sh == 1 and sw == 1
     # zero padding explicit (act faults hit it); wide rows of the last sample read
     # (kw-1)*dw elements past the end
-    flat = _scratch("padded_input", (N * Cin * Hp * Wp + (kw - 1) * dw,)).zero_()
+    flat = _scratch("padded_input", (N * Cin * Hp * Wp + (kw - 1) * dw,), device=xq.device).zero_()
     xp = flat[: N * Cin * Hp * Wp].view(N, Cin, Hp, Wp)
     xp[:, :, top : top + H, left : left + W].copy_(xq)
     G = plan.G
     cin_g = Cin // G
     sN, sC = Cin * Hp * Wp, Hp * Wp
     Wc = Wp if wide else Wo
-    cols = _scratch("lowered_input", (G, plan.rows, N * Ho * Wc))
+    cols = _scratch("lowered_input", (G, plan.rows, N * Ho * Wc), device=xq.device)
     if wide:
         src = flat.as_strided((G, cin_g, kh, kw, N, Ho * Wp), (cin_g * sC, sC, dh * Wp, dw, sN, 1))
         cols[:, : plan.K].view(G, cin_g, kh, kw, N, Ho * Wp).copy_(src)
@@ -363,8 +386,10 @@ def _int_mm_is_exact() -> bool:
 
 
 def _int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a (M, J) @ b (J, P) on int8 operands -> int32, exact (J < 2^17 rows)."""
-    if _int_mm_is_exact():
+    """a (M, J) @ b (J, P) on int8 operands -> int32, exact (J < 2^17 rows). On a GPU
+    in float64: exact, and free of the shape rules of its int8 GEMM (M > 16, J and P
+    multiples of 8), which these layers often break."""
+    if a.device.type == "cpu" and _int_mm_is_exact():
         return torch._int_mm(a, b, out=out)
     prod = torch.matmul(a.to(torch.float64), b.to(torch.float64))
     return prod.to(torch.int32) if out is None else out.copy_(prod)
@@ -376,7 +401,7 @@ def _int_gemm(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tens
     J = w.shape[1]
     if J <= INT32_ROWS:
         return _int_mm(w, x, out=out)
-    acc = torch.zeros(out.shape, dtype=torch.int64)
+    acc = torch.zeros(out.shape, dtype=torch.int64, device=out.device)
     for j in range(0, J, INT32_ROWS):
         acc += _int_mm(w[:, j : j + INT32_ROWS].contiguous(), x[j : j + INT32_ROWS])
     return out.copy_(acc)  # int64 -> int32 keeps the low 32 bits (two's complement)
@@ -439,7 +464,7 @@ def array_product(plan: LayerPlan, aw: ArrayWeight, cols: torch.Tensor) -> tuple
 
 def _gemm_groups(w8: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Per-group int8 GEMMs: w8 (G, M, J) @ cols (G, J, P) -> (G, M, P) int32."""
-    out = torch.empty(w8.shape[0], w8.shape[1], cols.shape[2], dtype=torch.int32)
+    out = torch.empty(w8.shape[0], w8.shape[1], cols.shape[2], dtype=torch.int32, device=cols.device)
     for g in range(w8.shape[0]):
         _int_gemm(w8[g], cols[g], out[g])
     return out
@@ -485,7 +510,7 @@ class ArrayProduct:
         floats."""
         fdt = self._float_dtype()
         compiled = kernels.compiled()
-        if self.wide is not None and fdt == torch.float32 and compiled is not None:
+        if self.wide is not None and fdt == torch.float32 and compiled is not None and self.y.device.type == "cpu":
             y, vals, slot, wo = self.wide
             b = torch.zeros_like(scale) if bias is None else bias
             out: torch.Tensor = compiled.dequant_conv(y, vals, slot, scale.float().contiguous(), b.float(), wo, dtype)
@@ -495,7 +520,7 @@ class ArrayProduct:
         if self.y.dtype == fdt and self.y.is_contiguous() and self.chan is None and bias is None:
             out = self.y.mul_(sc)
         else:  # int32 (or permuted) input read, contiguous float output written
-            out = torch.mul(self.y, sc, out=torch.empty(self.y.shape, dtype=fdt))
+            out = torch.mul(self.y, sc, out=torch.empty(self.y.shape, dtype=fdt, device=self.y.device))
         if bias is not None:  # rounded after the product, as in the kernel: the same floats
             out.add_(bias.to(fdt).view(view))
         out = out.to(dtype)
@@ -504,7 +529,9 @@ class ArrayProduct:
             v = self.vals.to(torch.float64).mul_(scale.to(torch.float64)[self.chan].view(view))
             if bias is not None:
                 v += bias.to(torch.float64)[self.chan].view(view)
-            if v.dim() > 2:  # conv: a copy per channel (to dtype on the way) of whole planes,
+            if out.device.type != "cpu":  # one kernel, no host round trip for the channels
+                out.index_copy_(1, self.chan, v.to(dtype))
+            elif v.dim() > 2:  # conv: a copy per channel (to dtype on the way) of whole planes,
                 # about twice as fast as an index_put over dim 1 plus a float32 temporary
                 for a, c in enumerate(self.chan.tolist()):
                     out[:, c].copy_(v[:, a])
@@ -517,7 +544,8 @@ def _chan(plan: LayerPlan) -> torch.Tensor:
     """Global output channels of the psum-affected outputs (G * n_aff,), cached."""
     chan = plan.cache.get("chan")
     if chan is None:
-        chan = plan.cache["chan"] = (torch.arange(plan.G)[:, None] * plan.Og + plan.aff[None, :]).reshape(-1)
+        g = torch.arange(plan.G, device=plan.device)
+        chan = plan.cache["chan"] = (g[:, None] * plan.Og + plan.aff[None, :]).reshape(-1)
     return chan
 
 
@@ -525,8 +553,8 @@ def _channel_slots(plan: LayerPlan) -> torch.Tensor:
     """(G * Og,) long: output channel g * Og + aff[a] -> a, the others -1, cached."""
     slots = plan.cache.get("slots")
     if slots is None:
-        slots = plan.cache["slots"] = torch.full((plan.G * plan.Og,), -1, dtype=torch.long)
-        slots[_chan(plan)] = torch.arange(plan.n_aff).repeat(plan.G)
+        slots = plan.cache["slots"] = torch.full((plan.G * plan.Og,), -1, dtype=torch.long, device=plan.device)
+        slots[_chan(plan)] = torch.arange(plan.n_aff, device=plan.device).repeat(plan.G)
     return slots
 
 
@@ -545,7 +573,10 @@ def linear_parts(plan: LayerPlan, xq: torch.Tensor, aw: ArrayWeight) -> ArrayPro
     (B, O) (see ArrayProduct)."""
     dt = exact_dtype(plan.TR << 14)
     if aw.dense is not None:
-        main = F.linear(xq.to(dt), aw.dense)
+        dense = aw.dense
+        if xq.device.type != "cpu":
+            return ArrayProduct(_on_gpu(lambda d: F.linear(xq.to(d), dense.to(d)), plan, dt))
+        main = F.linear(xq.to(dt), dense)
         if plan.TR << 14 >= 1 << 31:  # only astronomically large K could overflow the int32 buffer
             main = _wrap_float(main.to(torch.float64), plan.ps_bits)
         return ArrayProduct(main)
@@ -554,6 +585,17 @@ def linear_parts(plan: LayerPlan, xq: torch.Tensor, aw: ArrayWeight) -> ArrayPro
     if patch is None:
         return ArrayProduct(y[0].t(), dtype=dt, wide=wide)
     return ArrayProduct(y[0].t(), _chan(plan), patch[0].t(), dtype=dt, wide=wide)
+
+
+def _on_gpu(product: Callable[[torch.dtype], torch.Tensor], plan: LayerPlan, dt: torch.dtype) -> torch.Tensor:
+    """A clean layer's integer output on a GPU: product(float64), rounded, wrapped like
+    the int32 buffer, in dt. GPU libraries may pick algorithms that are not exact on
+    integers (Winograd or FFT convolutions, TF32 or bf16 inputs): float64 keeps their
+    error far below 0.5, so rounding restores the exact sum."""
+    main = product(torch.float64).round_()
+    if plan.TR << 14 >= 1 << 31:
+        main = _wrap_float(main, plan.ps_bits)
+    return main.to(dt)
 
 
 def _wrap_float(v: torch.Tensor, bits: int) -> torch.Tensor:
@@ -591,10 +633,16 @@ def conv_parts(
         # zero padding meets no act fault here: the conv pads by itself (symmetric) and
         # padding rows of the last tile multiply activation 0
         left, right, top, bottom = pads
-        if left == right and top == bottom:
-            main = F.conv2d(xq.to(dt), aw.dense, None, stride, (top, left), dilation, G)
-        else:
-            main = F.conv2d(F.pad(xq.to(dt), pads), aw.dense, None, stride, 0, dilation, G)
+        dense = aw.dense
+
+        def conv(d: torch.dtype) -> torch.Tensor:
+            if left == right and top == bottom:
+                return F.conv2d(xq.to(d), dense.to(d), None, stride, (top, left), dilation, G)
+            return F.conv2d(F.pad(xq.to(d), pads), dense.to(d), None, stride, 0, dilation, G)
+
+        if xq.device.type != "cpu":
+            return ArrayProduct(_on_gpu(conv, plan, dt))
+        main = conv(dt)
         if plan.TR << 14 >= 1 << 31:
             main = _wrap_float(main.to(torch.float64), plan.ps_bits)
         return ArrayProduct(main)

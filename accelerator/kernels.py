@@ -19,14 +19,16 @@ output and psum values straight to the dequantized float output in one pass
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
 
-# the torch fallback of psum_values works on chunks of positions whose float32
-# inputs and prefix sums take about this many bytes
+# the torch version of psum_values works on chunks of positions whose float32
+# inputs and prefix sums take about this many bytes: on the CPU to stay in cache, on a
+# GPU only to bound memory (each chunk costs a dozen kernel launches)
 FALLBACK_CHUNK_BYTES = 1 << 24
+GPU_CHUNK_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class PsumSteps:
     step_mask: torch.Tensor  # (A, S) int32
     step_carry: torch.Tensor  # (A, S) int32, mod 2^32
     n_steps: torch.Tensor  # (A,) long
+    cache: dict[str, object] = field(default_factory=dict, compare=False, repr=False)  # derived from the above
 
 
 @functools.cache
@@ -73,9 +76,10 @@ def psum_values(
     less the stuck psum bits they meet (`steps`), summed over tiles (all mod 2^32).
     cols (G, J, P) int8: the extended lowered input; term_w (G, T, A, L) int8: the
     weight of each row steps.term_row names. `block`: positions a thread takes at a
-    time (compiled kernel; None: its measured best). All contiguous CPU tensors."""
+    time (compiled kernel; None: its measured best). All contiguous, on one device:
+    on a GPU the torch version runs there."""
     kernels = compiled()
-    if kernels is not None:
+    if kernels is not None and cols.device.type == "cpu":
         vals: torch.Tensor = kernels.psum_values(cols, steps, term_w, y, aff, const, block)
         return vals
     vals = y[:, aff] + const.view(-1, 1)
@@ -83,24 +87,56 @@ def psum_values(
     return vals
 
 
+@dataclass(frozen=True)
+class _TileRows:
+    """The input rows each K-tile's psum steps read, for the torch kernel (from
+    PsumSteps alone: built once per plan). rows (T, U) long: tile t's distinct input
+    rows (padded by repeating one); slot (T, A, L) long: term_row as indices into them;
+    upto (A, S, L) bool: tile row r is in step s's prefix sum."""
+
+    rows: torch.Tensor
+    slot: torch.Tensor
+    upto: torch.Tensor
+
+
+def _tile_rows(steps: PsumSteps) -> _TileRows:
+    cached = steps.cache.get("tile_rows")
+    if cached is None:
+        term_row = steps.term_row.cpu()
+        T, A, L = term_row.shape
+        per_tile = [torch.unique(term_row[t], return_inverse=True) for t in range(T)]
+        U = max(len(r) for r, _ in per_tile)
+        rows = torch.stack([torch.cat([r, r[:1].expand(U - len(r))]) for r, _ in per_tile])
+        slot = torch.stack([i for _, i in per_tile])
+        upto = torch.arange(L).view(1, 1, L) <= steps.step_row.cpu().view(A, -1, 1)
+        dev = steps.term_row.device
+        cached = steps.cache["tile_rows"] = _TileRows(rows.to(dev), slot.to(dev), upto.to(dev))
+    assert isinstance(cached, _TileRows)
+    return cached
+
+
 def _stuck_psum_bits_torch(cols: torch.Tensor, steps: PsumSteps, term_w: torch.Tensor, vals: torch.Tensor) -> None:
-    """vals (G, A, P) -= the stuck psum bits met, in torch: per tile, one float32 GEMM
-    (exact: sums of at most L products of 2^14) gives every step's prefix sum; then
-    the bits, step by step."""
-    term_row, step_row, step_mask, step_carry = steps.term_row, steps.step_row, steps.step_mask, steps.step_carry
+    """vals (G, A, P) -= the stuck psum bits met, in torch, all tiles at once (no
+    host round trips: the GPU's kernel too): one batched float32 GEMM (exact: sums of
+    at most L products of 2^14) gives every tile's and step's prefix sum, then the
+    bits, step by step."""
+    tr = _tile_rows(steps)
     G, P = cols.shape[0], cols.shape[2]
-    T, A, L = term_row.shape
-    S = step_row.shape[1]
-    upto = torch.arange(L).view(1, 1, L) <= step_row.view(A, S, 1)  # (A, S, L): row r in step s's prefix
-    for t in range(T):
-        rows, idx = torch.unique(term_row[t], return_inverse=True)  # the tile's input rows; (A, L) into them
-        w = torch.zeros(G, A, S, len(rows))
-        w.scatter_(3, idx.view(1, A, 1, L).expand(G, A, S, L), (term_w[:, t].unsqueeze(2) * upto).float())
-        w = w.view(G, A * S, len(rows))
-        chunk = max(1, FALLBACK_CHUNK_BYTES // (4 * (A * S + len(rows))))
-        for p0 in range(0, P, chunk):
-            c = torch.bmm(w, cols[:, rows, p0 : p0 + chunk].float()).to(torch.int32).view(G, A, S, -1)
-            acc = torch.zeros_like(c[:, :, 0])  # (G, A, n)
-            for s in range(S):
-                acc += (c[:, :, s] + step_carry[:, s].view(1, A, 1) - acc) & step_mask[:, s].view(1, A, 1)
-            vals[:, :, p0 : p0 + chunk] -= acc
+    T, U = tr.rows.shape
+    A, S, L = tr.upto.shape
+    # w[g, t, a, s, u]: the weight of tile t's input row u in output a's prefix sum at step s
+    w = torch.zeros(G, T, A, S, U, device=cols.device)
+    terms = (term_w.unsqueeze(3) * tr.upto.view(1, 1, A, S, L)).float()  # (G, T, A, S, L)
+    w.scatter_(4, tr.slot.view(1, T, A, 1, L).expand(G, T, A, S, L), terms)
+    w = w.view(G * T, A * S, U)
+    carry = steps.step_carry.view(1, 1, A, S, 1)
+    mask = steps.step_mask.view(1, 1, A, S, 1)
+    budget = FALLBACK_CHUNK_BYTES if cols.device.type == "cpu" else GPU_CHUNK_BYTES
+    chunk = max(1, budget // (4 * T * (U + 2 * A * S)))
+    for p0 in range(0, P, chunk):
+        x = cols[:, tr.rows.view(-1), p0 : p0 + chunk].float().view(G * T, U, -1)
+        c = torch.bmm(w, x).to(torch.int32).view(G, T, A, S, -1)
+        acc = torch.zeros_like(c[:, :, :, 0])  # (G, T, A, n): bits met so far in each tile
+        for s in range(S):
+            acc += (c[:, :, :, s] + carry[:, :, :, s] - acc) & mask[:, :, :, s]
+        vals[:, :, p0 : p0 + chunk] -= acc.sum(1).to(torch.int32)  # int64 sum, low 32 bits kept

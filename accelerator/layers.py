@@ -30,6 +30,12 @@ SCALE_BUFFER = "act_scale"
 
 
 # --- calibration -------------------------------------------------------------------
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's parameters (the CPU for a model without any)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def lowered_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers that run on the array (nn.Linear, nn.Conv2d), by module name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
@@ -62,7 +68,7 @@ def calibrate(
 
     x: (N, ...) float inputs (training data; the first `max_samples` are used, in
     order, so the result is deterministic). Scale = format's act_scale(max |input|)
-    observed in the float model in eval mode. Returns `model`.
+    observed in the float model in eval mode (on the model's device). Returns `model`.
     """
     q = quantizer(fmt)
     ensure_scale_buffers(model)
@@ -79,9 +85,9 @@ def calibrate(
     was_training = model.training
     model.eval()
     try:
-        xs = x[:max_samples]
+        xs, dev = x[:max_samples], model_device(model)
         for i in range(0, len(xs), batch_size):
-            model(xs[i : i + batch_size])
+            model(xs[i : i + batch_size].to(dev))
     finally:
         for h in handles:
             h.remove()
@@ -95,15 +101,15 @@ def calibrate(
 def transient_flips(y: torch.Tensor, ber: float, bits: int, generator: torch.Generator) -> torch.Tensor:
     """Flip each bit of the `bits`-wide two's-complement integers in y with probability ber.
 
-    y: integer-valued float tensor; returns float64 (exact). The number of flips is
+    y: integer-valued float tensor (any device); returns float64 (exact). The number of flips is
     drawn Binomial(numel*bits, ber) and their positions uniformly (coinciding draws
     flip once: a negligible bias at realistic rates).
     """
     n_bits = y.numel() * bits
     n = int(torch.binomial(torch.tensor(float(n_bits)), torch.tensor(float(ber)), generator=generator))
     yi = y.to(torch.int64).reshape(-1)
-    if n:
-        pos = torch.unique(torch.randint(n_bits, (n,), generator=generator))
+    if n:  # drawn on the generator's device (the CPU): the same flips wherever y lives
+        pos = torch.unique(torch.randint(n_bits, (n,), generator=generator)).to(y.device)
         mask = torch.zeros_like(yi).index_add_(0, pos // bits, torch.ones_like(pos) << (pos % bits))
         yi = wrap_signed(yi ^ mask, bits)
     return yi.reshape(y.shape).to(torch.float64)
@@ -143,6 +149,10 @@ class _OnArray:
         self.faults = faults
         self.plan = plan
 
+    def plan_on(self, device: torch.device) -> LayerPlan:
+        """The current plan with its tensors on `device` (cached)."""
+        return self.plan.to(device)
+
     def array_weights(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ArrayWeight]:
         """(wq, scale, prepared weights) of the float `weight` for the current plan.
 
@@ -150,13 +160,14 @@ class _OnArray:
         version (optimizer steps and state_dict loads bump it) stay the same: evaluation
         batches reuse them, training steps recompute them.
         """
+        plan = self.plan_on(weight.device)
         version = (weight.data_ptr(), weight._version)
         cached = self.__dict__.get("_weights")
-        if cached is not None and cached[0] is self.plan and cached[1] is weight and cached[2] == version:
+        if cached is not None and cached[0] is plan and cached[1] is weight and cached[2] == version:
             return cached[3]
         wq, sw = quantizer(self.array.fmt).weight(weight)
-        prepared = (wq, sw, array_weights(self.plan, wq))
-        self.__dict__["_weights"] = (self.plan, weight, version, prepared)
+        prepared = (wq, sw, array_weights(plan, wq))
+        self.__dict__["_weights"] = (plan, weight, version, prepared)
         return prepared
 
     def output_parts(self, prod: ArrayProduct) -> ArrayProduct:
@@ -193,7 +204,7 @@ class _LinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         xq = q.act(x2, s)
         wq, sw, aw = layer.array_weights(weight)
-        out = layer.output_parts(linear_parts(layer.plan, xq, aw)).dequant(s * sw, bias, x.dtype)
+        out = layer.output_parts(linear_parts(layer.plan_on(x.device), xq, aw)).dequant(s * sw, bias, x.dtype)
         ctx.save_for_backward(x2, xq, wq, sw, s)
         ctx.limit = q.act_limit()
         ctx.has_bias = bias is not None
@@ -223,7 +234,8 @@ class _ConvFn(torch.autograd.Function):
         wq, sw, aw = layer.array_weights(weight)
         st: Any = layer.stride
         dl: Any = layer.dilation
-        out = layer.output_parts(conv_parts(layer.plan, xq, aw, layer.pads, st, dl)).dequant(s * sw, bias, x.dtype)
+        parts = conv_parts(layer.plan_on(x.device), xq, aw, layer.pads, st, dl)
+        out = layer.output_parts(parts).dequant(s * sw, bias, x.dtype)
         ctx.save_for_backward(x, xq, wq, sw, s)
         ctx.limit = q.act_limit()
         ctx.has_bias = bias is not None
@@ -268,7 +280,8 @@ class ArrayLinear(nn.Linear, _OnArray):
 
     def integer_output(self, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
         """Integer layer output (B, O) (exact, float dtype) for integer-valued xq (B, K), wq (O, K)."""
-        return self._finish(linear_parts(self.plan, xq, array_weights(self.plan, wq)).exact())
+        plan = self.plan_on(xq.device)
+        return self._finish(linear_parts(plan, xq, array_weights(plan, wq)).exact())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _LinearFn.apply(x, self.weight, self.bias, self)
@@ -288,7 +301,8 @@ class ArrayConv2d(nn.Conv2d, _OnArray):
         """Integer output (N, O, Ho, Wo) for an unpadded integer-valued input (N, Cin, H, W)."""
         s: Any = self.stride
         d: Any = self.dilation
-        return self._finish(conv_parts(self.plan, xq, array_weights(self.plan, wq), self.pads, s, d).exact())
+        plan = self.plan_on(xq.device)
+        return self._finish(conv_parts(plan, xq, array_weights(plan, wq), self.pads, s, d).exact())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ConvFn.apply(x, self.weight, self.bias, self)

@@ -3,6 +3,9 @@ emulated array, on-chip accuracy, per-layer sensitivity.
 
 Data arguments take a `Dataset` (train split for training, test split for
 evaluation) or an (x, y) tuple of tensors: x float (N, C, H, W), y int64 (N,).
+
+`device` (None: where the model is): where a function runs its model and batches,
+e.g. "cuda". The data may live anywhere; models come back where they were given.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from torch import nn
 
 from accelerator.data import Dataset
 from accelerator.faults import ArrayConfig, FaultMap
-from accelerator.layers import array_layers, calibrate, lowered_layers, on_array, set_faults, to_float
+from accelerator.layers import array_layers, calibrate, lowered_layers, model_device, on_array, set_faults, to_float
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor]
+Device = str | torch.device | None
 Schedule = Callable[[int, int], FaultMap]
 Progress = Callable[[int, int, dict[str, float]], None]
 
@@ -37,13 +41,16 @@ def _split(data: Data, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512) -> float:
-    """Top-1 accuracy in [0, 1] of `model` (eval mode, batched) on x (N, ...), y (N,)."""
+    """Top-1 accuracy in [0, 1] of `model` (eval mode, batched, on the model's device)
+    on x (N, ...), y (N,)."""
     was = model.training
     model.eval()
+    dev = model_device(model)
     correct = 0
     try:
         for i in range(0, len(x), batch_size):
-            correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+            out = model(x[i : i + batch_size].to(dev))
+            correct += int((out.argmax(1) == y[i : i + batch_size].to(dev)).sum())
     finally:
         model.train(was)
     return correct / max(len(x), 1)
@@ -59,11 +66,13 @@ def evaluate(
     ber: float = 0.0,
     protect: Iterable[str] = (),
     seed: int | None = 0,
+    device: Device = None,
 ) -> float:
     """Top-1 accuracy in [0, 1] of a calibrated float model run on the faulty array
     (faults None = fault-free array) on the test split of `data`."""
     x, y = _split(data, train=False)
-    return accuracy(on_array(model, array, faults, ber=ber, protect=protect, seed=seed), x, y, batch_size=batch_size)
+    arr_model = on_array(model, array, faults, ber=ber, protect=protect, seed=seed)
+    return accuracy(arr_model.to(device or model_device(model)), x, y, batch_size=batch_size)
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -89,9 +98,12 @@ def _train_loop(
     load_extra: Callable[[dict[str, Any]], None],
     config: dict[str, Any],
 ) -> None:
-    """SGD with cosine-free constant lr; deterministic under `seed`; resumable."""
+    """SGD with cosine-free constant lr; deterministic under `seed`; resumable. Runs
+    on the model's device (the data is moved there once)."""
     if epochs < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"training: need epochs >= 0, batch_size >= 1, lr > 0 (got {epochs}, {batch_size}, {lr})")
+    dev = model_device(model)
+    x, y = x.to(dev), y.to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     start = 0
@@ -109,6 +121,7 @@ def _train_loop(
         loss_sum, correct, seen = 0.0, 0, 0
         metrics: dict[str, float] = {}
         for step, idx in enumerate(_batches(len(x), batch_size, gen)):
+            idx = idx.to(dev)  # drawn on the CPU: the same batches on every device
             if before_step is not None:
                 metrics.update(before_step(epoch, step))
             out = model(x[idx])
@@ -156,10 +169,13 @@ def train(
     on_progress: Progress | None = None,
     checkpoint: str | Path | None = None,
     calibrate_after: bool = True,
+    device: Device = None,
 ) -> nn.Module:
     """Plain float training of a base model in place (SGD, cross-entropy) on the train
     split; then (by default) `calibrate` on the training inputs. Returns `model`."""
     x, y = _split(data, train=True)
+    home = model_device(model)
+    model.to(device or home)
     config = {"kind": "train", "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}
     _train_loop(
         model,
@@ -180,7 +196,7 @@ def train(
     )
     if calibrate_after:
         calibrate(model, x)
-    return model
+    return model.to(home)
 
 
 def fault_aware_train(
@@ -199,8 +215,10 @@ def fault_aware_train(
     protect: Iterable[str] = (),
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    device: Device = None,
 ) -> nn.Module:
-    """Fault-aware retraining of a calibrated float model; returns a trained float copy.
+    """Fault-aware retraining of a calibrated float model; returns a trained float copy
+    (on the model's device; trained on `device`).
 
     Forward through the faulty array (`on_array`), backward through the clean
     quantized path (STE). `faults_or_schedule`: a FaultMap, or a callable
@@ -213,7 +231,8 @@ def fault_aware_train(
     x, y = _split(data, train=True)
     protect = tuple(sorted(protect))
     fixed = faults_or_schedule if isinstance(faults_or_schedule, FaultMap) else None
-    arr_model = on_array(model, array, fixed, ber=ber, protect=protect, seed=seed)
+    home = model_device(model)
+    arr_model = on_array(model, array, fixed, ber=ber, protect=protect, seed=seed).to(device or home)
     rng = next(iter(array_layers(arr_model).values())).rng if array_layers(arr_model) else None
 
     def before_step(epoch: int, step: int) -> dict[str, float]:
@@ -256,7 +275,7 @@ def fault_aware_train(
         load_extra=load_extra,
         config=config,
     )
-    return to_float(arr_model)
+    return to_float(arr_model).to(home)
 
 
 def layer_sensitivity(
@@ -268,15 +287,18 @@ def layer_sensitivity(
     batch_size: int = 512,
     ber: float = 0.0,
     seed: int = 0,
+    device: Device = None,
 ) -> dict[str, float]:
     """Per Linear/Conv2d layer: accuracy lost (fault-free array minus this-layer-faulty,
     in accuracy points of [0, 1]) when only that layer runs on the faulty array."""
     names = list(lowered_layers(model))
-    base = evaluate(model, array, None, data, batch_size=batch_size)
+    base = evaluate(model, array, None, data, batch_size=batch_size, device=device)
     out = {}
     for name in names:
         others = [n for n in names if n != name]
-        acc = evaluate(model, array, faults, data, batch_size=batch_size, ber=ber, protect=others, seed=seed)
+        acc = evaluate(
+            model, array, faults, data, batch_size=batch_size, ber=ber, protect=others, seed=seed, device=device
+        )
         out[name] = base - acc
     return out
 

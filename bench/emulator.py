@@ -15,17 +15,20 @@ batch. Also the speed-up of the fast path over the `systolic_matmul` reference o
 same integer operands of one layer.
 
 Usage: python bench/emulator.py [--reps N] [--models lenet5,resnet20] [--sites psum,mixed] [--threads N]
-[--processes N]
+[--processes N] [--device cuda]
 (--threads sets torch.set_num_threads for both sides; default: torch's default. On a
 machine shared with other jobs, 1 thread gives steadier ratios. --processes repeats the
 whole measurement in that many fresh processes and reports each ratio's median over
 them and its range: on a shared 2-core VM one process's ratios were seen to differ from
-the next one's by 15% and more.)
+the next one's by 15% and more. --device runs both sides there, each timed call ending
+in a synchronize; the speed-up over systolic_matmul is then not measured: the reference
+runs on the CPU.)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import statistics
@@ -67,6 +70,12 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
+def synchronize(x: torch.Tensor) -> None:
+    """Wait for the GPU's queued work (a timed call must include it)."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
 def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 
@@ -76,6 +85,7 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], 
         opt.zero_grad()
         loss.backward()
         opt.step()
+        synchronize(x)
         return loss
 
     return step
@@ -93,7 +103,9 @@ def eval_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     def run() -> object:
         model.eval()
         with torch.no_grad():
-            return model(x)
+            out = model(x)
+        synchronize(x)
+        return out
 
     return run
 
@@ -126,11 +138,20 @@ def reference_speedup(model: nn.Module, array: A.ArrayConfig, fm: A.FaultMap, x:
 
 
 def bench_model(
-    arch: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, reps: int, budget_s: float, sites: list[str]
+    arch: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    reps: int,
+    budget_s: float,
+    sites: list[str],
+    device: torch.device,
 ) -> dict[str, object]:
     array = A.ArrayConfig(32, 32)
     model = A.build_model(arch, tuple(x.shape[1:]), num_classes)  # type: ignore[arg-type]
     A.calibrate(model, x)
+    ref_model, model = model, copy.deepcopy(model).to(device)  # the reference runs on the CPU
+    x, y = x.to(device), y.to(device)
     float_model = model
     out: dict[str, object] = {"arch": arch, "input_shape": list(x.shape[1:]), "batch": BATCH, "array": [32, 32]}
     by_site: dict[str, object] = {}
@@ -170,9 +191,11 @@ def bench_model(
             "eval_vs_float_step_ratio": round(med["eval"] / med["float_step"], 3),
         }
     out["sites"] = by_site
-    out["speedup_over_systolic_matmul"] = round(
-        reference_speedup(model, array, fault_map(array, "mixed", 0.02, seed=1), x, rows=256), 1
-    )
+    if device.type == "cpu":
+        mixed = fault_map(array, "mixed", 0.02, seed=1)
+        out["speedup_over_systolic_matmul"] = round(reference_speedup(ref_model, array, mixed, x, rows=256), 1)
+    else:
+        out["speedup_over_systolic_matmul"] = None
     return out
 
 
@@ -195,15 +218,16 @@ def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 entry[f"{key}_range"] = [min(vals), max(vals)]
             sites[site] = entry
         speedups = [r["results"][i]["speedup_over_systolic_matmul"] for r in runs]
+        speedups = [v for v in speedups if v is not None] or [None]
         results.append(
             {
                 **{k: first[k] for k in ("arch", "input_shape", "batch", "array")},
                 "sites": sites,
-                "speedup_over_systolic_matmul": statistics.median(speedups),
+                "speedup_over_systolic_matmul": None if speedups == [None] else statistics.median(speedups),
             }
         )
     summary = {
-        **{k: runs[0]["summary"][k] for k in ("torch_threads", "reps", "goal_ratio")},
+        **{k: runs[0]["summary"][k] for k in ("torch_threads", "reps", "goal_ratio", "device")},
         "processes": len(runs),
         "max_fat_step_ratio": max(s["fat_step_ratio"] for r in results for s in r["sites"].values()),
         "max_eval_ratio": max(s["eval_ratio"] for r in results for s in r["sites"].values()),
@@ -220,10 +244,15 @@ def main() -> None:
     ap.add_argument("--sites", default=",".join(SITES), help="fault sites to measure, comma-separated")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--processes", type=int, default=1, help="repeat in this many fresh processes: medians and ranges")
+    ap.add_argument("--device", default="cpu", help="where both sides run, e.g. cuda (default: cpu)")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device on this machine")
     if args.processes > 1:
         one = ["--reps", str(args.reps), "--models", args.models, "--budget-s", str(args.budget_s)]
-        cmd = [sys.executable, __file__, *one, "--sites", args.sites, "--threads", str(args.threads)]
+        one += ["--sites", args.sites, "--threads", str(args.threads), "--device", args.device]
+        cmd = [sys.executable, __file__, *one]
         runs = [
             json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
             for _ in range(args.processes)
@@ -242,14 +271,15 @@ def main() -> None:
         if arch == "lenet5":
             d = A.load_dataset("mnist5k")
             x, y = d.x_train[:BATCH], d.y_train[:BATCH]
-            results.append(bench_model("lenet5", x, y, d.num_classes, args.reps, args.budget_s, sites))
+            results.append(bench_model("lenet5", x, y, d.num_classes, args.reps, args.budget_s, sites, device))
         else:
             g = torch.Generator().manual_seed(0)
             x = torch.rand(BATCH, 3, 32, 32, generator=g)
             y = torch.randint(0, 10, (BATCH,), generator=g)
-            results.append(bench_model(arch, x, y, 10, args.reps, args.budget_s, sites))
+            results.append(bench_model(arch, x, y, 10, args.reps, args.budget_s, sites, device))
     summary = {
         "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "reps": args.reps,
         "goal_ratio": 2.0,
         "max_fat_step_ratio": max(s["fat_step_ratio"] for r in results for s in r["sites"].values()),  # type: ignore[attr-defined]
