@@ -329,3 +329,89 @@ def dequant_conv(
             out.numpy(),
         )
     return out
+
+
+@numba.njit(cache=True, boundscheck=False)
+def _quantize_int8(w, w_bits, og, w_and, w_or, masked, wq, sw, sw_bits, w8):
+    """Int8Symmetric.weight and fast.effective_weight in one pass, the same numbers:
+    w (O, K) float32 -> wq (O, K) float32 integer-valued, sw (O,) float32 scales
+    (max |w| / 127, 1 for an all-zero row), w8 (O, TR) int8: wq padded with zeros to
+    TR, then row o's weight masks w_and, w_or[o % og] (O, TR) applied when `masked`.
+    Float32 division and round-half-even, as torch: bit-equal results. Branch-free
+    inner loops, so that LLVM vectorizes them; max |w| as the integer maximum of the
+    bit patterns without sign bit (w_bits, sw_bits: int32 views of w, sw), which
+    orders like the floats and vectorizes where a float max reduction does not."""
+    n_out, K, TR = w.shape[0], w.shape[1], w8.shape[1]
+    qmax = np.float32(127.0)
+    for o in range(n_out):
+        row, bits, q_row, w8_row = w[o], w_bits[o], wq[o], w8[o]
+        amax_bits = np.int32(0)
+        for k in range(K):
+            amax_bits = max(amax_bits, bits[k] & np.int32(0x7FFFFFFF))
+        sw_bits[o] = amax_bits
+        amax = sw[o]
+        s = amax / qmax if amax > 0 else np.float32(1.0)
+        sw[o] = s
+        for k in range(K):
+            q_row[k] = min(max(np.rint(row[k] / s), -qmax), qmax)
+        if masked:
+            and_row, or_row = w_and[o % og], w_or[o % og]
+            for k in range(K):
+                w8_row[k] = (np.int8(q_row[k]) & and_row[k]) | or_row[k]
+            for k in range(K, TR):  # padding rows: weight 0, then the stuck bits
+                w8_row[k] = or_row[k]
+        else:
+            for k in range(K):
+                w8_row[k] = np.int8(q_row[k])
+            for k in range(K, TR):
+                w8_row[k] = 0
+
+
+@numba.njit(cache=True, boundscheck=False)
+def _gather_terms(w8, aff, term_row, out):
+    G, T, A, L = out.shape
+    for g in range(G):
+        for t in range(T):
+            for a in range(A):
+                src, rows, dst = w8[g, aff[a]], term_row[t, a], out[g, t, a]
+                for r in range(L):
+                    dst[r] = src[rows[r]]
+
+
+def gather_terms(w8: torch.Tensor, aff: torch.Tensor, term_row: torch.Tensor) -> torch.Tensor:
+    """terms (G, T, A, L) int8: w8[g, aff[a], term_row[t, a, r]] of array weights w8
+    (G, Og, J) int8 (an index_select in torch reads a byte a few nanoseconds)."""
+    out = torch.empty(w8.shape[0], *term_row.shape, dtype=torch.int8)
+    kernel: Any = _gather_terms
+    kernel(w8.numpy(), aff.numpy(), term_row.numpy(), out.numpy())
+    return out
+
+
+_NO_MASK = np.zeros((1, 1), dtype=np.int8)
+
+
+def quantize_int8(
+    w: torch.Tensor, og: int, tr: int, w_and: torch.Tensor | None, w_or: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(wq, scale, w8) of float32 weights w (O, ...) for a layer of og outputs a group
+    on K-tiles of tr rows: `quant.Int8Symmetric.weight` then `fast.effective_weight`
+    (masks (og, tr) int8 or None), in one pass instead of a dozen tensor ops."""
+    w2 = w.detach().reshape(w.shape[0], -1).contiguous()
+    wq = torch.empty(w.shape, dtype=torch.float32)
+    sw = torch.empty(w.shape[0], dtype=torch.float32)
+    w8 = torch.empty(w.shape[0], tr, dtype=torch.int8)
+    masked = w_and is not None and w_or is not None
+    kernel: Any = _quantize_int8
+    kernel(
+        w2.numpy(),
+        w2.view(torch.int32).numpy(),
+        og,
+        w_and.numpy() if masked else _NO_MASK,  # type: ignore[union-attr]
+        w_or.numpy() if masked else _NO_MASK,  # type: ignore[union-attr]
+        masked,
+        wq.view(w2.shape).numpy(),
+        sw.numpy(),
+        sw.view(torch.int32).numpy(),
+        w8.numpy(),
+    )
+    return wq, sw, w8

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from accelerator import kernels
 from accelerator.faults import ArrayConfig, FaultMap
 from accelerator.kernels import PsumSteps
+from accelerator.quant import Int8Symmetric, Quantizer
 from accelerator.systolic import check_fault_map, check_integer_operands, wrap_signed
 
 EXACT_F32 = 1 << 24  # every integer of magnitude <= 2^24 is exact in float32
@@ -278,11 +279,10 @@ def effective_weight(plan: LayerPlan, wq: torch.Tensor) -> torch.Tensor:
     return w8.bitwise_and_(plan.w_and).bitwise_or_(plan.w_or)
 
 
-def array_weight(plan: LayerPlan, wq: torch.Tensor) -> torch.Tensor:
-    """int8 weights on the extended lowered input: (G, Og, K) integer-valued ->
+def array_weight(plan: LayerPlan, w8: torch.Tensor) -> torch.Tensor:
+    """int8 weights on the extended lowered input: effective weights (G, Og, TR) ->
     (G, Og, TR + T * n_a). An output right of an act fault reads the fault's stuck row
     (with the clean row's weight) instead of the clean row."""
-    w8 = effective_weight(plan, wq)
     if not plan.n_act:
         return w8
     G, Og, T, n_a = plan.G, plan.Og, plan.T, plan.n_act
@@ -427,18 +427,39 @@ class ArrayWeight:
 
 def array_weights(plan: LayerPlan, wq: torch.Tensor) -> ArrayWeight:
     """Prepare integer-valued weights wq (O, K) or (O, Cin/G, kh, kw) for `plan`."""
-    wg = wq.reshape(plan.G, plan.Og, plan.K)
-    shape = tuple(wq.shape)
+    return _arrange(plan, effective_weight(plan, wq.reshape(plan.G, plan.Og, plan.K)), tuple(wq.shape))
+
+
+def quantized_array_weights(
+    plan: LayerPlan, weight: torch.Tensor, q: Quantizer
+) -> tuple[torch.Tensor, torch.Tensor, ArrayWeight]:
+    """(wq, scale, prepared weights) of a layer's float weights: q.weight, then
+    `array_weights`. The int8 quantizer's float32 weights on the CPU take one compiled
+    pass for both (same numbers): layers prepare their weights after every training
+    step, and as a dozen small tensor ops that was a third of a small model's step."""
+    compiled = kernels.compiled()
+    if type(q) is Int8Symmetric and weight.dtype == torch.float32 and weight.device.type == "cpu" and compiled:
+        wq, sw, w8 = compiled.quantize_int8(weight, plan.Og, plan.TR, plan.w_and, plan.w_or)
+        return wq, sw, _arrange(plan, w8.view(plan.G, plan.Og, plan.TR), tuple(weight.shape))
+    wq, sw = q.weight(weight)
+    return wq, sw, array_weights(plan, wq)
+
+
+def _arrange(plan: LayerPlan, w8: torch.Tensor, shape: tuple[int, ...]) -> ArrayWeight:
+    """The ArrayWeight of effective weights w8 (G, Og, TR) int8 of a layer of weight shape `shape`."""
     if plan.clean_outputs:
-        dense = effective_weight(plan, wg)[:, :, : plan.K].reshape(shape).to(exact_dtype(plan.TR << 14))
-        return ArrayWeight(shape, dense=dense)
-    w8 = array_weight(plan, wg)
+        return ArrayWeight(shape, dense=w8[:, :, : plan.K].reshape(shape).to(exact_dtype(plan.TR << 14)))
+    w8 = array_weight(plan, w8)
     terms = None
     if plan.n_aff:
-        idx = plan.cache.get("terms")  # w8[g, aff[a], term_row[t, a, r]] as flat indices into w8[g]
-        if idx is None:
-            idx = plan.cache["terms"] = (plan.aff.view(1, -1, 1) * w8.shape[2] + plan.psum.term_row).view(-1)
-        terms = w8.view(plan.G, -1).index_select(1, idx).view(plan.G, *plan.psum.term_row.shape)
+        compiled = kernels.compiled()
+        if compiled is not None and w8.device.type == "cpu":
+            terms = compiled.gather_terms(w8, plan.aff, plan.psum.term_row)
+        else:
+            idx = plan.cache.get("terms")  # w8[g, aff[a], term_row[t, a, r]] as flat indices into w8[g]
+            if idx is None:
+                idx = plan.cache["terms"] = (plan.aff.view(1, -1, 1) * w8.shape[2] + plan.psum.term_row).view(-1)
+            terms = w8.view(plan.G, -1).index_select(1, idx).view(plan.G, *plan.psum.term_row.shape)
     if not plan.n_act:  # padding rows past K then read activation 0: left out of the main GEMM
         w8 = w8[:, :, : plan.K].contiguous()
     return ArrayWeight(shape, w8=w8, terms=terms)

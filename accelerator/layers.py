@@ -21,7 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accelerator.fast import ArrayProduct, ArrayWeight, LayerPlan, array_weights, build_plan, conv_parts, linear_parts
+from accelerator.fast import (
+    ArrayProduct,
+    ArrayWeight,
+    LayerPlan,
+    array_weights,
+    build_plan,
+    conv_parts,
+    linear_parts,
+    quantized_array_weights,
+)
 from accelerator.faults import ArrayConfig, FaultMap
 from accelerator.quant import quantizer
 from accelerator.systolic import check_fault_map, wrap_signed
@@ -165,8 +174,7 @@ class _OnArray:
         cached = self.__dict__.get("_weights")
         if cached is not None and cached[0] is plan and cached[1] is weight and cached[2] == version:
             return cached[3]
-        wq, sw = quantizer(self.array.fmt).weight(weight)
-        prepared = (wq, sw, array_weights(plan, wq))
+        prepared = quantized_array_weights(plan, weight, quantizer(self.array.fmt))
         self.__dict__["_weights"] = (plan, weight, version, prepared)
         return prepared
 

@@ -225,3 +225,33 @@ def test_compiled_and_torch_kernels_give_the_same_floats(monkeypatch: pytest.Mon
         compiled = am(x)
         monkeypatch.setattr(kernels, "compiled", lambda: None)
         assert torch.equal(am(x), compiled)
+
+
+@pytest.mark.parametrize("sites", [("weight", "pe"), ("psum", "act"), ()], ids=["masks", "no_masks", "clean"])
+def test_compiled_weight_preparation_equals_torch(sites: tuple[str, ...]) -> None:
+    """The compiled int8 weight preparation gives the quantizer's and effective_weight's
+    numbers bit for bit: all-zero rows, exact .5 ties (round half to even), clamping
+    at +-127, weight masks and dead PEs over padded K-tiles, conv groups."""
+    compiled = kernels.compiled()
+    if compiled is None:
+        pytest.skip("numba is not installed")
+    rng = random.Random(len(sites))
+    q = quantizer("int8")
+    for i in range(20):
+        array = ArrayConfig(rng.randint(1, 6), rng.randint(1, 6))
+        G, og, k = rng.choice([1, 2, 3]), rng.randint(1, 7), rng.randint(1, 30)
+        w = torch.randn(G * og, k, generator=torch.Generator().manual_seed(i))
+        w[0] = 0.0  # scale 1, all weights 0
+        if k > 1:  # ties: 127 * j / 2 of a row with max 127 round half to even
+            w[-1, :] = torch.arange(k, dtype=torch.float32) * 0.5
+            w[-1, 0] = 127.0
+        fmap = random_fault_map(array, rng.randint(1, 10), rng, sites=sites) if sites else FaultMap(array)
+        plan = fast.build_plan(array, fmap, G, og, k)
+        wq, sw = q.weight(w)
+        want = fast.array_weights(plan, wq)
+        got_wq, got_sw, got = fast.quantized_array_weights(plan, w.clone().requires_grad_(), q)
+        assert torch.equal(got_wq, wq) and torch.equal(got_sw, sw)
+        for name in ("dense", "w8", "terms"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert (a is None and b is None) or torch.equal(a, b), (name, fmap.to_dict())
+        assert got.shape == want.shape
