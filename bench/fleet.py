@@ -109,10 +109,10 @@ def train_groups_once(
     acc: dict[str, float] = {}
     epochs = 0
     for i, g in enumerate(groups, start=1):
-        protect = (pl.most_sensitive_layer(model, array, g.fused, data),) if g.protect else ()
+        protect = (pl.most_sensitive_layer(model, array, g.fused, data, device=cfg.device),) if g.protect else ()
         m = pl.retrain_group(model, array, data, g, maps, grid, cfg, protect=protect)
         epochs += g.amount
-        acc.update(pl.verify_group(m, array, data, g.members, maps, protect=protect))
+        acc.update(pl.verify_group(m, array, data, g.members, maps, protect=protect, device=cfg.device))
         if i % 10 == 0 or i == len(groups):
             log(f"{name}: {i}/{len(groups)} groups, {epochs} epochs")
     return acc, epochs
@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--write-fleet", type=Path, default=None, help="write the generated fleet as NDJSON and exit")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--device", default=None, help="torch device for retraining and evaluation, e.g. cuda (default: cpu)"
+    )
     ap.add_argument("--cache", type=Path, default=None, help="directory caching the base model and resilience map")
     args = ap.parse_args(argv)
 
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--strategies: unknown {unknown}; known: {list(STRATEGIES)}")
     torch.set_num_threads(args.threads)
     constraint = AccuracyConstraint.parse(args.constraint)
-    cfg = pl.TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    cfg = pl.TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device)
     t_all = time.perf_counter()
 
     # fleet
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         if model_path is not None:
             model_path.parent.mkdir(parents=True, exist_ok=True)
             acc.save_model(model, model_path)
-    baseline = pl.baseline_accuracy(model, array, data)
+    baseline = pl.baseline_accuracy(model, array, data, device=args.device)
     threshold = constraint.threshold(baseline)
     log(f"base model {args.model}/{args.dataset}: fault-free array accuracy {baseline:.4f}; threshold {threshold:.4f}")
     base_s = time.perf_counter() - t0
@@ -281,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             rate=rates[min(1, len(rates) - 1)],
             samples=args.severity_samples,
             seed=args.seed,
+            device=args.device,
         )
         log(f"severity: {severity.weights}")
         rmap = pl.build_resilience_map(
@@ -304,12 +308,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # screening
     t0 = time.perf_counter()
-    screening = pl.screen_chips(model, array, data, [by_id[c] for c in chip_ids])
+    screening = pl.screen_chips(model, array, data, [by_id[c] for c in chip_ids], device=args.device)
     screen_s = time.perf_counter() - t0
     failing = [c for c in chip_ids if screening[c] < threshold]
     log(f"screening: {len(chip_ids) - len(failing)} chips need nothing, {len(failing)} fail ({screen_s:.1f} s)")
     t0 = time.perf_counter()
-    bypass_screening = pl.screen_bypassed(model, array, data, [by_id[c] for c in failing]) if args.bypass else {}
+    bypass_screening = (
+        pl.screen_bypassed(model, array, data, [by_id[c] for c in failing], device=args.device) if args.bypass else {}
+    )
     bypass_s = time.perf_counter() - t0
     failing_bypassed = [c for c in failing if max([screening[c], *bypass_screening.get(c, {}).values()]) < threshold]
     if args.bypass:

@@ -31,7 +31,7 @@ REDIS_URL = os.environ.get("FAULTFLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PY = sys.executable
 
-# Fast recovery timings for tests (production defaults are in app/core/config.py).
+# Fast recovery timings for tests, and the worker device (production defaults are in app/core/config.py).
 FAST_JOB_ENV = {
     "FAULTFLEET_JOB_HEARTBEAT_S": "0.5",
     "FAULTFLEET_JOB_STALE_AFTER_S": "3",
@@ -40,6 +40,8 @@ FAST_JOB_ENV = {
     "FAULTFLEET_BROKER_POLLING_INTERVAL_S": "0.1",
     "FAULTFLEET_BROKER_VISIBILITY_TIMEOUT_S": "30",
     "FAULTFLEET_AUTH_CACHE_S": "1",
+    # workers resolve the device themselves: the GPU on a machine with one, else the CPU
+    "FAULTFLEET_DEVICE": "auto",
 }
 
 

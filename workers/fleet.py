@@ -37,6 +37,7 @@ from torch import nn
 
 import accelerator as acc
 from accelerator import ArrayConfig, FaultMap
+from app.core.config import Settings, get_settings
 from app.db.base import utcnow
 from app.db.models import (
     AcceleratorProfile,
@@ -86,11 +87,14 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Deployed:
-    """A calibrated base model with its dataset (`accelerator.Dataset`) and the array it runs on."""
+    """A calibrated base model with its dataset (`accelerator.Dataset`), the array it runs
+    on and the torch device this worker runs it on (`worker_device`; the model itself
+    stays on the CPU, the accelerator functions take it there and back)."""
 
     info: ModelInfo
     model: nn.Module
     data: Any
+    device: str = "cpu"
 
     @property
     def array(self) -> ArrayConfig:
@@ -149,14 +153,27 @@ def deployed(engine: Engine, model_id: int) -> Deployed:
         model = acc.load_model(info.architecture, load_state(info.weights_sha256), data.input_shape, data.num_classes)
         while len(_DEPLOYED) >= _DEPLOYED_MAX:
             _DEPLOYED.pop(next(iter(_DEPLOYED)))
-        _DEPLOYED[key] = Deployed(info, model, data)
+        _DEPLOYED[key] = Deployed(info, model, data, worker_device(get_settings()))
     return _DEPLOYED[key]
 
 
-def train_config(params: dict[str, Any]) -> pipeline.TrainConfig:
+def worker_device(settings: Settings) -> str:
+    """The torch device this worker runs models on: FAULTFLEET_DEVICE, 'auto' resolved
+    to the GPU when torch sees one. A GPU asked for and missing fails the job by name."""
+    if settings.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if settings.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"FAULTFLEET_DEVICE={settings.device}, but torch sees no CUDA device on this worker")
+    return settings.device
+
+
+def train_config(params: dict[str, Any], device: str | None = None) -> pipeline.TrainConfig:
     t = params.get("train", {})
     return pipeline.TrainConfig(
-        lr=float(t.get("lr", 0.01)), batch_size=int(t.get("batch_size", 64)), seed=int(t.get("seed", 0))
+        lr=float(t.get("lr", 0.01)),
+        batch_size=int(t.get("batch_size", 64)),
+        seed=int(t.get("seed", 0)),
+        device=device,
     )
 
 
@@ -254,12 +271,13 @@ def register_model(ctx: JobContext) -> dict[str, Any]:
             seed=int(cfg.get("seed", 0)),
             on_progress=on_epoch,
             checkpoint=checkpoint,
+            device=worker_device(ctx.settings),
         )
     if acc.uncalibrated_layers(model):
         ctx.report(0.87, "calibrating activation scales on training data")
         acc.calibrate(model, data.x_train)
     ctx.report(0.9, "measuring baseline accuracy on the fault-free array")
-    baseline = pipeline.baseline_accuracy(model, info.array, data)
+    baseline = pipeline.baseline_accuracy(model, info.array, data, device=worker_device(ctx.settings))
     with Session(ctx.engine, expire_on_commit=False) as s:
         art = store_bytes(s, state_dict_bytes(model.state_dict(), {"architecture": arch}), "model", SAFETENSORS)
         bm = s.get(BaseModel, model_id)
@@ -320,7 +338,7 @@ def resilience_cell(ctx: JobContext) -> dict[str, Any]:
     task = CellTask.from_dict(ctx.params["task"])
     dep = deployed(ctx.engine, int(ctx.params["model_id"]))
     ctx.report(0.1, f"rate {task.rate:.4f} sample {task.sample}: retraining {task.training_epochs} epochs")
-    accs = pipeline.measure_cell(dep.model, dep.array, dep.data, task, train_config(ctx.params))
+    accs = pipeline.measure_cell(dep.model, dep.array, dep.data, task, train_config(ctx.params, dep.device))
     return {"task": task.to_dict(), "accuracies": [float(a) for a in accs]}
 
 
@@ -466,12 +484,13 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
         seed=int(sev.get("seed", 0)),
     )
     severity = severity_from_measurements(
-        [(t, acc.evaluate(dep.model, dep.array, t.fault_map, dep.data)) for t in tasks], rmap.baseline
+        [(t, acc.evaluate(dep.model, dep.array, t.fault_map, dep.data, device=dep.device)) for t in tasks],
+        rmap.baseline,
     )
     constraint = AccuracyConstraint.from_dict(plan.constraint)
     screening: dict[str, float] = {}
     for i, m in enumerate(maps, start=1):
-        screening[str(m.chip_id)] = float(acc.evaluate(dep.model, dep.array, m, dep.data))
+        screening[str(m.chip_id)] = float(acc.evaluate(dep.model, dep.array, m, dep.data, device=dep.device))
         if i % 10 == 0 or i == len(maps):
             ctx.report(0.65 + 0.2 * i / len(maps), f"screening chips on their own maps: {i}/{len(maps)}")
     bypass_screening: dict[str, dict[str, float]] = {}
@@ -479,7 +498,7 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
         thr = constraint.threshold(rmap.baseline)
         failing = [m for m in maps if screening[str(m.chip_id)] < thr - 1e-12]
         for i, m in enumerate(failing, start=1):
-            bypass_screening.update(pipeline.screen_bypassed(dep.model, dep.array, dep.data, [m]))
+            bypass_screening.update(pipeline.screen_bypassed(dep.model, dep.array, dep.data, [m], device=dep.device))
             if i % 10 == 0 or i == len(failing):
                 ctx.report(
                     0.85 + 0.1 * i / len(failing), f"screening failing chips with PEs bypassed: {i}/{len(failing)}"
@@ -535,10 +554,10 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
     doc = FleetPlan.from_dict(plan.document or {})
     g = next(x for x in doc.groups if x.group_id == key)
     dep = deployed(ctx.engine, plan.base_model_id)
-    cfg = train_config(plan.params)
+    cfg = train_config(plan.params, dep.device)
     protect: tuple[str, ...] = ()
     if g.protect:
-        protect = (pipeline.most_sensitive_layer(dep.model, dep.array, g.fused, dep.data),)
+        protect = (pipeline.most_sensitive_layer(dep.model, dep.array, g.fused, dep.data, device=dep.device),)
     start_model = dep.model
     if g.warm_from:  # a replan that continues an earlier group's retrained model
         with Session(ctx.engine, expire_on_commit=False) as s:
@@ -574,7 +593,7 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
     )
     ctx.report(0.88, "verifying every member chip on its own fault map, with the group's bypass")
     verification = pipeline.verify_group(
-        retrained, dep.array, dep.data, g.members, doc.maps, protect=protect, fused=g.fused
+        retrained, dep.array, dep.data, g.members, doc.maps, protect=protect, fused=g.fused, device=dep.device
     )
     state = retrained.state_dict()
     model_bytes = state_dict_bytes(state, {"group": key})
@@ -689,9 +708,9 @@ def base_model_for_chip(engine: Engine, dep: Deployed, fm: FaultMap, threshold: 
     constraint, the unpruned base model (which passed screening) is shipped instead.
     """
     pruned = acc.prune_dead_pes(dep.model, dep.array, fm)
-    model, accuracy = pruned, float(acc.evaluate(pruned, dep.array, fm, dep.data))
+    model, accuracy = pruned, float(acc.evaluate(pruned, dep.array, fm, dep.data, device=dep.device))
     if accuracy < threshold - 1e-12:
-        model, accuracy = dep.model, float(acc.evaluate(dep.model, dep.array, fm, dep.data))
+        model, accuracy = dep.model, float(acc.evaluate(dep.model, dep.array, fm, dep.data, device=dep.device))
     meta = {"base_model": dep.info.name, "pruned": str(model is pruned)}
     with Session(engine, expire_on_commit=False) as s:
         return store_bytes(s, state_dict_bytes(model.state_dict(), meta), "chip_model", SAFETENSORS).id, accuracy
@@ -790,7 +809,9 @@ def assign_one_chip(ctx: JobContext, chip_pk: int) -> dict[str, str]:
         values: dict[str, Any] = {"plan_id": plan_id, "source": "late", "group_id": None, "artifact_id": None}
         values["bypass"] = None
         options = pipeline.deployments(fm, bypass)
-        screening = {policy: float(acc.evaluate(dep.model, dep.array, m, dep.data)) for policy, m in options}
+        screening = {
+            policy: float(acc.evaluate(dep.model, dep.array, m, dep.data, device=dep.device)) for policy, m in options
+        }
         policy, best = max(screening.items(), key=lambda kv: kv[1])  # max keeps the first (mildest) of ties
         if best >= thr - 1e-12:
             art_id, accuracy = base_model_for_chip(ctx.engine, dep, dict(options)[policy], thr)
@@ -807,7 +828,9 @@ def assign_one_chip(ctx: JobContext, chip_pk: int) -> dict[str, str]:
                     ctx.check()
                     on_chip = group_deployment(m, fused)  # as the group's members run its model
                     accuracy = float(
-                        acc.evaluate(model, dep.array, on_chip, dep.data, protect=(layer,) if layer else ())
+                        acc.evaluate(
+                            model, dep.array, on_chip, dep.data, protect=(layer,) if layer else (), device=dep.device
+                        )
                     )
                     best = max(best, accuracy)
                     if accuracy >= thr - 1e-12:

@@ -45,11 +45,15 @@ EpochProgress = Callable[[int, int, dict[str, float]], None]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Fault-aware retraining hyper-parameters (SGD, momentum 0.9 in `accelerator`)."""
+    """Fault-aware retraining hyper-parameters (SGD, momentum 0.9 in `accelerator`), and
+    the torch device retraining and evaluation run on (None: where the model is). The
+    device is not a hyper-parameter: outputs on the array are the same integers on
+    every device, so it stays out of `to_dict` (the cache keys)."""
 
     lr: float = 0.01
     batch_size: int = 64
     seed: int = 0
+    device: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"lr": self.lr, "batch_size": self.batch_size, "seed": self.seed}
@@ -68,9 +72,9 @@ def train_base_model(
     return model, data
 
 
-def baseline_accuracy(model: nn.Module, array: ArrayConfig, data: Dataset) -> float:
+def baseline_accuracy(model: nn.Module, array: ArrayConfig, data: Dataset, *, device: str | None = None) -> float:
     """Accuracy of the base model on a fault-free array (int8): the constraint's reference."""
-    return acc.evaluate(model, array, None, data)
+    return acc.evaluate(model, array, None, data, device=device)
 
 
 # --- retraining in grid-aligned chunks ---------------------------------------------------
@@ -140,6 +144,7 @@ def train_through(
                 protect=tuple(protect),
                 checkpoint=None if checkpoint_dir is None else checkpoint_dir / f"chunk-{done:04d}.pt",
                 on_progress=report,
+                device=cfg.device,
             )
             done = a
         yield a, current
@@ -165,7 +170,8 @@ def measure_cell(
 ) -> list[float]:
     """Accuracy after each amount of `task.epochs` on the task's sampled fault map (one training run)."""
     fm = task.fault_map(array, mix)
-    return [acc.evaluate(m, array, fm, data) for _, m in train_through(model, array, fm, data, task.epochs, cfg)]
+    runs = train_through(model, array, fm, data, task.epochs, cfg)
+    return [acc.evaluate(m, array, fm, data, device=cfg.device) for _, m in runs]
 
 
 def build_resilience_map(
@@ -206,19 +212,24 @@ def measure_severity(
     samples: int,
     seed: int,
     mix: FaultMix | None = None,
+    device: str | None = None,
 ) -> SiteSeverity:
     """Per fault-class severity of the base model (inference only), see `planner.severity`."""
-    return measure_site_severity(
-        array, lambda fm: acc.evaluate(model, array, fm, data), baseline, rate=rate, samples=samples, seed=seed, mix=mix
-    )
+
+    def accuracy(fm: FaultMap) -> float:
+        return acc.evaluate(model, array, fm, data, device=device)
+
+    return measure_site_severity(array, accuracy, baseline, rate=rate, samples=samples, seed=seed, mix=mix)
 
 
 # --- screening, retraining, verification -------------------------------------------------
 
 
-def screen_chips(model: nn.Module, array: ArrayConfig, data: Dataset, maps: Sequence[FaultMap]) -> dict[str, float]:
+def screen_chips(
+    model: nn.Module, array: ArrayConfig, data: Dataset, maps: Sequence[FaultMap], *, device: str | None = None
+) -> dict[str, float]:
     """Base-model accuracy on each chip's own map, by chip id."""
-    return {str(m.chip_id): acc.evaluate(model, array, m, data) for m in maps}
+    return {str(m.chip_id): acc.evaluate(model, array, m, data, device=device) for m in maps}
 
 
 def deployments(fm: FaultMap, bypass: bool = True) -> list[tuple[str | None, FaultMap]]:
@@ -234,7 +245,7 @@ def deployments(fm: FaultMap, bypass: bool = True) -> list[tuple[str | None, Fau
 
 
 def screen_bypassed(
-    model: nn.Module, array: ArrayConfig, data: Dataset, maps: Sequence[FaultMap]
+    model: nn.Module, array: ArrayConfig, data: Dataset, maps: Sequence[FaultMap], *, device: str | None = None
 ) -> dict[str, dict[str, float]]:
     """Base-model accuracy of each chip deployed under each bypass policy (`deployments`).
 
@@ -244,13 +255,15 @@ def screen_bypassed(
     out: dict[str, dict[str, float]] = {}
     for m in maps:
         for policy, deployed in deployments(m)[1:]:
-            out.setdefault(str(m.chip_id), {})[str(policy)] = acc.evaluate(model, array, deployed, data)
+            out.setdefault(str(m.chip_id), {})[str(policy)] = acc.evaluate(model, array, deployed, data, device=device)
     return out
 
 
-def most_sensitive_layer(model: nn.Module, array: ArrayConfig, fault_map: FaultMap, data: Dataset) -> str:
+def most_sensitive_layer(
+    model: nn.Module, array: ArrayConfig, fault_map: FaultMap, data: Dataset, *, device: str | None = None
+) -> str:
     """The layer whose faulty execution alone costs the most accuracy on `fault_map` (ties: first by name)."""
-    sens: dict[str, float] = acc.layer_sensitivity(model, array, fault_map, data)
+    sens: dict[str, float] = acc.layer_sensitivity(model, array, fault_map, data, device=device)
     return max(sorted(sens), key=lambda name: sens[name])
 
 
@@ -307,6 +320,7 @@ def verify_group(
     *,
     protect: Sequence[str] = (),
     fused: FaultMap | None = None,
+    device: str | None = None,
 ) -> dict[str, float]:
     """The retrained model's accuracy on each member chip's own map, by chip id.
 
@@ -315,7 +329,7 @@ def verify_group(
     out = {}
     for c in members:
         deployed = maps[c] if fused is None else group_deployment(maps[c], fused)
-        out[c] = acc.evaluate(retrained, array, deployed, data, protect=tuple(protect))
+        out[c] = acc.evaluate(retrained, array, deployed, data, protect=tuple(protect), device=device)
     return out
 
 
@@ -364,7 +378,7 @@ def run_plan(
         for i, g in enumerate(pending, start=1):
             protect: tuple[str, ...] = ()
             if g.protect:
-                protect = (most_sensitive_layer(model, array, g.fused, data),)
+                protect = (most_sensitive_layer(model, array, g.fused, data, device=cfg.device),)
                 for c in g.members:
                     run.protection[c] = {"layer": protect[0], "tmr_penalty": acc.tmr_penalty(layer_cycles, protect)}
             start = trained[g.warm_from] if g.warm_from else model
@@ -372,7 +386,9 @@ def run_plan(
             this_round[g.group_id] = retrained
             run.retraining_epochs += g.amount
             verification.update(
-                verify_group(retrained, array, data, g.members, run.plan.maps, protect=protect, fused=g.fused)
+                verify_group(
+                    retrained, array, data, g.members, run.plan.maps, protect=protect, fused=g.fused, device=cfg.device
+                )
             )
             if on_progress is not None:
                 on_progress(

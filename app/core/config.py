@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     broker_polling_interval_s: float = Field(default=0.2, description="Filesystem broker: poll interval")
     worker_concurrency: int | None = None
     worker_pool: str = "prefork"
+    device: str = Field(
+        default="cpu",
+        pattern=r"^(cpu|auto|cuda(:\d+)?)$",
+        description="Where workers run the emulated array (retraining, verification, screening): 'cpu', 'cuda', "
+        "'cuda:N', or 'auto' (the GPU when torch sees one). Array outputs are the same integers on every device",
+    )
 
     # --- jobs ----------------------------------------------------------------------
     job_heartbeat_s: float = Field(default=5.0, description="A running job's worker touches its row this often")

@@ -28,6 +28,27 @@ def test_embedded_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert opts["data_folder_in"] == opts["data_folder_out"] == str(tmp_path / "var" / "broker" / "queue")
 
 
+def test_worker_device_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FAULTFLEET_DEVICE: checked when settings load; 'auto' takes the GPU only where torch
+    sees one; a GPU asked for on a machine without one fails by name, not deep in torch."""
+    import torch
+
+    from workers.fleet import worker_device
+
+    assert Settings().device == "cpu" and worker_device(Settings()) == "cpu"
+    monkeypatch.setenv("FAULTFLEET_DEVICE", "gpu")
+    with pytest.raises(ValueError, match="device"):
+        Settings()
+    monkeypatch.setenv("FAULTFLEET_DEVICE", "auto")
+    assert worker_device(Settings()) == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("FAULTFLEET_DEVICE", "cuda:0")
+    if torch.cuda.is_available():
+        assert worker_device(Settings()) == "cuda:0"
+    else:
+        with pytest.raises(RuntimeError, match="FAULTFLEET_DEVICE=cuda:0"):
+            worker_device(Settings())
+
+
 def test_scale_out_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAULTFLEET_DATABASE_URL", "postgresql+psycopg://u:p@db:5432/ff")
     monkeypatch.setenv("FAULTFLEET_BROKER_URL", "redis://redis:6379/0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -40,6 +41,9 @@ def test_a_run_continued_from_its_checkpoint_amount_equals_the_whole_run(setup: 
     continued = dict(pl.train_through(first, array, fm, data, [3], cfg, start=1))
     assert set(continued) == {3} and _same(continued[3], whole[3])
     assert not _same(whole[3], whole[1])  # it trained
+    # a device named (as a worker's FAULTFLEET_DEVICE does) gives the same run, models back on the CPU
+    on_cpu = dict(pl.train_through(model, array, fm, data, [1, 3], replace(cfg, device="cpu")))
+    assert _same(on_cpu[3], whole[3]) and next(on_cpu[3].parameters()).device.type == "cpu"
 
 
 def test_retrain_group_continues_a_warm_group_and_zeroes_weights_on_bypassed_pes(setup: Setup) -> None:
