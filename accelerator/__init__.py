@@ -13,7 +13,9 @@ Public API (torch-dependent, lazily loaded):
   ``on_array(model, array, faults=None, *, ber=0.0, protect=(), seed=None)`` a copy
   running int8 on the faulty array; ``set_faults(model, faults)`` swaps maps;
   ``to_float(model)`` back to a plain model.
-* ``train``, ``fault_aware_train``, ``evaluate``, ``accuracy``, ``layer_sensitivity``.
+* ``train``, ``fault_aware_train``, ``evaluate``, ``accuracy``, ``layer_sensitivity``;
+  ``device="cuda"`` runs them on a GPU (same integers on the array; models come back
+  where they were given). An ``on_array`` model moved with ``.to("cuda")`` runs there.
 * ``cycles(model, array, input_shape, batch)``, ``protected_cycles``, ``tmr_penalty``.
 * ``build_model(arch, input_shape, num_classes)``, ``load_model``, ``save_model``,
   ``load_dataset(name, path=None, seed=0)`` -> ``Dataset``.

@@ -211,12 +211,15 @@ def _psum_values(cols, term_row, term_w, steps, y, aff, const, block, n_threads,
     n_jobs = n_blocks * a_parts
     n_parts = min(n_threads, n_jobs)
     quad, slot_row = _quad_slots(term_row, J)
-    m = (block + 15) // 16 * 16
+    # scratch for the positions a job really has: a Linear layer's few (its batch) in
+    # buffers sized for a full block cost more in page faults than in work
+    n_max = min(block, P)
+    m = (n_max + 15) // 16 * 16
     for part in numba.prange(n_parts):
         xq = np.empty((slot_row.shape[0] + 1, m), np.uint32)
         c = np.empty(m, np.int32)
         acc = np.empty(m, np.int32)
-        met = np.empty((A, block), np.int32)
+        met = np.empty((A, n_max), np.int32)
         for job in range(part * n_jobs // n_parts, (part + 1) * n_jobs // n_parts):
             b, ap = job // a_parts, job % a_parts
             a0, a1 = ap * A // a_parts, (ap + 1) * A // a_parts
@@ -279,11 +282,11 @@ def _torch_threads() -> Iterator[int]:
 
 
 @numba.njit(parallel=True, cache=True, boundscheck=False)
-def _dequant_conv(y, vals, slot, scale, bias, scale64, bias64, wo, out):
+def _dequant_conv(y, vals, slot, scale, bias, wo, out):
     """out (N, O, Ho, wo) = y * scale + bias per output channel o = g * Og + j, from the
     array output y (G, Og, N, Ho, Wc) int32 in float32 (exact: |y| < 2^24); channels with
-    slot[o] = a >= 0 from vals (G, A, N, Ho, Wc) int32 in float64 (scale64, bias64):
-    their wrapped values may be beyond float32's exact integers."""
+    slot[o] = a >= 0 from vals (G, A, N, Ho, Wc) int32 in float64 (scale and bias
+    widened, exactly): their wrapped values may be beyond float32's exact integers."""
     G, Og, N, Ho = y.shape[0], y.shape[1], y.shape[2], y.shape[3]
     for job in numba.prange(N * G * Og):
         n, o = job // (G * Og), job % (G * Og)
@@ -295,7 +298,7 @@ def _dequant_conv(y, vals, slot, scale, bias, scale64, bias64, wo, out):
                 for w in range(wo):
                     dst[w] = np.float32(src[w]) * s + b
             else:
-                src64, s64, b64 = vals[g, a, n, h], scale64[o], bias64[o]
+                src64, s64, b64 = vals[g, a, n, h], np.float64(scale[o]), np.float64(bias[o])
                 for w in range(wo):
                     dst[w] = np.float64(src64[w]) * s64 + b64
 
@@ -323,8 +326,6 @@ def dequant_conv(
             slot.numpy(),
             scale.numpy(),
             bias.numpy(),
-            scale.double().numpy(),
-            bias.double().numpy(),
             wo,
             out.numpy(),
         )

@@ -24,6 +24,12 @@ Same results as `systolic.systolic_matmul`, bit for bit, at close to GEMM speed:
 * big temporaries (the lowered input, the padded input) live in per-thread buffers
   reused across calls (`_scratch`): fresh ones cost more in page faults than in work.
 
+On a GPU (inputs on a CUDA device) the same code runs there with the plan's tensors
+moved once (`LayerPlan.to`): the GEMMs in float64 (exact; the GPU's int8 GEMM refuses
+most of these shapes), clean layers in float64 and rounded (GPU libraries may choose
+Winograd or FFT convolutions or TF32 inputs, inexact on integers), and the torch
+version of the psum kernel; only the numba kernels are CPU-only.
+
 Layout: an extended lowered input is (G, TR + T * n_act, P) int8 with G conv groups
 (each a separate matmul on the array) and P positions, samples first: P = N * Ho * Wc
 for a conv (`conv_cols`), P = B for a Linear layer (G = 1).
