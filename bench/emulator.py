@@ -11,8 +11,10 @@ Weight preparation (quantizing the weights and applying the weight faults, cache
 while the weights stay the same) is charged where it happens in use: to every
 training step, whose weights the previous step changed, and to the first batch of
 an evaluation (`eval_first_ratio`); `eval_ratio` is an evaluation's every further
-batch. Also the speed-up of the fast path over the `systolic_matmul` reference on the
-same integer operands of one layer.
+batch. The `*_vs_float_step_ratio` figures divide by the float training step instead:
+the issue's goal (every ratio at most 2.0) is worded on that ratio, for the FAT step
+and an evaluation batch alike. Also the speed-up of the fast path over the
+`systolic_matmul` reference on the same integer operands of one layer.
 
 Usage: python bench/emulator.py [--reps N] [--models lenet5,resnet20] [--sites psum,mixed] [--threads N]
 [--processes N] [--device cuda]
@@ -189,6 +191,7 @@ def bench_model(
             "eval_ratio": round(med["eval"] / med["float_eval"], 3),
             "eval_first_ratio": round(med["eval_first"] / med["float_eval"], 3),
             "eval_vs_float_step_ratio": round(med["eval"] / med["float_step"], 3),
+            "eval_first_vs_float_step_ratio": round(med["eval_first"] / med["float_step"], 3),
         }
     out["sites"] = by_site
     if device.type == "cpu":
@@ -199,7 +202,31 @@ def bench_model(
     return out
 
 
-RATIOS = ("fat_step_ratio", "eval_ratio", "eval_first_ratio", "eval_vs_float_step_ratio")
+RATIOS = (
+    "fat_step_ratio",
+    "eval_ratio",
+    "eval_first_ratio",
+    "eval_vs_float_step_ratio",
+    "eval_first_vs_float_step_ratio",
+)
+
+
+def maxima(results: list[dict[str, Any]]) -> dict[str, float]:
+    """The summary's largest ratio of each kind over models and sites. The issue's goal
+    (2.0) is on the ratio to the float *step*: the FAT step's and an eval batch's
+    (`max_eval_vs_float_step_ratio`, first batch included); `max_eval_ratio` and
+    `max_eval_first_ratio` compare with the float eval batch, a stricter yardstick."""
+    sites = [s for r in results for s in r["sites"].values()]
+    return {
+        f"max_{key}": max(s[key] for s in sites)
+        for key in (
+            "fat_step_ratio",
+            "eval_vs_float_step_ratio",
+            "eval_first_vs_float_step_ratio",
+            "eval_ratio",
+            "eval_first_ratio",
+        )
+    }
 
 
 def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -229,8 +256,7 @@ def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary = {
         **{k: runs[0]["summary"][k] for k in ("torch_threads", "reps", "goal_ratio", "device")},
         "processes": len(runs),
-        "max_fat_step_ratio": max(s["fat_step_ratio"] for r in results for s in r["sites"].values()),
-        "max_eval_ratio": max(s["eval_ratio"] for r in results for s in r["sites"].values()),
+        **maxima(results),
         "wall_s": round(sum(r["summary"]["wall_s"] for r in runs), 1),
     }
     return {"summary": summary, "results": results}
@@ -282,8 +308,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "reps": args.reps,
         "goal_ratio": 2.0,
-        "max_fat_step_ratio": max(s["fat_step_ratio"] for r in results for s in r["sites"].values()),  # type: ignore[attr-defined]
-        "max_eval_ratio": max(s["eval_ratio"] for r in results for s in r["sites"].values()),  # type: ignore[attr-defined]
+        **maxima(results),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps({"summary": summary, "results": results}, indent=1))
