@@ -308,18 +308,17 @@ def _fill_act_rows(plan: LayerPlan, cols: torch.Tensor) -> torch.Tensor:
     return cols
 
 
-def _scratch(
-    slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.int8, device: torch.device | None = None
-) -> torch.Tensor:
-    """An uninitialised contiguous tensor of `shape` and `dtype` from this thread's
-    reusable buffer `slot` (grown as needed; fresh memory beyond WORKSPACE_MAX_BYTES).
-    Valid until the next request of the same slot in this thread: for temporaries of
-    one call only. On a GPU a fresh tensor (its caching allocator already reuses)."""
+def _scratch(slot: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """An uninitialised contiguous tensor of `shape` and `dtype` on the device of `like`,
+    from this thread's reusable buffer `slot` (grown as needed; fresh memory beyond
+    WORKSPACE_MAX_BYTES). Valid until the next request of the same slot in this thread:
+    for temporaries of one call only. On a GPU a fresh tensor (its caching allocator
+    already reuses)."""
     nbytes = dtype.itemsize
     for d in shape:
         nbytes *= d
-    if device is not None and device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
+    if not kernels.on_host(like):
+        return torch.empty(shape, dtype=dtype, device=like.device)
     if nbytes > WORKSPACE_MAX_BYTES:
         return torch.empty(shape, dtype=dtype)
     bufs: dict[str, torch.Tensor] = _workspace.__dict__.setdefault("bufs", {})
@@ -363,14 +362,14 @@ def conv_cols(
     wide = sh == 1 and sw == 1
     # zero padding explicit (act faults hit it); wide rows of the last sample read
     # (kw-1)*dw elements past the end
-    flat = _scratch("padded_input", (N * Cin * Hp * Wp + (kw - 1) * dw,), device=xq.device).zero_()
+    flat = _scratch("padded_input", (N * Cin * Hp * Wp + (kw - 1) * dw,), xq).zero_()
     xp = flat[: N * Cin * Hp * Wp].view(N, Cin, Hp, Wp)
     xp[:, :, top : top + H, left : left + W].copy_(xq)
     G = plan.G
     cin_g = Cin // G
     sN, sC = Cin * Hp * Wp, Hp * Wp
     Wc = Wp if wide else Wo
-    cols = _scratch("lowered_input", (G, plan.rows, N * Ho * Wc), device=xq.device)
+    cols = _scratch("lowered_input", (G, plan.rows, N * Ho * Wc), xq)
     if wide:
         src = flat.as_strided((G, cin_g, kh, kw, N, Ho * Wp), (cin_g * sC, sC, dh * Wp, dw, sN, 1))
         cols[:, : plan.K].view(G, cin_g, kh, kw, N, Ho * Wp).copy_(src)
@@ -395,7 +394,7 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
     """a (M, J) @ b (J, P) on int8 operands -> int32, exact (J < 2^17 rows). On a GPU
     in float64: exact, and free of the shape rules of its int8 GEMM (M > 16, J and P
     multiples of 8), which these layers often break."""
-    if a.device.type == "cpu" and _int_mm_is_exact():
+    if kernels.on_host(a) and _int_mm_is_exact():
         return torch._int_mm(a, b, out=out)
     prod = torch.matmul(a.to(torch.float64), b.to(torch.float64))
     return prod.to(torch.int32) if out is None else out.copy_(prod)
@@ -444,7 +443,7 @@ def quantized_array_weights(
     pass for both (same numbers): layers prepare their weights after every training
     step, and as a dozen small tensor ops that was a third of a small model's step."""
     compiled = kernels.compiled()
-    if type(q) is Int8Symmetric and weight.dtype == torch.float32 and weight.device.type == "cpu" and compiled:
+    if type(q) is Int8Symmetric and weight.dtype == torch.float32 and kernels.on_host(weight) and compiled:
         wq, sw, w8 = compiled.quantize_int8(weight, plan.Og, plan.TR, plan.w_and, plan.w_or)
         return wq, sw, _arrange(plan, w8.view(plan.G, plan.Og, plan.TR), tuple(weight.shape))
     wq, sw = q.weight(weight)
@@ -459,7 +458,7 @@ def _arrange(plan: LayerPlan, w8: torch.Tensor, shape: tuple[int, ...]) -> Array
     terms = None
     if plan.n_aff:
         compiled = kernels.compiled()
-        if compiled is not None and w8.device.type == "cpu":
+        if compiled is not None and kernels.on_host(w8):
             terms = compiled.gather_terms(w8, plan.aff, plan.psum.term_row)
         else:
             idx = plan.cache.get("terms")  # w8[g, aff[a], term_row[t, a, r]] as flat indices into w8[g]
@@ -537,7 +536,7 @@ class ArrayProduct:
         floats."""
         fdt = self._float_dtype()
         compiled = kernels.compiled()
-        if self.wide is not None and fdt == torch.float32 and compiled is not None and self.y.device.type == "cpu":
+        if self.wide is not None and fdt == torch.float32 and compiled is not None and kernels.on_host(self.y):
             y, vals, slot, wo = self.wide
             b = torch.zeros_like(scale) if bias is None else bias
             out: torch.Tensor = compiled.dequant_conv(y, vals, slot, scale.float().contiguous(), b.float(), wo, dtype)
@@ -556,7 +555,7 @@ class ArrayProduct:
             v = self.vals.to(torch.float64).mul_(scale.to(torch.float64)[self.chan].view(view))
             if bias is not None:
                 v += bias.to(torch.float64)[self.chan].view(view)
-            if out.device.type != "cpu":  # one kernel, no host round trip for the channels
+            if not kernels.on_host(out):  # one kernel, no host round trip for the channels
                 out.index_copy_(1, self.chan, v.to(dtype))
             elif v.dim() > 2:  # conv: a copy per channel (to dtype on the way) of whole planes,
                 # about twice as fast as an index_put over dim 1 plus a float32 temporary
@@ -601,7 +600,7 @@ def linear_parts(plan: LayerPlan, xq: torch.Tensor, aw: ArrayWeight) -> ArrayPro
     dt = exact_dtype(plan.TR << 14)
     if aw.dense is not None:
         dense = aw.dense
-        if xq.device.type != "cpu":
+        if not kernels.on_host(xq):
             return ArrayProduct(_on_gpu(lambda d: F.linear(xq.to(d), dense.to(d)), plan, dt))
         main = F.linear(xq.to(dt), dense)
         if plan.TR << 14 >= 1 << 31:  # only astronomically large K could overflow the int32 buffer
@@ -667,7 +666,7 @@ def conv_parts(
                 return F.conv2d(xq.to(d), dense.to(d), None, stride, (top, left), dilation, G)
             return F.conv2d(F.pad(xq.to(d), pads), dense.to(d), None, stride, 0, dilation, G)
 
-        if xq.device.type != "cpu":
+        if not kernels.on_host(xq):
             return ArrayProduct(_on_gpu(conv, plan, dt))
         main = conv(dt)
         if plan.TR << 14 >= 1 << 31:

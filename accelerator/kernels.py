@@ -52,6 +52,13 @@ class PsumSteps:
     cache: dict[str, object] = field(default_factory=dict, compare=False, repr=False)  # derived from the above
 
 
+def on_host(t: torch.Tensor) -> bool:
+    """Whether `t` is in host (CPU) memory: numba's kernels and the CPU-tuned paths
+    apply; otherwise (a GPU) `fast`'s device paths and the torch kernels run. Tests
+    patch it to run the device paths on the CPU, where CI can check them."""
+    return t.device.type == "cpu"
+
+
 @functools.cache
 def compiled() -> ModuleType | None:
     """The numba kernels, or None when numba is not installed (probed once)."""
@@ -79,7 +86,7 @@ def psum_values(
     time (compiled kernel; None: its measured best). All contiguous, on one device:
     on a GPU the torch version runs there."""
     kernels = compiled()
-    if kernels is not None and cols.device.type == "cpu":
+    if kernels is not None and on_host(cols):
         vals: torch.Tensor = kernels.psum_values(cols, steps, term_w, y, aff, const, block)
         return vals
     vals = y[:, aff] + const.view(-1, 1)
@@ -131,7 +138,7 @@ def _stuck_psum_bits_torch(cols: torch.Tensor, steps: PsumSteps, term_w: torch.T
     w = w.view(G * T, A * S, U)
     carry = steps.step_carry.view(1, 1, A, S, 1)
     mask = steps.step_mask.view(1, 1, A, S, 1)
-    budget = FALLBACK_CHUNK_BYTES if cols.device.type == "cpu" else GPU_CHUNK_BYTES
+    budget = FALLBACK_CHUNK_BYTES if on_host(cols) else GPU_CHUNK_BYTES
     chunk = max(1, budget // (4 * T * (U + 2 * A * S)))
     for p0 in range(0, P, chunk):
         x = cols[:, tr.rows.view(-1), p0 : p0 + chunk].float().view(G * T, U, -1)

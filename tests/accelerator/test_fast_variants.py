@@ -1,11 +1,11 @@
 """The fast path's alternative kernels equal the reference too, forced here on small
 layers: the psum kernel over blocks of a few positions (a layer's positions split
 across blocks and threads, the last block partial), the compiled psum kernel as on
-CPUs without AVX-512 VNNI, the plain-torch kernels used
-without numba (also over chunks of a few positions), int32 GEMMs chunked over rows
-(very long K) and the float64 fallback for CPUs whose int8 GEMM is not exact; and psum
-faults in bulk (chains down a column, several stuck bits on one PE, act faults on the
-same rows)."""
+CPUs without AVX-512 VNNI, the plain-torch kernels used without numba (also over
+chunks of a few positions), int32 GEMMs chunked over rows (very long K), the float64
+fallback for CPUs whose int8 GEMM is not exact, and the paths a GPU takes (run here on
+the CPU); and psum faults in bulk (chains down a column, several stuck bits on one PE,
+act faults on the same rows)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from .test_layers import _conv_reference
         "torch_kernels_chunked",
         "chunked_rows",
         "float64_gemm",
+        "gpu_paths",
     ]
 )
 def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
@@ -54,6 +55,8 @@ def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setattr(fast, "INT32_ROWS", 3)
     elif request.param == "float64_gemm":
         monkeypatch.setattr(fast, "_int_mm_is_exact", lambda: False)
+    elif request.param == "gpu_paths":  # what a GPU runs (float64 GEMMs and clean layers, torch kernels), on the CPU
+        monkeypatch.setattr(kernels, "on_host", lambda _t: False)
     return str(request.param)
 
 
@@ -204,8 +207,9 @@ def test_psum_kernel_keeps_torch_thread_count() -> None:
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_compiled_and_torch_kernels_give_the_same_floats(monkeypatch: pytest.MonkeyPatch, bias: bool) -> None:
-    """A model's outputs (so its accuracy) must not depend on whether numba is there:
-    the compiled dequant and the torch one round the same way, bit for bit."""
+    """A model's outputs (so its accuracy) must not depend on whether numba is there, or
+    on the device: the compiled dequant and the torch one round the same way, bit for
+    bit, and so do the paths a GPU takes (run here on the CPU)."""
     if kernels.compiled() is None:
         pytest.skip("numba is not installed: there is no compiled kernel to compare")
     rng = random.Random(11)
@@ -223,6 +227,9 @@ def test_compiled_and_torch_kernels_give_the_same_floats(monkeypatch: pytest.Mon
     am = A.on_array(model, array, fmap).eval()
     with torch.no_grad():
         compiled = am(x)
+        monkeypatch.setattr(kernels, "on_host", lambda _t: False)  # weights prepared afresh, too
+        assert torch.equal(A.on_array(model, array, fmap).eval()(x), compiled)
+        monkeypatch.setattr(kernels, "on_host", lambda _t: True)
         monkeypatch.setattr(kernels, "compiled", lambda: None)
         assert torch.equal(am(x), compiled)
 
