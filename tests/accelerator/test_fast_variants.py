@@ -262,3 +262,17 @@ def test_compiled_weight_preparation_equals_torch(sites: tuple[str, ...]) -> Non
             a, b = getattr(got, name), getattr(want, name)
             assert (a is None and b is None) or torch.equal(a, b), (name, fmap.to_dict())
         assert got.shape == want.shape
+
+
+def test_fat_takes_the_same_steps_on_the_gpu_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forward outputs equal bit for bit and the backward is the same code: fault-aware
+    training on the paths a GPU takes (run here on the CPU) gives the same weights."""
+    data = A.load_dataset("digits").subset(256, 64)
+    model = A.train(A.build_model("lenet5", data.input_shape, 10), data, 1, lr=0.05, batch_size=64)
+    array = ArrayConfig(8, 8)
+    fmap = random_fault_map(array, 16, random.Random(9))
+    want = A.fault_aware_train(model, array, fmap, data, 1, lr=0.02, batch_size=64, ber=1e-4)
+    monkeypatch.setattr(kernels, "on_host", lambda _t: False)
+    got = A.fault_aware_train(model, array, fmap, data, 1, lr=0.02, batch_size=64, ber=1e-4)
+    for k, v in want.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v), k
