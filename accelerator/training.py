@@ -30,6 +30,15 @@ Schedule = Callable[[int, int], FaultMap]
 Progress = Callable[[int, int, dict[str, float]], None]
 
 
+def _target(device: Device, model: nn.Module) -> torch.device:
+    """Where to run: `device`, or the model's own; a GPU torch cannot see is an error
+    that names it (not torch's assertion deep inside a copy)."""
+    dev = torch.device(device) if device is not None else model_device(model)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(dev)!r}: torch sees no CUDA device on this machine")
+    return dev
+
+
 def _split(data: Data, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(data, Dataset):
         return (data.x_train, data.y_train) if train else (data.x_test, data.y_test)
@@ -72,7 +81,7 @@ def evaluate(
     (faults None = fault-free array) on the test split of `data`."""
     x, y = _split(data, train=False)
     arr_model = on_array(model, array, faults, ber=ber, protect=protect, seed=seed)
-    return accuracy(arr_model.to(device or model_device(model)), x, y, batch_size=batch_size)
+    return accuracy(arr_model.to(_target(device, model)), x, y, batch_size=batch_size)
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -175,7 +184,7 @@ def train(
     split; then (by default) `calibrate` on the training inputs. Returns `model`."""
     x, y = _split(data, train=True)
     home = model_device(model)
-    model.to(device or home)
+    model.to(_target(device, model))
     config = {"kind": "train", "epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}
     _train_loop(
         model,
@@ -231,8 +240,8 @@ def fault_aware_train(
     x, y = _split(data, train=True)
     protect = tuple(sorted(protect))
     fixed = faults_or_schedule if isinstance(faults_or_schedule, FaultMap) else None
-    home = model_device(model)
-    arr_model = on_array(model, array, fixed, ber=ber, protect=protect, seed=seed).to(device or home)
+    home, target = model_device(model), _target(device, model)
+    arr_model = on_array(model, array, fixed, ber=ber, protect=protect, seed=seed).to(target)
     rng = next(iter(array_layers(arr_model).values())).rng if array_layers(arr_model) else None
 
     def before_step(epoch: int, step: int) -> dict[str, float]:

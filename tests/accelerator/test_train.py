@@ -127,3 +127,16 @@ def test_layer_sensitivity_and_cycles() -> None:
     assert conv_cycles["features.0"] == 7 * 2 * (2 * 64 + 4 + 4 - 1)
     with pytest.raises(ValueError, match="unknown layers"):
         A.tmr_penalty(cyc, ["nope"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_missing_gpu_is_named() -> None:
+    model, data, array = _small_setup()
+    for call in (
+        lambda: A.evaluate(model, array, None, data, device="cuda"),
+        lambda: A.fault_aware_train(model, array, FaultMap(array), data, 1, lr=0.01, batch_size=64, device="cuda:0"),
+        lambda: A.train(model, data, 1, device="cuda"),
+    ):
+        with pytest.raises(ValueError, match="no CUDA device"):
+            call()
+    assert next(model.parameters()).device.type == "cpu"  # train() moved nothing before it failed
