@@ -197,20 +197,20 @@ def _block_bits_vnni(cols, term_row, term_w, quad, slot_row, steps, g, p0, n, a0
 
 
 @numba.njit(parallel=True, cache=True, boundscheck=False)
-def _psum_values(cols, term_row, term_w, steps, y, aff, const, block, n_threads, vnni, vals):
+def _psum_values(cols, term_row, term_w, steps, quad, slot_row, y, aff, const, block, n_threads, vnni, vals):
     """vals (G, A, P) int32 = y[:, aff] + const less the stuck psum bits met, summed over
     tiles (mod 2^32); cols (G, J, P) int8, term_w (G, T, A, L) int8, y (G, Og, P) int32,
-    aff (A,) int64, const (A,) int32, the rest the fields of `kernels.PsumSteps`. Work
+    aff (A,) int64, const (A,) int32, quad and slot_row from `_quad_slots`, the rest the
+    fields of `kernels.PsumSteps`. Work
     comes in blocks of `block` positions of one group, and with fewer blocks than
     threads also in ranges of outputs (a Linear layer's few positions); each of
     n_threads threads takes a contiguous range of them."""
-    G, J, P, A = cols.shape[0], cols.shape[1], cols.shape[2], vals.shape[1]
+    G, P, A = cols.shape[0], cols.shape[2], vals.shape[1]
     per_g = (P + block - 1) // block
     n_blocks = G * per_g
     a_parts = min(A, max(1, n_threads // n_blocks))
     n_jobs = n_blocks * a_parts
     n_parts = min(n_threads, n_jobs)
-    quad, slot_row = _quad_slots(term_row, J)
     # scratch for the positions a job really has: a Linear layer's few (its batch) in
     # buffers sized for a full block cost more in page faults than in work
     n_max = min(block, P)
@@ -248,6 +248,10 @@ def psum_values(
     G, A, P = y.shape[0], aff.shape[0], y.shape[2]
     vals = torch.empty(G, A, P, dtype=torch.int32)
     step_fields = tuple(t.numpy() for t in (steps.step_row, steps.step_mask, steps.step_carry, steps.n_steps))
+    key = ("quad_slots", cols.shape[1])  # they depend on the plan and the input's rows only
+    quad_slots = steps.cache.get(key)
+    if quad_slots is None:
+        quad_slots = steps.cache[key] = _quad_slots(steps.term_row.numpy(), cols.shape[1])
     with _torch_threads() as n_threads:
         kernel: Any = _psum_values  # a numba Dispatcher: its call signature is the Python function's
         kernel(
@@ -255,6 +259,7 @@ def psum_values(
             steps.term_row.numpy(),
             term_w.numpy(),
             step_fields,
+            *quad_slots,
             y.numpy(),
             aff.numpy(),
             const.numpy(),

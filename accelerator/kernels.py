@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -49,7 +50,7 @@ class PsumSteps:
     step_mask: torch.Tensor  # (A, S) int32
     step_carry: torch.Tensor  # (A, S) int32, mod 2^32
     n_steps: torch.Tensor  # (A,) long
-    cache: dict[str, object] = field(default_factory=dict, compare=False, repr=False)  # derived from the above
+    cache: dict[object, Any] = field(default_factory=dict, compare=False, repr=False)  # derived from the above
 
 
 def on_host(t: torch.Tensor) -> bool:
