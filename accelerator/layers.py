@@ -158,10 +158,6 @@ class _OnArray:
         self.faults = faults
         self.plan = plan
 
-    def plan_on(self, device: torch.device) -> LayerPlan:
-        """The current plan with its tensors on `device` (cached)."""
-        return self.plan.to(device)
-
     def array_weights(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ArrayWeight]:
         """(wq, scale, prepared weights) of the float `weight` for the current plan.
 
@@ -169,7 +165,7 @@ class _OnArray:
         version (optimizer steps and state_dict loads bump it) stay the same: evaluation
         batches reuse them, training steps recompute them.
         """
-        plan = self.plan_on(weight.device)
+        plan = self.plan.to(weight.device)
         version = (weight.data_ptr(), weight._version)
         cached = self.__dict__.get("_weights")
         if cached is not None and cached[0] is plan and cached[1] is weight and cached[2] == version:
@@ -212,7 +208,7 @@ class _LinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         xq = q.act(x2, s)
         wq, sw, aw = layer.array_weights(weight)
-        out = layer.output_parts(linear_parts(layer.plan_on(x.device), xq, aw)).dequant(s * sw, bias, x.dtype)
+        out = layer.output_parts(linear_parts(layer.plan.to(x.device), xq, aw)).dequant(s * sw, bias, x.dtype)
         ctx.save_for_backward(x2, xq, wq, sw, s)
         ctx.limit = q.act_limit()
         ctx.has_bias = bias is not None
@@ -242,7 +238,7 @@ class _ConvFn(torch.autograd.Function):
         wq, sw, aw = layer.array_weights(weight)
         st: Any = layer.stride
         dl: Any = layer.dilation
-        parts = conv_parts(layer.plan_on(x.device), xq, aw, layer.pads, st, dl)
+        parts = conv_parts(layer.plan.to(x.device), xq, aw, layer.pads, st, dl)
         out = layer.output_parts(parts).dequant(s * sw, bias, x.dtype)
         ctx.save_for_backward(x, xq, wq, sw, s)
         ctx.limit = q.act_limit()
@@ -288,7 +284,7 @@ class ArrayLinear(nn.Linear, _OnArray):
 
     def integer_output(self, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
         """Integer layer output (B, O) (exact, float dtype) for integer-valued xq (B, K), wq (O, K)."""
-        plan = self.plan_on(xq.device)
+        plan = self.plan.to(xq.device)
         return self._finish(linear_parts(plan, xq, array_weights(plan, wq)).exact())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -309,7 +305,7 @@ class ArrayConv2d(nn.Conv2d, _OnArray):
         """Integer output (N, O, Ho, Wo) for an unpadded integer-valued input (N, Cin, H, W)."""
         s: Any = self.stride
         d: Any = self.dilation
-        plan = self.plan_on(xq.device)
+        plan = self.plan.to(xq.device)
         return self._finish(conv_parts(plan, xq, array_weights(plan, wq), self.pads, s, d).exact())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

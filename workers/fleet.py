@@ -248,6 +248,7 @@ def register_model(ctx: JobContext) -> dict[str, Any]:
     cfg, arch = info.config, info.architecture
     ctx.report(0.02, f"loading dataset {info.dataset}")
     data = load_data(info)
+    device = worker_device(ctx.settings)
     uploaded = cfg.get("uploaded_weights_sha256")
     if uploaded:
         with open_artifact_file(uploaded, str(cfg.get("weights_suffix", ".safetensors"))) as path:
@@ -271,13 +272,13 @@ def register_model(ctx: JobContext) -> dict[str, Any]:
             seed=int(cfg.get("seed", 0)),
             on_progress=on_epoch,
             checkpoint=checkpoint,
-            device=worker_device(ctx.settings),
+            device=device,
         )
     if acc.uncalibrated_layers(model):
         ctx.report(0.87, "calibrating activation scales on training data")
         acc.calibrate(model, data.x_train)
     ctx.report(0.9, "measuring baseline accuracy on the fault-free array")
-    baseline = pipeline.baseline_accuracy(model, info.array, data, device=worker_device(ctx.settings))
+    baseline = pipeline.baseline_accuracy(model, info.array, data, device=device)
     with Session(ctx.engine, expire_on_commit=False) as s:
         art = store_bytes(s, state_dict_bytes(model.state_dict(), {"architecture": arch}), "model", SAFETENSORS)
         bm = s.get(BaseModel, model_id)
