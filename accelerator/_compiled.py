@@ -196,12 +196,19 @@ def _block_bits_vnni(cols, term_row, term_w, quad, slot_row, steps, g, p0, n, a0
                 met[a, i] += acc[i]
 
 
+@numba.njit(cache=True, boundscheck=False)
+def _block_bits_plain(cols, term_row, term_w, quad, slot_row, steps, g, p0, n, a0, a1, xq, c, acc, met):
+    """`_block_bits` behind `_block_bits_vnni`'s signature (quad, slot_row, xq unused)."""
+    _block_bits(cols, term_row, term_w, steps, g, p0, n, a0, a1, c, acc, met)
+
+
 @numba.njit(parallel=True, cache=True, boundscheck=False)
-def _psum_values(cols, term_row, term_w, steps, quad, slot_row, y, aff, const, block, n_threads, vnni, vals):
+def _psum_values(cols, term_row, term_w, steps, quad, slot_row, y, aff, const, block, n_threads, block_bits, vals):
     """vals (G, A, P) int32 = y[:, aff] + const less the stuck psum bits met, summed over
     tiles (mod 2^32); cols (G, J, P) int8, term_w (G, T, A, L) int8, y (G, Og, P) int32,
     aff (A,) int64, const (A,) int32, quad and slot_row from `_quad_slots`, the rest the
-    fields of `kernels.PsumSteps`. Work
+    fields of `kernels.PsumSteps`; block_bits: `_block_bits_vnni` or `_block_bits_plain`
+    (a parameter, so that a CPU without VNNI never compiles the VNNI intrinsic). Work
     comes in blocks of `block` positions of one group, and with fewer blocks than
     threads also in ranges of outputs (a Linear layer's few positions); each of
     n_threads threads takes a contiguous range of them."""
@@ -225,10 +232,7 @@ def _psum_values(cols, term_row, term_w, steps, quad, slot_row, y, aff, const, b
             a0, a1 = ap * A // a_parts, (ap + 1) * A // a_parts
             g, p0 = b // per_g, (b % per_g) * block
             n = min(block, P - p0)
-            if vnni:
-                _block_bits_vnni(cols, term_row, term_w, quad, slot_row, steps, g, p0, n, a0, a1, xq, c, acc, met)
-            else:
-                _block_bits(cols, term_row, term_w, steps, g, p0, n, a0, a1, c, acc, met)
+            block_bits(cols, term_row, term_w, quad, slot_row, steps, g, p0, n, a0, a1, xq, c, acc, met)
             for a in range(a0, a1):
                 # int64 arithmetic, stored as int32: wraps mod 2^32
                 vals[g, a, p0 : p0 + n] = y[g, aff[a], p0 : p0 + n] + const[a] - met[a, :n]
@@ -265,7 +269,7 @@ def psum_values(
             const.numpy(),
             block,
             n_threads,
-            USE_VNNI,
+            _block_bits_vnni if USE_VNNI else _block_bits_plain,
             vals.numpy(),
         )
     return vals
