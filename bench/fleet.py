@@ -59,9 +59,9 @@ from planner import (  # noqa: E402
     read_ndjson,
     write_ndjson,
 )
-from planner.fleet import FaultMix, parse_site_weights  # noqa: E402
 from planner.plan import PLACEMENTS  # noqa: E402
 from planner.schedules import SCHEDULES  # noqa: E402
+from planner.synthetic_fleet import FaultMix, parse_site_weights  # noqa: E402
 from workers import pipeline as pl  # noqa: E402
 
 STRATEGIES = ("per_chip_fat", "efat_no_grouping", "tremap_fixed5", "faultfleet")

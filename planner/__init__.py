@@ -1,12 +1,11 @@
 """faultfleet planner: eFAT resilience maps and retraining amounts, TRE-Map fusion and
-schedules, fleet grouping, verification replans, and a fleet generator.
+schedules, fleet grouping, verification replans, and a synthetic fleet generator.
 
 A pure library: numpy, scikit-learn (and matplotlib for plots) and the torch-free
 fault types of `accelerator.faults`. No torch, no database.
 """
 
 from planner.constraint import AccuracyConstraint
-from planner.fleet import FaultMix, FleetSpec, generate_fleet, read_ndjson, sample_fault_map, write_ndjson
 from planner.plan import ChipState, Group, Plan, PlanSettings, group_deployment, plan_fleet
 from planner.replan import replan
 from planner.resilience import CellTask, MeasureCell, ResilienceMap
@@ -28,6 +27,7 @@ from planner.severity import (
     severity_from_measurements,
     severity_tasks,
 )
+from planner.synthetic_fleet import FaultMix, FleetSpec, generate_fleet, read_ndjson, sample_fault_map, write_ndjson
 
 __all__ = [
     "AccuracyConstraint",

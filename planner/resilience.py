@@ -1,7 +1,7 @@
 """eFAT resilience map: accuracy over fault rates x retraining amounts, and amount selection.
 
 A map is built once per (model, dataset, accelerator profile). Each grid rate gets
-`samples` random fault maps (`planner.fleet.sample_fault_map`); each sampled map is
+`samples` random fault maps (`planner.synthetic_fleet.sample_fault_map`); each sampled map is
 retrained for the largest amount on the grid and evaluated after every amount on the
 grid (0 = the base model), so one training run measures a whole column of the map.
 That unit of work is a `CellTask`; how it is measured is a callback (`MeasureCell`),
@@ -20,7 +20,7 @@ import numpy as np
 
 from accelerator.faults import ArrayConfig, FaultMap
 from planner.constraint import AccuracyConstraint
-from planner.fleet import FaultMix, sample_fault_map
+from planner.synthetic_fleet import FaultMix, sample_fault_map
 
 
 def task_seed(seed: int, rate_index: int, sample: int) -> int:

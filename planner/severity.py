@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from accelerator.faults import SITES, ArrayConfig, Fault, FaultMap
-from planner.fleet import FaultMix, sample_fault_map
 from planner.resilience import ResilienceMap, _monotone_worst
+from planner.synthetic_fleet import FaultMix, sample_fault_map
 
 BIT_BANDS = 4  # a register's bits in 4 bands of equal width, low to high
 

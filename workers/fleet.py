@@ -41,20 +41,18 @@ from app.core.config import Settings, get_settings
 from app.db.base import utcnow
 from app.db.models import (
     AcceleratorProfile,
-    BaseModel,
     Chip,
     ChipAssignment,
-    Group,
     GroupMember,
+    GroupRecord,
     Job,
-    Plan,
+    ModelRecord,
+    PlanRecord,
     ResilienceMapRecord,
 )
 from app.services import jobs as jobsvc
 from app.services.artifacts import open_artifact_file, read_artifact, store_bytes
-from planner import AccuracyConstraint, CellTask, ResilienceMap, group_deployment, plan_fleet, replan
-from planner import Group as PlannedGroup
-from planner import Plan as FleetPlan
+from planner import AccuracyConstraint, CellTask, Group, Plan, ResilienceMap, group_deployment, plan_fleet, replan
 from planner.severity import severity_from_measurements, severity_tasks
 from workers import pipeline
 from workers.celery_app import celery_app
@@ -107,7 +105,7 @@ def profile_array(p: AcceleratorProfile) -> ArrayConfig:
 
 def model_info(engine: Engine, model_id: int) -> ModelInfo:
     with Session(engine, expire_on_commit=False) as s:
-        bm = s.get(BaseModel, model_id)
+        bm = s.get(ModelRecord, model_id)
         if bm is None:
             raise ValueError(f"base model {model_id} not found")
         return ModelInfo(
@@ -281,7 +279,7 @@ def register_model(ctx: JobContext) -> dict[str, Any]:
     baseline = pipeline.baseline_accuracy(model, info.array, data, device=device)
     with Session(ctx.engine, expire_on_commit=False) as s:
         art = store_bytes(s, state_dict_bytes(model.state_dict(), {"architecture": arch}), "model", SAFETENSORS)
-        bm = s.get(BaseModel, model_id)
+        bm = s.get(ModelRecord, model_id)
         assert bm is not None
         bm.weights_artifact_id, bm.baseline_accuracy, bm.status = art.id, baseline, "ready"
         s.commit()
@@ -306,7 +304,7 @@ class PlanInfo:
 
 def plan_info(engine: Engine, plan_id: int) -> PlanInfo:
     with Session(engine, expire_on_commit=False) as s:
-        p = s.get(Plan, plan_id)
+        p = s.get(PlanRecord, plan_id)
         if p is None:
             raise ValueError(f"plan {plan_id} not found")
         return PlanInfo(
@@ -409,15 +407,15 @@ def selected_maps(engine: Engine, plan: PlanInfo, array: ArrayConfig) -> list[Fa
     return [FaultMap.from_dict(d, array=array) for d in docs]
 
 
-def sync_groups(session: Session, plan: Plan, doc: FleetPlan) -> None:
+def sync_groups(session: Session, plan: PlanRecord, doc: Plan) -> None:
     """Mirror the planner's groups and chip states into rows (idempotent: keyed by group id)."""
-    rows = {g.key: g for g in session.scalars(select(Group).where(Group.plan_id == plan.id))}
+    rows = {g.key: g for g in session.scalars(select(GroupRecord).where(GroupRecord.plan_id == plan.id))}
     chips = {c.chip_id: c for c in session.scalars(select(Chip).where(Chip.chip_id.in_(list(doc.chips))))}
     next_index = max((g.index for g in rows.values()), default=-1) + 1
     for g in doc.groups:
         if g.group_id in rows:
             continue
-        row = Group(
+        row = GroupRecord(
             plan_id=plan.id,
             index=next_index,
             key=g.group_id,
@@ -441,7 +439,7 @@ def sync_groups(session: Session, plan: Plan, doc: FleetPlan) -> None:
     session.flush()
     key_of = {r.id: k for k, r in rows.items()}
     chip_of = {c.id: c.chip_id for c in chips.values()}
-    for m in session.scalars(select(GroupMember).join(Group).where(Group.plan_id == plan.id)):
+    for m in session.scalars(select(GroupMember).join(GroupRecord).where(GroupRecord.plan_id == plan.id)):
         st, key = doc.chips[chip_of[m.chip_pk]], key_of[m.group_id]
         tried = next((h for h in st.history if h["group_id"] == key), None)
         if tried is None:
@@ -458,7 +456,7 @@ def sync_groups(session: Session, plan: Plan, doc: FleetPlan) -> None:
 
 def set_plan_status(engine: Engine, plan_id: int, status: str) -> None:
     with Session(engine, expire_on_commit=False) as s:
-        p = s.get(Plan, plan_id)
+        p = s.get(PlanRecord, plan_id)
         assert p is not None
         p.status, p.updated_at = status, utcnow()
         s.commit()
@@ -516,7 +514,7 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
         bypass_screening=bypass_screening,
     )
     with Session(ctx.engine, expire_on_commit=False) as s:
-        row = s.get(Plan, plan.id)
+        row = s.get(PlanRecord, plan.id)
         assert row is not None
         row.resilience_map_id = rmap_id
         sync_groups(s, row, doc)
@@ -528,7 +526,7 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
 # --- executing: one retraining job per group, verification, replans ------------------------
 
 
-def member_bypass(doc: FleetPlan, g: PlannedGroup) -> dict[str, dict[str, Any]]:
+def member_bypass(doc: Plan, g: Group) -> dict[str, dict[str, Any]]:
     """Per member of `g`: the PEs it must bypass (beyond its dead ones) to compute what was
     verified, its bypass policy's and the group's (`planner.group_deployment`); members
     with none are left out."""
@@ -547,12 +545,12 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
     """Retrain the base model on a group's schedule (checkpoint per epoch), export it, verify every member."""
     group_id = int(ctx.params["group_id"])
     with Session(ctx.engine, expire_on_commit=False) as s:
-        row = s.get(Group, group_id)
+        row = s.get(GroupRecord, group_id)
         if row is None:
             raise ValueError(f"group {group_id} not found")
         key, plan_id = row.key, row.plan_id
     plan = plan_info(ctx.engine, plan_id)
-    doc = FleetPlan.from_dict(plan.document or {})
+    doc = Plan.from_dict(plan.document or {})
     g = next(x for x in doc.groups if x.group_id == key)
     dep = deployed(ctx.engine, plan.base_model_id)
     cfg = train_config(plan.params, dep.device)
@@ -562,7 +560,9 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
     start_model = dep.model
     if g.warm_from:  # a replan that continues an earlier group's retrained model
         with Session(ctx.engine, expire_on_commit=False) as s:
-            parent = s.scalars(select(Group).where(Group.plan_id == plan_id, Group.key == g.warm_from)).first()
+            parent = s.scalars(
+                select(GroupRecord).where(GroupRecord.plan_id == plan_id, GroupRecord.key == g.warm_from)
+            ).first()
             sha = parent.model.sha256 if parent is not None and parent.model is not None else None
         if sha is None:
             raise ValueError(f"group {key} continues group {g.warm_from}, which has no trained model")
@@ -637,7 +637,7 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
             "resumed_from_epoch": resumed_from,
         }
         man_art = store_bytes(s, manifest_bytes(manifest), "group_manifest", "application/json")
-        row = s.get(Group, group_id)
+        row = s.get(GroupRecord, group_id)
         assert row is not None
         row.model_artifact_id, row.delta_artifact_id, row.manifest_artifact_id = model_art.id, delta_art.id, man_art.id
         row.protect_layer = protect[0] if protect else None
@@ -659,12 +659,12 @@ def execute_plan(ctx: JobContext) -> dict[str, Any]:
         plan = plan_info(ctx.engine, plan_id)
         if plan.document is None:
             raise ValueError(f"plan {plan_id} is not built")
-        doc = FleetPlan.from_dict(plan.document)
+        doc = Plan.from_dict(plan.document)
         if doc.done:
             break
         set_plan_status(ctx.engine, plan_id, "executing")
         with Session(ctx.engine, expire_on_commit=False) as s:
-            ids = {g.key: g.id for g in s.scalars(select(Group).where(Group.plan_id == plan_id))}
+            ids = {g.key: g.id for g in s.scalars(select(GroupRecord).where(GroupRecord.plan_id == plan_id))}
         pending = doc.pending_groups
         settled = sum(1 for st in doc.chips.values() if st.status != "planned") / max(len(doc.chips), 1)
         results = gather_children(
@@ -676,10 +676,10 @@ def execute_plan(ctx: JobContext) -> dict[str, Any]:
         verification = {c: float(a) for r in results.values() for c, a in r["verification"].items()}
         new_doc = replan(doc, verification)
         with Session(ctx.engine, expire_on_commit=False) as s:
-            row = s.get(Plan, plan_id)
+            row = s.get(PlanRecord, plan_id)
             assert row is not None
             for g in pending:
-                grp = s.get(Group, ids[g.group_id])
+                grp = s.get(GroupRecord, ids[g.group_id])
                 assert grp is not None
                 grp.status = "done"
             sync_groups(s, row, new_doc)
@@ -693,7 +693,7 @@ def execute_plan(ctx: JobContext) -> dict[str, Any]:
         "epochs_ratio_vs_per_chip_fat": doc.per_chip_fat_epochs / doc.planned_epochs if doc.planned_epochs else None,
     }
     with Session(ctx.engine, expire_on_commit=False) as s:
-        row = s.get(Plan, plan_id)
+        row = s.get(PlanRecord, plan_id)
         assert row is not None
         row.status, row.summary, row.updated_at = "executed", summary, utcnow()
         s.commit()
@@ -729,7 +729,7 @@ def upsert_assignment(session: Session, chip_pk: int, model_id: int, **values: A
     a.updated_at = utcnow()
 
 
-def assign_plan_chips(engine: Engine, plan: PlanInfo, doc: FleetPlan) -> None:
+def assign_plan_chips(engine: Engine, plan: PlanInfo, doc: Plan) -> None:
     """Record, for every chip of the plan, the model it must run (idempotent upsert)."""
     dep = deployed(engine, plan.base_model_id)
     pruned = {
@@ -738,7 +738,10 @@ def assign_plan_chips(engine: Engine, plan: PlanInfo, doc: FleetPlan) -> None:
         if st.status == "needs_nothing"
     }
     with Session(engine, expire_on_commit=False) as s:
-        groups = {g.key: (g.id, g.model_artifact_id) for g in s.scalars(select(Group).where(Group.plan_id == plan.id))}
+        groups = {
+            g.key: (g.id, g.model_artifact_id)
+            for g in s.scalars(select(GroupRecord).where(GroupRecord.plan_id == plan.id))
+        }
         pks = dict(s.execute(select(Chip.chip_id, Chip.id).where(Chip.chip_id.in_(list(doc.chips)))).tuples().all())
         for cid, st in doc.chips.items():
             values: dict[str, Any] = {"plan_id": plan.id, "status": st.status, "reason": st.reason, "source": "plan"}
@@ -782,10 +785,10 @@ def assign_one_chip(ctx: JobContext, chip_pk: int) -> dict[str, str]:
             raise ValueError(f"chip {chip_pk} not found")
         fault_map, accel_id = dict(chip.fault_map), chip.accelerator_id
         plans = s.scalars(
-            select(Plan)
-            .join(BaseModel)
-            .where(BaseModel.accelerator_id == accel_id, Plan.status == "executed")
-            .order_by(Plan.id.desc())
+            select(PlanRecord)
+            .join(ModelRecord)
+            .where(ModelRecord.accelerator_id == accel_id, PlanRecord.status == "executed")
+            .order_by(PlanRecord.id.desc())
         ).all()
         latest: dict[int, tuple[int, dict[str, Any], bool]] = {}
         for p in plans:
@@ -794,9 +797,9 @@ def assign_one_chip(ctx: JobContext, chip_pk: int) -> dict[str, str]:
             plan_id: [
                 (g.id, g.key, g.model_artifact_id, g.model.sha256, g.protect_layer, g.fused_map)
                 for g in s.scalars(
-                    select(Group)
-                    .where(Group.plan_id == plan_id, Group.model_artifact_id.is_not(None))
-                    .order_by(Group.index)
+                    select(GroupRecord)
+                    .where(GroupRecord.plan_id == plan_id, GroupRecord.model_artifact_id.is_not(None))
+                    .order_by(GroupRecord.index)
                 )
                 if g.model is not None
             ]
@@ -806,7 +809,7 @@ def assign_one_chip(ctx: JobContext, chip_pk: int) -> dict[str, str]:
     for model_id, (plan_id, document, bypass) in latest.items():
         dep = deployed(ctx.engine, model_id)
         fm = FaultMap.from_dict(fault_map, array=dep.array)
-        thr = FleetPlan.from_dict(document).threshold
+        thr = Plan.from_dict(document).threshold
         values: dict[str, Any] = {"plan_id": plan_id, "source": "late", "group_id": None, "artifact_id": None}
         values["bypass"] = None
         options = pipeline.deployments(fm, bypass)

@@ -56,7 +56,7 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
 
 
-class BaseModel(Base):
+class ModelRecord(Base):
     """A pretrained network that chips of one accelerator profile run."""
 
     __tablename__ = "base_models"
@@ -158,7 +158,7 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(TS)
 
 
-class Plan(Base):
+class PlanRecord(Base):
     """A retraining plan for chips of one base model (built and executed by jobs)."""
 
     __tablename__ = "plans"
@@ -177,11 +177,11 @@ class Plan(Base):
     created_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
 
-    base_model: Mapped[BaseModel] = relationship()
-    groups: Mapped[list[Group]] = relationship(back_populates="plan", order_by="Group.index")
+    base_model: Mapped[ModelRecord] = relationship()
+    groups: Mapped[list[GroupRecord]] = relationship(back_populates="plan", order_by="GroupRecord.index")
 
 
-class Group(Base):
+class GroupRecord(Base):
     """Chips of a plan that share one retraining on their fused fault map."""
 
     __tablename__ = "plan_groups"
@@ -214,7 +214,7 @@ class Group(Base):
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
     created_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
 
-    plan: Mapped[Plan] = relationship(back_populates="groups")
+    plan: Mapped[PlanRecord] = relationship(back_populates="groups")
     model: Mapped[Artifact | None] = relationship(foreign_keys=[model_artifact_id])
     manifest: Mapped[Artifact | None] = relationship(foreign_keys=[manifest_artifact_id])
     delta: Mapped[Artifact | None] = relationship(foreign_keys=[delta_artifact_id])
@@ -235,7 +235,7 @@ class GroupMember(Base):
     accuracy: Mapped[float | None] = mapped_column(Float)
     reason: Mapped[str | None] = mapped_column(Text)
 
-    group: Mapped[Group] = relationship(back_populates="members")
+    group: Mapped[GroupRecord] = relationship(back_populates="members")
     chip: Mapped[Chip] = relationship()
 
 
@@ -303,4 +303,4 @@ class ChipAssignment(Base):
     updated_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
 
     artifact: Mapped[Artifact | None] = relationship()
-    group: Mapped[Group | None] = relationship()
+    group: Mapped[GroupRecord | None] = relationship()

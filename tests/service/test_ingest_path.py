@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.db.migrate import upgrade
-from app.db.models import AcceleratorProfile, BaseModel, Chip, ChipRevision, Plan
+from app.db.models import AcceleratorProfile, Chip, ChipRevision, ModelRecord, PlanRecord
 from app.db.session import make_engine
 from app.services import chips as svc
 from app.services.profiles import ProfileInfo, get_profile
@@ -33,10 +33,10 @@ def _executed_plan(database_url: str, accelerator: str, uid: str) -> Iterator[No
         with Session(engine) as s:
             prof = s.scalar(select(AcceleratorProfile.id).where(AcceleratorProfile.name == accelerator))
             assert prof is not None
-            bm = BaseModel(name=f"bm-{uid}", architecture="lenet5", dataset="mnist", accelerator_id=prof)
+            bm = ModelRecord(name=f"bm-{uid}", architecture="lenet5", dataset="mnist", accelerator_id=prof)
             s.add(bm)
             s.flush()
-            plan = Plan(base_model_id=bm.id, status="executed", constraint={"max_accuracy_drop": 0.01})
+            plan = PlanRecord(base_model_id=bm.id, status="executed", constraint={"max_accuracy_drop": 0.01})
             s.add(plan)
             s.commit()
             plan_id = plan.id
@@ -44,7 +44,7 @@ def _executed_plan(database_url: str, accelerator: str, uid: str) -> Iterator[No
             yield
         finally:
             with Session(engine) as s:
-                s.execute(update(Plan).where(Plan.id == plan_id).values(status="failed"))
+                s.execute(update(PlanRecord).where(PlanRecord.id == plan_id).values(status="failed"))
                 s.commit()
     finally:
         engine.dispose()

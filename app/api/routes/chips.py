@@ -20,7 +20,7 @@ from app.db.session import get_engine, get_sessionmaker
 from app.schemas.chips import FAULT_MAP_SCHEMA, BulkResult, ChipDetail, ChipIngested, ChipPage
 from app.schemas.common import ERROR_RESPONSES
 from app.services import chips as svc
-from app.services import fleet as fleetsvc
+from app.services import plans as plansvc
 from app.services.profiles import all_profiles, get_profile, get_profile_cached, profile_names
 
 router = APIRouter(prefix="/chips", tags=["chips"], responses=ERROR_RESPONSES)
@@ -76,7 +76,7 @@ def _ingest_one(doc: Any, replace: bool) -> tuple[int, dict[str, Any]]:
     body = svc.summary_of(p, st)
     body["status"] = st.status
     if st.status in ("created", "replaced") and late:
-        job_id = fleetsvc.queue_late_assignments([p.chip_id])
+        job_id = plansvc.queue_late_assignments([p.chip_id])
         if job_id is not None:
             body["assignment_job"] = job_id
     return (201 if st.status == "created" else 200), _jsonable(body)
@@ -185,7 +185,7 @@ async def post_chips_bulk(
     raw = await request.body()
     body = await run_in_threadpool(_ingest_bulk, raw, replace)
     fresh = [d["chip_id"] for d in body["lines"] if d["status"] in ("created", "replaced")]
-    job_id = await run_in_threadpool(fleetsvc.queue_late_assignments, fresh)
+    job_id = await run_in_threadpool(plansvc.queue_late_assignments, fresh)
     if job_id is not None:
         body["assignment_job"] = job_id
     return JSONResponse(body)

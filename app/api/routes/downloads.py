@@ -11,7 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 from app.api.deps import SessionDep, require
 from app.db.models import Artifact
 from app.schemas.common import ERROR_RESPONSES
-from app.services import fleet as svc
+from app.services import plans as svc
 from app.services.artifacts import iter_artifact
 
 router = APIRouter(tags=["downloads"], responses=ERROR_RESPONSES, dependencies=[Depends(require("read"))])

@@ -15,9 +15,9 @@ from app.api.deps import Principal, SessionDep, SettingsDep, require
 from app.api.errors import ApiError
 from app.core.queue import get_celery
 from app.schemas.common import ERROR_RESPONSES
-from app.schemas.fleet import ModelAccepted, ModelIn, ModelOut
-from app.services import fleet as svc
+from app.schemas.plans import ModelAccepted, ModelIn, ModelOut
 from app.services import jobs as jobsvc
+from app.services import plans as svc
 from app.services.artifacts import store_bytes
 
 router = APIRouter(prefix="/models", tags=["models"], responses=ERROR_RESPONSES)

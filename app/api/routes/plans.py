@@ -15,10 +15,10 @@ from app.api.errors import ApiError
 from app.core.queue import get_celery
 from app.db.models import Job
 from app.schemas.common import ERROR_RESPONSES
-from app.schemas.fleet import PlanAccepted, PlanIn, PlanOut, ResilienceMapOut
 from app.schemas.jobs import JobOut
-from app.services import fleet as svc
+from app.schemas.plans import PlanAccepted, PlanIn, PlanOut, ResilienceMapOut
 from app.services import jobs as jobsvc
+from app.services import plans as svc
 
 router = APIRouter(tags=["plans"], responses=ERROR_RESPONSES)
 

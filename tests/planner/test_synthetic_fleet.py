@@ -71,7 +71,7 @@ def test_ndjson_round_trip(tmp_path: Path) -> None:
 
 
 def test_site_weights_parse_and_name_a_bad_entry() -> None:
-    from planner.fleet import parse_site_weights
+    from planner.synthetic_fleet import parse_site_weights
 
     assert parse_site_weights("pe=0.1, weight=0.3,act=0.3,psum=0.3") == {
         "pe": 0.1,

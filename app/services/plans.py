@@ -17,32 +17,32 @@ from app.api.errors import ApiError
 from app.db.models import (
     AcceleratorProfile,
     Artifact,
-    BaseModel,
     Chip,
     ChipAssignment,
-    Group,
+    GroupRecord,
     Job,
-    Plan,
+    ModelRecord,
+    PlanRecord,
     ResilienceMapRecord,
 )
-from app.schemas.fleet import BUILTIN_DATASETS, PlanIn
+from app.schemas.plans import BUILTIN_DATASETS, PlanIn
 
 
 def _not_found(what: str, key: Any, loc: list[str | int]) -> ApiError:
     return ApiError(404, f"no {what} {key!r}", [{"loc": loc, "msg": "not found"}])
 
 
-def get_model(session: Session, name_or_id: str) -> BaseModel:
-    q = select(BaseModel).where(BaseModel.name == name_or_id)
+def get_model(session: Session, name_or_id: str) -> ModelRecord:
+    q = select(ModelRecord).where(ModelRecord.name == name_or_id)
     bm = session.scalars(q).first()
     if bm is None and name_or_id.isdigit():
-        bm = session.get(BaseModel, int(name_or_id))
+        bm = session.get(ModelRecord, int(name_or_id))
     if bm is None:
         raise _not_found("base model", name_or_id, ["path", "model"])
     return bm
 
 
-def model_view(bm: BaseModel) -> dict[str, Any]:
+def model_view(bm: ModelRecord) -> dict[str, Any]:
     return {
         "id": bm.id,
         "name": bm.name,
@@ -76,7 +76,7 @@ def check_new_model(session: Session, name: str, accelerator: str) -> Accelerato
     prof = session.scalars(select(AcceleratorProfile).where(AcceleratorProfile.name == accelerator)).first()
     if prof is None:
         raise _not_found("accelerator profile", accelerator, ["body", "accelerator"])
-    if session.scalars(select(BaseModel.id).where(BaseModel.name == name)).first() is not None:
+    if session.scalars(select(ModelRecord.id).where(ModelRecord.name == name)).first() is not None:
         msg = f"a base model named {name!r} already exists"
         raise ApiError(409, msg, [{"loc": ["body", "name"], "msg": msg}])
     return prof
@@ -84,10 +84,10 @@ def check_new_model(session: Session, name: str, accelerator: str) -> Accelerato
 
 def new_model(
     session: Session, *, name: str, architecture: str, dataset: str, accelerator: str, config: dict[str, Any]
-) -> BaseModel:
+) -> ModelRecord:
     """Add a pending base model row (no commit), after `check_new_model`."""
     prof = check_new_model(session, name, accelerator)
-    bm = BaseModel(
+    bm = ModelRecord(
         name=name, architecture=architecture, dataset=dataset, accelerator_id=prof.id, config=config, status="pending"
     )
     session.add(bm)
@@ -98,7 +98,7 @@ def new_model(
 # --- plans ----------------------------------------------------------------------------------
 
 
-def new_plan(session: Session, body: PlanIn, bm: BaseModel) -> Plan:
+def new_plan(session: Session, body: PlanIn, bm: ModelRecord) -> PlanRecord:
     """Add a plan row after checking the model is ready and the selection matches chips (no commit)."""
     if bm.status != "ready":
         msg = f"base model {bm.name!r} is {bm.status}, not ready: wait for its registration job"
@@ -130,7 +130,7 @@ def new_plan(session: Session, body: PlanIn, bm: BaseModel) -> Plan:
         if c.max_drop is not None
         else {"kind": "absolute", "min_accuracy": c.min_accuracy}
     )
-    plan = Plan(
+    plan = PlanRecord(
         base_model_id=bm.id,
         status="pending",
         constraint=constraint,
@@ -149,14 +149,14 @@ def new_plan(session: Session, body: PlanIn, bm: BaseModel) -> Plan:
     return plan
 
 
-def get_plan(session: Session, plan_id: int) -> Plan:
-    plan = session.get(Plan, plan_id)
+def get_plan(session: Session, plan_id: int) -> PlanRecord:
+    plan = session.get(PlanRecord, plan_id)
     if plan is None:
         raise _not_found("plan", plan_id, ["path", "plan_id"])
     return plan
 
 
-def group_view(g: Group, chip_ids: dict[int, str]) -> dict[str, Any]:
+def group_view(g: GroupRecord, chip_ids: dict[int, str]) -> dict[str, Any]:
     return {
         "id": g.id,
         "key": g.key,
@@ -184,8 +184,10 @@ def group_view(g: Group, chip_ids: dict[int, str]) -> dict[str, Any]:
     }
 
 
-def plan_view(session: Session, plan: Plan) -> dict[str, Any]:
-    groups = list(session.scalars(select(Group).where(Group.plan_id == plan.id).order_by(Group.index)))
+def plan_view(session: Session, plan: PlanRecord) -> dict[str, Any]:
+    groups = list(
+        session.scalars(select(GroupRecord).where(GroupRecord.plan_id == plan.id).order_by(GroupRecord.index))
+    )
     pks = {m.chip_pk for g in groups for m in g.members}
     chip_ids = (
         dict(session.execute(select(Chip.id, Chip.chip_id).where(Chip.id.in_(pks))).tuples().all()) if pks else {}
@@ -250,14 +252,14 @@ def resilience_map_view(rec: ResilienceMapRecord) -> dict[str, Any]:
 # --- downloads ------------------------------------------------------------------------------
 
 
-def get_group(session: Session, group_id: int) -> Group:
-    g = session.get(Group, group_id)
+def get_group(session: Session, group_id: int) -> GroupRecord:
+    g = session.get(GroupRecord, group_id)
     if g is None:
         raise _not_found("group", group_id, ["path", "group_id"])
     return g
 
 
-def group_artifact(g: Group, fmt: str) -> Artifact:
+def group_artifact(g: GroupRecord, fmt: str) -> Artifact:
     art = {"safetensors": g.model, "manifest": g.manifest, "delta": g.delta}[fmt]
     if art is None:
         msg = f"group {g.id} has no trained model yet (status {g.status})"
@@ -298,7 +300,7 @@ def chip_bypass(chip: Chip, policy: str | None, group_fused: dict[str, Any] | No
 
 def chip_manifest(session: Session, chip: Chip, a: ChipAssignment) -> bytes:
     """The chip's own manifest: its group's (with this chip's accuracy) or the pruned base model's."""
-    bm = session.get(BaseModel, a.base_model_id)
+    bm = session.get(ModelRecord, a.base_model_id)
     assert bm is not None and a.artifact is not None
     group_manifest = None
     if a.group is not None and a.group.manifest is not None:
@@ -341,14 +343,14 @@ def queue_late_assignments(chip_ids: list[str]) -> str | None:
     if not chip_ids:
         return None
     with get_sessionmaker()() as s:
-        if s.scalars(select(Plan.id).where(Plan.status == "executed").limit(1)).first() is None:
+        if s.scalars(select(PlanRecord.id).where(PlanRecord.status == "executed").limit(1)).first() is None:
             return None  # the common case at ingest time: one cheap query
         rows = s.execute(select(Chip.id, Chip.accelerator_id).where(Chip.chip_id.in_(chip_ids))).tuples().all()
         executed = set(
             s.scalars(
-                select(BaseModel.accelerator_id)
-                .join(Plan, Plan.base_model_id == BaseModel.id)
-                .where(Plan.status == "executed", BaseModel.accelerator_id.in_({a for _, a in rows}))
+                select(ModelRecord.accelerator_id)
+                .join(PlanRecord, PlanRecord.base_model_id == ModelRecord.id)
+                .where(PlanRecord.status == "executed", ModelRecord.accelerator_id.in_({a for _, a in rows}))
             )
         )
         pks = sorted(pk for pk, a in rows if a in executed)
