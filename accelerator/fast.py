@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -390,13 +391,45 @@ def _int_mm_is_exact() -> bool:
     return torch.equal(torch._int_mm(a, b), a.to(torch.int32) @ b.to(torch.int32))
 
 
+# an int8 x int8 product is at most 2^14 in magnitude, so float32 (24-bit mantissa) sums up
+# to this many of them exactly
+FLOAT32_EXACT_ROWS = 1024
+
+
+@functools.cache
+def _int_mm_is_fast() -> bool:
+    """Whether this CPU's int8 GEMM is exact and at least as fast as an exact float32 GEMM.
+    With VNNI (AVX-512 or AVX) oneDNN's int8 kernels win; on CPUs without them (AMD znver2,
+    say) torch._int_mm took about 1 s for one lenet5 conv GEMM that float32 does in
+    milliseconds. Both are exact, so the choice changes only the time. Probed once."""
+    if not _int_mm_is_exact():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (256, 512), dtype=torch.int8, generator=gen)
+    b = torch.randint(-128, 128, (512, 256), dtype=torch.int8, generator=gen)
+    af, bf = a.float(), b.float()
+
+    def best(fn: Any) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(lambda: torch._int_mm(a, b)) <= best(lambda: torch.matmul(af, bf))
+
+
 def _int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a (M, J) @ b (J, P) on int8 operands -> int32, exact (J < 2^17 rows). On a GPU
-    in float64: exact, and free of the shape rules of its int8 GEMM (M > 16, J and P
-    multiples of 8), which these layers often break."""
-    if kernels.on_host(a) and _int_mm_is_exact():
+    """a (M, J) @ b (J, P) on int8 operands -> int32, exact (J < 2^17 rows). On a CPU whose
+    int8 GEMM is slow, in float32 (J <= FLOAT32_EXACT_ROWS) or float64; on a GPU in float64:
+    exact, and free of the shape rules of its int8 GEMM (M > 16, J and P multiples of 8),
+    which these layers often break, and of TF32."""
+    host = kernels.on_host(a)
+    if host and _int_mm_is_fast():
         return torch._int_mm(a, b, out=out)
-    prod = torch.matmul(a.to(torch.float64), b.to(torch.float64))
+    dtype = torch.float32 if host and a.shape[1] <= FLOAT32_EXACT_ROWS else torch.float64
+    prod = torch.matmul(a.to(dtype), b.to(dtype))
     return prod.to(torch.int32) if out is None else out.copy_(prod)
 
 
