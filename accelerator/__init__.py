@@ -60,6 +60,7 @@ _LAZY: dict[str, str] = {
     "ArrayLinear": "accelerator.layers",
     "ArrayConv2d": "accelerator.layers",
     "evaluate": "accelerator.training",
+    "bounded_accuracy": "accelerator.training",
     "accuracy": "accelerator.training",
     "train": "accelerator.training",
     "fault_aware_train": "accelerator.training",

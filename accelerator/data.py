@@ -42,6 +42,24 @@ class Dataset:
             self.num_classes,
         )
 
+    def validation_test(self, validation_fraction: float = 0.5) -> tuple[Dataset, Dataset]:
+        """The test split cut in two: (validation, test), each a `Dataset` with the same train split.
+
+        Decisions (screening, bypass policy, library model, retraining amounts) are taken on
+        the validation part; verification on the test part, which no decision saw, so the
+        accuracy a model ships with does not inherit a selection effect. The test split is
+        already shuffled and stratified, so its first part is the validation part.
+        """
+        if not 0.0 < validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction: {validation_fraction!r} must lie in (0, 1)")
+        n = len(self.x_test)
+        k = int(round(n * validation_fraction))
+        if not 0 < k < n:
+            raise ValueError(f"validation_test: {n} test samples cannot be cut at {validation_fraction}")
+        validation = Dataset(self.name, self.x_train, self.y_train, self.x_test[:k], self.y_test[:k], self.num_classes)
+        test = Dataset(self.name, self.x_train, self.y_train, self.x_test[k:], self.y_test[k:], self.num_classes)
+        return validation, test
+
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
     """Seeded stratified split: per class, a shuffled test_fraction goes to test."""

@@ -11,6 +11,7 @@ e.g. "cuda". The data may live anywhere; models come back where they were given.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,6 +24,10 @@ from torch import nn
 from accelerator.data import Dataset
 from accelerator.faults import ArrayConfig, FaultMap
 from accelerator.layers import array_layers, calibrate, lowered_layers, model_device, on_array, set_faults, to_float
+
+# fault-aware training's optimizer, as manifests state it (`fault_aware_train`'s defaults)
+FAT_MOMENTUM, FAT_WEIGHT_DECAY = 0.9, 0.0
+FAT_OPTIMIZER = {"name": "SGD", "momentum": FAT_MOMENTUM, "weight_decay": FAT_WEIGHT_DECAY}
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor]
 Device = str | torch.device | None
@@ -82,6 +87,44 @@ def evaluate(
     x, y = _split(data, train=False)
     arr_model = on_array(model, array, faults, ber=ber, protect=protect, seed=seed)
     return accuracy(arr_model.to(_target(device, model)), x, y, batch_size=batch_size)
+
+
+@torch.no_grad()
+def bounded_accuracy(
+    model: nn.Module,
+    array: ArrayConfig,
+    faults: FaultMap | None,
+    data: Data,
+    floor: float,
+    *,
+    chunk: int = 128,
+    protect: Iterable[str] = (),
+    device: Device = None,
+) -> tuple[float, int]:
+    """`evaluate`, stopped as soon as the accuracy over the whole test split is certain to
+    end below `floor` (a fraction): (accuracy, samples evaluated).
+
+    The test split is read in chunks of `chunk` samples; once the errors so far exceed what
+    the whole split allows at `floor`, no outcome of the remaining samples can reach it, so
+    the verdict "below `floor`" is exact, not statistical. The accuracy returned is then that
+    of the samples evaluated (below `floor` too); otherwise it is `evaluate`'s, exactly.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk: {chunk!r} must be >= 1")
+    x, y = _split(data, train=False)
+    n = len(x)
+    need = math.ceil(floor * n - 1e-9)  # correct answers the whole split needs to reach floor
+    arr_model = on_array(model, array, faults, protect=protect, seed=0).to(_target(device, model))
+    arr_model.eval()
+    dev = model_device(arr_model)
+    correct = seen = 0
+    while seen < n:
+        out = arr_model(x[seen : seen + chunk].to(dev))
+        correct += int((out.argmax(1) == y[seen : seen + chunk].to(dev)).sum())
+        seen = min(n, seen + chunk)
+        if correct + (n - seen) < need:
+            break
+    return correct / max(seen, 1), seen
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -222,8 +265,8 @@ def fault_aware_train(
     seed: int = 0,
     ber: float = 0.0,
     protect: Iterable[str] = (),
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
+    momentum: float = FAT_MOMENTUM,
+    weight_decay: float = FAT_WEIGHT_DECAY,
     device: Device = None,
 ) -> nn.Module:
     """Fault-aware retraining of a calibrated float model; returns a trained float copy

@@ -61,12 +61,13 @@ def wait_job(client: httpx.Client, job_id: str, timeout_s: float, label: str) ->
     raise TimeoutError(f"{label}: job {job_id} not done after {timeout_s:.0f} s")
 
 
-def generate_ndjson(cfg: DemoConfig, accelerator: str) -> str:
+def generate_ndjson(cfg: DemoConfig, accelerator: str, *, seed: int | None = None, prefix: str = "") -> str:
     from accelerator import ArrayConfig
     from planner import FleetSpec, generate_fleet
 
     spec = FleetSpec(array=ArrayConfig(cfg.rows, cfg.cols), accelerator=accelerator, defects_per_die=1.5)
-    return "".join(json.dumps(m.to_dict()) + "\n" for m in generate_fleet(cfg.chips, cfg.seed, spec))
+    maps = generate_fleet(cfg.chips, cfg.seed if seed is None else seed, spec)
+    return "".join(json.dumps({**m.to_dict(), "chip_id": f"{prefix}{m.chip_id}"}) + "\n" for m in maps)
 
 
 def run_demo(base_url: str, api_key: str, cfg: DemoConfig) -> dict[str, Any]:
@@ -122,8 +123,55 @@ def run_demo(base_url: str, api_key: str, cfg: DemoConfig) -> dict[str, Any]:
                     with open(out / f"group-{g['id']}-{name}", "wb") as fh:
                         for chunk in resp.iter_bytes():
                             fh.write(chunk)
-        _log(f"downloaded the group models and manifests to {out}; finished in {time.monotonic() - t0:.0f} s")
+        _log(f"downloaded the group models and manifests to {out}")
+        second_batch(c, cfg, accel, model_name)
+        _log(f"finished in {time.monotonic() - t0:.0f} s")
         return plan
+
+
+def second_batch(c: httpx.Client, cfg: DemoConfig, accel: str, model_name: str) -> None:
+    """A later batch of the same line: the library serves what it can at ingestion, a plan the rest."""
+    ndjson = generate_ndjson(cfg, accel, seed=cfg.seed + 1, prefix="b2-")
+    bulk = _check(c.post("/api/v1/chips/bulk", content=ndjson, headers={"Content-Type": "application/x-ndjson"}))
+    _log(f"second batch: {bulk['created']} more chips posted; the model library screens them at ingestion")
+    if "assignment_job" not in bulk:
+        return
+    job = wait_job(c, bulk["assignment_job"], cfg.timeout_s, "library screening")
+    model_id = str(_check(c.get(f"/api/v1/models/{model_name}"))["id"])
+    verdicts = {cid: v.get(model_id) for cid, v in job["result"]["assignments"].items()}
+    waiting = sorted(cid for cid, v in verdicts.items() if v == "waiting")
+    print_library(_check(c.get(f"/api/v1/models/{model_name}/library")))
+    print(
+        f"second batch: {len(verdicts) - len(waiting)} of {len(verdicts)} chips served by the library, "
+        f"no retraining; {len(waiting)} planned"
+    )
+    if not waiting:
+        return
+    accepted = _check(
+        c.post(
+            "/api/v1/plans",
+            json={
+                "model": model_name,
+                "constraint": {"max_drop": cfg.max_drop},
+                "chips": {"ids": waiting},
+                "max_group_size": cfg.max_group_size,
+            },
+        ),
+        202,
+    )
+    plan_id = accepted["plan"]["id"]
+    wait_job(c, accepted["job"]["id"], cfg.timeout_s, f"plan {plan_id} (second batch)")
+    job = _check(c.post(f"/api/v1/plans/{plan_id}/execute"), 202)
+    wait_job(c, job["id"], cfg.timeout_s, f"execute plan {plan_id} (second batch)")
+    print_report(_check(c.get(f"/api/v1/plans/{plan_id}")))
+
+
+def print_library(library: dict[str, Any]) -> None:
+    """The base model's library: each model and how many chips it serves."""
+    print(f"\nmodel library of {library['model']}: {library['chips_served']} chips served")
+    print(f"{'key':<24} {'kind':<7} {'epochs':>6} {'chips':>6}")
+    for m in library["models"]:
+        print(f"{m['key']:<24} {m['kind']:<7} {m['training_epochs']:>6} {m['chips_served']:>6}")
 
 
 def print_report(plan: dict[str, Any]) -> None:
@@ -146,10 +194,11 @@ def print_report(plan: dict[str, Any]) -> None:
         statuses[ch["status"]] = statuses.get(ch["status"], 0) + 1
     print(f"\nchips: {s.get('chips')} ({', '.join(f'{k}: {v}' for k, v in sorted(statuses.items()))})")
     print(
-        f"retraining epochs: {s.get('retraining_epochs')} vs per-chip FAT {s.get('per_chip_fat_epochs')} "
-        f"({s.get('per_chip_fat_amount')} epochs x {s.get('chips', 0) - s.get('needs_nothing', 0)} chips "
-        "failing screening); "
-        f"ratio {s.get('epochs_ratio_vs_per_chip_fat')}"
+        f"training epochs in all: {s.get('training_epochs_total')} ({s.get('training_epochs')}); "
+        f"FAP+T would train at least {s.get('fap_t_epochs_at_least')} "
+        f"(1 epoch for each of the {s.get('chips', 0) - s.get('needs_nothing', 0)} chips no library model serves); "
+        f"{s.get('evaluation_passes')} evaluation passes; "
+        f"{s.get('chips_meeting_constraint')} chips meet the constraint on the test split"
     )
     if s.get("bypassed_chips"):
         print(

@@ -186,6 +186,8 @@ class ChipState:
     history: list[dict[str, Any]] = field(default_factory=list)
     bypass: str | None = None  # the bypass policy it is deployed with (`BYPASS_POLICIES`), None: none
     bypassed: list[list[int]] = field(default_factory=list)  # [row, col] the deployment bypasses beyond dead PEs
+    test_accuracy: float | None = None  # on the test split, which no decision saw (verification)
+    served_by: str | None = None  # the library model a chip that needs no retraining runs ("base", ...)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -201,6 +203,8 @@ class ChipState:
             "history": self.history,
             "bypass": self.bypass,
             "bypassed": self.bypassed,
+            "test_accuracy": self.test_accuracy,
+            "served_by": self.served_by,
         }
 
     @classmethod
@@ -218,6 +222,8 @@ class ChipState:
             list(d.get("history", [])),
             d.get("bypass"),
             [list(pe) for pe in d.get("bypassed", [])],
+            d.get("test_accuracy"),
+            d.get("served_by"),
         )
 
 
@@ -609,6 +615,7 @@ def plan_fleet(
     placement: str = "screening",
     coarse_cluster_size: int = 128,
     bypass_screening: Mapping[str, Mapping[str, float]] | None = None,
+    served_by: Mapping[str, str] | None = None,
 ) -> Plan:
     """Plan the retraining of a fleet (see module doc). Deterministic under `seed`.
 
@@ -620,6 +627,8 @@ def plan_fleet(
     (ties: the one that bypasses fewer PEs): from here on its map in the plan is the bypassed one
     (fused, retrained and verified as such), and its state names the policy and lists
     the bypassed PEs, which the chip must be configured with.
+    `served_by`: chip id -> the library model whose screening `screening` holds, for chips
+    that need nothing (recorded in their state; default "base").
     """
     if not chips:
         raise ValueError("plan_fleet: no chips")
@@ -663,6 +672,7 @@ def plan_fleet(
             states[cid] = ChipState(
                 cid, NEEDS_NOTHING, acc, severity.effective_rate(m), 0, accuracy=acc, best_accuracy=acc
             )
+            states[cid].served_by = (served_by or {}).get(cid, "base")
         else:
             rate = chip_effective_rate(m, acc, severity, rmap, placement)
             need = rmap.required_epochs(rate, constraint) if math.isfinite(rate) else None

@@ -165,6 +165,28 @@ class ResilienceMap:
                 on_progress(n, len(tasks))
         return cls.assemble(results, baseline, meta={**(meta or {}), "seed": seed})
 
+    @classmethod
+    def ladder(cls, epochs: Sequence[int], baseline: float) -> ResilienceMap:
+        """A map with no measurements: an escalation ladder of amounts (`epochs`, 0 first).
+
+        It credits every chip that fails screening with the smallest positive amount
+        and leaves the rest to verification, which climbs the ladder warm (`planner.replan`):
+        what a map would predict is then learned by training, which costs nothing extra
+        when every rung continues the last. Placement: the 0-epoch curve falls linearly
+        from the baseline to 0 at rate 1, so a chip's rate is its relative accuracy loss.
+        Its training cost is 0 (`samples` 0).
+        """
+        ep = tuple(sorted({0, *(int(e) for e in epochs)}))
+        if len(ep) < 2:
+            raise ValueError(f"ladder: needs a positive amount, got {tuple(epochs)}")
+        row = [0.0] + [float(baseline)] * (len(ep) - 1)
+        return cls((1.0,), ep, np.array([row]), np.array([row]), float(baseline), 0, {"kind": "ladder"})
+
+    @property
+    def is_ladder(self) -> bool:
+        """Whether this is `ladder`'s map without measurements."""
+        return self.meta.get("kind") == "ladder"
+
     @property
     def training_epochs(self) -> int:
         """Epochs trained to build the map (one run of the largest amount per sampled map)."""

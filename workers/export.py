@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from accelerator.training import FAT_OPTIMIZER
 
 
 def state_dict_bytes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -60,3 +63,43 @@ def apply_delta(base: Mapping[str, torch.Tensor], delta: bytes) -> dict[str, tor
 def manifest_bytes(manifest: Mapping[str, object]) -> bytes:
     """Canonical JSON (sorted keys) so equal manifests hash equal."""
     return json.dumps(manifest, sort_keys=True, indent=2).encode()
+
+
+def group_manifest(
+    *,
+    group: Mapping[str, Any],
+    members: Sequence[str],
+    validation: Mapping[str, float],
+    test: Mapping[str, float],
+    bypass: Mapping[str, Any],
+    training: Mapping[str, Any],
+    base_model: Mapping[str, Any],
+    accelerator: Mapping[str, Any],
+    constraint: Mapping[str, Any],
+    thresholds: Mapping[str, float],
+    model: Mapping[str, Any],
+    delta: Mapping[str, Any],
+    code_version: str,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A group model's manifest. `accuracy` is each member's on the test split, which no
+    decision saw (the split the constraint is verified on); `validation_accuracy` the split
+    the plan decided on. `training` names the optimizer the accelerator trains with.
+    `fields`: the group's own (fused_map_digest, epochs, protect, ...), kept at the top level."""
+    return {
+        "group": dict(group),
+        **fields,
+        "members": list(members),
+        "accuracy": {c: float(test[c]) for c in members},
+        "validation_accuracy": {c: float(validation[c]) for c in members},
+        "bypass": dict(bypass),
+        "training": {**training, "optimizer": dict(FAT_OPTIMIZER)},
+        "base_model": dict(base_model),
+        "accelerator": dict(accelerator),
+        "constraint": dict(constraint),
+        "thresholds": dict(thresholds),
+        "threshold": thresholds["test"],
+        "model": dict(model),
+        "delta": dict(delta),
+        "code_version": code_version,
+    }

@@ -17,6 +17,7 @@ single worker process can never deadlock on its own fan-out while many workers s
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -46,22 +47,23 @@ from app.db.models import (
     GroupMember,
     GroupRecord,
     Job,
+    LibraryModelRecord,
     ModelRecord,
     PlanRecord,
     ResilienceMapRecord,
 )
 from app.services import jobs as jobsvc
 from app.services.artifacts import open_artifact_file, read_artifact, store_bytes
-from planner import AccuracyConstraint, CellTask, Group, Plan, ResilienceMap, group_deployment, plan_fleet, replan
-from planner.severity import severity_from_measurements, severity_tasks
+from planner import AccuracyConstraint, CellTask, Group, Plan, ResilienceMap, SiteSeverity, measure_site_severity
+from planner.economics import fap_t_epochs_at_least
+from planner.plan import NEEDS_NOTHING, UNRECOVERABLE, VERIFIED
 from workers import pipeline
 from workers.celery_app import celery_app
-from workers.export import manifest_bytes, sparse_delta, state_dict_bytes
+from workers.export import group_manifest, manifest_bytes, sparse_delta, state_dict_bytes
 from workers.jobs import JobAborted, JobContext, handler, run_job
 
 log = logging.getLogger("faultfleet.fleet")
 
-CODE_VERSION = "faultfleet-0.1.0"
 SAFETENSORS = "application/octet-stream"  # safetensors has no registered media type
 _WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -81,6 +83,7 @@ class ModelInfo:
     array: ArrayConfig
     weights_sha256: str | None
     baseline: float | None
+    accelerator_id: int
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,10 @@ class Deployed:
     @property
     def array(self) -> ArrayConfig:
         return self.info.array
+
+    def emulation(self, cfg: pipeline.TrainConfig) -> pipeline.Emulation:
+        """This model's array and dataset as the fleet loop runs them (validation and test split)."""
+        return pipeline.Emulation.of(self.array, self.data, cfg)
 
 
 def profile_array(p: AcceleratorProfile) -> ArrayConfig:
@@ -117,6 +124,7 @@ def model_info(engine: Engine, model_id: int) -> ModelInfo:
             profile_array(bm.accelerator),
             bm.weights.sha256 if bm.weights is not None else None,
             bm.baseline_accuracy,
+            bm.accelerator_id,
         )
 
 
@@ -173,6 +181,19 @@ def train_config(params: dict[str, Any], device: str | None = None) -> pipeline.
         seed=int(t.get("seed", 0)),
         device=device,
     )
+
+
+def code_version() -> str:
+    """The installed faultfleet's version: part of every cache key and manifest, so nothing
+    an older emulator measured is served after an upgrade."""
+    return f"faultfleet-{importlib.metadata.version('faultfleet')}"
+
+
+def checkpoint_dir(settings: Settings, name: str) -> Path:
+    """A job's checkpoint directory (under the artifact directory)."""
+    path = Path(settings.artifact_dir or ".") / "checkpoints" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def load_group_model(dep: Deployed, sha256: str) -> nn.Module:
@@ -300,6 +321,7 @@ class PlanInfo:
     constraint: dict[str, Any]
     selection: dict[str, Any]
     document: dict[str, Any] | None
+    summary: dict[str, Any]
 
 
 def plan_info(engine: Engine, plan_id: int) -> PlanInfo:
@@ -315,6 +337,7 @@ def plan_info(engine: Engine, plan_id: int) -> PlanInfo:
             dict(p.constraint),
             dict(p.selection or {}),
             p.document,
+            dict(p.summary or {}),
         )
 
 
@@ -327,6 +350,8 @@ def resilience_key(info: ModelInfo, spec: dict[str, Any], cfg: pipeline.TrainCon
         "array": [a.rows, a.cols, a.fmt, a.bypass],
         "grid": spec,
         "train": cfg.to_dict(),
+        "split": "validation",
+        "code": code_version(),
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -337,12 +362,17 @@ def resilience_cell(ctx: JobContext) -> dict[str, Any]:
     task = CellTask.from_dict(ctx.params["task"])
     dep = deployed(ctx.engine, int(ctx.params["model_id"]))
     ctx.report(0.1, f"rate {task.rate:.4f} sample {task.sample}: retraining {task.training_epochs} epochs")
-    accs = pipeline.measure_cell(dep.model, dep.array, dep.data, task, train_config(ctx.params, dep.device))
+    em = dep.emulation(train_config(ctx.params, dep.device))
+    accs = pipeline.measure_cell(dep.model, dep.array, em.validation, task, em.cfg)
     return {"task": task.to_dict(), "accuracies": [float(a) for a in accs]}
 
 
-def ensure_resilience_map(ctx: JobContext, plan: PlanInfo, progress: tuple[float, float]) -> tuple[int, ResilienceMap]:
-    """The cached map for the plan's model, dataset, array and grid; built by fanning out cells if missing."""
+def ensure_resilience_map(
+    ctx: JobContext, plan: PlanInfo, baseline: float, progress: tuple[float, float]
+) -> tuple[int, ResilienceMap, bool]:
+    """The cached map for the plan's model, dataset, array and grid (id, map, whether this
+    call measured it); built by fanning out cells (on the validation split) if missing.
+    `baseline`: the base model's fault-free validation accuracy."""
     grid = plan.params["resilience"]
     spec: dict[str, Any] = {
         "rates": sorted(float(r) for r in grid["rates"]),
@@ -356,7 +386,7 @@ def ensure_resilience_map(ctx: JobContext, plan: PlanInfo, progress: tuple[float
     with Session(ctx.engine, expire_on_commit=False) as s:
         rec = s.scalars(select(ResilienceMapRecord).where(ResilienceMapRecord.key == key)).first()
         if rec is not None and rec.status == "ready" and rec.document is not None:
-            return rec.id, ResilienceMap.from_dict(rec.document)
+            return rec.id, ResilienceMap.from_dict(rec.document), False
         if rec is None:
             rec = ResilienceMapRecord(
                 key=key, base_model_id=info.id, accelerator_id=plan.accelerator_id, status="building", params=spec
@@ -376,7 +406,7 @@ def ensure_resilience_map(ctx: JobContext, plan: PlanInfo, progress: tuple[float
     results = gather_children(ctx, specs, progress=progress, label="resilience map cells")
     rmap = ResilienceMap.assemble(
         [(CellTask.from_dict(r["task"]), r["accuracies"]) for r in results.values()],
-        float(info.baseline or 0.0),
+        baseline,
         meta={
             "model": info.name,
             "array": [info.array.rows, info.array.cols],
@@ -389,7 +419,7 @@ def ensure_resilience_map(ctx: JobContext, plan: PlanInfo, progress: tuple[float
         assert rec is not None
         rec.document, rec.status, rec.training_epochs = rmap.to_dict(), "ready", sum(t.training_epochs for t in tasks)
         s.commit()
-    return rec_id, rmap
+    return rec_id, rmap, True
 
 
 def selected_maps(engine: Engine, plan: PlanInfo, array: ArrayConfig) -> list[FaultMap]:
@@ -462,65 +492,235 @@ def set_plan_status(engine: Engine, plan_id: int, status: str) -> None:
         s.commit()
 
 
+# --- the model library ------------------------------------------------------------------------
+
+
+def plan_settings(params: dict[str, Any]) -> pipeline.FleetSettings:
+    """A plan's `FleetSettings` from its stored params (`app.schemas.plans.PlanIn`'s fields)."""
+    grid = params.get("resilience", {})
+    ladder = tuple(sorted({0, *(int(e) for e in grid.get("epochs", (0, 1, 2, 4, 8)))}))
+    return pipeline.FleetSettings(
+        max_group_size=int(params.get("max_group_size", 5)),
+        bypass=bool(params.get("bypass", True)),
+        robust_base=str(params.get("robust_base", "auto")),
+        resilience_map=str(params.get("resilience_map", "auto")),
+        ladder=ladder if len(ladder) > 1 else (0, 1, 2, 4, 8),
+        map_rates=tuple(sorted(float(r) for r in grid.get("rates", (0.01, 0.03, 0.06, 0.1)))),
+        map_samples=int(grid.get("samples", 2)),
+        schedule=str(params.get("schedule", "progressive_union")),
+        seed=int(params.get("seed", 0)),
+    )
+
+
+def ensure_base_in_library(engine: Engine, dep: Deployed) -> None:
+    """The base model's own library row (idempotent)."""
+    with Session(engine, expire_on_commit=False) as s:
+        exists = s.scalars(
+            select(LibraryModelRecord.id).where(
+                LibraryModelRecord.base_model_id == dep.info.id, LibraryModelRecord.key == "base"
+            )
+        ).first()
+        if exists is None:
+            bm = s.get(ModelRecord, dep.info.id)
+            assert bm is not None and bm.weights_artifact_id is not None
+            s.add(LibraryModelRecord(base_model_id=bm.id, key="base", kind="base", artifact_id=bm.weights_artifact_id))
+            s.commit()
+
+
+def load_library(engine: Engine, dep: Deployed) -> tuple[list[pipeline.LibraryModel], dict[str, int]]:
+    """The base model's library, base first, then the robust base, then group models
+    oldest first; and the row id of each (by key)."""
+    ensure_base_in_library(engine, dep)
+    with Session(engine, expire_on_commit=False) as s:
+        rows = [
+            (r.id, r.key, r.kind, r.artifact.sha256, r.fused_map, r.protect_layer)
+            for r in s.scalars(
+                select(LibraryModelRecord)
+                .where(LibraryModelRecord.base_model_id == dep.info.id)
+                .order_by(LibraryModelRecord.id)
+            )
+        ]
+    order = {"base": 0, "robust": 1, "group": 2}
+    rows.sort(key=lambda r: (order[r[2]], r[0]))
+    lib, ids = [], {}
+    for row_id, key, kind, sha, fused, layer in rows:
+        model = dep.model if kind == "base" else load_group_model(dep, sha)
+        fm = FaultMap.from_dict(fused, array=dep.array) if fused else None
+        lib.append(pipeline.LibraryModel(key, model, fm, (layer,) if layer else ()))
+        ids[key] = row_id
+    return lib, ids
+
+
+def add_to_library(
+    engine: Engine,
+    model_id: int,
+    key: str,
+    kind: str,
+    artifact_id: int,
+    *,
+    group_id: int | None = None,
+    fused: FaultMap | None = None,
+    protect_layer: str | None = None,
+    training_epochs: int = 0,
+) -> None:
+    """A verified model into the library (idempotent: keyed by base model and key)."""
+    with Session(engine, expire_on_commit=False) as s:
+        exists = s.scalars(
+            select(LibraryModelRecord.id).where(
+                LibraryModelRecord.base_model_id == model_id, LibraryModelRecord.key == key
+            )
+        ).first()
+        if exists is None:
+            s.add(
+                LibraryModelRecord(
+                    base_model_id=model_id,
+                    key=key,
+                    kind=kind,
+                    artifact_id=artifact_id,
+                    group_id=group_id,
+                    fused_map=fused.to_dict() if fused is not None else None,
+                    protect_layer=protect_layer,
+                    training_epochs=training_epochs,
+                )
+            )
+            s.commit()
+
+
+def group_library_key(plan_id: int, group_key: str) -> str:
+    return f"plan{plan_id}:{group_key}"
+
+
+# --- planning: screening against the library, robust base, map or ladder, grouping ---------------
+
+
+def robust_trainer(
+    ctx: JobContext, dep: Deployed, em: pipeline.Emulation, settings: pipeline.FleetSettings, plan_id: int
+) -> pipeline.RobustTrainer:
+    """Train the robust base in this job, checkpointed every epoch through the artifact
+    store's scratch directory, and store it (weights) for the library."""
+
+    def train(base: nn.Module, maps: Sequence[FaultMap]) -> nn.Module:
+        ckpt = checkpoint_dir(ctx.settings, f"robust-{dep.info.id}") / "robust.pt"
+
+        def on_epoch(e: int, n: int, m: dict[str, float]) -> None:
+            ctx.report(0.3 + 0.2 * e / n, f"robust base: epoch {e}/{n}, loss {m.get('loss', float('nan')):.4f}")
+
+        robust = pipeline.train_robust_base(
+            em,
+            base,
+            maps,
+            epochs=settings.robust_epochs,
+            lr=settings.robust_lr,
+            seed=settings.seed,
+            checkpoint=ckpt,
+            on_progress=on_epoch,
+        )
+        return robust
+
+    return train
+
+
 @handler("plan")
 def build_plan(ctx: JobContext) -> dict[str, Any]:
-    """Resilience map (cached or fanned out), severity, screening of every chip, then `plan_fleet`."""
+    """`pipeline.plan_batch` over the plan's chips: screening against the base model's library,
+    a robust base where it pays (stored in the library), a measured map (fanned out) where it
+    pays or the ladder, then `plan_fleet`. What it cost goes into the plan's ledger."""
     plan = plan_info(ctx.engine, int(ctx.params["plan_id"]))
     if plan.document is not None:
         return {"plan_id": plan.id, "summary": plan.document.get("summary")}  # already built (idempotent)
     set_plan_status(ctx.engine, plan.id, "planning")
-    rmap_id, rmap = ensure_resilience_map(ctx, plan, progress=(0.0, 0.6))
     dep = deployed(ctx.engine, plan.base_model_id)
     maps = selected_maps(ctx.engine, plan, dep.array)
     if not maps:
         raise ValueError("the plan selects no chips")
-    sev = plan.params.get("severity", {})
-    ctx.report(0.62, "measuring per-site fault severity of the base model")
-    tasks = severity_tasks(
-        dep.array,
-        rate=float(sev.get("rate", rmap.rates[len(rmap.rates) // 2])),
-        samples=int(sev.get("samples", 1)),
-        seed=int(sev.get("seed", 0)),
-    )
-    severity = severity_from_measurements(
-        [(t, acc.evaluate(dep.model, dep.array, t.fault_map, dep.data, device=dep.device)) for t in tasks],
-        rmap.baseline,
-    )
+    settings = plan_settings(plan.params)
+    em = dep.emulation(train_config(plan.params, dep.device))
     constraint = AccuracyConstraint.from_dict(plan.constraint)
-    screening: dict[str, float] = {}
-    for i, m in enumerate(maps, start=1):
-        screening[str(m.chip_id)] = float(acc.evaluate(dep.model, dep.array, m, dep.data, device=dep.device))
-        if i % 10 == 0 or i == len(maps):
-            ctx.report(0.65 + 0.2 * i / len(maps), f"screening chips on their own maps: {i}/{len(maps)}")
-    bypass_screening: dict[str, dict[str, float]] = {}
-    if plan.params.get("bypass", True) and dep.array.bypass:
-        thr = constraint.threshold(rmap.baseline)
-        failing = [m for m in maps if screening[str(m.chip_id)] < thr - 1e-12]
-        for i, m in enumerate(failing, start=1):
-            bypass_screening.update(pipeline.screen_bypassed(dep.model, dep.array, dep.data, [m], device=dep.device))
-            if i % 10 == 0 or i == len(failing):
-                ctx.report(
-                    0.85 + 0.1 * i / len(failing), f"screening failing chips with PEs bypassed: {i}/{len(failing)}"
-                )
-    doc = plan_fleet(
+    library, _ = load_library(ctx.engine, dep)
+    rmap_id: int | None = None
+
+    def build_map(model: nn.Module, thr: pipeline.Thresholds) -> tuple[ResilienceMap, SiteSeverity]:
+        nonlocal rmap_id
+        rmap_id, rmap, built = ensure_resilience_map(ctx, plan, thr.baseline_validation, progress=(0.5, 0.8))
+        if built:
+            em.ledger.train("resilience_map", rmap.training_epochs)
+        severity = measure_site_severity(
+            dep.array,
+            lambda fm: em.validate(model, fm, kind="severity"),
+            thr.baseline_validation,
+            rate=rmap.rates[len(rmap.rates) // 2],
+            samples=1,
+            seed=settings.seed,
+        )
+        return rmap, severity
+
+    n = len(maps)
+
+    def progress(msg: str) -> None:
+        ctx.report(0.05, msg)
+
+    ctx.report(0.02, f"screening {n} chips against the model library")
+    batch = pipeline.plan_batch(
+        em,
+        dep.model,
         maps,
-        screening,
-        rmap,
         constraint,
-        max_group_size=int(plan.params.get("max_group_size", 5)),
-        severity=severity,
-        seed=int(plan.params.get("seed", 0)),
-        schedule=str(plan.params.get("schedule", "progressive_union")),
-        bypass_screening=bypass_screening,
+        settings,
+        library=library,
+        train_robust=robust_trainer(ctx, dep, em, settings, plan.id),
+        build_map=build_map,
+        on_progress=progress,
     )
+    if batch.decisions["robust_base"].get("trained") and any(lm.key == "robust" for lm in batch.library):
+        robust = batch.model("robust").model
+        with Session(ctx.engine, expire_on_commit=False) as s:
+            art = store_bytes(
+                s, state_dict_bytes(robust.state_dict(), {"robust_base": dep.info.name}), "model", SAFETENSORS
+            )
+            s.commit()
+            art_id = art.id
+        add_to_library(ctx.engine, dep.info.id, "robust", "robust", art_id, training_epochs=settings.robust_epochs)
+    doc = batch.plan
     with Session(ctx.engine, expire_on_commit=False) as s:
         row = s.get(PlanRecord, plan.id)
         assert row is not None
         row.resilience_map_id = rmap_id
         sync_groups(s, row, doc)
+        row.summary = {
+            **plan_summary(doc, em.ledger, batch.thresholds, batch.decisions),
+            "group_base": batch.group_base,
+        }
         row.status = "planned"
         s.commit()
     return {"plan_id": plan.id, "summary": doc.summary()}
+
+
+def plan_summary(
+    doc: Plan, ledger: pipeline.Ledger, thr: pipeline.Thresholds, decisions: dict[str, Any]
+) -> dict[str, Any]:
+    """A plan's summary: the planner's counts, every cost so far and the FAP+T estimate beside it."""
+    failing = sum(1 for st in doc.chips.values() if st.status != NEEDS_NOTHING)
+    return {
+        **doc.summary(),
+        **ledger.to_dict(),
+        "ledger": ledger.state(),
+        "fap_t_epochs_at_least": fap_t_epochs_at_least(failing, doc.resilience_map.smallest_positive_amount),
+        "thresholds": {
+            "validation": thr.decision,
+            "test": thr.verification,
+            "baseline_validation": thr.baseline_validation,
+            "baseline_test": thr.baseline_test,
+        },
+        "decisions": decisions,
+        "threshold": thr.decision,
+    }
+
+
+def stored_thresholds(summary: dict[str, Any]) -> pipeline.Thresholds:
+    t = summary["thresholds"]
+    return pipeline.Thresholds(
+        float(t["baseline_validation"]), float(t["baseline_test"]), float(t["validation"]), float(t["test"])
+    )
 
 
 # --- executing: one retraining job per group, verification, replans ------------------------
@@ -540,24 +740,35 @@ def member_bypass(doc: Plan, g: Group) -> dict[str, dict[str, Any]]:
     return out
 
 
+def find_group(doc: Plan, key: str) -> Group:
+    for g in doc.groups:
+        if g.group_id == key:
+            return g
+    raise ValueError(f"group {key!r} is not in its plan's document")
+
+
 @handler("retrain_group")
 def retrain_group(ctx: JobContext) -> dict[str, Any]:
-    """Retrain the base model on a group's schedule (checkpoint per epoch), export it, verify every member."""
+    """`pipeline.retrain_and_verify` for one group of a plan round: retrain from the group base
+    (or the group it continues), checkpointed every epoch, verify every member on both
+    splits, export the model, its sparse delta and a manifest. A re-run whose model is
+    already stored only verifies again."""
     group_id = int(ctx.params["group_id"])
     with Session(ctx.engine, expire_on_commit=False) as s:
         row = s.get(GroupRecord, group_id)
         if row is None:
             raise ValueError(f"group {group_id} not found")
         key, plan_id = row.key, row.plan_id
+        stored_sha = row.model.sha256 if row.model is not None else None
     plan = plan_info(ctx.engine, plan_id)
     doc = Plan.from_dict(plan.document or {})
-    g = next(x for x in doc.groups if x.group_id == key)
+    g = find_group(doc, key)
     dep = deployed(ctx.engine, plan.base_model_id)
-    cfg = train_config(plan.params, dep.device)
-    protect: tuple[str, ...] = ()
-    if g.protect:
-        protect = (pipeline.most_sensitive_layer(dep.model, dep.array, g.fused, dep.data, device=dep.device),)
-    start_model = dep.model
+    em = dep.emulation(train_config(plan.params, dep.device))
+    library, _ = load_library(ctx.engine, dep)
+    group_base_key = (plan.summary or {}).get("group_base", "base")
+    group_base = next((lm.model for lm in library if lm.key == group_base_key), dep.model)
+    start = group_base
     if g.warm_from:  # a replan that continues an earlier group's retrained model
         with Session(ctx.engine, expire_on_commit=False) as s:
             parent = s.scalars(
@@ -566,9 +777,8 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
             sha = parent.model.sha256 if parent is not None and parent.model is not None else None
         if sha is None:
             raise ValueError(f"group {key} continues group {g.warm_from}, which has no trained model")
-        start_model = load_group_model(dep, sha)
-    ckdir = Path(ctx.settings.artifact_dir or ".") / "checkpoints" / f"group-{group_id}"
-    ckdir.mkdir(parents=True, exist_ok=True)
+        start = load_group_model(dep, sha)
+    ckdir = checkpoint_dir(ctx.settings, f"group-{group_id}")
     resumed_from = pipeline.checkpointed_epochs(ckdir)
     note = f", resuming after epoch {resumed_from}" if resumed_from else ""
     ctx.report(0.02, f"retraining {len(g.members)} chip(s) for {g.amount} epochs{note}")
@@ -580,141 +790,184 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
             checkpoint={"epochs_done": done, "resumed_from": resumed_from},
         )
 
-    retrained = pipeline.retrain_group(
-        start_model,
-        dep.array,
-        dep.data,
-        g,
-        doc.maps,
-        doc.resilience_map.epochs,
-        cfg,
-        protect=protect,
-        checkpoint_dir=ckdir,
-        on_progress=on_epoch,
-    )
-    ctx.report(0.88, "verifying every member chip on its own fault map, with the group's bypass")
-    verification = pipeline.verify_group(
-        retrained, dep.array, dep.data, g.members, doc.maps, protect=protect, fused=g.fused, device=dep.device
-    )
-    state = retrained.state_dict()
-    model_bytes = state_dict_bytes(state, {"group": key})
+    if stored_sha is not None:  # trained before this job was re-run: verify only
+        ctx.report(0.85, "model already stored: verifying it again")
+        trained = load_group_model(dep, stored_sha)
+        result = pipeline.verify_members(em, trained, g, doc.maps, *pipeline.protection(em, g, group_base))
+    else:
+        result = pipeline.retrain_and_verify(
+            em,
+            start,
+            g,
+            doc.maps,
+            doc.resilience_map.epochs,
+            group_base=group_base,
+            checkpoint_dir=ckdir,
+            on_progress=on_epoch,
+        )
+    assert result.model is not None
+    if stored_sha is None:
+        store_group_model(ctx.engine, dep, plan, doc, g, group_id, result, resumed_from)
+    shutil.rmtree(ckdir, ignore_errors=True)  # the model is stored; a re-run only verifies again
+    return {**result.to_dict(), "ledger": em.ledger.state(), "resumed_from_epoch": resumed_from}
+
+
+def store_group_model(
+    engine: Engine,
+    dep: Deployed,
+    plan: PlanInfo,
+    doc: Plan,
+    g: Group,
+    group_id: int,
+    result: pipeline.GroupResult,
+    resumed_from: int,
+) -> None:
+    """The group's model, its sparse delta against the base, and its manifest, as artifacts."""
+    assert result.model is not None
+    state = result.model.state_dict()
+    model_bytes = state_dict_bytes(state, {"group": g.group_id})
     delta_bytes = sparse_delta(dep.model.state_dict(), state)
-    with Session(ctx.engine, expire_on_commit=False) as s:
+    cfg = train_config(plan.params)
+    thr = stored_thresholds(plan.summary)
+    with Session(engine, expire_on_commit=False) as s:
         model_art = store_bytes(s, model_bytes, "group_model", SAFETENSORS)
         delta_art = store_bytes(s, delta_bytes, "group_delta", "application/gzip")
-        manifest = {
-            "group": {"id": group_id, "key": key, "plan_id": plan_id, "round": g.round, "reason": g.reason},
-            "members": list(g.members),
-            "accuracy": {c: verification[c] for c in g.members},
-            "bypass": member_bypass(doc, g),
-            "fused_map_digest": g.fused.digest,
-            "fused_rate": g.fused.rate,
-            "schedule": g.schedule,
-            "epochs": g.amount,
-            "total_epochs": g.total_epochs,
-            "warm_from": g.warm_from,
-            "protect": list(protect),
-            "baseline_accuracy": doc.resilience_map.baseline,
-            "constraint": plan.constraint,
-            "threshold": doc.threshold,
-            "training": {**cfg.to_dict(), "optimizer": "SGD(momentum=0.9)"},
-            "base_model": {
+        manifest = group_manifest(
+            group={"id": group_id, "key": g.group_id, "plan_id": plan.id, "round": g.round, "reason": g.reason},
+            fused_map_digest=g.fused.digest,
+            fused_rate=g.fused.rate,
+            schedule=g.schedule,
+            epochs=g.amount,
+            total_epochs=g.total_epochs,
+            warm_from=g.warm_from,
+            protect=list(result.protect),
+            tmr_penalty=result.tmr_penalty,
+            resumed_from_epoch=resumed_from,
+            members=g.members,
+            validation=result.validation,
+            test=result.test,
+            bypass=member_bypass(doc, g),
+            training=cfg.to_dict(),
+            base_model={
                 "id": dep.info.id,
                 "name": dep.info.name,
                 "architecture": dep.info.architecture,
                 "dataset": dep.info.dataset,
                 "weights_sha256": dep.info.weights_sha256,
             },
-            "accelerator": {
+            accelerator={
                 "rows": dep.array.rows,
                 "cols": dep.array.cols,
                 "fmt": dep.array.fmt,
                 "bypass": dep.array.bypass,
             },
-            "model": {"file": "model.safetensors", "sha256": model_art.sha256, "size": model_art.size},
-            "delta": {"file": "model.delta.safetensors.gz", "sha256": delta_art.sha256, "size": delta_art.size},
-            "code_version": CODE_VERSION,
-            "resumed_from_epoch": resumed_from,
-        }
+            constraint=plan.constraint,
+            thresholds={"validation": thr.decision, "test": thr.verification},
+            model={"file": "model.safetensors", "sha256": model_art.sha256, "size": model_art.size},
+            delta={"file": "model.delta.safetensors.gz", "sha256": delta_art.sha256, "size": delta_art.size},
+            code_version=code_version(),
+        )
         man_art = store_bytes(s, manifest_bytes(manifest), "group_manifest", "application/json")
         row = s.get(GroupRecord, group_id)
         assert row is not None
         row.model_artifact_id, row.delta_artifact_id, row.manifest_artifact_id = model_art.id, delta_art.id, man_art.id
-        row.protect_layer = protect[0] if protect else None
+        row.protect_layer = result.protect[0] if result.protect else None
         row.status = "trained"
         s.commit()
-    shutil.rmtree(ckdir, ignore_errors=True)  # the model is stored; a re-run would only redo verification
-    return {"verification": verification, "model_sha256": model_art.sha256, "resumed_from_epoch": resumed_from}
 
 
 @handler("execute_plan")
 def execute_plan(ctx: JobContext) -> dict[str, Any]:
-    """Rounds of: retrain every pending group (child jobs, in parallel), verify, `replan`; then assign chips.
-
-    The plan document in the database is the checkpoint: a resumed job continues with the
-    round it finds there and reuses the child jobs already created for it.
-    """
+    """`pipeline.run_rounds` with every round's groups fanned out as child jobs; after each
+    round the plan document (the checkpoint: a resumed job continues with the round it finds),
+    the groups' rows and the ledger are stored, and group models that serve a verified member
+    join the library. Then every chip is assigned the model it runs, verified on the test split."""
     plan_id = int(ctx.params["plan_id"])
-    while True:
-        plan = plan_info(ctx.engine, plan_id)
-        if plan.document is None:
-            raise ValueError(f"plan {plan_id} is not built")
-        doc = Plan.from_dict(plan.document)
-        if doc.done:
-            break
+    plan = plan_info(ctx.engine, plan_id)
+    if plan.document is None:
+        raise ValueError(f"plan {plan_id} is not built")
+    doc = Plan.from_dict(plan.document)
+    ledger = pipeline.Ledger.from_state((plan.summary or {})["ledger"])
+
+    def fan_out(p: Plan, pending: list[Group]) -> dict[str, pipeline.GroupResult]:
         set_plan_status(ctx.engine, plan_id, "executing")
         with Session(ctx.engine, expire_on_commit=False) as s:
             ids = {g.key: g.id for g in s.scalars(select(GroupRecord).where(GroupRecord.plan_id == plan_id))}
-        pending = doc.pending_groups
-        settled = sum(1 for st in doc.chips.values() if st.status != "planned") / max(len(doc.chips), 1)
+        settled = sum(1 for st in p.chips.values() if st.status != "planned") / max(len(p.chips), 1)
         results = gather_children(
             ctx,
             [(f"group:{ids[g.group_id]}", "retrain_group", {"group_id": ids[g.group_id]}) for g in pending],
             progress=(0.9 * settled, 0.9 * settled + 0.9 * (1 - settled) * 0.8),
-            label=f"round {doc.round}: group retraining",
+            label=f"round {p.round}: group retraining",
         )
-        verification = {c: float(a) for r in results.values() for c, a in r["verification"].items()}
-        new_doc = replan(doc, verification)
+        out = {}
+        for g in pending:
+            r = results[f"group:{ids[g.group_id]}"]
+            ledger.add(pipeline.Ledger.from_state(r["ledger"]))
+            out[g.group_id] = pipeline.GroupResult.from_dict(r)
+        return out
+
+    def store_round(p: Plan, results: dict[str, pipeline.GroupResult]) -> None:
         with Session(ctx.engine, expire_on_commit=False) as s:
             row = s.get(PlanRecord, plan_id)
             assert row is not None
-            for g in pending:
-                grp = s.get(GroupRecord, ids[g.group_id])
-                assert grp is not None
-                grp.status = "done"
-            sync_groups(s, row, new_doc)
+            groups = {g.key: g for g in s.scalars(select(GroupRecord).where(GroupRecord.plan_id == plan_id))}
+            for key in results:
+                groups[key].status = "done"
+            sync_groups(s, row, p)
+            row.summary = {**(row.summary or {}), **p.summary(), **ledger.to_dict(), "ledger": ledger.state()}
             s.commit()
-    ctx.report(0.92, "assigning every chip the model it must run")
-    assign_plan_chips(ctx.engine, plan, doc)
-    summary = {
-        **doc.summary(),
-        "retraining_epochs": doc.planned_epochs,
-        "threshold": doc.threshold,
-        "epochs_ratio_vs_per_chip_fat": doc.per_chip_fat_epochs / doc.planned_epochs if doc.planned_epochs else None,
-    }
+        for key, r in results.items():
+            g = find_group(p, key)
+            if any(p.chips[c].status == VERIFIED and p.chips[c].group_id == key for c in g.members):
+                grp = groups[key]
+                assert grp.model_artifact_id is not None
+                add_to_library(
+                    ctx.engine,
+                    plan.base_model_id,
+                    group_library_key(plan_id, key),
+                    "group",
+                    grp.model_artifact_id,
+                    group_id=grp.id,
+                    fused=g.fused,
+                    protect_layer=r.protect[0] if r.protect else None,
+                    training_epochs=g.amount,
+                )
+
+    doc = pipeline.run_rounds(doc, fan_out, on_round=store_round)
+    ctx.report(0.92, "assigning every chip the model it runs, verified on the test split")
+    dep = deployed(ctx.engine, plan.base_model_id)
+    em = dep.emulation(train_config(plan.params, dep.device))
+    assign_plan_chips(ctx.engine, em, plan, doc)
+    ledger.add(em.ledger)
     with Session(ctx.engine, expire_on_commit=False) as s:
         row = s.get(PlanRecord, plan_id)
         assert row is not None
+        thr = stored_thresholds(row.summary or {})
+        tests = [st.test_accuracy for st in doc.chips.values()]
+        summary = {
+            **(row.summary or {}),
+            **doc.summary(),
+            **ledger.to_dict(),
+            "ledger": ledger.state(),
+            "retraining_epochs": doc.planned_epochs,
+            "chips_meeting_constraint": sum(1 for a in tests if thr.met(a)),
+        }
         row.status, row.summary, row.updated_at = "executed", summary, utcnow()
+        row.document = doc.to_dict()
         s.commit()
     return {"plan_id": plan_id, "summary": summary}
 
 
-def base_model_for_chip(engine: Engine, dep: Deployed, fm: FaultMap, threshold: float) -> tuple[int, float]:
-    """(artifact id, accuracy on the chip's own map) of the model for a chip that needs no retraining.
-
-    Fault-aware pruning: weights mapped onto the chip's dead PEs are set to 0, so the file
-    says what the chip computes. Pruning can shrink a channel's weight scale (its largest
-    weight sat on a dead PE), so the pruned model is measured; should it miss the
-    constraint, the unpruned base model (which passed screening) is shipped instead.
-    """
-    pruned = acc.prune_dead_pes(dep.model, dep.array, fm)
-    model, accuracy = pruned, float(acc.evaluate(pruned, dep.array, fm, dep.data, device=dep.device))
-    if accuracy < threshold - 1e-12:
-        model, accuracy = dep.model, float(acc.evaluate(dep.model, dep.array, fm, dep.data, device=dep.device))
-    meta = {"base_model": dep.info.name, "pruned": str(model is pruned)}
+def chip_model_artifact(engine: Engine, dep: Deployed, lm: pipeline.LibraryModel, fm: FaultMap) -> int:
+    """The weights a chip served by library model `lm` runs: the base (or robust base) with the
+    weights on the chip's dead PEs set to 0, so the file says what the chip computes (pruning
+    never changes what the array computes: those weights meet a bypassed PE)."""
+    model = acc.prune_dead_pes(lm.model, dep.array, lm.deployed(fm))
     with Session(engine, expire_on_commit=False) as s:
-        return store_bytes(s, state_dict_bytes(model.state_dict(), meta), "chip_model", SAFETENSORS).id, accuracy
+        art = store_bytes(s, state_dict_bytes(model.state_dict(), {"library_model": lm.key}), "chip_model", SAFETENSORS)
+        s.commit()
+        return art.id
 
 
 def upsert_assignment(session: Session, chip_pk: int, model_id: int, **values: Any) -> None:
@@ -729,13 +982,17 @@ def upsert_assignment(session: Session, chip_pk: int, model_id: int, **values: A
     a.updated_at = utcnow()
 
 
-def assign_plan_chips(engine: Engine, plan: PlanInfo, doc: Plan) -> None:
-    """Record, for every chip of the plan, the model it must run (idempotent upsert)."""
+def assign_plan_chips(engine: Engine, em: pipeline.Emulation, plan: PlanInfo, doc: Plan) -> None:
+    """Record, for every chip of the plan, the model it runs (idempotent upsert); chips that
+    need no retraining are verified on the test split with their library model first."""
     dep = deployed(engine, plan.base_model_id)
-    pruned = {
-        cid: base_model_for_chip(engine, dep, doc.maps[cid], doc.threshold)
+    library, lib_ids = load_library(engine, dep)
+    by_key = {lm.key: lm for lm in library}
+    pipeline.verify_served(em, doc, library)
+    served = {
+        cid: chip_model_artifact(engine, dep, by_key[str(st.served_by)], doc.maps[cid])
         for cid, st in doc.chips.items()
-        if st.status == "needs_nothing"
+        if st.status == NEEDS_NOTHING
     }
     with Session(engine, expire_on_commit=False) as s:
         groups = {
@@ -745,115 +1002,128 @@ def assign_plan_chips(engine: Engine, plan: PlanInfo, doc: Plan) -> None:
         pks = dict(s.execute(select(Chip.chip_id, Chip.id).where(Chip.chip_id.in_(list(doc.chips)))).tuples().all())
         for cid, st in doc.chips.items():
             values: dict[str, Any] = {"plan_id": plan.id, "status": st.status, "reason": st.reason, "source": "plan"}
-            values["bypass"] = st.bypass
-            values.update(group_id=None, artifact_id=None, accuracy=st.accuracy)
-            if st.status == "verified" and st.group_id in groups:
+            values.update(
+                bypass=st.bypass, group_id=None, artifact_id=None, accuracy=st.accuracy, library_model_id=None
+            )
+            values["test_accuracy"] = st.test_accuracy
+            if st.status == VERIFIED and st.group_id in groups:
                 values["group_id"], values["artifact_id"] = groups[st.group_id]
-            elif st.status == "needs_nothing":
-                values["artifact_id"], values["accuracy"] = pruned[cid]
-            elif st.status == "unrecoverable":
+                values["library_model_id"] = None
+            elif st.status == NEEDS_NOTHING:
+                values["artifact_id"] = served[cid]
+                values["library_model_id"] = lib_ids.get(str(st.served_by))
+            elif st.status == UNRECOVERABLE:
                 values["accuracy"] = st.best_accuracy
             upsert_assignment(s, pks[cid], plan.base_model_id, **values)
         s.commit()
+    with Session(engine, expire_on_commit=False) as s:  # verified chips run their group's library model
+        lib_rows = {
+            r.group_id: r.id
+            for r in s.scalars(select(LibraryModelRecord).where(LibraryModelRecord.base_model_id == plan.base_model_id))
+            if r.group_id is not None
+        }
+        for a in s.scalars(select(ChipAssignment).where(ChipAssignment.plan_id == plan.id)):
+            if a.status == VERIFIED and a.group_id in lib_rows:
+                a.library_model_id = lib_rows[a.group_id]
+        s.commit()
 
 
-# --- a chip that arrives after a plan ran -------------------------------------------------
+# --- chips that arrive after a plan ran: the library serves them -------------------------------
 
 
 @handler("assign_chip")
 def assign_chip(ctx: JobContext) -> dict[str, Any]:
-    """Try late chips on the group models of the latest executed plan of each base model of their accelerator.
-
-    Inference only: a chip whose base-model screening meets the plan's constraint needs
-    nothing; otherwise the first group model that meets it on the chip's own map is
-    assigned at once; if none does, the chip waits (status `waiting`) for the next plan.
-    Where the plan allows bypass, each deployment (`pipeline.deployments`: own map, then each
-    bypass policy) is tried, and the one taken is recorded with the assignment.
-    """
+    """Late chips screened against the library of every base model of their accelerator that
+    has an executed plan (`pipeline.screen_fleet`: base, robust base, nearest group models,
+    each on every deployment of the chip). A chip a model serves is assigned it at once,
+    verified on the test split; the others wait (status `waiting`) for a plan over the chips
+    no model serves. The result: per chip id, each base model's verdict."""
     pks = [int(p) for p in ctx.params["chip_pks"]]
-    out: dict[str, Any] = {}
-    for n, chip_pk in enumerate(pks):
-        ctx.report(n / len(pks), f"chip {n + 1}/{len(pks)}")
-        out[str(chip_pk)] = assign_one_chip(ctx, chip_pk)
-    return {"assignments": out}
-
-
-def assign_one_chip(ctx: JobContext, chip_pk: int) -> dict[str, str]:
     with Session(ctx.engine, expire_on_commit=False) as s:
-        chip = s.get(Chip, chip_pk)
-        if chip is None:
-            raise ValueError(f"chip {chip_pk} not found")
-        fault_map, accel_id = dict(chip.fault_map), chip.accelerator_id
-        plans = s.scalars(
+        chips = {
+            c.id: (c.chip_id, dict(c.fault_map), c.accelerator_id)
+            for c in s.scalars(select(Chip).where(Chip.id.in_(pks)))
+        }
+        missing = sorted(set(pks) - set(chips))
+        if missing:
+            raise ValueError(f"chip(s) {missing[:10]} not found")
+        accels = {a for _, _, a in chips.values()}
+        latest: dict[int, tuple[int, dict[str, Any], dict[str, Any]]] = {}
+        for p in s.scalars(
             select(PlanRecord)
             .join(ModelRecord)
-            .where(ModelRecord.accelerator_id == accel_id, PlanRecord.status == "executed")
+            .where(ModelRecord.accelerator_id.in_(accels), PlanRecord.status == "executed")
             .order_by(PlanRecord.id.desc())
-        ).all()
-        latest: dict[int, tuple[int, dict[str, Any], bool]] = {}
-        for p in plans:
-            latest.setdefault(p.base_model_id, (p.id, p.document or {}, bool((p.params or {}).get("bypass", True))))
-        trained = {
-            plan_id: [
-                (g.id, g.key, g.model_artifact_id, g.model.sha256, g.protect_layer, g.fused_map)
-                for g in s.scalars(
-                    select(GroupRecord)
-                    .where(GroupRecord.plan_id == plan_id, GroupRecord.model_artifact_id.is_not(None))
-                    .order_by(GroupRecord.index)
-                )
-                if g.model is not None
-            ]
-            for plan_id, _, _ in latest.values()
-        }
-    out: dict[str, str] = {}
-    for model_id, (plan_id, document, bypass) in latest.items():
+        ):
+            latest.setdefault(p.base_model_id, (p.id, dict(p.params or {}), dict(p.summary or {})))
+    out: dict[str, dict[str, str]] = {cid: {} for cid, _, _ in chips.values()}
+    for model_id, (plan_id, params, summary) in latest.items():
         dep = deployed(ctx.engine, model_id)
-        fm = FaultMap.from_dict(fault_map, array=dep.array)
-        thr = Plan.from_dict(document).threshold
-        values: dict[str, Any] = {"plan_id": plan_id, "source": "late", "group_id": None, "artifact_id": None}
-        values["bypass"] = None
-        options = pipeline.deployments(fm, bypass)
-        screening = {
-            policy: float(acc.evaluate(dep.model, dep.array, m, dep.data, device=dep.device)) for policy, m in options
-        }
-        policy, best = max(screening.items(), key=lambda kv: kv[1])  # max keeps the first (mildest) of ties
-        if best >= thr - 1e-12:
-            art_id, accuracy = base_model_for_chip(ctx.engine, dep, dict(options)[policy], thr)
-            values.update(status="needs_nothing", artifact_id=art_id, accuracy=accuracy, reason=None, bypass=policy)
-        else:
-            values.update(
-                status="waiting",
-                reason="no existing group model meets the constraint on this chip; it waits for the next plan",
-            )
-            for group_id, key, group_art, sha, layer, fused_json in trained[plan_id]:
-                model = load_group_model(dep, sha)
-                fused = FaultMap.from_dict(fused_json, array=dep.array)
-                for policy, m in options:
-                    ctx.check()
-                    on_chip = group_deployment(m, fused)  # as the group's members run its model
-                    accuracy = float(
-                        acc.evaluate(
-                            model, dep.array, on_chip, dep.data, protect=(layer,) if layer else (), device=dep.device
-                        )
-                    )
-                    best = max(best, accuracy)
-                    if accuracy >= thr - 1e-12:
-                        values.update(
-                            status="verified",
-                            group_id=group_id,
-                            artifact_id=group_art,
-                            accuracy=accuracy,
-                            reason=None,
-                            bypass=policy,
-                        )
-                        log.info("late chip %s fits group %s of plan %s (bypass %s)", chip_pk, key, plan_id, policy)
-                        break
-                if values["status"] == "verified":
-                    break
-            if values["status"] == "waiting":
-                values["accuracy"] = best
+        em = dep.emulation(train_config(params, dep.device))
+        thr = stored_thresholds(summary)
+        library, lib_ids = load_library(ctx.engine, dep)
+        mine = [
+            (pk, cid, FaultMap.from_dict(fm, array=dep.array))
+            for pk, (cid, fm, a) in chips.items()
+            if a == dep.info.accelerator_id
+        ]
+        if not mine:
+            continue
+        ctx.report(0.1, f"screening {len(mine)} chip(s) against the library of base model {dep.info.name}")
+        settings = plan_settings(params)
+        screens = pipeline.screen_fleet(
+            em,
+            library,
+            [fm for _, _, fm in mine],
+            thr.decision,
+            bypass=settings.bypass,
+            group_base="robust" if "robust" in lib_ids else "base",
+            max_groups=settings.library_groups,
+        )
+        by_key = {lm.key: lm for lm in library}
         with Session(ctx.engine, expire_on_commit=False) as s:
-            upsert_assignment(s, chip_pk, model_id, **values)
+            group_of = dict(
+                s.execute(
+                    select(LibraryModelRecord.key, LibraryModelRecord.group_id).where(
+                        LibraryModelRecord.base_model_id == model_id
+                    )
+                )
+                .tuples()
+                .all()
+            )
+        assignments = {}
+        for pk, cid, fm in mine:
+            ctx.check()
+            fit = screens[str(fm.chip_id)].fit
+            values: dict[str, Any] = {"plan_id": plan_id, "source": "late", "group_id": None, "artifact_id": None}
+            values.update(bypass=None, library_model_id=None, test_accuracy=None)
+            if fit is None:
+                values.update(
+                    status="waiting",
+                    accuracy=None,
+                    reason="no library model meets the constraint on this chip; it waits for a plan",
+                )
+            else:
+                lm = by_key[fit.key]
+                deployed_map = acc.bypass_faulty_pes(fm, fit.policy) if fit.policy else fm
+                test = em.verify(lm.model, lm.deployed(deployed_map), protect=lm.protect, kind="verification")
+                values.update(
+                    status="needs_nothing" if lm.fused is None else "verified",
+                    accuracy=fit.accuracy,
+                    test_accuracy=test,
+                    reason=None,
+                    bypass=fit.policy,
+                    library_model_id=lib_ids[fit.key],
+                    group_id=group_of.get(fit.key),
+                    artifact_id=chip_model_artifact(ctx.engine, dep, lm, deployed_map),
+                )
+                log.info("late chip %s served by library model %s (bypass %s)", cid, fit.key, fit.policy)
+            assignments[pk] = values
+            out[cid][str(model_id)] = values["status"]
+        with Session(ctx.engine, expire_on_commit=False) as s:
+            for pk, values in assignments.items():
+                upsert_assignment(s, pk, model_id, **values)
             s.commit()
-        out[str(model_id)] = values["status"]
-    return out
+        ledger_note = em.ledger.to_dict()
+        log.info("late chips on base model %s cost %s", model_id, ledger_note)
+    return {"assignments": out}

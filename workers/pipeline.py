@@ -1,14 +1,27 @@
-"""The in-process fleet loop: glue between `accelerator` (torch) and `planner` (pure).
+"""The fleet loop: glue between `accelerator` (torch) and `planner` (pure), run by the
+bench in one process and by the service job by job (no Celery here).
 
-Small, id-free functions that the service's Celery tasks call as well (no Celery
-here): train a base model, measure resilience-map cells and severities, screen chips,
-retrain a group, verify it on each member's own map, and `run_plan` / `run_fleet`,
-which loop plan -> retrain -> verify -> replan until every chip is verified or
-declared unrecoverable. Accuracies are top-1 fractions in [0, 1]; amounts are epochs.
+`run_fleet` serves one batch of chips:
 
-Retraining for an amount A runs in chunks that end at the resilience map's grid
-amounts (`train_through`), exactly as a map cell is measured, so the amount the
-planner reads off the map is the procedure the group gets.
+1. screening against the model library (`screen_fleet`): the base model first, then the
+   fault-robust base, then the group models nearest the chip's faults, each on every
+   deployment of the chip (its own map, each bypass policy) on the validation split,
+   read only until the verdict is certain (`accelerator.bounded_accuracy`);
+2. a fault-robust base model, where `planner.economics` predicts it pays
+   (`train_robust_base`), and a measured resilience map, or the amount ladder alone;
+3. `planner.plan_fleet` over the chips no model serves, then rounds (`run_rounds`) of
+   retraining every pending group and verifying every member (`retrain_and_verify`: the
+   one per-group step), `planner.replan` on the validation accuracies, until every chip is
+   verified or unrecoverable; verified group models join the library;
+4. every chip verified on the test split, which no decision saw.
+
+Everything it trains or evaluates is charged to a `Ledger`. `FleetSettings.fap_t()` runs
+the strongest per-chip baseline (FAP+T) through the same loop. Accuracies are top-1
+fractions in [0, 1]; amounts are epochs.
+
+Retraining for an amount A runs in chunks that end at the ladder's amounts
+(`train_through`), exactly as a map cell is measured, so an amount read off a map is
+the procedure the group gets.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 import accelerator as acc
@@ -38,6 +52,8 @@ from planner import (
     plan_fleet,
     replan,
 )
+from planner.economics import resilience_map_pays, robust_base_pays
+from planner.plan import NEEDS_NOTHING, UNRECOVERABLE, VERIFIED
 
 Progress = Callable[[str], None]
 EpochProgress = Callable[[int, int, dict[str, float]], None]
@@ -222,14 +238,171 @@ def measure_severity(
     return measure_site_severity(array, accuracy, baseline, rate=rate, samples=samples, seed=seed, mix=mix)
 
 
-# --- screening, retraining, verification -------------------------------------------------
+# --- cost ------------------------------------------------------------------------------
 
 
-def screen_chips(
-    model: nn.Module, array: ArrayConfig, data: Dataset, maps: Sequence[FaultMap], *, device: str | None = None
-) -> dict[str, float]:
-    """Base-model accuracy on each chip's own map, by chip id."""
-    return {str(m.chip_id): acc.evaluate(model, array, m, data, device=device) for m in maps}
+@dataclass
+class Ledger:
+    """Everything a fleet run consumes, by kind of work.
+
+    Training is counted in epochs over the train split (a resilience-map cell of E epochs
+    costs E, a group retrained E epochs costs E); evaluation in samples, reported as
+    passes over the test split (`test_size` samples), so a screening that stopped early
+    counts the fraction it read.
+    """
+
+    test_size: int
+    epochs: dict[str, int] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)
+
+    def train(self, kind: str, epochs: int) -> None:
+        self.epochs[kind] = self.epochs.get(kind, 0) + int(epochs)
+
+    def evaluate(self, kind: str, samples: int) -> None:
+        self.samples[kind] = self.samples.get(kind, 0) + int(samples)
+
+    def add(self, other: Ledger) -> None:
+        """Charge `other`'s costs here too (work shared by two strategies counts for each)."""
+        for k, v in other.epochs.items():
+            self.train(k, v)
+        for k, n in other.samples.items():
+            self.evaluate(k, n)
+
+    @property
+    def training_epochs_total(self) -> int:
+        return sum(self.epochs.values())
+
+    @property
+    def evaluation_passes(self) -> float:
+        return sum(self.samples.values()) / max(self.test_size, 1)
+
+    def state(self) -> dict[str, Any]:
+        """The raw counts (`from_state` reads them back): what a service job stores."""
+        return {"test_size": self.test_size, "epochs": dict(self.epochs), "samples": dict(self.samples)}
+
+    @classmethod
+    def from_state(cls, d: Mapping[str, Any]) -> Ledger:
+        return cls(int(d["test_size"]), dict(d.get("epochs", {})), dict(d.get("samples", {})))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "training_epochs_total": self.training_epochs_total,
+            "evaluation_passes": round(self.evaluation_passes, 2),
+            "training_epochs": dict(sorted(self.epochs.items())),
+            "evaluation_passes_by_kind": {
+                k: round(n / max(self.test_size, 1), 2) for k, n in sorted(self.samples.items())
+            },
+        }
+
+
+@dataclass
+class Emulation:
+    """The emulated accelerator a fleet runs on: its array, the data cut into a validation
+    split (every decision) and a test split (verification only, `Dataset.validation_test`),
+    the retraining settings, and the ledger every evaluation and epoch is charged to."""
+
+    array: ArrayConfig
+    validation: Dataset
+    test: Dataset
+    cfg: TrainConfig
+    ledger: Ledger
+
+    @classmethod
+    def of(cls, array: ArrayConfig, data: Dataset, cfg: TrainConfig, validation_fraction: float = 0.5) -> Emulation:
+        validation, test = data.validation_test(validation_fraction)
+        return cls(array, validation, test, cfg, Ledger(len(test.x_test)))
+
+    def fork(self) -> Emulation:
+        """The same emulation with a ledger of its own (a strategy run beside another)."""
+        return Emulation(self.array, self.validation, self.test, self.cfg, Ledger(self.ledger.test_size))
+
+    @property
+    def train_data(self) -> Dataset:
+        return self.validation  # both splits carry the same train split
+
+    def verify(self, model: nn.Module, fm: FaultMap | None, *, protect: Sequence[str] = (), kind: str) -> float:
+        """Accuracy on the test split (verification: no decision may use it)."""
+        self.ledger.evaluate(kind, len(self.test.x_test))
+        return float(acc.evaluate(model, self.array, fm, self.test, protect=tuple(protect), device=self.cfg.device))
+
+    def validate(self, model: nn.Module, fm: FaultMap | None, *, protect: Sequence[str] = (), kind: str) -> float:
+        """Accuracy on the validation split (what decisions use)."""
+        self.ledger.evaluate(kind, len(self.validation.x_test))
+        return float(
+            acc.evaluate(model, self.array, fm, self.validation, protect=tuple(protect), device=self.cfg.device)
+        )
+
+    def screen(
+        self, model: nn.Module, fm: FaultMap | None, floor: float, *, protect: Sequence[str] = (), kind: str
+    ) -> float:
+        """Validation accuracy, read only until it is certain to end below `floor`
+        (`accelerator.bounded_accuracy`): exact at or above `floor`, an estimate below it."""
+        accuracy, seen = acc.bounded_accuracy(
+            model, self.array, fm, self.validation, floor, protect=tuple(protect), device=self.cfg.device
+        )
+        self.ledger.evaluate(kind, seen)
+        return float(accuracy)
+
+    def thresholds(self, base: nn.Module, constraint: AccuracyConstraint) -> Thresholds:
+        """The constraint on each split, from the base model's fault-free accuracy there."""
+        val = self.validate(base, None, kind="baseline")
+        test = self.verify(base, None, kind="baseline")
+        return Thresholds(val, test, constraint.threshold(val), constraint.threshold(test))
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Fault-free accuracies of the base model and the constraint's floor, per split."""
+
+    baseline_validation: float
+    baseline_test: float
+    decision: float  # on the validation split
+    verification: float  # on the test split
+
+    def met(self, test_accuracy: float | None) -> bool:
+        return test_accuracy is not None and test_accuracy >= self.verification - 1e-12
+
+
+# --- the model library -----------------------------------------------------------------
+
+
+@dataclass
+class LibraryModel:
+    """A verified model of one base model on one accelerator that later chips may run:
+    the base (`key` "base"), the fault-robust base ("robust"), or a group's model (its
+    group id, with the group's `fused` map, whose dead PEs every chip running it bypasses,
+    and its `protect`ed layers)."""
+
+    key: str
+    model: nn.Module
+    fused: FaultMap | None = None
+    protect: tuple[str, ...] = ()
+
+    def deployed(self, fm: FaultMap) -> FaultMap:
+        """`fm` as a chip runs this model: a group model's fused dead PEs bypassed too."""
+        return fm if self.fused is None else group_deployment(fm, self.fused)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How a library model serves a chip: the model, the bypass policy (None: its own map),
+    and the validation accuracy there (which meets the decision threshold)."""
+
+    key: str
+    policy: str | None
+    accuracy: float
+
+
+@dataclass
+class Screen:
+    """One chip screened against the library: the first model that serves it (None: none
+    does) with that model's validation accuracy on each deployment of the chip (`fit_scores`,
+    policy None: its own map), and the group base model's (`base`, when it was tried).
+    Accuracies are exact where they meet the threshold, estimates below it."""
+
+    fit: Fit | None
+    fit_scores: dict[str | None, float]
+    base: dict[str | None, float]
 
 
 def deployments(fm: FaultMap, bypass: bool = True) -> list[tuple[str | None, FaultMap]]:
@@ -244,19 +417,138 @@ def deployments(fm: FaultMap, bypass: bool = True) -> list[tuple[str | None, Fau
     return options
 
 
-def screen_bypassed(
-    model: nn.Module, array: ArrayConfig, data: Dataset, maps: Sequence[FaultMap], *, device: str | None = None
-) -> dict[str, dict[str, float]]:
-    """Base-model accuracy of each chip deployed under each bypass policy (`deployments`).
+def best_deployment(
+    em: Emulation, lm: LibraryModel, fm: FaultMap, floor: float, *, bypass: bool, kind: str
+) -> tuple[Fit | None, dict[str | None, float]]:
+    """The deployment of `fm` on which `lm` scores best on validation, if it meets `floor`.
 
-    chip id -> {policy: accuracy}, listing only the policies that change a chip's map
-    (nothing on an array without bypass support): what `plan_fleet(bypass_screening=...)` takes.
+    Ties go to the chip's own map, then to the policy that bypasses fewer PEs (as
+    `planner.plan_fleet` decides). Each deployment is read only until it is certain to
+    end below the best so far (and below `floor`), so the choice is exact where it
+    matters: (fit or None, accuracy per policy).
     """
-    out: dict[str, dict[str, float]] = {}
-    for m in maps:
-        for policy, deployed in deployments(m)[1:]:
-            out.setdefault(str(m.chip_id), {})[str(policy)] = acc.evaluate(model, array, deployed, data, device=device)
+    scores: dict[str | None, float] = {}
+    best: tuple[float, int, int, str | None] | None = None
+    for i, (policy, m) in enumerate(deployments(fm, bypass)):
+        bar = floor if best is None else max(floor, best[0])
+        a = em.screen(lm.model, lm.deployed(m), bar, protect=lm.protect, kind=kind)
+        scores[policy] = a
+        if a >= floor - 1e-12:
+            rank = (a, -(len(acc.bypassed_pes(fm, policy)) if policy else 0), -i, policy)
+            if best is None or rank[:3] > best[:3]:
+                best = rank
+    return (None if best is None else Fit(lm.key, best[3], best[0])), scores
+
+
+def pe_set(fm: FaultMap) -> set[tuple[int, int]]:
+    return {(f.row, f.col) for f in fm.faults}
+
+
+def library_order(library: Sequence[LibraryModel], fm: FaultMap, max_groups: int) -> list[LibraryModel]:
+    """The library models to try on a chip, most likely fit first: the base models, then
+    the `max_groups` group models whose fused maps share most of the chip's faulty PEs
+    (none that shares none: a group model was never trained against any of its faults)."""
+    bases = [lm for lm in library if lm.fused is None]
+    pes = pe_set(fm)
+    scored = [(len(pes & pe_set(lm.fused)), i, lm) for i, lm in enumerate(library) if lm.fused is not None]
+    near = sorted((s for s in scored if s[0] > 0), key=lambda s: (-s[0], s[1]))[:max_groups]
+    return bases + [lm for _, _, lm in near]
+
+
+def screen_fleet(
+    em: Emulation,
+    library: Sequence[LibraryModel],
+    maps: Sequence[FaultMap],
+    floor: float,
+    *,
+    bypass: bool,
+    group_base: str,
+    max_groups: int = 3,
+    on_progress: Progress | None = None,
+) -> dict[str, Screen]:
+    """Every chip against the library (`library_order`), until a model serves it.
+
+    Cost goes to the ledger as "screening" (the first library model, the base) and
+    "library" (every later one)."""
+    out: dict[str, Screen] = {}
+    for n, fm in enumerate(maps, start=1):
+        screen = Screen(None, {}, {})
+        for i, lm in enumerate(library_order(library, fm, max_groups)):
+            kind = "screening" if i == 0 else "library"
+            fit, scores = best_deployment(em, lm, fm, floor, bypass=bypass, kind=kind)
+            if lm.key == group_base:
+                screen.base = scores
+            if fit is not None:
+                screen.fit, screen.fit_scores = fit, scores
+                break
+        out[str(fm.chip_id)] = screen
+        if on_progress is not None and (n % 100 == 0 or n == len(maps)):
+            on_progress(f"screened {n}/{len(maps)} chips, {sum(1 for s in out.values() if s.fit)} served")
     return out
+
+
+def plan_inputs(screens: Mapping[str, Screen]) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, str]]:
+    """`planner.plan_fleet`'s screening, bypass screening and served-by from screens.
+
+    A served chip is given the scores of the model that serves it (so the plan deploys it
+    as the fit does and it needs nothing); a chip no model serves, the group base's scores.
+    """
+    screening: dict[str, float] = {}
+    bypass: dict[str, dict[str, float]] = {}
+    served: dict[str, str] = {}
+    for cid, sc in screens.items():
+        scores = sc.fit_scores if sc.fit is not None else sc.base
+        if sc.fit is not None:
+            served[cid] = sc.fit.key
+        screening[cid] = scores.get(None, 0.0)
+        bypass[cid] = {str(p): a for p, a in scores.items() if p is not None}
+    return screening, bypass, served
+
+
+# --- the fault-robust base model -------------------------------------------------------
+
+
+def train_robust_base(
+    em: Emulation,
+    base: nn.Module,
+    maps: Sequence[FaultMap],
+    *,
+    epochs: int,
+    lr: float,
+    policy: str = "shadowed",
+    seed: int = 0,
+    checkpoint: Path | None = None,
+    on_progress: EpochProgress | None = None,
+) -> nn.Module:
+    """`base` fault-aware trained on fault maps drawn per step from `maps` (the fleet's own),
+    each deployed with `policy`'s bypass where the array supports it, so that what it
+    learns is the prunings chips run with (random fault injection, Zahid et al. 2020;
+    random bit errors, Stutz et al. 2021). Charged to the ledger as "robust_base"."""
+    if not maps:
+        raise ValueError("train_robust_base: no fault maps to draw from")
+    pool = [acc.bypass_faulty_pes(m, policy) if m.array.bypass else m for m in maps]
+
+    def draw(epoch: int, step: int) -> FaultMap:
+        return pool[int(np.random.default_rng([seed, epoch, step]).integers(len(pool)))]
+
+    model = acc.fault_aware_train(
+        base,
+        em.array,
+        draw,
+        em.train_data,
+        epochs,
+        lr=lr,
+        batch_size=em.cfg.batch_size,
+        seed=seed,
+        checkpoint=checkpoint,
+        on_progress=on_progress,
+        device=em.cfg.device,
+    )
+    em.ledger.train("robust_base", epochs)
+    return model
+
+
+# --- retraining, verification, rounds --------------------------------------------------
 
 
 def most_sensitive_layer(
@@ -283,7 +575,7 @@ def retrain_group(
     """`model` retrained `group.amount` epochs on the group's schedule over its members' maps
     (checkpointed every epoch and resumable when `checkpoint_dir` is given, see `train_through`).
 
-    `model` is the base model, or for a group that continues another (`group.warm_from`)
+    `model` is the group base model, or for a group that continues another (`group.warm_from`)
     that group's retrained model, which had seen `group.start_epoch` epochs.
 
     Weights on the fused map's dead (or bypassed) PEs are 0 before and after training: on
@@ -311,133 +603,461 @@ def retrain_group(
     return acc.prune_dead_pes(runs[-1][1] if runs else model, array, group.fused)
 
 
-def verify_group(
-    retrained: nn.Module,
-    array: ArrayConfig,
-    data: Dataset,
-    members: Sequence[str],
+@dataclass
+class GroupResult:
+    """A group retrained and verified: each member's validation accuracy (what `replan`
+    decides on) and test accuracy (what it ships with), the protected layers and their
+    latency penalty (`accelerator.tmr_penalty`), and the model."""
+
+    validation: dict[str, float]
+    test: dict[str, float]
+    protect: tuple[str, ...]
+    tmr_penalty: float
+    model: nn.Module | None = None  # None where a service job stored it instead
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a service job stores (all but the model)."""
+        return {
+            "validation": self.validation,
+            "test": self.test,
+            "protect": list(self.protect),
+            "tmr_penalty": self.tmr_penalty,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GroupResult:
+        return cls(
+            {c: float(a) for c, a in d["validation"].items()},
+            {c: float(a) for c, a in d["test"].items()},
+            tuple(d.get("protect", ())),
+            float(d.get("tmr_penalty", 0.0)),
+        )
+
+
+def protection(em: Emulation, group: Group, group_base: nn.Module) -> tuple[tuple[str, ...], float]:
+    """The layers a group protects (the group base's most sensitive one on the fused map, when
+    the plan asks) and their latency penalty (`accelerator.tmr_penalty`)."""
+    if not group.protect:
+        return (), 0.0
+    layer = most_sensitive_layer(group_base, em.array, group.fused, em.validation, device=em.cfg.device)
+    em.ledger.evaluate("sensitivity", len(em.validation.x_test) * len(acc.lowered_layers(group_base)))
+    layer_cycles = acc.cycles(group_base, em.array, em.train_data.input_shape, batch=1)
+    return (layer,), float(acc.tmr_penalty(layer_cycles, (layer,)))
+
+
+def verify_members(
+    em: Emulation,
+    model: nn.Module,
+    group: Group,
     maps: Mapping[str, FaultMap],
+    protect: tuple[str, ...] = (),
+    tmr_penalty: float = 0.0,
+) -> GroupResult:
+    """A group's retrained `model` on every member as deployed with the group's bypass and
+    `protect`ed layers, on both splits (charged as "verification")."""
+    validation, test = {}, {}
+    for c in group.members:
+        deployed = group_deployment(maps[c], group.fused)
+        validation[c] = em.validate(model, deployed, protect=protect, kind="verification")
+        test[c] = em.verify(model, deployed, protect=protect, kind="verification")
+    return GroupResult(validation, test, protect, tmr_penalty, model)
+
+
+def retrain_and_verify(
+    em: Emulation,
+    start: nn.Module,
+    group: Group,
+    maps: Mapping[str, FaultMap],
+    grid: Sequence[int],
     *,
-    protect: Sequence[str] = (),
-    fused: FaultMap | None = None,
-    device: str | None = None,
-) -> dict[str, float]:
-    """The retrained model's accuracy on each member chip's own map, by chip id.
+    group_base: nn.Module,
+    checkpoint_dir: Path | None = None,
+    on_progress: EpochProgress | None = None,
+) -> GroupResult:
+    """The per-group step of a round: `protection`, retrain from `start` (the group base, or
+    the model of the group it continues), `verify_members`. Charged to the ledger: the
+    group's epochs as "groups", its evaluations as "verification"."""
+    protect, tmr = protection(em, group, group_base)
+    model = retrain_group(
+        start,
+        em.array,
+        em.train_data,
+        group,
+        maps,
+        grid,
+        em.cfg,
+        protect=protect,
+        checkpoint_dir=checkpoint_dir,
+        on_progress=on_progress,
+    )
+    em.ledger.train("groups", group.amount)
+    return verify_members(em, model, group, maps, protect, tmr)
 
-    `fused`: the group's fused map; each member is then verified as deployed with the
-    group's model, the fused map's dead PEs bypassed too (`planner.group_deployment`)."""
-    out = {}
-    for c in members:
-        deployed = maps[c] if fused is None else group_deployment(maps[c], fused)
-        out[c] = acc.evaluate(retrained, array, deployed, data, protect=tuple(protect), device=device)
-    return out
+
+def apply_round(plan: Plan, validation: Mapping[str, float], test: Mapping[str, float]) -> Plan:
+    """`planner.replan` on the round's validation accuracies, and each member's test
+    accuracy recorded beside them (reported, never decided on)."""
+    new = replan(plan, validation)
+    for c, a in test.items():
+        new.chips[c].test_accuracy = float(a)
+    return new
 
 
-# --- the loop ---------------------------------------------------------------------------
+def run_rounds(
+    plan: Plan,
+    run_round: Callable[[Plan, list[Group]], dict[str, GroupResult]],
+    *,
+    max_rounds: int = 20,
+    on_round: Callable[[Plan, dict[str, GroupResult]], None] | None = None,
+) -> Plan:
+    """The round loop: retrain and verify every pending group (`run_round`: group id ->
+    result), then `apply_round`, until every chip is verified or unrecoverable."""
+    rounds = 0
+    while not plan.done and rounds < max_rounds:
+        results = run_round(plan, plan.pending_groups)
+        validation = {c: a for r in results.values() for c, a in r.validation.items()}
+        test = {c: a for r in results.values() for c, a in r.test.items()}
+        plan = apply_round(plan, validation, test)
+        rounds += 1
+        if on_round is not None:
+            on_round(plan, results)
+    return plan
+
+
+# --- the fleet loop ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """How a fleet is served. faultfleet's defaults; `FleetSettings.fap_t()` the baseline.
+
+    - `max_group_size`: chips sharing one retraining (1: every chip alone).
+    - `bypass`: chips may run with faulty PEs bypassed (on arrays that support it).
+    - `robust_base`: "auto" (trained when `planner.economics.robust_base_pays`), "on", "off":
+      a fault-robust base model trained `robust_epochs` at `robust_lr` on the fleet's maps.
+    - `resilience_map`: "auto" (`planner.economics.resilience_map_pays`), "on", "off": a
+      measured eFAT map over `map_rates` x `ladder` with `map_samples` maps a rate, or
+      (off) the ladder alone, which verification climbs (`ResilienceMap.ladder`).
+    - `library`: later chips are served from the library before anything is planned.
+    """
+
+    max_group_size: int = 5
+    bypass: bool = True
+    robust_base: str = "auto"
+    robust_epochs: int = 3
+    robust_lr: float = 0.002
+    resilience_map: str = "auto"
+    ladder: tuple[int, ...] = (0, 1, 2, 4, 8)
+    map_rates: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04, 0.08)
+    map_samples: int = 2
+    severity_samples: int = 3
+    schedule: str = "progressive_union"
+    placement: str = "screening"
+    library: bool = True
+    library_groups: int = 3
+    seed: int = 0
+    max_rounds: int = 20
+
+    def __post_init__(self) -> None:
+        for name in ("robust_base", "resilience_map"):
+            if getattr(self, name) not in ("auto", "on", "off"):
+                raise ValueError(f"{name}: {getattr(self, name)!r} is not one of auto, on, off")
+        if self.max_group_size < 1:
+            raise ValueError(f"max_group_size: {self.max_group_size} must be >= 1")
+        if self.robust_epochs < 1 or not self.robust_lr > 0:
+            raise ValueError("robust_epochs must be >= 1 and robust_lr > 0")
+
+    @classmethod
+    def fap_t(cls, **overrides: Any) -> FleetSettings:
+        """FAP+T (Zhang et al. 2018): each chip with its best bypass, each chip still failing
+        retrained alone on the ladder (1, 2, 4, 8 epochs, warm), then with its most
+        sensitive layer protected; no map, no robust base, no library."""
+        return cls(
+            **{"max_group_size": 1, "robust_base": "off", "resilience_map": "off", "library": False, **overrides}
+        )
 
 
 @dataclass
-class FleetRun:
-    """Outcome of `run_plan`: the final plan, epochs trained, wall time (s), protection per chip."""
+class FleetOutcome:
+    """A fleet served: the final plan (each chip's state, test accuracy and serving model),
+    what it cost, the thresholds, the library it leaves for later chips, the protection
+    per chip, the decisions taken on the way and why, and its wall time (s)."""
 
     plan: Plan
-    retraining_epochs: int = 0
-    wall_s: float = 0.0
-    rounds: int = 0
-    protection: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ledger: Ledger
+    thresholds: Thresholds
+    library: list[LibraryModel]
+    protection: dict[str, dict[str, Any]]
+    decisions: dict[str, Any]
+    wall_s: float
+    rounds: int
 
-    def accuracies(self) -> dict[str, float]:
-        """Final accuracy per chip: verified / screening accuracy, best reached for unrecoverable chips."""
-        out = {}
-        for c, st in self.plan.chips.items():
-            acc = st.accuracy if st.status in ("verified", "needs_nothing") else st.best_accuracy
-            out[c] = float(acc if acc is not None else 0.0)
-        return out
-
-
-def run_plan(
-    model: nn.Module,
-    array: ArrayConfig,
-    data: Dataset,
-    plan: Plan,
-    cfg: TrainConfig,
-    *,
-    max_rounds: int = 20,
-    on_progress: Progress | None = None,
-) -> FleetRun:
-    """Retrain and verify every pending group, replan, until the plan is done (or `max_rounds`)."""
-    t0 = time.perf_counter()
-    run = FleetRun(plan)
-    grid = plan.resilience_map.epochs
-    layer_cycles = acc.cycles(model, array, data.input_shape, batch=1)
-    trained: dict[str, nn.Module] = {}  # the last round's models, which the next round may continue
-    while not run.plan.done and run.rounds < max_rounds:
-        verification: dict[str, float] = {}
-        pending = run.plan.pending_groups
-        this_round: dict[str, nn.Module] = {}
-        for i, g in enumerate(pending, start=1):
-            protect: tuple[str, ...] = ()
-            if g.protect:
-                protect = (most_sensitive_layer(model, array, g.fused, data, device=cfg.device),)
-                for c in g.members:
-                    run.protection[c] = {"layer": protect[0], "tmr_penalty": acc.tmr_penalty(layer_cycles, protect)}
-            start = trained[g.warm_from] if g.warm_from else model
-            retrained = retrain_group(start, array, data, g, run.plan.maps, grid, cfg, protect=protect)
-            this_round[g.group_id] = retrained
-            run.retraining_epochs += g.amount
-            verification.update(
-                verify_group(
-                    retrained, array, data, g.members, run.plan.maps, protect=protect, fused=g.fused, device=cfg.device
-                )
-            )
-            if on_progress is not None:
-                on_progress(
-                    f"round {run.rounds} group {i}/{len(pending)} {g.group_id} size={len(g.members)} "
-                    f"amount={g.amount} after={g.start_epoch} protect={list(protect)} "
-                    f"min_acc={min(verification[c] for c in g.members):.4f} "
-                    f"accs={[round(verification[c], 4) for c in g.members]}"
-                )
-        run.plan = replan(run.plan, verification)
-        trained = this_round
-        run.rounds += 1
-    run.wall_s = time.perf_counter() - t0
-    return run
+    def record(self) -> dict[str, Any]:
+        """The JSON figures of this run (accuracies on the test split)."""
+        chips = self.plan.chips
+        test = [st.test_accuracy for st in chips.values()]
+        meeting = sum(1 for a in test if self.thresholds.met(a))
+        served: dict[str, int] = {}
+        for st in chips.values():
+            if st.status == NEEDS_NOTHING:
+                kind = st.served_by if st.served_by in ("base", "robust") else "group_model"
+                served[str(kind)] = served.get(str(kind), 0) + 1
+        known = [a for a in test if a is not None]
+        return {
+            **self.ledger.to_dict(),
+            "wall_s": round(self.wall_s, 1),
+            "chips": len(chips),
+            "chips_meeting_constraint": meeting,
+            "chips_unrecoverable": len(self.plan.chips_with(UNRECOVERABLE)),
+            "chips_verified": len(self.plan.chips_with(VERIFIED)),
+            "chips_served_without_retraining": dict(sorted(served.items())),
+            "chips_retrained": sum(1 for st in chips.values() if st.status != NEEDS_NOTHING),
+            "groups": len(self.plan.groups),
+            "rounds": self.rounds,
+            "protected_chips": len(self.protection),
+            "worst_test_accuracy": round(min(known), 4) if known else None,
+            "mean_test_accuracy": round(sum(known) / len(known), 4) if known else None,
+            "decisions": self.decisions,
+        }
 
 
-def run_fleet(
-    model: nn.Module,
-    array: ArrayConfig,
-    data: Dataset,
+@dataclass
+class PlannedBatch:
+    """A batch of chips planned (`plan_batch`): the plan, the library as it stands (the
+    robust base added if one was trained), the key of the model groups start from, the
+    thresholds, and the decisions taken on the way and why."""
+
+    plan: Plan
+    library: list[LibraryModel]
+    group_base: str
+    thresholds: Thresholds
+    decisions: dict[str, Any]
+
+    def model(self, key: str) -> LibraryModel:
+        return next(lm for lm in self.library if lm.key == key)
+
+
+RobustTrainer = Callable[[nn.Module, Sequence[FaultMap]], nn.Module]
+MapBuilder = Callable[[nn.Module, Thresholds], tuple[ResilienceMap, SiteSeverity]]
+
+
+def plan_batch(
+    em: Emulation,
+    base: nn.Module,
     maps: Sequence[FaultMap],
-    screening: Mapping[str, float],
-    rmap: ResilienceMap,
     constraint: AccuracyConstraint,
-    cfg: TrainConfig,
+    settings: FleetSettings,
     *,
-    severity: SiteSeverity | None = None,
-    max_group_size: int = 5,
-    seed: int = 0,
-    schedule: str = "progressive_union",
-    placement: str = "screening",
-    bypass_screening: Mapping[str, Mapping[str, float]] | None = None,
+    library: Sequence[LibraryModel] | None = None,
+    thresholds: Thresholds | None = None,
+    screens: Mapping[str, Screen] | None = None,
+    train_robust: RobustTrainer | None = None,
+    build_map: MapBuilder | None = None,
     on_progress: Progress | None = None,
-) -> FleetRun:
-    """Plan a screened fleet and run the plan to the end (faultfleet's strategy).
+) -> PlannedBatch:
+    """Steps 1-3 of `run_fleet`: screen against the library, a robust base where it pays,
+    a map or the ladder, and `planner.plan_fleet`.
 
-    `bypass_screening` (from `screen_bypassed`) lets the plan deploy chips with their faulty
-    PEs bypassed where that helps, see `planner.plan_fleet`."""
+    `train_robust(base, maps)` and `build_map(group base, thresholds)` do the training
+    (default: here, in this process; the service passes checkpointed and fanned-out ones);
+    both must charge their epochs to `em.ledger`.
+    """
+    say = on_progress or (lambda _msg: None)
+    thr = thresholds or em.thresholds(base, constraint)
+    lib = list(library) if library else [LibraryModel("base", base)]
+    if not settings.library:
+        lib = [lm for lm in lib if lm.key == "base"]
+    group_base = "robust" if any(lm.key == "robust" for lm in lib) else "base"
+    if screens is None:
+        screens = screen_fleet(
+            em,
+            lib,
+            maps,
+            thr.decision,
+            bypass=settings.bypass,
+            group_base=group_base,
+            max_groups=settings.library_groups if settings.library else 0,
+            on_progress=say,
+        )
+    screens = dict(screens)
+    by_id = {str(m.chip_id): m for m in maps}
+    failing = [c for c, s in screens.items() if s.fit is None]
+    say(f"{len(maps) - len(failing)} of {len(maps)} chips served by the library; {len(failing)} to plan")
+    decisions: dict[str, Any] = {"failing_after_library": len(failing)}
+
+    # the fault-robust base: trained once, only where it is predicted to pay
+    wants_robust = settings.robust_base == "on" or (
+        settings.robust_base == "auto"
+        and robust_base_pays(len(failing), max_group_size=settings.max_group_size, robust_epochs=settings.robust_epochs)
+    )
+    decisions["robust_base"] = {"trained": False, "in_library": group_base == "robust"}
+    if group_base == "base" and failing and wants_robust and settings.library:
+        say(f"training a fault-robust base model ({settings.robust_epochs} epochs on the fleet's maps)")
+        if train_robust is None:
+            robust = train_robust_base(
+                em, base, maps, epochs=settings.robust_epochs, lr=settings.robust_lr, seed=settings.seed
+            )
+        else:
+            robust = train_robust(base, maps)
+        fault_free = em.validate(robust, None, kind="robust_screening")
+        decisions["robust_base"] = {"trained": True, "fault_free_validation_accuracy": round(fault_free, 4)}
+        if fault_free >= thr.decision - 1e-12:  # never a model that misses on a fault-free chip
+            lm = LibraryModel("robust", robust)
+            lib.insert(1, lm)
+            group_base = "robust"
+            again = screen_fleet(
+                em, [lm], [by_id[c] for c in failing], thr.decision, bypass=settings.bypass, group_base="robust"
+            )
+            screens.update(again)  # chips the base serves keep it: the robust base only sees the others
+            served = sum(1 for sc in again.values() if sc.fit is not None)
+            decisions["robust_base"]["served"] = served
+            say(f"the robust base serves {served} of the {len(failing)} chips")
+            failing = [c for c in failing if screens[c].fit is None]
+    gb = next(lm for lm in lib if lm.key == group_base)
+
+    # a measured resilience map where it pays, else the ladder that verification climbs
+    map_epochs = len(settings.map_rates) * settings.map_samples * max(settings.ladder)
+    wants_map = settings.resilience_map == "on" or (
+        settings.resilience_map == "auto"
+        and bool(failing)
+        and resilience_map_pays(len(failing), max_group_size=settings.max_group_size, map_epochs=map_epochs)
+    )
+    if wants_map:
+        say(f"measuring the resilience map ({map_epochs} cell epochs)")
+        rmap, severity = (build_map or _map_builder(em, settings))(gb.model, thr)
+    else:
+        rmap, severity = ResilienceMap.ladder(settings.ladder, thr.baseline_validation), SiteSeverity.uniform()
+    decisions["resilience_map"] = "measured" if wants_map else "ladder"
+
+    screening, bypass_screening, served_by = plan_inputs(screens)
     plan = plan_fleet(
-        maps,
+        list(maps),
         screening,
         rmap,
         constraint,
-        max_group_size=max_group_size,
+        max_group_size=settings.max_group_size,
         severity=severity,
-        seed=seed,
-        schedule=schedule,
-        placement=placement,
-        bypass_screening=bypass_screening,
+        seed=settings.seed,
+        schedule=settings.schedule,
+        placement=settings.placement,
+        bypass_screening=bypass_screening if settings.bypass else None,
+        served_by=served_by,
     )
-    if on_progress is not None:
-        on_progress(f"plan: {plan.summary()}")
-    return run_plan(model, array, data, plan, cfg, on_progress=on_progress)
+    say(f"plan: {plan.summary()}")
+    return PlannedBatch(plan, lib, group_base, thr, decisions)
+
+
+def _map_builder(em: Emulation, settings: FleetSettings) -> MapBuilder:
+    """A measured map and per-class severity in this process, charged to `em.ledger`."""
+
+    def build(model: nn.Module, thr: Thresholds) -> tuple[ResilienceMap, SiteSeverity]:
+        severity = measure_site_severity(
+            em.array,
+            lambda fm: em.validate(model, fm, kind="severity"),
+            thr.baseline_validation,
+            rate=settings.map_rates[min(1, len(settings.map_rates) - 1)],
+            samples=settings.severity_samples,
+            seed=settings.seed,
+        )
+        rmap = build_resilience_map(
+            model,
+            em.array,
+            em.validation,
+            settings.map_rates,
+            settings.ladder,
+            settings.map_samples,
+            em.cfg,
+            baseline=thr.baseline_validation,
+            seed=settings.seed,
+        )
+        em.ledger.train("resilience_map", rmap.training_epochs)
+        em.ledger.evaluate(
+            "resilience_map", len(rmap.rates) * rmap.samples * len(rmap.epochs) * len(em.validation.x_test)
+        )
+        return rmap, severity
+
+    return build
+
+
+def verify_served(em: Emulation, plan: Plan, library: Sequence[LibraryModel]) -> None:
+    """Every chip that needs no retraining verified on the test split with the library
+    model that serves it (sets its `test_accuracy`)."""
+    by_key = {lm.key: lm for lm in library}
+    for cid, st in plan.chips.items():
+        if st.status == NEEDS_NOTHING:
+            lm = by_key[str(st.served_by)]
+            st.test_accuracy = em.verify(lm.model, lm.deployed(plan.maps[cid]), protect=lm.protect, kind="verification")
+
+
+def run_fleet(
+    em: Emulation,
+    base: nn.Module,
+    maps: Sequence[FaultMap],
+    constraint: AccuracyConstraint,
+    settings: FleetSettings | None = None,
+    *,
+    library: Sequence[LibraryModel] | None = None,
+    thresholds: Thresholds | None = None,
+    screens: Mapping[str, Screen] | None = None,
+    on_progress: Progress | None = None,
+) -> FleetOutcome:
+    """Serve a batch of chips in this process: `plan_batch`, rounds of `retrain_and_verify`
+    and `apply_round` (`run_rounds`), verified group models into the library, and every chip
+    verified on the test split (`verify_served`). The service runs the same steps job by job.
+
+    `library`: the models earlier batches left (None: the base alone). `thresholds`,
+    `screens`: measured already (by another strategy on the same fleet); their cost is
+    then the caller's to charge. Everything else is charged to `em.ledger`.
+    """
+    settings = settings or FleetSettings()
+    say = on_progress or (lambda _msg: None)
+    t0 = time.perf_counter()
+    batch = plan_batch(
+        em, base, maps, constraint, settings, library=library, thresholds=thresholds, screens=screens, on_progress=say
+    )
+    lib, gb = batch.library, batch.model(batch.group_base)
+    models: dict[str, nn.Module] = {}
+    protection: dict[str, dict[str, Any]] = {}
+    rounds = 0
+
+    def run_round(p: Plan, pending: list[Group]) -> dict[str, GroupResult]:
+        out = {}
+        for g in pending:
+            start = models[g.warm_from] if g.warm_from else gb.model
+            r = retrain_and_verify(em, start, g, p.maps, p.resilience_map.epochs, group_base=gb.model)
+            assert r.model is not None
+            models[g.group_id] = r.model
+            out[g.group_id] = r
+            if r.protect:
+                protection.update({c: {"layer": r.protect[0], "tmr_penalty": r.tmr_penalty} for c in g.members})
+        return out
+
+    def on_round(p: Plan, results: dict[str, GroupResult]) -> None:
+        nonlocal rounds
+        rounds += 1
+        if settings.library:
+            lib.extend(library_additions(p, results))
+        summary = p.summary()
+        say(
+            f"round {rounds}: {len(results)} groups, {summary['verified']} verified, "
+            f"{summary['unrecoverable']} unrecoverable, {em.ledger.training_epochs_total} epochs so far"
+        )
+
+    plan = run_rounds(batch.plan, run_round, max_rounds=settings.max_rounds, on_round=on_round)
+    verify_served(em, plan, lib)
+    return FleetOutcome(
+        plan, em.ledger, batch.thresholds, lib, protection, batch.decisions, time.perf_counter() - t0, rounds
+    )
+
+
+def library_additions(plan: Plan, results: Mapping[str, GroupResult]) -> list[LibraryModel]:
+    """The round's group models that serve a verified member: what later chips may run."""
+    by_gid = {g.group_id: g for g in plan.groups}
+    out = []
+    for gid, r in results.items():
+        g = by_gid[gid]
+        if r.model is not None and any(
+            plan.chips[c].status == VERIFIED and plan.chips[c].group_id == gid for c in g.members
+        ):
+            out.append(LibraryModel(gid, r.model, g.fused, r.protect))
+    return out

@@ -300,7 +300,33 @@ class ChipAssignment(Base):
     bypass: Mapped[str | None] = mapped_column(
         String(16), doc="bypass policy the chip is deployed with (accelerator.faults.BYPASS_POLICIES), null: none"
     )
+    library_model_id: Mapped[int | None] = mapped_column(
+        ForeignKey("library_models.id"), index=True, doc="the library model the chip runs (null: none yet)"
+    )
+    test_accuracy: Mapped[float | None] = mapped_column(Float, doc="on the test split, which no decision saw")
     updated_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
 
     artifact: Mapped[Artifact | None] = relationship()
     group: Mapped[GroupRecord | None] = relationship()
+    library_model: Mapped[LibraryModelRecord | None] = relationship()
+
+
+class LibraryModelRecord(Base):
+    """A verified model of one base model that later chips may run without retraining:
+    the base itself, its fault-robust version, or a group's retrained model."""
+
+    __tablename__ = "library_models"
+    __table_args__ = (UniqueConstraint("base_model_id", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id", ondelete="CASCADE"), index=True)
+    key: Mapped[str] = mapped_column(String(64), doc="'base', 'robust', or 'plan<id>:<group key>'")
+    kind: Mapped[str] = mapped_column(String(16), doc="base, robust, or group")
+    artifact_id: Mapped[int] = mapped_column(ForeignKey("artifacts.id"), doc="the weights (safetensors)")
+    group_id: Mapped[int | None] = mapped_column(ForeignKey("plan_groups.id", ondelete="SET NULL"))
+    fused_map: Mapped[dict[str, Any] | None] = mapped_column(JSON, doc="a group model's fused map")
+    protect_layer: Mapped[str | None] = mapped_column(String(128))
+    training_epochs: Mapped[int] = mapped_column(Integer, default=0, doc="epochs trained to make it")
+    created_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
+
+    artifact: Mapped[Artifact] = relationship()

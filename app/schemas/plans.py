@@ -107,6 +107,16 @@ class PlanIn(BaseModel):
         "needs an accelerator profile with bypass support",
     )
     resilience: ResilienceGrid = Field(default_factory=ResilienceGrid)
+    resilience_map: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="measure the resilience map over `resilience` (on), climb its epochs as a ladder by "
+        "verification with no map (off), or measure it only where it is predicted to pay (auto)",
+    )
+    robust_base: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="train a fault-robust base model on the fleet's own maps for the library (on), never (off), "
+        "or where it is predicted to save more retraining than it costs (auto)",
+    )
     train: TrainIn = Field(default_factory=TrainIn)
     seed: int = Field(default=0, ge=0)
 
@@ -163,3 +173,21 @@ class ResilienceMapOut(BaseModel):
     params: dict[str, Any]
     training_epochs: int | None
     map: dict[str, Any] | None
+
+
+class LibraryModelOut(BaseModel):
+    key: str = Field(description="'base', 'robust', or 'plan<id>:<group key>'")
+    kind: Literal["base", "robust", "group"]
+    group_id: int | None
+    chips_served: int = Field(description="chips whose assignment runs this model")
+    training_epochs: int = Field(description="epochs trained to make it (0 for the base)")
+    protect_layer: str | None
+    fused_map_digest: str | None
+    sha256: str
+    created_at: UTCDateTime
+
+
+class LibraryOut(BaseModel):
+    model: str
+    models: list[LibraryModelOut]
+    chips_served: int

@@ -140,6 +140,8 @@ def new_plan(session: Session, body: PlanIn, bm: ModelRecord) -> PlanRecord:
             "schedule": body.schedule,
             "bypass": body.bypass,
             "resilience": body.resilience.model_dump(),
+            "resilience_map": body.resilience_map,
+            "robust_base": body.robust_base,
             "train": body.train.model_dump(),
             "seed": body.seed,
         },
@@ -298,6 +300,15 @@ def chip_bypass(chip: Chip, policy: str | None, group_fused: dict[str, Any] | No
     return {"policy": policy, "pes": [list(pe) for pe in pes]}
 
 
+def chip_model_kind(a: ChipAssignment) -> str:
+    """What a chip's model file is: a group's model, or the (robust) base with its dead PEs' weights at 0."""
+    if a.group_id is not None:
+        return "group_model"
+    if a.library_model is not None and a.library_model.kind == "robust":
+        return "robust_base_pruned_for_dead_pes"
+    return "base_model_pruned_for_dead_pes"
+
+
 def chip_manifest(session: Session, chip: Chip, a: ChipAssignment) -> bytes:
     """The chip's own manifest: its group's (with this chip's accuracy) or the pruned base model's."""
     bm = session.get(ModelRecord, a.base_model_id)
@@ -313,7 +324,8 @@ def chip_manifest(session: Session, chip: Chip, a: ChipAssignment) -> bytes:
         "fault_map_digest": chip.faults_digest,
         "status": a.status,
         "source": a.source,
-        "accuracy": a.accuracy,
+        "accuracy": a.test_accuracy,
+        "validation_accuracy": a.accuracy,
         "plan_id": a.plan_id,
         "base_model": {
             "name": bm.name,
@@ -322,7 +334,8 @@ def chip_manifest(session: Session, chip: Chip, a: ChipAssignment) -> bytes:
             "baseline_accuracy": bm.baseline_accuracy,
         },
         "model": {"sha256": a.artifact.sha256, "size": a.artifact.size, "file": "model.safetensors"},
-        "kind": "group_model" if a.group_id is not None else "base_model_pruned_for_dead_pes",
+        "kind": chip_model_kind(a),
+        "library_model": a.library_model.key if a.library_model is not None else None,
         "bypass": chip_bypass(chip, a.bypass, a.group.fused_map if a.group is not None else None),
         "group": group_manifest,
     }

@@ -80,6 +80,7 @@ def _plan(service: Any, fleet: dict[str, Any], **extra: Any) -> int:
             "chips": {"ids": [m["chip_id"] for m in fleet["maps"]]},
             "max_group_size": 4,
             "resilience": fleet["grid"],
+            "resilience_map": "on",  # these tests read the measured map; "auto" skips it on a dozen chips
             **extra,
         }
         acc_ = _ok(c.post("/api/v1/plans", json=body), 202)
@@ -156,7 +157,7 @@ def test_fleet_plan_execute_verify_download(service: Any) -> None:
     assert trained, "the fleet was built so that some chips fail screening and need retraining"
 
     array = ArrayConfig(ROWS, COLS)
-    data = acc.load_dataset("digits")
+    validation, test = acc.load_dataset("digits").validation_test()  # decisions / verification
     assert plan["summary"]["bypassed_chips"] == sum(1 for ch in states.values() if ch["bypass"]) > 0
     own = {m["chip_id"]: FaultMap.from_dict(m, array=array) for m in fleet["maps"]}
     # a chip the plan deploys with PEs bypassed computes on its bypassed map
@@ -177,7 +178,7 @@ def test_fleet_plan_execute_verify_download(service: Any) -> None:
         assert manifest["model"]["sha256"] == sha
         assert sorted(manifest["members"]) == sorted(m["chip_id"] for m in g["members"])
         assert manifest["fused_map_digest"] == g["fused_digest"]
-        model = acc.load_model("mlp", load_safetensors(blob), data.input_shape, data.num_classes)
+        model = acc.load_model("mlp", load_safetensors(blob), test.input_shape, test.num_classes)
         protect = tuple(manifest["protect"])
         for chip_id, stated in manifest["accuracy"].items():
             # the downloaded file reproduces the accuracy its manifest states, on the chip's own map
@@ -185,7 +186,11 @@ def test_fleet_plan_execute_verify_download(service: Any) -> None:
             pes = [tuple(pe) for pe in (manifest["bypass"].get(chip_id) or {"pes": []})["pes"]]
             assert set(maps[chip_id].dead_pes - own[chip_id].dead_pes) <= set(pes)
             on_chip = bypass_pes(own[chip_id], pes)
-            assert acc.evaluate(model, array, on_chip, data, protect=protect) == pytest.approx(stated, abs=1e-12)
+            # (stated on the test split, which no decision saw; the plan decided on the validation split)
+            assert acc.evaluate(model, array, on_chip, test, protect=protect) == pytest.approx(stated, abs=1e-12)
+            assert acc.evaluate(model, array, on_chip, validation, protect=protect) == pytest.approx(
+                manifest["validation_accuracy"][chip_id], abs=1e-12
+            )
         group_manifests[g["key"]] = manifest
         delta, _ = _download(service, f"/api/v1/groups/{g['id']}/model", format="delta")
         assert len(delta) > 0
@@ -214,9 +219,19 @@ def test_fleet_plan_execute_verify_download(service: Any) -> None:
         again = _ok(c.post(f"/api/v1/plans/{plan_id}/execute"), 202)
         assert again["state"] == "succeeded"
 
-    # A chip that arrives after the plan ran is tried on the existing group models. It carries
-    # the fault map of a chip that failed screening and was verified in a group, so screening
-    # fails again and some group model (at the latest its twin's) must meet the constraint.
+    # The library: the base and every group model that serves a verified member, with the chips each serves.
+    with service.client() as c:
+        library = _ok(c.get(f"/api/v1/models/{fleet['model']}/library"))
+    kinds = {m["key"]: m for m in library["models"]}
+    assert kinds["base"]["kind"] == "base"
+    assert kinds["base"]["chips_served"] == sum(1 for ch in states.values() if ch["status"] == "needs_nothing")
+    verified_groups = {ch["group_id"] for ch in states.values() if ch["status"] == "verified"}
+    assert {f"plan{plan_id}:{k}" for k in verified_groups} <= set(kinds)
+    assert library["chips_served"] == sum(m["chips_served"] for m in library["models"])
+
+    # A chip that arrives after the plan ran is screened against the library. It carries the
+    # fault map of a chip that failed screening and was verified in a group, so the base fails
+    # again and some group model (at the latest its twin's) must meet the constraint.
     twin = next(ch for ch in states.values() if ch["status"] == "verified")
     late = dict(next(m for m in fleet["maps"] if m["chip_id"] == twin["chip_id"]))
     late["chip_id"] = f"{fleet['accel']}-late"
@@ -226,10 +241,19 @@ def test_fleet_plan_execute_verify_download(service: Any) -> None:
         job = service.wait_job(ingested["assignment_job"], timeout=300)
         assert job["state"] == "succeeded", job
         r = c.get(f"/api/v1/chips/{late['chip_id']}/model", params={"format": "manifest"})
+        after = _ok(c.get(f"/api/v1/models/{fleet['model']}/library"))
     man = _ok(r)
     assert man["source"] == "late" and man["status"] == "verified" and man["kind"] == "group_model"
-    assert man["accuracy"] >= plan["summary"]["threshold"] - 1e-12
-    assert man["model"]["sha256"] in {g["model_sha256"] for g in trained}
+    assert man["library_model"] in {f"plan{plan_id}:{k}" for k in verified_groups}
+    assert man["validation_accuracy"] >= plan["summary"]["thresholds"]["validation"] - 1e-12
+    assert after["chips_served"] == library["chips_served"] + 1
+    # the file it downloads is what it was screened with: its group model, its own map, its bypass
+    blob, _ = _download(service, f"/api/v1/chips/{late['chip_id']}/model")
+    model = acc.load_model("mlp", load_safetensors(blob), test.input_shape, test.num_classes)
+    pes = [tuple(pe) for pe in (man["bypass"] or {"pes": []})["pes"]]
+    on_chip = bypass_pes(FaultMap.from_dict(late, array=array), pes)
+    protect = tuple(man["group"]["protect"]) if man["group"] else ()
+    assert acc.evaluate(model, array, on_chip, test, protect=protect) == pytest.approx(man["accuracy"], abs=1e-12)
 
 
 def test_bad_plan_and_model_requests_are_rejected(service: Any) -> None:

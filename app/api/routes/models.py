@@ -15,10 +15,11 @@ from app.api.deps import Principal, SessionDep, SettingsDep, require
 from app.api.errors import ApiError
 from app.core.queue import get_celery
 from app.schemas.common import ERROR_RESPONSES
-from app.schemas.plans import ModelAccepted, ModelIn, ModelOut
+from app.schemas.plans import LibraryOut, ModelAccepted, ModelIn, ModelOut
 from app.services import jobs as jobsvc
 from app.services import plans as svc
 from app.services.artifacts import store_bytes
+from app.services.library import library_view
 
 router = APIRouter(prefix="/models", tags=["models"], responses=ERROR_RESPONSES)
 
@@ -157,6 +158,12 @@ def _create(
         jobsvc.enqueue(job.id, get_celery(), settings)
         session.refresh(bm)
         return {"model": svc.model_view(bm), "job": jobsvc.job_view(job)}
+
+
+@router.get("/{model}/library", response_model=LibraryOut, dependencies=[Depends(require("read"))])
+def get_model_library(model: str, session: SessionDep) -> Any:
+    """Every verified model of the base model that chips may run, and how many chips each serves."""
+    return library_view(session, svc.get_model(session, model))
 
 
 @router.get("/{model}", response_model=ModelOut, dependencies=[Depends(require("read"))])
