@@ -6,6 +6,7 @@ and a job, and a worker runs it (see `workers.fleet`).
 
 from __future__ import annotations
 
+import bisect
 import json
 from typing import Any
 
@@ -26,6 +27,7 @@ from app.db.models import (
 )
 from app.schemas.plans import BUILTIN_DATASETS, PlanIn
 from app.services.errors import Conflict, Invalid, NotFound
+from app.services.pagination import encode_cursor
 
 
 def get_model(session: Session, name_or_id: str) -> ModelRecord:
@@ -180,7 +182,36 @@ def group_view(g: GroupRecord, chip_ids: dict[int, str]) -> dict[str, Any]:
     }
 
 
-def plan_view(session: Session, plan: PlanRecord) -> dict[str, Any]:
+PLAN_CHIP_FIELDS = (
+    "chip_id",
+    "status",
+    "screening",
+    "effective_rate",
+    "amount",
+    "group_id",
+    "accuracy",
+    "best_accuracy",
+    "reason",
+    "bypass",
+    "bypassed",
+)
+
+
+def plan_chips_page(doc: dict[str, Any], after: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of a plan document's chip states in chip-id order: those after chip id `after`,
+    at most `limit`; and the chip id to continue after, or None on the last page."""
+    states = sorted(doc.get("chips", []), key=lambda st: str(st["chip_id"]))
+    start = 0 if after is None else bisect.bisect_right(states, after, key=lambda st: str(st["chip_id"]))
+    page = states[start : start + limit]
+    more = start + limit < len(states)
+    return [{k: st.get(k) for k in PLAN_CHIP_FIELDS} for st in page], (page[-1]["chip_id"] if more and page else None)
+
+
+def plan_view(
+    session: Session, plan: PlanRecord, *, chips_after: str | None = None, chips_limit: int = 100
+) -> dict[str, Any]:
+    """The plan with every group and one page of its chips (`plan_chips_page`); ``next_cursor``
+    continues the chips."""
     groups = list(
         session.scalars(select(GroupRecord).where(GroupRecord.plan_id == plan.id).order_by(GroupRecord.index))
     )
@@ -192,7 +223,7 @@ def plan_view(session: Session, plan: PlanRecord) -> dict[str, Any]:
         j.kind: j.id
         for j in session.scalars(select(Job).where(Job.subject == f"plan:{plan.id}").order_by(Job.created_at))
     }
-    doc = plan.document or {}
+    chips, next_after = plan_chips_page(plan.document or {}, chips_after, chips_limit)
     return {
         "id": plan.id,
         "model": plan.base_model.name,
@@ -202,25 +233,8 @@ def plan_view(session: Session, plan: PlanRecord) -> dict[str, Any]:
         "params": plan.params,
         "summary": plan.summary,
         "resilience_map_id": plan.resilience_map_id,
-        "chips": [
-            {
-                k: st.get(k)
-                for k in (
-                    "chip_id",
-                    "status",
-                    "screening",
-                    "effective_rate",
-                    "amount",
-                    "group_id",
-                    "accuracy",
-                    "best_accuracy",
-                    "reason",
-                    "bypass",
-                    "bypassed",
-                )
-            }
-            for st in doc.get("chips", [])
-        ],
+        "chips": chips,
+        "next_cursor": encode_cursor(next_after) if next_after is not None else None,
         "groups": [group_view(g, chip_ids) for g in groups],
         "jobs": jobs,
         "created_at": plan.created_at,

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import base64
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ from app.schemas.chips import FAULT_MAP_SCHEMA, BulkResult, ChipDetail, ChipInge
 from app.schemas.common import ERROR_RESPONSES
 from app.services import chips as svc
 from app.services import plans as plansvc
+from app.services.pagination import decode_cursor, encode_cursor
 from app.services.profiles import all_profiles, get_profile, get_profile_cached, profile_names
 
 router = APIRouter(prefix="/chips", tags=["chips"], responses=ERROR_RESPONSES)
@@ -187,23 +187,6 @@ async def post_chips_bulk(
     return JSONResponse(body)
 
 
-def _encode_cursor(pk: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"after": pk}).encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        pad = "=" * (-len(cursor) % 4)
-        after = json.loads(base64.urlsafe_b64decode(cursor + pad))["after"]
-        if not isinstance(after, int):
-            raise ValueError
-        return after
-    except Exception:
-        raise ApiError(
-            422, "invalid cursor", [{"loc": ["query", "cursor"], "msg": "not a cursor this API returned"}]
-        ) from None
-
-
 @router.get("", response_model=ChipPage, dependencies=[Depends(require("read"))], summary="List chips")
 def list_chips(
     session: SessionDep,
@@ -225,14 +208,14 @@ def list_chips(
             return {"items": [], "next_cursor": None}
         q = q.where(Chip.accelerator_id == prof.id)
     if cursor:
-        q = q.where(Chip.id > _decode_cursor(cursor))
+        q = q.where(Chip.id > decode_cursor(cursor, int))
     rows = list(session.scalars(q))
     more = len(rows) > limit
     rows = rows[:limit]
     names = profile_names(session)
     return {
         "items": svc.chip_summaries(rows, names),
-        "next_cursor": _encode_cursor(rows[-1].id) if more and rows else None,
+        "next_cursor": encode_cursor(rows[-1].id) if more and rows else None,
     }
 
 
