@@ -61,7 +61,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from accelerator.faults import BYPASS_POLICIES, FaultMap, bypass_pes, bypassed_pes
-from planner.constraint import AccuracyConstraint
+from planner.constraint import AccuracyConstraint, meets
 from planner.resilience import ResilienceMap
 from planner.schedules import InjectionSchedule, fuse_fault_maps, schedule_from_spec
 from planner.severity import SiteSeverity, fault_class, fault_classes, screening_equivalent_rate
@@ -659,7 +659,7 @@ def plan_fleet(
     states: dict[str, ChipState] = {}
     for cid, m in maps.items():
         acc = screened[cid]
-        if acc >= thr - 1e-12:
+        if meets(acc, thr):
             states[cid] = ChipState(
                 cid, NEEDS_NOTHING, acc, severity.effective_rate(m), 0, accuracy=acc, best_accuracy=acc
             )

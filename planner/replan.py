@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 
+from planner.constraint import meets
 from planner.plan import UNRECOVERABLE, VERIFIED, Group, Plan, group_chips, make_group
 
 _Step = tuple[list[str], float, int, str, bool, str | None, int]  # members, rate, amount, reason, protect, warm
@@ -99,7 +100,7 @@ def replan(plan: Plan, verification: Mapping[str, float]) -> Plan:
                 }
             )
             st.best_accuracy = acc if st.best_accuracy is None else max(st.best_accuracy, acc)
-            if acc >= thr - 1e-12:
+            if meets(acc, thr):
                 st.status, st.accuracy, st.group_id = VERIFIED, acc, g.group_id
             else:
                 st.accuracy = acc
