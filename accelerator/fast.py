@@ -685,16 +685,3 @@ def conv_parts(
     if patch is None:
         return ArrayProduct(nchw(y), dtype=dt, wide=wide)
     return ArrayProduct(nchw(y), _chan(plan), nchw(patch), dtype=dt, wide=wide)
-
-
-def conv_product(
-    plan: LayerPlan,
-    xq: torch.Tensor,
-    wq: torch.Tensor,
-    pads: tuple[int, int, int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-) -> torch.Tensor:
-    """Array output of a conv (see conv_parts) for integer-valued weights wq (O, Cin/G,
-    kh, kw): (N, O, Ho, Wo) float (exact integers)."""
-    return conv_parts(plan, xq, array_weights(plan, wq), pads, stride, dilation).exact()

@@ -69,10 +69,6 @@ def canonical_json(doc: dict[str, Any]) -> str:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
-def canonical_hash(doc: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
-
-
 def prepare(
     session: Session | None,
     d: Any,
