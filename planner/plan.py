@@ -92,8 +92,7 @@ def group_deployment(chip_map: FaultMap, fused: FaultMap) -> FaultMap:
     (`workers.pipeline.retrain_group`). Bypassing those PEs on every member costs the
     model nothing and makes it compute on each member what it computed on the fused
     map; left on, a member's stuck high weight or psum bit there can cost it most of its
-    accuracy (on the README's fleet file: two members of a group of five at 0.58 and 0.59
-    while the other three reached 0.96).
+    accuracy, while the other members verify.
     """
     return bypass_pes(chip_map, fused.dead_pes)
 
