@@ -39,7 +39,13 @@ def faulty_pes(m: FaultMap) -> set[tuple[int, int]]:
 
 @pytest.mark.parametrize(
     ("seed", "max_group_size", "placement"),
-    [(0, 1, "screening"), (1, 3, "screening"), (2, 5, "screening"), (0, 8, "screening"), (2, 5, "severity")],
+    [
+        (0, 1, "screening"),
+        pytest.param(1, 3, "screening", marks=pytest.mark.slow),
+        pytest.param(2, 5, "screening", marks=pytest.mark.slow),
+        pytest.param(0, 8, "screening", marks=pytest.mark.slow),
+        (2, 5, "severity"),
+    ],
 )
 def test_plan_is_safe_and_never_costs_more_than_per_chip_fat(
     seed: int,
