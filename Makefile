@@ -1,4 +1,4 @@
-# Quick start: `make run` (service + worker + demo on the embedded default), `make test` (`make test-fast`: under a minute).
+# Quick start: `make run` (service + worker + demo on the embedded default), `make test` (`make test-fast`: the fast lane).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -23,7 +23,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-# The fast lane: no slow tests, no PostgreSQL / Redis / service processes; under a minute.
+# The fast lane: no slow tests, no PostgreSQL / Redis / service processes; under a minute of CPU.
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not integration"
 
