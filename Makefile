@@ -1,9 +1,9 @@
-# Quick start: `make run` (service + worker + demo on the embedded default), `make test`.
+# Quick start: `make run` (service + worker + demo on the embedded default), `make test` (`make test-fast`: the fast lane).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run serve worker demo test lint bench clean
+.PHONY: install run demo test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The fast lane: no slow tests, no PostgreSQL / Redis / service processes; under a minute of CPU.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not integration"
 
 lint: install
 	$(BIN)/ruff check .

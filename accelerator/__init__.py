@@ -25,7 +25,7 @@ Public API (torch-dependent, lazily loaded):
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from accelerator.faults import (
     BYPASS_POLICIES,
@@ -40,6 +40,27 @@ from accelerator.faults import (
     bypass_pes,
     bypassed_pes,
 )
+
+if TYPE_CHECKING:  # the real signatures for mypy and editors; at run time `__getattr__` imports them
+    from accelerator.cost import TMR_FACTOR, cycles, protected_cycles, tmr_penalty
+    from accelerator.data import Dataset, load_dataset
+    from accelerator.fast import fast_matmul
+    from accelerator.layers import (
+        ArrayConv2d,
+        ArrayLinear,
+        array_layers,
+        calibrate,
+        lowered_layers,
+        on_array,
+        set_faults,
+        to_float,
+        uncalibrated_layers,
+    )
+    from accelerator.pruning import dead_weight_mask, prune_dead_pes
+    from accelerator.quant import QUANTIZERS, Quantizer, quantizer
+    from accelerator.systolic import systolic_matmul
+    from accelerator.training import accuracy, evaluate, fault_aware_train, layer_sensitivity, train
+    from accelerator.zoo import ARCHS, build_model, load_model, read_state_dict, save_model
 
 # public name -> submodule that defines it (imported lazily: these need torch)
 _LAZY: dict[str, str] = {
@@ -78,19 +99,50 @@ _LAZY: dict[str, str] = {
     "load_dataset": "accelerator.data",
 }
 
-__all__ = [
-    "BYPASS_POLICIES",
-    "NUMBER_FORMATS",
-    "SITES",
+__all__ = [  # explicit, so that type checkers see the lazy names as re-exported too
+    "ARCHS",
     "ArrayConfig",
+    "ArrayConv2d",
+    "ArrayLinear",
+    "BYPASS_POLICIES",
+    "Dataset",
     "DenseFaults",
     "Fault",
     "FaultMap",
+    "NUMBER_FORMATS",
     "NumberFormat",
+    "QUANTIZERS",
+    "Quantizer",
+    "SITES",
+    "TMR_FACTOR",
+    "accuracy",
+    "array_layers",
+    "build_model",
     "bypass_faulty_pes",
     "bypass_pes",
     "bypassed_pes",
-    *_LAZY,
+    "calibrate",
+    "cycles",
+    "dead_weight_mask",
+    "evaluate",
+    "fast_matmul",
+    "fault_aware_train",
+    "layer_sensitivity",
+    "load_dataset",
+    "load_model",
+    "lowered_layers",
+    "on_array",
+    "protected_cycles",
+    "prune_dead_pes",
+    "quantizer",
+    "read_state_dict",
+    "save_model",
+    "set_faults",
+    "systolic_matmul",
+    "tmr_penalty",
+    "to_float",
+    "train",
+    "uncalibrated_layers",
 ]
 
 

@@ -474,8 +474,7 @@ def quantized_array_weights(
     """(wq, scale, prepared weights) of a layer's float weights: q.weight, then
     `array_weights`. The int8 quantizer's float32 weights on the CPU take one compiled
     pass for both (same numbers): layers prepare their weights again after every
-    training step, and a dozen small tensor ops cost more than the work (lenet5's
-    120 x 784 layer: 51 us against 150, term weights gathered in the pass's wake)."""
+    training step, and a dozen small tensor ops cost more than the work."""
     compiled = kernels.compiled()
     if type(q) is Int8Symmetric and weight.dtype == torch.float32 and kernels.on_host(weight) and compiled:
         wq, sw, w8 = compiled.quantize_int8(weight, plan.Og, plan.TR, plan.w_and, plan.w_or)
@@ -718,16 +717,3 @@ def conv_parts(
     if patch is None:
         return ArrayProduct(nchw(y), dtype=dt, wide=wide)
     return ArrayProduct(nchw(y), _chan(plan), nchw(patch), dtype=dt, wide=wide)
-
-
-def conv_product(
-    plan: LayerPlan,
-    xq: torch.Tensor,
-    wq: torch.Tensor,
-    pads: tuple[int, int, int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-) -> torch.Tensor:
-    """Array output of a conv (see conv_parts) for integer-valued weights wq (O, Cin/G,
-    kh, kw): (N, O, Ho, Wo) float (exact integers)."""
-    return conv_parts(plan, xq, array_weights(plan, wq), pads, stride, dilation).exact()

@@ -155,14 +155,6 @@ class DenseFaults:
     def has_weight(self) -> bool:
         return bool(self.dead.any() or (self.weight_or != 0).any() or (self.weight_and != -1).any())
 
-    @property
-    def has_act(self) -> bool:
-        return bool((self.act_or != 0).any() or (self.act_and != -1).any())
-
-    @property
-    def has_psum(self) -> bool:
-        return bool((self.psum_or != 0).any() or (self.psum_and != -1).any())
-
 
 @dataclass(frozen=True)
 class FaultMap:
@@ -379,10 +371,3 @@ def bypass_faulty_pes(fault_map: FaultMap, policy: str = "faulty") -> FaultMap:
     the array has no bypass support or the policy is unknown.
     """
     return bypass_pes(fault_map, bypassed_pes(fault_map, policy))
-
-
-def apply_stuck(raw: np.ndarray, and_mask: np.ndarray | int, or_mask: np.ndarray | int, bits: int) -> np.ndarray:
-    """Apply stuck-at masks to signed `bits`-wide two's-complement integers (int64 array)."""
-    v = (np.asarray(raw, dtype=np.int64) & and_mask) | or_mask
-    v &= (1 << bits) - 1
-    return np.where(v >= 1 << (bits - 1), v - (1 << bits), v)

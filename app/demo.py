@@ -61,6 +61,16 @@ def wait_job(client: httpx.Client, job_id: str, timeout_s: float, label: str) ->
     raise TimeoutError(f"{label}: job {job_id} not done after {timeout_s:.0f} s")
 
 
+def get_plan(client: httpx.Client, plan_id: int) -> dict[str, Any]:
+    """GET /plans/{id} with every chip: its chips come in pages, joined here."""
+    plan = _check(client.get(f"/api/v1/plans/{plan_id}", params={"limit": 1000}))
+    while plan["next_cursor"] is not None:
+        page = _check(client.get(f"/api/v1/plans/{plan_id}", params={"limit": 1000, "cursor": plan["next_cursor"]}))
+        plan["chips"] += page["chips"]
+        plan["next_cursor"] = page["next_cursor"]
+    return plan
+
+
 def generate_ndjson(cfg: DemoConfig, accelerator: str, *, seed: int | None = None, prefix: str = "") -> str:
     from accelerator import ArrayConfig
     from planner import FleetSpec, generate_fleet
@@ -110,7 +120,7 @@ def run_demo(base_url: str, api_key: str, cfg: DemoConfig) -> dict[str, Any]:
         wait_job(c, accepted["job"]["id"], cfg.timeout_s, f"plan {plan_id}")
         job = _check(c.post(f"/api/v1/plans/{plan_id}/execute"), 202)
         wait_job(c, job["id"], cfg.timeout_s, f"execute plan {plan_id}")
-        plan = _check(c.get(f"/api/v1/plans/{plan_id}"))
+        plan = get_plan(c, plan_id)
         print_report(plan)
         out = cfg.out_dir / f"plan-{plan_id}"
         out.mkdir(parents=True, exist_ok=True)
@@ -163,7 +173,7 @@ def second_batch(c: httpx.Client, cfg: DemoConfig, accel: str, model_name: str) 
     wait_job(c, accepted["job"]["id"], cfg.timeout_s, f"plan {plan_id} (second batch)")
     job = _check(c.post(f"/api/v1/plans/{plan_id}/execute"), 202)
     wait_job(c, job["id"], cfg.timeout_s, f"execute plan {plan_id} (second batch)")
-    print_report(_check(c.get(f"/api/v1/plans/{plan_id}")))
+    print_report(get_plan(c, plan_id))
 
 
 def print_library(library: dict[str, Any]) -> None:

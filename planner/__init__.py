@@ -5,7 +5,7 @@ A pure library: numpy, scikit-learn (and matplotlib for plots) and the torch-fre
 fault types of `accelerator.faults`. No torch, no database.
 """
 
-from planner.constraint import AccuracyConstraint
+from planner.constraint import AccuracyConstraint, meets, meets_each
 from planner.plan import ChipState, Group, Plan, PlanSettings, group_deployment, plan_fleet
 from planner.replan import replan
 from planner.resilience import CellTask, MeasureCell, ResilienceMap
@@ -50,6 +50,8 @@ __all__ = [
     "generate_fleet",
     "group_deployment",
     "measure_site_severity",
+    "meets",
+    "meets_each",
     "plan_fleet",
     "progressive_union",
     "read_ndjson",

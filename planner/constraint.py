@@ -5,6 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
+# Accuracies are fractions of a test split (k / n, n far below 1e9): the tolerance absorbs the float
+# rounding of `baseline - max_drop` and is never as large as one sample.
+TOLERANCE = 1e-9
+
+
+def meets(accuracy: float, threshold: float) -> bool:
+    """Whether `accuracy` meets the constraint whose lowest acceptable accuracy is `threshold`
+    (`AccuracyConstraint.threshold`). The one definition: every such comparison goes through here
+    or `meets_each`."""
+    return float(accuracy) >= float(threshold) - TOLERANCE
+
+
+def meets_each(accuracies: npt.ArrayLike, threshold: float) -> npt.NDArray[np.bool_]:
+    """`meets` element-wise."""
+    return np.asarray(accuracies, dtype=float) >= float(threshold) - TOLERANCE
+
 
 @dataclass(frozen=True)
 class AccuracyConstraint:
@@ -56,8 +75,9 @@ class AccuracyConstraint:
         assert self.max_drop is not None
         return float(baseline) - float(self.max_drop)
 
-    def met(self, accuracy: float, baseline: float, *, tol: float = 1e-9) -> bool:
-        return float(accuracy) >= self.threshold(baseline) - tol
+    def met(self, accuracy: float, baseline: float) -> bool:
+        """Whether `accuracy` meets this constraint, given the fault-free `baseline` (`meets`)."""
+        return meets(accuracy, self.threshold(baseline))
 
     def to_dict(self) -> dict[str, Any]:
         if self.min_accuracy is not None:

@@ -5,16 +5,14 @@ The escalation ladder of a chip that missed after its group's retraining:
 0. more epochs together: the members of a group (of two or more, trained from the
    base model) that missed go on training together from that group's model, up to the
    next larger amount on the map: only the extra epochs are trained. Merged maps tend
-   to miss narrowly (a group of five at 0.95-0.96 against 0.967 on the fleet file of
-   the README), and a few more epochs on the model that is almost there cost less than
-   starting smaller groups over;
+   to miss narrowly, and a few more epochs on the model that is almost there cost less
+   than starting smaller groups over;
 1. smaller group: from a group of more than two chips, the members that missed are
    re-packed (same reward rule) into groups of at most half the old size;
 2. alone: from a group of two (or a smaller group), alone, continuing that group's
    model on its own map for the smallest amount on the map: that model is already
-   fit to a superset of the chip's faults (on the README's fleet file the three chips
-   that went on alone this way verified after 1 epoch each, at 0.971-0.976; starting
-   over alone from the base model had taken 4 epochs each);
+   fit to a superset of the chip's faults, so this usually takes fewer epochs than
+   starting over alone from the base model;
 3. more epochs: alone, continuing from its own last model up to the next larger
    amount on the resilience map, up to the largest (skipped for a chip the map places
    beyond every amount, which goes straight to 4 after its first, protected try);
@@ -33,6 +31,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 
+from planner.constraint import meets
 from planner.plan import UNRECOVERABLE, VERIFIED, Group, Plan, group_chips, make_group
 
 _Step = tuple[list[str], float, int, str, bool, str | None, int]  # members, rate, amount, reason, protect, warm
@@ -99,7 +98,7 @@ def replan(plan: Plan, verification: Mapping[str, float]) -> Plan:
                 }
             )
             st.best_accuracy = acc if st.best_accuracy is None else max(st.best_accuracy, acc)
-            if acc >= thr - 1e-12:
+            if meets(acc, thr):
                 st.status, st.accuracy, st.group_id = VERIFIED, acc, g.group_id
             else:
                 st.accuracy = acc

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from accelerator.faults import ArrayConfig, FaultMap
-from planner.constraint import AccuracyConstraint
+from planner.constraint import AccuracyConstraint, meets, meets_each
 from planner.synthetic_fleet import FaultMix, sample_fault_map
 
 
@@ -218,21 +218,21 @@ class ResilienceMap:
         threshold = constraint.threshold(self.baseline)
         for j, e in enumerate(self.epochs):
             acc = self.worst_at(rate, j)
-            if acc is not None and acc >= threshold - 1e-12:
+            if acc is not None and meets(acc, threshold):
                 return e
         return None
 
     def required_epochs_array(self, rates: np.ndarray, constraint: AccuracyConstraint) -> np.ndarray:
         """`required_epochs` for many rates at once (int64; -1 where it would be None)."""
         r = np.asarray(rates, dtype=float)
-        threshold = constraint.threshold(self.baseline) - 1e-12
+        threshold = constraint.threshold(self.baseline)
         grid = np.asarray(self.rates)
         curves = _monotone_worst(self.worst)
         out = np.full(r.shape, -1, dtype=np.int64)
         inside = r <= grid[-1] + 1e-12
         for j in reversed(range(len(self.epochs))):  # the smallest meeting amount ends up last
             acc = np.interp(np.maximum(r, grid[0]), grid, curves[:, j])
-            out[inside & (acc >= threshold)] = self.epochs[j]
+            out[inside & meets_each(acc, threshold)] = self.epochs[j]
         return out
 
     def fixable(self, rate: float, constraint: AccuracyConstraint) -> bool:
@@ -245,7 +245,7 @@ class ResilienceMap:
         best: float | None = None
         for j in range(len(self.epochs)):
             c = curves[:, j]
-            ok = np.nonzero(c >= threshold - 1e-12)[0]
+            ok = np.nonzero(meets_each(c, threshold))[0]
             if len(ok) == 0:
                 continue
             i = int(ok[-1])

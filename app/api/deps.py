@@ -100,8 +100,3 @@ def require(scope: str) -> Callable[[Request], Awaitable[Principal]]:
 
     dep.__name__ = f"require_{scope}"
     return dep
-
-
-def clear_auth_cache() -> None:
-    with _cache_lock:
-        _cache.clear()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,11 +11,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.services.errors import Conflict, DomainError, Invalid, NotFound
+
 log = logging.getLogger("faultfleet.api")
 
 
 class ApiError(Exception):
-    """An error answered as JSON with a status code (raised by routes and services)."""
+    """An error answered as JSON with a status code (raised by routes; services raise `DomainError`)."""
 
     def __init__(
         self,
@@ -34,24 +35,16 @@ class ApiError(Exception):
         self.extra = extra
 
 
-_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+# The one place where a domain error becomes a status code.
+DOMAIN_STATUS: dict[type[DomainError], int] = {NotFound: 404, Conflict: 409, Invalid: 422}
 
 
-def loc_from_field(field: str, root: str = "body") -> list[str | int]:
-    """'faults[2].bit' -> ['body', 'faults', 2, 'bit']."""
-    loc: list[str | int] = [root] if root else []
-    for name, index in _PATH_PART.findall(field):
-        loc.append(int(index) if index else name)
-    return loc
-
-
-def value_error_to_item(exc: Exception, root: str = "body") -> dict[str, Any]:
-    """Turn `FaultMap.from_dict`'s "field: message" ValueError into an error item."""
-    msg = str(exc) or type(exc).__name__
-    field, sep, _rest = msg.partition(": ")
-    if sep and " " not in field and field:
-        return {"loc": loc_from_field(field, root), "msg": msg}
-    return {"loc": [root] if root else [], "msg": msg}
+def domain_status(exc: DomainError) -> int:
+    """The status code of a domain error: its kind's (the nearest base class in `DOMAIN_STATUS`)."""
+    for kind in type(exc).__mro__:
+        if kind in DOMAIN_STATUS:
+            return DOMAIN_STATUS[kind]
+    return 400
 
 
 def error_body(detail: str, errors: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
@@ -64,6 +57,10 @@ def install(app: FastAPI) -> None:
         return JSONResponse(
             error_body(exc.detail, exc.errors, **exc.extra), status_code=exc.status_code, headers=exc.headers
         )
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(_req: Request, exc: DomainError) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.errors, **exc.extra), status_code=domain_status(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:

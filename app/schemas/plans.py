@@ -155,7 +155,12 @@ class PlanOut(BaseModel):
     params: dict[str, Any]
     summary: dict[str, Any] | None
     resilience_map_id: int | None
-    chips: list[dict[str, Any]]
+    chips: list[dict[str, Any]] = Field(
+        description="one page of the plan's chip states, in chip-id order (?limit=, ?cursor= as GET /chips)"
+    )
+    next_cursor: str | None = Field(
+        default=None, description="pass as ?cursor= to get the next page of `chips`; null on the last"
+    )
     groups: list[GroupOut]
     jobs: dict[str, str]
     created_at: UTCDateTime

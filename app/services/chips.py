@@ -25,9 +25,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from accelerator.faults import FaultMap
-from app.api.errors import value_error_to_item
 from app.db.base import utcnow
 from app.db.models import Chip, ChipRevision
+from app.services.errors import Invalid, loc_from_field, value_error_to_item
 from app.services.profiles import ProfileInfo, get_profile
 
 TOP_LEVEL_FIELDS = frozenset({"chip_id", "accelerator", "array", "faults", "lot", "wafer", "die_x", "die_y"})
@@ -38,10 +38,12 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 Status = Literal["created", "unchanged", "replaced", "conflict"]
 
 
-class InvalidFaultMap(Exception):
+class InvalidFaultMap(Invalid):
+    """A fault-map document that fails validation; `errors` name each offending field."""
+
     def __init__(self, errors: list[dict[str, Any]]) -> None:
-        super().__init__(errors[0]["msg"] if errors else "invalid fault map")
-        self.errors = errors
+        first = errors[0]["msg"] if errors else "invalid"
+        super().__init__(f"invalid fault map: {first}", errors=errors)
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,6 @@ def canonical_json(doc: dict[str, Any]) -> str:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
-def canonical_hash(doc: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
-
-
 def prepare(
     session: Session | None,
     d: Any,
@@ -83,8 +81,6 @@ def prepare(
     """
 
     def bad(field: str, msg: str) -> InvalidFaultMap:
-        from app.api.errors import loc_from_field
-
         return InvalidFaultMap([{"loc": loc_from_field(field, root), "msg": f"{field}: {msg}"}])
 
     if not isinstance(d, dict):

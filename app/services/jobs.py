@@ -15,7 +15,7 @@ import logging
 import traceback
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine, and_, or_, select, update
@@ -257,9 +257,3 @@ def job_view(job: Job) -> dict[str, Any]:
         "finished_at": job.finished_at,
         "heartbeat_at": job.heartbeat_at,
     }
-
-
-def utc(dt: datetime | None) -> datetime | None:
-    from datetime import UTC
-
-    return dt.replace(tzinfo=UTC) if dt is not None and dt.tzinfo is None else dt

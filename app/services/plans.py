@@ -6,6 +6,7 @@ and a job, and a worker runs it (see `workers.fleet`).
 
 from __future__ import annotations
 
+import bisect
 import json
 from typing import Any
 
@@ -13,7 +14,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from accelerator.faults import FaultMap, bypass_faulty_pes, bypass_pes
-from app.api.errors import ApiError
 from app.db.models import (
     AcceleratorProfile,
     Artifact,
@@ -26,10 +26,8 @@ from app.db.models import (
     ResilienceMapRecord,
 )
 from app.schemas.plans import BUILTIN_DATASETS, PlanIn
-
-
-def _not_found(what: str, key: Any, loc: list[str | int]) -> ApiError:
-    return ApiError(404, f"no {what} {key!r}", [{"loc": loc, "msg": "not found"}])
+from app.services.errors import Conflict, Invalid, NotFound
+from app.services.pagination import encode_cursor
 
 
 def get_model(session: Session, name_or_id: str) -> ModelRecord:
@@ -38,7 +36,7 @@ def get_model(session: Session, name_or_id: str) -> ModelRecord:
     if bm is None and name_or_id.isdigit():
         bm = session.get(ModelRecord, int(name_or_id))
     if bm is None:
-        raise _not_found("base model", name_or_id, ["path", "model"])
+        raise NotFound.of("base model", name_or_id, ["path", "model"])
     return bm
 
 
@@ -62,23 +60,23 @@ def check_architecture(arch: str) -> None:
 
     if arch not in ARCHS:
         msg = f"unknown architecture {arch!r}; known: {sorted(ARCHS)}"
-        raise ApiError(422, msg, [{"loc": ["body", "architecture"], "msg": msg}])
+        raise Invalid(msg, ["body", "architecture"])
 
 
 def check_dataset_name(name: str, uploaded: bool) -> None:
     if not uploaded and name not in BUILTIN_DATASETS:
         msg = f"unknown dataset {name!r}: use one of {list(BUILTIN_DATASETS)} or upload a .npz as 'dataset_file'"
-        raise ApiError(422, msg, [{"loc": ["body", "dataset"], "msg": msg}])
+        raise Invalid(msg, ["body", "dataset"])
 
 
 def check_new_model(session: Session, name: str, accelerator: str) -> AcceleratorProfile:
-    """404 for an unknown profile, 409 for a taken name; the profile otherwise."""
+    """The profile; `NotFound` for an unknown profile, `Conflict` for a taken name."""
     prof = session.scalars(select(AcceleratorProfile).where(AcceleratorProfile.name == accelerator)).first()
     if prof is None:
-        raise _not_found("accelerator profile", accelerator, ["body", "accelerator"])
+        raise NotFound.of("accelerator profile", accelerator, ["body", "accelerator"])
     if session.scalars(select(ModelRecord.id).where(ModelRecord.name == name)).first() is not None:
         msg = f"a base model named {name!r} already exists"
-        raise ApiError(409, msg, [{"loc": ["body", "name"], "msg": msg}])
+        raise Conflict(msg, ["body", "name"])
     return prof
 
 
@@ -102,7 +100,7 @@ def new_plan(session: Session, body: PlanIn, bm: ModelRecord) -> PlanRecord:
     """Add a plan row after checking the model is ready and the selection matches chips (no commit)."""
     if bm.status != "ready":
         msg = f"base model {bm.name!r} is {bm.status}, not ready: wait for its registration job"
-        raise ApiError(409, msg, [{"loc": ["body", "model"], "msg": msg}])
+        raise Conflict(msg, ["body", "model"])
     sel = body.chips
     q = select(func.count()).select_from(Chip).where(Chip.accelerator_id == bm.accelerator_id)
     if sel.lot is not None:
@@ -118,12 +116,12 @@ def new_plan(session: Session, body: PlanIn, bm: ModelRecord) -> PlanRecord:
         unknown = [c for c in sel.ids if c not in known]
         if unknown:
             msg = f"unknown chip id(s) for accelerator {bm.accelerator.name!r}: {unknown[:10]}"
-            raise ApiError(422, msg, [{"loc": ["body", "chips", "ids"], "msg": msg}])
+            raise Invalid(msg, ["body", "chips", "ids"])
         q = q.where(Chip.chip_id.in_(sel.ids))
     if not session.scalar(q):
         shown = sel.model_dump(exclude_defaults=True)
         msg = f"the selection {shown} matches no chip of accelerator {bm.accelerator.name!r}"
-        raise ApiError(422, msg, [{"loc": ["body", "chips"], "msg": msg}])
+        raise Invalid(msg, ["body", "chips"])
     c = body.constraint
     constraint = (
         {"kind": "relative", "max_drop": c.max_drop}
@@ -154,7 +152,7 @@ def new_plan(session: Session, body: PlanIn, bm: ModelRecord) -> PlanRecord:
 def get_plan(session: Session, plan_id: int) -> PlanRecord:
     plan = session.get(PlanRecord, plan_id)
     if plan is None:
-        raise _not_found("plan", plan_id, ["path", "plan_id"])
+        raise NotFound.of("plan", plan_id, ["path", "plan_id"])
     return plan
 
 
@@ -186,7 +184,36 @@ def group_view(g: GroupRecord, chip_ids: dict[int, str]) -> dict[str, Any]:
     }
 
 
-def plan_view(session: Session, plan: PlanRecord) -> dict[str, Any]:
+PLAN_CHIP_FIELDS = (
+    "chip_id",
+    "status",
+    "screening",
+    "effective_rate",
+    "amount",
+    "group_id",
+    "accuracy",
+    "best_accuracy",
+    "reason",
+    "bypass",
+    "bypassed",
+)
+
+
+def plan_chips_page(doc: dict[str, Any], after: str | None, limit: int) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of a plan document's chip states in chip-id order: those after chip id `after`,
+    at most `limit`; and the chip id to continue after, or None on the last page."""
+    states = sorted(doc.get("chips", []), key=lambda st: str(st["chip_id"]))
+    start = 0 if after is None else bisect.bisect_right(states, after, key=lambda st: str(st["chip_id"]))
+    page = states[start : start + limit]
+    more = start + limit < len(states)
+    return [{k: st.get(k) for k in PLAN_CHIP_FIELDS} for st in page], (page[-1]["chip_id"] if more and page else None)
+
+
+def plan_view(
+    session: Session, plan: PlanRecord, *, chips_after: str | None = None, chips_limit: int = 100
+) -> dict[str, Any]:
+    """The plan with every group and one page of its chips (`plan_chips_page`); ``next_cursor``
+    continues the chips."""
     groups = list(
         session.scalars(select(GroupRecord).where(GroupRecord.plan_id == plan.id).order_by(GroupRecord.index))
     )
@@ -198,7 +225,7 @@ def plan_view(session: Session, plan: PlanRecord) -> dict[str, Any]:
         j.kind: j.id
         for j in session.scalars(select(Job).where(Job.subject == f"plan:{plan.id}").order_by(Job.created_at))
     }
-    doc = plan.document or {}
+    chips, next_after = plan_chips_page(plan.document or {}, chips_after, chips_limit)
     return {
         "id": plan.id,
         "model": plan.base_model.name,
@@ -208,25 +235,8 @@ def plan_view(session: Session, plan: PlanRecord) -> dict[str, Any]:
         "params": plan.params,
         "summary": plan.summary,
         "resilience_map_id": plan.resilience_map_id,
-        "chips": [
-            {
-                k: st.get(k)
-                for k in (
-                    "chip_id",
-                    "status",
-                    "screening",
-                    "effective_rate",
-                    "amount",
-                    "group_id",
-                    "accuracy",
-                    "best_accuracy",
-                    "reason",
-                    "bypass",
-                    "bypassed",
-                )
-            }
-            for st in doc.get("chips", [])
-        ],
+        "chips": chips,
+        "next_cursor": encode_cursor(next_after) if next_after is not None else None,
         "groups": [group_view(g, chip_ids) for g in groups],
         "jobs": jobs,
         "created_at": plan.created_at,
@@ -236,7 +246,7 @@ def plan_view(session: Session, plan: PlanRecord) -> dict[str, Any]:
 def get_resilience_map(session: Session, map_id: int) -> ResilienceMapRecord:
     rec = session.get(ResilienceMapRecord, map_id)
     if rec is None:
-        raise _not_found("resilience map", map_id, ["path", "map_id"])
+        raise NotFound.of("resilience map", map_id, ["path", "map_id"])
     return rec
 
 
@@ -257,7 +267,7 @@ def resilience_map_view(rec: ResilienceMapRecord) -> dict[str, Any]:
 def get_group(session: Session, group_id: int) -> GroupRecord:
     g = session.get(GroupRecord, group_id)
     if g is None:
-        raise _not_found("group", group_id, ["path", "group_id"])
+        raise NotFound.of("group", group_id, ["path", "group_id"])
     return g
 
 
@@ -265,24 +275,24 @@ def group_artifact(g: GroupRecord, fmt: str) -> Artifact:
     art = {"safetensors": g.model, "manifest": g.manifest, "delta": g.delta}[fmt]
     if art is None:
         msg = f"group {g.id} has no trained model yet (status {g.status})"
-        raise ApiError(409, msg, [{"loc": ["path", "group_id"], "msg": msg}])
+        raise Conflict(msg, ["path", "group_id"])
     return art
 
 
 def chip_assignment(session: Session, chip_id: str, model: str | None) -> tuple[Chip, ChipAssignment]:
     chip = session.scalars(select(Chip).where(Chip.chip_id == chip_id)).first()
     if chip is None:
-        raise _not_found("chip", chip_id, ["path", "chip_id"])
+        raise NotFound.of("chip", chip_id, ["path", "chip_id"])
     q = select(ChipAssignment).where(ChipAssignment.chip_pk == chip.id)
     if model is not None:
         q = q.where(ChipAssignment.base_model_id == get_model(session, model).id)
     a = session.scalars(q.order_by(ChipAssignment.updated_at.desc())).first()
     if a is None:
         msg = f"chip {chip_id!r} is in no executed plan yet"
-        raise ApiError(404, msg, [{"loc": ["path", "chip_id"], "msg": msg}])
+        raise NotFound(msg, ["path", "chip_id"])
     if a.artifact_id is None:
         msg = f"chip {chip_id!r} has no model: {a.status}" + (f" ({a.reason})" if a.reason else "")
-        raise ApiError(409, msg, [{"loc": ["path", "chip_id"], "msg": msg}], status=a.status)
+        raise Conflict(msg, ["path", "chip_id"], status=a.status)
     return chip, a
 
 

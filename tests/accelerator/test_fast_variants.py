@@ -30,13 +30,14 @@ from .test_layers import _conv_reference
 
 @pytest.fixture(
     params=[
+        # the fast lane (`make test-fast`) keeps the default path, the path without numba and a GPU's
         "psum_blocks",
-        "small_psum_blocks",
-        "psum_kernel_without_vnni",
+        pytest.param("small_psum_blocks", marks=pytest.mark.slow),
+        pytest.param("psum_kernel_without_vnni", marks=pytest.mark.slow),
         "torch_kernels",
-        "torch_kernels_chunked",
-        "chunked_rows",
-        "float64_gemm",
+        pytest.param("torch_kernels_chunked", marks=pytest.mark.slow),
+        pytest.param("chunked_rows", marks=pytest.mark.slow),
+        pytest.param("float64_gemm", marks=pytest.mark.slow),
         "gpu_paths",
     ]
 )
@@ -60,7 +61,7 @@ def variant(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     return str(request.param)
 
 
-@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_conv_variants_match_reference(variant: str, seed: int) -> None:
     rng = random.Random(seed)
     for _ in range(10):
@@ -129,7 +130,7 @@ def test_prepared_weights_follow_weight_and_fault_changes() -> None:
         assert torch.equal(am(x), fresh())
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", [0, *(pytest.param(s, marks=pytest.mark.slow) for s in (1, 2))])
 def test_one_tile_psum_layers_match_reference(seed: int) -> None:
     """K <= rows (one tile) with psum faults."""
     rng = random.Random(seed)
@@ -165,7 +166,7 @@ def _psum_heavy_map(array: ArrayConfig, rng: random.Random) -> FaultMap:
     return FaultMap(array, tuple(faults.values()))
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", [0, *(pytest.param(s, marks=pytest.mark.slow) for s in (1, 2, 3))])
 def test_psum_chains_and_multibit_faults_match_reference(variant: str, seed: int) -> None:
     """Outputs with 1..9 stuck bits met in a column, one tile (K <= rows) and several,
     convs with stride and padding, Linear."""
@@ -187,6 +188,7 @@ def test_psum_chains_and_multibit_faults_match_reference(variant: str, seed: int
             assert torch.equal(A.fast_matmul(xm, wm, array, fmap), A.systolic_matmul(xm, wm, array, fmap))
 
 
+@pytest.mark.slow  # a fresh process compiles the kernel
 def test_psum_kernel_keeps_torch_thread_count() -> None:
     """The psum kernel's first call starts numba's threads; torch's own thread count
     (set by the user, e.g. 1 on a shared machine) must survive it. In a fresh process:
@@ -264,6 +266,7 @@ def test_compiled_weight_preparation_equals_torch(sites: tuple[str, ...]) -> Non
         assert got.shape == want.shape
 
 
+@pytest.mark.slow
 def test_fat_takes_the_same_steps_on_the_gpu_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """Forward outputs equal bit for bit and the backward is the same code: fault-aware
     training on the paths a GPU takes (run here on the CPU) gives the same weights."""

@@ -56,6 +56,7 @@ def _small_setup() -> tuple[torch.nn.Module, A.Dataset, ArrayConfig]:
     return model, data, ArrayConfig(8, 8)
 
 
+@pytest.mark.slow
 def test_fat_is_deterministic_and_checkpoint_resumes(tmp_path: Path) -> None:
     model, data, array = _small_setup()
     maps = [random_fault_map(array, 6, random.Random(i)) for i in range(3)]

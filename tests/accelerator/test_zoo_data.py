@@ -28,6 +28,7 @@ def test_zoo_is_seeded_and_resnet_depth() -> None:
         A.build_model("vgg", (3, 16, 16), 10)
 
 
+@pytest.mark.slow  # builds mnist5k three times
 def test_builtin_datasets() -> None:
     d = A.load_dataset("digits")
     assert d.x_train.shape[1:] == (1, 8, 8) and d.input_shape == (1, 8, 8) and d.num_classes == 10

@@ -10,6 +10,7 @@ from planner import (
     AccuracyConstraint,
     FleetSpec,
     Plan,
+    PlanSettings,
     ResilienceMap,
     SiteSeverity,
     fuse_fault_maps,
@@ -38,7 +39,13 @@ def faulty_pes(m: FaultMap) -> set[tuple[int, int]]:
 
 @pytest.mark.parametrize(
     ("seed", "max_group_size", "placement"),
-    [(0, 1, "screening"), (1, 3, "screening"), (2, 5, "screening"), (0, 8, "screening"), (2, 5, "severity")],
+    [
+        (0, 1, "screening"),
+        pytest.param(1, 3, "screening", marks=pytest.mark.slow),
+        pytest.param(2, 5, "screening", marks=pytest.mark.slow),
+        pytest.param(0, 8, "screening", marks=pytest.mark.slow),
+        (2, 5, "severity"),
+    ],
 )
 def test_plan_is_safe_and_never_costs_more_than_per_chip_fat(
     seed: int,
@@ -149,6 +156,76 @@ def test_bad_input_is_rejected(rmap: ResilienceMap, constraint: AccuracyConstrai
         plan_fleet([fleet[0], fleet[0]], screening, rmap, constraint)
     with pytest.raises(ValueError, match="chip_id"):
         plan_fleet([FaultMap(array, ())], screening, rmap, constraint)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"schedule": "round_robin"}, ValueError, "schedule: 'round_robin' is not one of"),
+        ({"placement": "anywhere"}, ValueError, "placement: 'anywhere' is not one of"),
+        ({"max_group_size": 0}, ValueError, "max_group_size: must be an integer >= 1"),
+        ({"max_group_size": 2.5}, ValueError, "max_group_size: must be an integer"),
+        ({"max_group_size": True}, ValueError, "max_group_size: must be an integer"),
+        ({"seed": -1}, ValueError, "seed: must be an integer >= 0"),
+        ({"ramp_fraction": 1.5}, ValueError, "ramp_fraction: must be in"),
+        ({"ramp_fraction": float("nan")}, ValueError, "ramp_fraction: must be in"),
+        ({"coarse_cluster_size": 0}, ValueError, "coarse_cluster_size: must be an integer >= 1"),
+        ({"severity": {"pe": 1.0}}, TypeError, "severity must be a SiteSeverity"),
+        ({"bypass_screening": [0.9]}, TypeError, "bypass_screening must be a mapping"),
+        ({"bypass_screening": {"x": {"rows": 0.9}}}, ValueError, "unknown bypass policy"),
+        ({"bypass_screening": {"x": {"faulty": 1.2}}}, ValueError, r"bypass_screening\['x'\]\['faulty'\]: must be in"),
+    ],
+)
+def test_every_argument_is_validated_on_entry(
+    kwargs: dict[str, object],
+    error: type[Exception],
+    match: str,
+    rmap: ResilienceMap,
+    constraint: AccuracyConstraint,
+    array: ArrayConfig,
+) -> None:
+    # every chip passes screening here, so nothing past entry would ever look at a bad argument
+    fleet = [FaultMap(array, (), chip_id=f"c{i}") for i in range(3)]
+    screening = dict.fromkeys((str(m.chip_id) for m in fleet), rmap.baseline)
+    assert plan_fleet(fleet, screening, rmap, constraint).needs_nothing == ["c0", "c1", "c2"]
+    with pytest.raises(error, match=match):
+        plan_fleet(fleet, screening, rmap, constraint, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        (("chips", "not a list"), TypeError, "chips must be a sequence of FaultMap"),
+        (("chips", [{"chip_id": "c0"}]), TypeError, "chips must be FaultMap objects"),
+        (("screening", [0.9]), TypeError, "screening must be a mapping"),
+        (("screening", {"c0": 97.0}), ValueError, r"screening\['c0'\]: must be in \[0, 1\]"),
+        (("resilience_map", None), TypeError, "resilience_map must be a ResilienceMap"),
+        (("constraint", 0.01), TypeError, "constraint must be an AccuracyConstraint"),
+    ],
+)
+def test_positional_arguments_are_validated_on_entry(
+    args: tuple[str, object],
+    error: type[Exception],
+    match: str,
+    rmap: ResilienceMap,
+    constraint: AccuracyConstraint,
+    array: ArrayConfig,
+) -> None:
+    fleet = [FaultMap(array, (), chip_id="c0")]
+    call: dict[str, object] = {
+        "chips": fleet,
+        "screening": {"c0": rmap.baseline},
+        "resilience_map": rmap,
+        "constraint": constraint,
+    }
+    call[args[0]] = args[1]
+    with pytest.raises(error, match=match):
+        plan_fleet(**call)  # type: ignore[arg-type]
+
+
+def test_plan_settings_are_validated_when_a_stored_plan_is_loaded() -> None:
+    with pytest.raises(ValueError, match="schedule"):
+        PlanSettings.from_dict({"schedule": "nope"})
 
 
 def test_failing_chips_get_at_least_the_smallest_positive_amount(rmap: ResilienceMap, array: ArrayConfig) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from accelerator.faults import ArrayConfig
 from planner import AccuracyConstraint, CellTask, ResilienceMap
+from planner.constraint import TOLERANCE, meets, meets_each
 from tests.planner.fakes import fake_measure_cell
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +39,18 @@ def test_constraint_thresholds() -> None:
         AccuracyConstraint(min_accuracy=0.9, max_drop=0.1)
     with pytest.raises(ValueError):
         AccuracyConstraint(max_drop=1.5)
+
+
+def test_meets_is_the_one_definition_and_absorbs_only_rounding() -> None:
+    n = 1000  # a test split: accuracies are multiples of 1 / n
+    baseline, drop = 519 / n, 0.05
+    c = AccuracyConstraint.relative(drop)
+    thr = c.threshold(baseline)
+    assert thr > 469 / n  # baseline - drop rounds above the sample count it means...
+    assert meets(469 / n, thr) and c.met(469 / n, baseline)  # ...which still meets
+    assert not meets(468 / n, thr) and not c.met(468 / n, baseline)  # one sample short never does
+    assert meets_each([468 / n, 469 / n, 1.0], thr).tolist() == [False, True, True]
+    assert meets(thr - TOLERANCE / 2, thr) and not meets(thr - 2 * TOLERANCE, thr)
 
 
 def test_required_epochs_interpolates_worst_case() -> None:

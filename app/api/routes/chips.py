@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import base64
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ from app.schemas.chips import FAULT_MAP_SCHEMA, BulkResult, ChipDetail, ChipInge
 from app.schemas.common import ERROR_RESPONSES
 from app.services import chips as svc
 from app.services import plans as plansvc
+from app.services.pagination import decode_cursor, encode_cursor
 from app.services.profiles import all_profiles, get_profile, get_profile_cached, profile_names
 
 router = APIRouter(prefix="/chips", tags=["chips"], responses=ERROR_RESPONSES)
@@ -51,11 +51,7 @@ def _parse_json(raw: bytes) -> Any:
 
 def _ingest_one(doc: Any, replace: bool) -> tuple[int, dict[str, Any]]:
     """Validate, store and run the late-chip hook: the whole request in one worker-thread hop."""
-    try:
-        p = svc.prepare(None, doc, profiles=get_profile_cached)
-    except svc.InvalidFaultMap as exc:
-        first = exc.errors[0]["msg"]
-        raise ApiError(422, f"invalid fault map: {first}", exc.errors) from None
+    p = svc.prepare(None, doc, profiles=get_profile_cached)  # InvalidFaultMap: a 422 (app.api.errors)
     engine = get_engine()
     # PostgreSQL, new chip (the common case): one autocommit statement, no session
     fast = svc.create_fast(engine, p) if engine.dialect.name == "postgresql" else None
@@ -191,23 +187,6 @@ async def post_chips_bulk(
     return JSONResponse(body)
 
 
-def _encode_cursor(pk: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"after": pk}).encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        pad = "=" * (-len(cursor) % 4)
-        after = json.loads(base64.urlsafe_b64decode(cursor + pad))["after"]
-        if not isinstance(after, int):
-            raise ValueError
-        return after
-    except Exception:
-        raise ApiError(
-            422, "invalid cursor", [{"loc": ["query", "cursor"], "msg": "not a cursor this API returned"}]
-        ) from None
-
-
 @router.get("", response_model=ChipPage, dependencies=[Depends(require("read"))], summary="List chips")
 def list_chips(
     session: SessionDep,
@@ -229,14 +208,14 @@ def list_chips(
             return {"items": [], "next_cursor": None}
         q = q.where(Chip.accelerator_id == prof.id)
     if cursor:
-        q = q.where(Chip.id > _decode_cursor(cursor))
+        q = q.where(Chip.id > decode_cursor(cursor, int))
     rows = list(session.scalars(q))
     more = len(rows) > limit
     rows = rows[:limit]
     names = profile_names(session)
     return {
         "items": svc.chip_summaries(rows, names),
-        "next_cursor": _encode_cursor(rows[-1].id) if more and rows else None,
+        "next_cursor": encode_cursor(rows[-1].id) if more and rows else None,
     }
 
 

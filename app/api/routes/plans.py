@@ -19,6 +19,7 @@ from app.schemas.jobs import JobOut
 from app.schemas.plans import PlanAccepted, PlanIn, PlanOut, ResilienceMapOut
 from app.services import jobs as jobsvc
 from app.services import plans as svc
+from app.services.pagination import decode_cursor
 
 router = APIRouter(tags=["plans"], responses=ERROR_RESPONSES)
 
@@ -37,9 +38,22 @@ def create_plan(
     return {"plan": svc.plan_view(session, plan), "job": jobsvc.job_view(job)}
 
 
-@router.get("/plans/{plan_id}", response_model=PlanOut, dependencies=[Depends(require("read"))])
-def get_plan(plan_id: int, session: SessionDep) -> Any:
-    return svc.plan_view(session, svc.get_plan(session, plan_id))
+@router.get(
+    "/plans/{plan_id}",
+    response_model=PlanOut,
+    dependencies=[Depends(require("read"))],
+    summary="A plan: status, summary, groups, and one page of its chips (cursor pagination as GET /chips)",
+)
+def get_plan(
+    plan_id: int,
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: int = Query(100, ge=1, description="chips per page (at most the page_size_max setting)"),
+    cursor: str | None = Query(None, description="next_cursor of the previous page"),
+) -> Any:
+    plan = svc.get_plan(session, plan_id)
+    after = decode_cursor(cursor, str) if cursor else None
+    return svc.plan_view(session, plan, chips_after=after, chips_limit=min(limit, settings.page_size_max))
 
 
 @router.post(
