@@ -125,7 +125,9 @@ def per_chip_fat(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--chips", type=int, default=200, help="generated fleet size (with --fleet: the first N chips)")
+    ap.add_argument(
+        "--chips", type=int, default=None, help="generated fleet size (default 200; with --fleet: the first N chips)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="lenet5")
     ap.add_argument("--dataset", default="mnist5k")
@@ -166,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # fleets
     if args.fleet is not None:
-        maps = load_fleet(args.fleet)[: args.chips or None]
+        maps = load_fleet(args.fleet)[: args.chips]
         source = str(args.fleet)
     else:
         array = parse_array(args.array)
         defects = args.defects_per_die if args.defects_per_die is not None else 1.0 if array.n_pes <= 256 else 2.0
         mix = FaultMix(**({"sites": args.sites} if args.sites else {}), psum_high_bias=args.psum_high_bias)
-        maps = generate_fleet(args.chips, args.seed, FleetSpec(array=array, defects_per_die=defects, mix=mix))
+        maps = generate_fleet(args.chips or 200, args.seed, FleetSpec(array=array, defects_per_die=defects, mix=mix))
         maps = [dataclasses.replace(m, chip_id=f"{args.chip_prefix}{m.chip_id}") for m in maps]
         source = f"generated (seed {args.seed}, {defects} defects/die, mix {mix.to_dict()})"
         if args.write_fleet is not None:

@@ -20,19 +20,15 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 import shutil
-import socket
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from celery import group as celery_group
 from safetensors.torch import load as safetensors_load
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 from torch import nn
 
@@ -46,7 +42,6 @@ from app.db.models import (
     ChipAssignment,
     GroupMember,
     GroupRecord,
-    Job,
     LibraryModelRecord,
     ModelRecord,
     PlanRecord,
@@ -58,14 +53,12 @@ from planner import AccuracyConstraint, CellTask, Group, Plan, ResilienceMap, Si
 from planner.economics import fap_t_epochs_at_least
 from planner.plan import NEEDS_NOTHING, UNRECOVERABLE, VERIFIED
 from workers import pipeline
-from workers.celery_app import celery_app
 from workers.export import group_manifest, manifest_bytes, sparse_delta, state_dict_bytes
-from workers.jobs import JobAborted, JobContext, handler, run_job
+from workers.jobs import JobContext, gather_children, handler
 
 log = logging.getLogger("faultfleet.fleet")
 
 SAFETENSORS = "application/octet-stream"  # safetensors has no registered media type
-_WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 # --- loading a base model ------------------------------------------------------------------
@@ -200,66 +193,22 @@ def load_group_model(dep: Deployed, sha256: str) -> nn.Module:
     return acc.load_model(dep.info.architecture, load_state(sha256), dep.data.input_shape, dep.data.num_classes)
 
 
-# --- fan-out of child jobs -----------------------------------------------------------------
-
-
-def gather_children(
-    ctx: JobContext,
-    specs: Sequence[tuple[str, str, dict[str, Any]]],
-    *,
-    progress: tuple[float, float],
-    label: str,
-) -> dict[str, dict[str, Any]]:
-    """Run child jobs (subject, kind, params) of `ctx`'s job to the end; subject -> result.
-
-    Children that already exist (a resumed parent) are reused, not created again. Raises
-    RuntimeError naming the first child that failed; cancels the children if the parent
-    is cancelled.
-    """
-    with Session(ctx.engine, expire_on_commit=False) as s:
-        existing = {j.subject: j.id for j in s.scalars(select(Job).where(Job.parent_id == ctx.job_id))}
-        fresh = []
-        for subject, kind, params in specs:
-            if subject not in existing:
-                job = jobsvc.create_job(s, kind, params, subject=subject, parent_id=ctx.job_id)
-                existing[subject] = job.id
-                fresh.append(job.id)
-        s.commit()
-    ids = {subject: existing[subject] for subject, _, _ in specs}
-    if fresh:
-        queue = ctx.settings.queue
-        celery_group(celery_app.signature(jobsvc.TASK_NAME, args=[j], queue=queue) for j in fresh).apply_async()
-    lo, hi = progress
-    try:
-        while True:
-            with Session(ctx.engine, expire_on_commit=False) as s:
-                rows = {
-                    j.id: (j.state, j.error or j.message, j.result)
-                    for j in s.scalars(select(Job).where(Job.id.in_(ids.values())))
-                }
-            failed = [(subj, rows[j]) for subj, j in ids.items() if rows[j][0] in ("failed", "cancelled")]
-            if failed:
-                subj, (state, error, _) = failed[0]
-                raise RuntimeError(f"{label} {subj} {state}: {error}")
-            done = sum(1 for j in ids.values() if rows[j][0] == "succeeded")
-            ctx.report(lo + (hi - lo) * done / max(len(ids), 1), f"{label}: {done}/{len(ids)} done")
-            if done == len(ids):
-                return {subj: dict(rows[j][2] or {}) for subj, j in ids.items()}
-            queued = [j for j in ids.values() if rows[j][0] == "queued"]
-            if queued:
-                run_job(queued[0], worker=f"{_WORKER}/inline")  # help instead of idling
-            else:
-                time.sleep(0.3)
-    except JobAborted:
-        for j in ids.values():
-            jobsvc.cancel(ctx.engine, j)
-        raise
-
-
 # --- base model registration ---------------------------------------------------------------
 
 
-@handler("register_model")
+def model_failed(params: dict[str, Any], error: str) -> Any:
+    return update(ModelRecord).where(ModelRecord.id == int(params["model_id"])).values(status="failed", error=error)
+
+
+def plan_failed(params: dict[str, Any], error: str) -> Any:
+    return (
+        update(PlanRecord)
+        .where(PlanRecord.id == int(params["plan_id"]))
+        .values(status="failed", error=error, updated_at=utcnow())
+    )
+
+
+@handler("register_model", on_failure=model_failed)
 def register_model(ctx: JobContext) -> dict[str, Any]:
     """Train (or load) the base model, calibrate its activation scales, measure its baseline."""
     model_id = int(ctx.params["model_id"])
@@ -392,7 +341,8 @@ def ensure_resilience_map(
                 key=key, base_model_id=info.id, accelerator_id=plan.accelerator_id, status="building", params=spec
             )
             s.add(rec)
-            s.commit()
+        rec.status, rec.error = "building", None  # a map that failed before is built again
+        s.commit()
         rec_id = rec.id
     tasks = ResilienceMap.cell_tasks(spec["rates"], spec["epochs"], spec["samples"], spec["seed"])
     specs = [
@@ -403,7 +353,15 @@ def ensure_resilience_map(
         )
         for t in tasks
     ]
-    results = gather_children(ctx, specs, progress=progress, label="resilience map cells")
+    try:
+        results = gather_children(ctx, specs, progress=progress, label="resilience map cells")
+    except Exception as exc:  # never left 'building': failed, with the reason, and built again next time
+        with Session(ctx.engine, expire_on_commit=False) as s:
+            failed = s.get(ResilienceMapRecord, rec_id)
+            assert failed is not None
+            failed.status, failed.error = "failed", jobsvc.format_error(exc)
+            s.commit()
+        raise
     rmap = ResilienceMap.assemble(
         [(CellTask.from_dict(r["task"]), r["accuracies"]) for r in results.values()],
         baseline,
@@ -620,7 +578,7 @@ def robust_trainer(
     return train
 
 
-@handler("plan")
+@handler("plan", on_failure=plan_failed)
 def build_plan(ctx: JobContext) -> dict[str, Any]:
     """`pipeline.plan_batch` over the plan's chips: screening against the base model's library,
     a robust base where it pays (stored in the library), a measured map (fanned out) where it
@@ -690,7 +648,7 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
             **plan_summary(doc, em.ledger, batch.thresholds, batch.decisions),
             "group_base": batch.group_base,
         }
-        row.status = "planned"
+        row.status, row.error = "planned", None
         s.commit()
     return {"plan_id": plan.id, "summary": doc.summary()}
 
@@ -876,7 +834,7 @@ def store_group_model(
         s.commit()
 
 
-@handler("execute_plan")
+@handler("execute_plan", on_failure=plan_failed)
 def execute_plan(ctx: JobContext) -> dict[str, Any]:
     """`pipeline.run_rounds` with every round's groups fanned out as child jobs; after each
     round the plan document (the checkpoint: a resumed job continues with the round it finds),
@@ -953,7 +911,7 @@ def execute_plan(ctx: JobContext) -> dict[str, Any]:
             "retraining_epochs": doc.planned_epochs,
             "chips_meeting_constraint": sum(1 for a in tests if thr.met(a)),
         }
-        row.status, row.summary, row.updated_at = "executed", summary, utcnow()
+        row.status, row.error, row.summary, row.updated_at = "executed", None, summary, utcnow()
         row.document = doc.to_dict()
         s.commit()
     return {"plan_id": plan_id, "summary": summary}
@@ -1049,13 +1007,14 @@ def assign_chip(ctx: JobContext) -> dict[str, Any]:
             raise ValueError(f"chip(s) {missing[:10]} not found")
         accels = {a for _, _, a in chips.values()}
         latest: dict[int, tuple[int, dict[str, Any], dict[str, Any]]] = {}
-        for p in s.scalars(
-            select(PlanRecord)
+        # the latest executed plan of each base model: its settings and thresholds, never its document
+        for plan_id, model_id, params, summary in s.execute(
+            select(PlanRecord.id, PlanRecord.base_model_id, PlanRecord.params, PlanRecord.summary)
             .join(ModelRecord)
             .where(ModelRecord.accelerator_id.in_(accels), PlanRecord.status == "executed")
             .order_by(PlanRecord.id.desc())
-        ):
-            latest.setdefault(p.base_model_id, (p.id, dict(p.params or {}), dict(p.summary or {})))
+        ).tuples():
+            latest.setdefault(model_id, (plan_id, dict(params or {}), dict(summary or {})))
     out: dict[str, dict[str, str]] = {cid: {} for cid, _, _ in chips.values()}
     for model_id, (plan_id, params, summary) in latest.items():
         dep = deployed(ctx.engine, model_id)

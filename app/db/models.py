@@ -69,6 +69,7 @@ class ModelRecord(Base):
     weights_artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
     baseline_accuracy: Mapped[float | None] = mapped_column(Float)
     status: Mapped[str] = mapped_column(String(16), default="pending")
+    error: Mapped[str | None] = mapped_column(Text, doc="why its registration job failed (status failed)")
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
 
@@ -166,6 +167,7 @@ class PlanRecord(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
     status: Mapped[str] = mapped_column(String(16), default="pending")
+    error: Mapped[str | None] = mapped_column(Text, doc="why its planning or execution job failed")
     constraint: Mapped[dict[str, Any]] = mapped_column(JSON)
     selection: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -273,6 +275,7 @@ class ResilienceMapRecord(Base):
     base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
     accelerator_id: Mapped[int] = mapped_column(ForeignKey("accelerator_profiles.id"))
     status: Mapped[str] = mapped_column(String(16), default="building")
+    error: Mapped[str | None] = mapped_column(Text, doc="why building it failed (status failed)")
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     document: Mapped[dict[str, Any] | None] = mapped_column(JSON, doc="planner.ResilienceMap.to_dict()")
     training_epochs: Mapped[int | None] = mapped_column(Integer, doc="epochs trained to measure it")

@@ -36,6 +36,7 @@ class ModelOut(BaseModel):
     dataset: str
     accelerator: str
     status: str
+    error: str | None = Field(default=None, description="why registration failed (status failed)")
     baseline_accuracy: float | None
     weights_sha256: str | None
     config: dict[str, Any]
@@ -150,6 +151,7 @@ class PlanOut(BaseModel):
     id: int
     model: str
     status: str
+    error: str | None = Field(default=None, description="why planning or execution failed")
     constraint: dict[str, Any]
     selection: dict[str, Any]
     params: dict[str, Any]

@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, or_, select, update
+from sqlalchemy import Connection, Engine, and_, or_, select, update
 
 from app.core.config import Settings
 from app.db.base import utcnow
@@ -167,7 +168,11 @@ def finish(
     state: str,
     result: dict[str, Any] | None = None,
     error: str | None = None,
+    also: Callable[[Connection], None] | None = None,
 ) -> bool:
+    """End a job the caller holds the lease of. `also(connection)` runs in the same
+    transaction, only when the lease still held (a failed job marks its subject failed
+    with it, so the two never disagree)."""
     assert state in TERMINAL
     values: dict[str, Any] = {"state": state, "finished_at": utcnow(), "lease": None}
     if state == "succeeded":
@@ -175,7 +180,10 @@ def finish(
     else:
         values.update(message=state, error=error)
     with engine.begin() as conn:
-        return conn.execute(update(Job).where(_owned(job_id, lease)).values(**values)).rowcount == 1
+        owned = conn.execute(update(Job).where(_owned(job_id, lease)).values(**values)).rowcount == 1
+        if owned and also is not None:
+            also(conn)
+        return owned
 
 
 def format_error(exc: BaseException) -> str:

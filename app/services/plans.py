@@ -48,6 +48,7 @@ def model_view(bm: ModelRecord) -> dict[str, Any]:
         "dataset": bm.dataset,
         "accelerator": bm.accelerator.name,
         "status": bm.status,
+        "error": bm.error,
         "baseline_accuracy": bm.baseline_accuracy,
         "weights_sha256": bm.weights.sha256 if bm.weights is not None else None,
         "config": bm.config,
@@ -90,6 +91,16 @@ def new_model(
     )
     session.add(bm)
     session.flush()
+    return bm
+
+
+def retry_model(session: Session, name: str) -> ModelRecord:
+    """Back to pending, for a new registration job (no commit); `Conflict` unless it failed."""
+    bm = get_model(session, name)
+    if bm.status != "failed":
+        msg = f"base model {bm.name!r} is {bm.status}: only a failed registration can be retried"
+        raise Conflict(msg, ["path", "model"])
+    bm.status, bm.error = "pending", None
     return bm
 
 
@@ -230,6 +241,7 @@ def plan_view(
         "id": plan.id,
         "model": plan.base_model.name,
         "status": plan.status,
+        "error": plan.error,
         "constraint": plan.constraint,
         "selection": plan.selection,
         "params": plan.params,
@@ -254,6 +266,7 @@ def resilience_map_view(rec: ResilienceMapRecord) -> dict[str, Any]:
     return {
         "id": rec.id,
         "status": rec.status,
+        "error": rec.error,
         "base_model_id": rec.base_model_id,
         "params": rec.params,
         "training_epochs": rec.training_epochs,

@@ -1,4 +1,5 @@
-"""model library: verified models later chips may run; what each chip runs and its test accuracy
+"""model library: verified models later chips may run; what each chip runs and its test accuracy;
+why a model, plan or resilience map failed
 
 Revision ID: 0004
 Revises: 0003
@@ -43,6 +44,9 @@ def upgrade() -> None:
         sa.UniqueConstraint("base_model_id", "key", name=op.f("uq_library_models_base_model_id_key")),
     )
     op.create_index(op.f("ix_library_models_base_model_id"), "library_models", ["base_model_id"])
+    for table in ("base_models", "plans", "resilience_maps"):
+        with op.batch_alter_table(table) as batch:
+            batch.add_column(sa.Column("error", sa.Text(), nullable=True))
     with op.batch_alter_table("chip_assignments") as batch:
         batch.add_column(sa.Column("library_model_id", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("test_accuracy", sa.Float(), nullable=True))
@@ -53,6 +57,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    for table in ("base_models", "plans", "resilience_maps"):
+        with op.batch_alter_table(table) as batch:
+            batch.drop_column("error")
     with op.batch_alter_table("chip_assignments") as batch:
         batch.drop_index(op.f("ix_chip_assignments_library_model_id"))
         batch.drop_constraint(op.f("fk_chip_assignments_library_model_id_library_models"), type_="foreignkey")

@@ -128,6 +128,7 @@ def test_fleet_plan_execute_verify_download(service: Any) -> None:
                     "constraint": {"max_drop": 0.05},
                     "chips": {"ids": [fleet["maps"][0]["chip_id"]]},
                     "resilience": grid,
+                    "resilience_map": "on",
                 },
             ),
             202,

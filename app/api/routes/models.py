@@ -160,6 +160,25 @@ def _create(
         return {"model": svc.model_view(bm), "job": jobsvc.job_view(job)}
 
 
+@router.post(
+    "/{model}/retry",
+    status_code=202,
+    response_model=ModelAccepted,
+    summary="Run a failed registration again (a new job)",
+)
+def retry_model(
+    model: str, session: SessionDep, settings: SettingsDep, principal: Principal = Depends(require("plan"))
+) -> Any:
+    bm = svc.retry_model(session, model)
+    job = jobsvc.create_job(
+        session, "register_model", {"model_id": bm.id}, subject=f"model:{bm.id}", created_by=principal.key_prefix
+    )
+    session.commit()
+    jobsvc.enqueue(job.id, get_celery(), settings)
+    session.refresh(bm)
+    return {"model": svc.model_view(bm), "job": jobsvc.job_view(job)}
+
+
 @router.get("/{model}/library", response_model=LibraryOut, dependencies=[Depends(require("read"))])
 def get_model_library(model: str, session: SessionDep) -> Any:
     """Every verified model of the base model that chips may run, and how many chips each serves."""
