@@ -35,6 +35,17 @@ class Settings(BaseSettings):
         "concurrent requests never open and close overflow connections (a PostgreSQL backend start each)",
     )
     db_max_overflow: int = 10
+    db_connect_timeout_s: float = Field(
+        default=5.0, gt=0, description="PostgreSQL: give up connecting after this long (the request answers 503)"
+    )
+    db_busy_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="SQLite: wait this long for another writer's lock before answering 503 'database busy'",
+    )
+    db_retry_after_s: int = Field(
+        default=5, ge=1, description="Retry-After (seconds) of a 503 answered while the database is unreachable"
+    )
     db_ping_after_idle_s: float = Field(
         default=2.0,
         description="Ping a pooled connection at checkout when it was idle longer than this (replacing it if the "
