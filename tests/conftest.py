@@ -303,7 +303,6 @@ def running_service(kind: str, workdir: Path, **env_extra: str) -> Iterator[Serv
             env = base_env(
                 FAULTFLEET_DATABASE_URL=db_url,
                 FAULTFLEET_BROKER_URL=REDIS_URL,
-                FAULTFLEET_RESULT_BACKEND=REDIS_URL,
                 FAULTFLEET_QUEUE=f"fftest-{tag}",
                 FAULTFLEET_REDIS_KEY_PREFIX=prefix,
                 FAULTFLEET_VAR_DIR=str(workdir / "var"),

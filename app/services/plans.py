@@ -149,8 +149,9 @@ def new_plan(session: Session, body: PlanIn, bm: ModelRecord) -> PlanRecord:
     return plan
 
 
-def get_plan(session: Session, plan_id: int) -> PlanRecord:
-    plan = session.get(PlanRecord, plan_id)
+def get_plan(session: Session, plan_id: int, for_update: bool = False) -> PlanRecord:
+    """The plan (404 if none); `for_update` locks its row until the session's transaction ends."""
+    plan = session.get(PlanRecord, plan_id, with_for_update=for_update or None, populate_existing=for_update)
     if plan is None:
         raise _not_found("plan", plan_id, ["path", "plan_id"])
     return plan
