@@ -46,6 +46,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
         "enable_utc": True,
     }
     if settings.broker_is_filesystem:
+        conf["broker_transport"] = "workers.broker:Transport"  # atomic message files
         # No server, so no broadcast mailbox worth having: remote control off.
         conf["worker_enable_remote_control"] = False
     if settings.worker_concurrency:
