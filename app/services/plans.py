@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from accelerator.faults import FaultMap, bypass_faulty_pes, bypass_pes
@@ -91,7 +92,12 @@ def new_model(
         name=name, architecture=architecture, dataset=dataset, accelerator_id=prof.id, config=config, status="pending"
     )
     session.add(bm)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # registered concurrently since the check: the unique name decides
+        session.rollback()
+        msg = f"a base model named {name!r} already exists"
+        raise ApiError(409, msg, [{"loc": ["body", "name"], "msg": msg}]) from None
     return bm
 
 
