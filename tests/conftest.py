@@ -428,6 +428,28 @@ def pg_database(postgres_admin_url: str) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def api_on_fresh_pg(pg_database: str, redis_url: str, tmp_path: Path) -> Iterator[Service]:
+    """An API alone (no worker: jobs stay queued) on a fresh PostgreSQL database; key admin_key."""
+    tag = uuid.uuid4().hex[:8]
+    env = base_env(
+        FAULTFLEET_DATABASE_URL=pg_database,
+        FAULTFLEET_BROKER_URL=redis_url,
+        FAULTFLEET_QUEUE=f"ffconc-{tag}",
+        FAULTFLEET_REDIS_KEY_PREFIX=f"ffconc-{tag}:",
+        FAULTFLEET_VAR_DIR=str(tmp_path / "var"),
+        FAULTFLEET_API_KEYS=f'["admin:k-{tag}"]',
+    )
+    assert run_cli(["migrate"], env, tmp_path).returncode == 0
+    svc = Service("api-only", env, tmp_path, "", f"k-{tag}", pg_database)
+    try:
+        svc.start_api()
+        yield svc
+    finally:
+        svc.stop()
+        _flush_redis_prefix(f"ffconc-{tag}:")
+
+
 @pytest.fixture(scope="session")
 def ff_tools() -> Any:
     """The helpers of this conftest, for tests that start their own processes."""

@@ -6,9 +6,7 @@ a finished execution cannot make a second one legitimate); 20 requests at once, 
 
 from __future__ import annotations
 
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,26 +17,6 @@ from sqlalchemy.orm import Session
 from app.db.models import AcceleratorProfile, Job, ModelRecord, PlanRecord
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def api_on_fresh_pg(pg_database: str, redis_url: str, tmp_path: Path, ff_tools: Any) -> Any:
-    tag = uuid.uuid4().hex[:8]
-    env = ff_tools.base_env(
-        FAULTFLEET_DATABASE_URL=pg_database,
-        FAULTFLEET_BROKER_URL=redis_url,
-        FAULTFLEET_QUEUE=f"ffconc-{tag}",
-        FAULTFLEET_REDIS_KEY_PREFIX=f"ffconc-{tag}:",
-        FAULTFLEET_VAR_DIR=str(tmp_path / "var"),
-        FAULTFLEET_API_KEYS=f'["admin:k-{tag}"]',
-    )
-    assert ff_tools.run_cli(["migrate"], env, tmp_path).returncode == 0
-    svc = ff_tools.Service("conc", env, tmp_path, "", f"k-{tag}", pg_database)
-    svc.start_api()
-    try:
-        yield svc
-    finally:
-        svc.stop()
 
 
 def _at_once(n: int, send: Any) -> list[httpx.Response]:
