@@ -98,7 +98,7 @@ def main() -> int:
         port = _free_port()
         log = (tmp / "api.log").open("wb")
         api = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--log-level", "warning"],
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--no-access-log"],
             env=env,
             cwd=tmp,
             stdout=log,
