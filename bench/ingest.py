@@ -308,7 +308,6 @@ def main() -> int:
     if _redis_ok(args.redis_url):
         env.update(
             FAULTFLEET_BROKER_URL=args.redis_url,
-            FAULTFLEET_RESULT_BACKEND=args.redis_url,
             FAULTFLEET_QUEUE=f"ffbench-{db}",
             FAULTFLEET_REDIS_KEY_PREFIX=f"ffbench-{db}:",
         )

@@ -303,7 +303,6 @@ def running_service(kind: str, workdir: Path, **env_extra: str) -> Iterator[Serv
             env = base_env(
                 FAULTFLEET_DATABASE_URL=db_url,
                 FAULTFLEET_BROKER_URL=REDIS_URL,
-                FAULTFLEET_RESULT_BACKEND=REDIS_URL,
                 FAULTFLEET_QUEUE=f"fftest-{tag}",
                 FAULTFLEET_REDIS_KEY_PREFIX=prefix,
                 FAULTFLEET_VAR_DIR=str(workdir / "var"),
@@ -427,6 +426,28 @@ def pg_database(postgres_admin_url: str) -> Iterator[str]:
     """A fresh, empty PostgreSQL database (ff_<random>) for this test; dropped afterwards."""
     with fresh_pg_database(postgres_admin_url) as url:
         yield url
+
+
+@pytest.fixture
+def api_on_fresh_pg(pg_database: str, redis_url: str, tmp_path: Path) -> Iterator[Service]:
+    """An API alone (no worker: jobs stay queued) on a fresh PostgreSQL database; key admin_key."""
+    tag = uuid.uuid4().hex[:8]
+    env = base_env(
+        FAULTFLEET_DATABASE_URL=pg_database,
+        FAULTFLEET_BROKER_URL=redis_url,
+        FAULTFLEET_QUEUE=f"ffconc-{tag}",
+        FAULTFLEET_REDIS_KEY_PREFIX=f"ffconc-{tag}:",
+        FAULTFLEET_VAR_DIR=str(tmp_path / "var"),
+        FAULTFLEET_API_KEYS=f'["admin:k-{tag}"]',
+    )
+    assert run_cli(["migrate"], env, tmp_path).returncode == 0
+    svc = Service("api-only", env, tmp_path, "", f"k-{tag}", pg_database)
+    try:
+        svc.start_api()
+        yield svc
+    finally:
+        svc.stop()
+        _flush_redis_prefix(f"ffconc-{tag}:")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -10,6 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -19,10 +21,21 @@ from app.core.security import allows, hash_key, key_prefix, parse_scopes
 from app.db.models import ApiKey
 from app.db.session import get_sessionmaker
 
+log = logging.getLogger("faultfleet.api")
+
 
 def get_db() -> Iterator[Session]:
-    with get_sessionmaker()() as session:
+    session = get_sessionmaker()()
+    try:
         yield session
+    finally:
+        # Closing rolls back on the connection; when the database went away mid-request that
+        # fails too (the pool has invalidated the connection already). The request's own error,
+        # if any, is what counts: the answer is already on its way.
+        try:
+            session.close()
+        except DBAPIError:
+            log.info("closing a session on a lost database connection failed", exc_info=True)
 
 
 SessionDep = Annotated[Session, Depends(get_db)]

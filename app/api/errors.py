@@ -8,7 +8,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.services.errors import Conflict, DomainError, Invalid, NotFound
@@ -51,6 +52,17 @@ def error_body(detail: str, errors: list[dict[str, Any]] | None = None, **extra:
     return {"detail": detail, "errors": errors or [], **extra}
 
 
+def describe_database_error(exc: BaseException, retry_after_s: int) -> tuple[str, int]:
+    """A 503's message naming the database and what went wrong, and its Retry-After in seconds."""
+    orig = getattr(exc, "orig", None) or exc
+    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0][:300]
+    if "database is locked" in first or "database table is locked" in first:
+        return f"database busy: the SQLite database is locked by another writer ({first}); retry shortly", 1
+    if isinstance(exc, PoolTimeoutError):
+        return f"database busy: no free database connection ({first}); retry shortly", 1
+    return f"database unavailable: {first}", retry_after_s
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
@@ -87,6 +99,23 @@ def install(app: FastAPI) -> None:
         msg = str(getattr(exc, "orig", None) or exc).splitlines()[0][:500]
         log.info("data error on %s %s: %s", req.method, req.url.path, msg)
         return JSONResponse(error_body(f"invalid value: {msg}", [{"loc": ["request"], "msg": msg}]), status_code=422)
+
+    async def _database_unavailable(req: Request, exc: Exception) -> JSONResponse:
+        # The database is down, unreachable, or (SQLite) locked by another writer past the busy
+        # timeout: a dependency's trouble, not the request's, so 503 + Retry-After. Nothing is
+        # cached about the failure: the next request connects afresh and succeeds once it is back.
+        from app.core.config import get_settings
+
+        detail, retry_after = describe_database_error(exc, get_settings().db_retry_after_s)
+        log.warning("database unavailable on %s %s: %s", req.method, req.url.path, detail)
+        return JSONResponse(
+            error_body(detail, [{"loc": ["database"], "msg": detail}]),
+            status_code=503,
+            headers={"Retry-After": str(retry_after)},
+        )
+
+    for exc_type in (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError):
+        app.add_exception_handler(exc_type, _database_unavailable)
 
     @app.exception_handler(Exception)
     async def _unexpected(req: Request, exc: Exception) -> JSONResponse:

@@ -2,8 +2,8 @@
 
 Embedded default (no variables set): a SQLite file and a serverless Celery broker
 (kombu's filesystem transport) under ``./var``. Scale-out: point
-``FAULTFLEET_DATABASE_URL`` at ``postgresql+psycopg://...`` and ``FAULTFLEET_BROKER_URL``
-/ ``FAULTFLEET_RESULT_BACKEND`` at ``redis://...``.
+``FAULTFLEET_DATABASE_URL`` at ``postgresql+psycopg://...`` and ``FAULTFLEET_BROKER_URL`` at
+``redis://...``. There is no Celery result backend: results live in the jobs table.
 """
 
 from __future__ import annotations
@@ -35,6 +35,17 @@ class Settings(BaseSettings):
         "concurrent requests never open and close overflow connections (a PostgreSQL backend start each)",
     )
     db_max_overflow: int = 10
+    db_connect_timeout_s: float = Field(
+        default=5.0, gt=0, description="PostgreSQL: give up connecting after this long (the request answers 503)"
+    )
+    db_busy_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="SQLite: wait this long for another writer's lock before answering 503 'database busy'",
+    )
+    db_retry_after_s: int = Field(
+        default=5, ge=1, description="Retry-After (seconds) of a 503 answered while the database is unreachable"
+    )
     db_ping_after_idle_s: float = Field(
         default=2.0,
         description="Ping a pooled connection at checkout when it was idle longer than this (replacing it if the "
@@ -43,9 +54,19 @@ class Settings(BaseSettings):
 
     # --- Celery ------------------------------------------------------------------
     broker_url: str = Field(default="", description="Celery broker; default filesystem:// under <var_dir>/broker")
-    result_backend: str = Field(default="", description="Celery result backend; default file://<var_dir>/results")
     queue: str = Field(default="faultfleet", description="Celery queue name (one per deployment / test session)")
-    redis_key_prefix: str = Field(default="", description="Prefix of every Redis key the broker and backend write")
+    redis_key_prefix: str = Field(default="", description="Prefix of every Redis key the broker writes")
+    broker_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Connecting to, and publishing on, the broker gives up after this long (one quick retry)",
+    )
+    broker_retry_after_s: int = Field(
+        default=5,
+        ge=1,
+        description="After a failed publish the broker counts as down this long: job submissions answer 503 "
+        "with this Retry-After at once, and jobs created meanwhile stay queued for the sweep to send",
+    )
     broker_visibility_timeout_s: int = Field(
         default=600, description="Redis: an unacked message is redelivered after this long (duplicates are harmless)"
     )
@@ -67,6 +88,11 @@ class Settings(BaseSettings):
     )
     job_sweep_interval_s: float = Field(default=10.0, description="How often each worker runs the recovery sweep")
     job_max_attempts: int = Field(default=5, description="A job claimed this many times without finishing fails")
+    worker_stale_after_s: float = Field(
+        default=60.0,
+        description="/readyz reports 'no worker seen' when no worker process heart-beat for this long "
+        "(workers beat at every sweep, job_sweep_interval_s)",
+    )
 
     # --- API -------------------------------------------------------------------------
     api_keys: list[str] = Field(
@@ -90,8 +116,6 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.var_dir / 'faultfleet.db'}"
         if not self.broker_url:
             self.broker_url = "filesystem://"
-        if not self.result_backend:
-            self.result_backend = f"file://{self.var_dir / 'results'}"
         if self.artifact_dir is None:
             self.artifact_dir = self.var_dir / "artifacts"
         self.artifact_dir = self.artifact_dir.expanduser().resolve()
@@ -130,7 +154,12 @@ class Settings(BaseSettings):
                 "store_processed": False,
                 "polling_interval": self.broker_polling_interval_s,
             }
-        opts: dict[str, Any] = {"visibility_timeout": self.broker_visibility_timeout_s}
+        opts: dict[str, Any] = {
+            "visibility_timeout": self.broker_visibility_timeout_s,
+            # bounded waits on a dead or unreachable Redis (kombu passes these to redis-py)
+            "socket_connect_timeout": self.broker_timeout_s,
+            "socket_timeout": max(self.broker_timeout_s, 5.0),  # also bounds the worker's blocking reads
+        }
         if self.redis_key_prefix and self.broker_url.startswith(("redis", "rediss")):
             opts["global_keyprefix"] = self.redis_key_prefix
         return opts
@@ -143,8 +172,6 @@ class Settings(BaseSettings):
         if self.broker_is_filesystem:
             for key in ("data_folder_in", "control_folder", "processed_folder"):
                 Path(self.broker_transport_options()[key]).mkdir(parents=True, exist_ok=True)
-        if self.result_backend.startswith("file://"):
-            Path(self.result_backend.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
 
 
 @lru_cache

@@ -146,7 +146,11 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease: Mapped[str | None] = mapped_column(String(32))
-    worker: Mapped[str | None] = mapped_column(String(255))
+    worker: Mapped[str | None] = mapped_column(String(255), doc="Celery node name of the worker running it")
+    worker_host: Mapped[str | None] = mapped_column(
+        String(255), doc="host, boot and PID namespace of the process running it (where worker_pid means something)"
+    )
+    worker_pid: Mapped[int | None] = mapped_column(Integer, doc="PID of the process running it, on worker_host")
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
     subject: Mapped[str | None] = mapped_column(
         String(64), index=True, doc="what the job works on, e.g. 'plan:12', 'group:7', 'model:3'"
@@ -157,6 +161,20 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(TS)
     heartbeat_at: Mapped[datetime | None] = mapped_column(TS)
     finished_at: Mapped[datetime | None] = mapped_column(TS)
+
+
+class WorkerHeartbeat(Base):
+    """A worker process's sign of life, written by its recovery sweep (what /readyz reports)."""
+
+    __tablename__ = "worker_heartbeats"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True, doc="nodename/host/pid: one row per process")
+    nodename: Mapped[str] = mapped_column(String(255))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(TS, default=utcnow, index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(TS)
 
 
 class PlanRecord(Base):

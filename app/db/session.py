@@ -20,7 +20,8 @@ def make_engine(settings: Settings) -> Engine:
         db_file = make_url(url).database
         if db_file and db_file != ":memory:" and not db_file.startswith("file:"):
             Path(db_file).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": settings.db_busy_timeout_s})
+        busy_ms = int(settings.db_busy_timeout_s * 1000)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _rec: Any) -> None:
@@ -29,7 +30,7 @@ def make_engine(settings: Settings) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
             cur.close()
             # Let SQLAlchemy own transactions and take the write lock up front: a deferred
             # transaction that upgrades to a writer in WAL mode fails with SQLITE_BUSY
@@ -46,6 +47,7 @@ def make_engine(settings: Settings) -> Engine:
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_pre_ping=settings.db_ping_after_idle_s <= 0,
+        connect_args={"connect_timeout": max(1, round(settings.db_connect_timeout_s))},
     )
     if settings.db_ping_after_idle_s > 0:
         _ping_after_idle(engine, settings.db_ping_after_idle_s)

@@ -78,6 +78,9 @@ class ChipSummary(BaseModel):
 
 class ChipIngested(ChipSummary):
     status: IngestStatus
+    assignment_job: str | None = Field(
+        default=None, description="the job trying a new chip on an executed plan's models, when there is one"
+    )
 
 
 class RevisionOut(BaseModel):
@@ -117,3 +120,8 @@ class BulkResult(BaseModel):
     replaced: int
     rejected: int
     lines: list[BulkLine]
+    assignment_job: str | None = Field(default=None, description="the first of assignment_jobs")
+    assignment_jobs: list[str] | None = Field(
+        default=None,
+        description="jobs trying the new chips on an executed plan's models: one per 1000 lines that brought any",
+    )

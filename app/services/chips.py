@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -246,14 +247,14 @@ def summary_of(p: Prepared, st: Stored) -> dict[str, Any]:
 _CREATE_SQL: str | None = None
 
 
-def create_fast(engine: Engine, p: Prepared) -> tuple[Stored, bool] | None:
+def create_fast(engine: Engine, p: Prepared) -> tuple[Stored, str | None] | None:
     """PostgreSQL: store a chip seen for the first time and its revision 1 in ONE autocommit
     statement (a data-modifying CTE, atomic on its own): one round trip instead of ~5.
 
-    The same statement also answers whether an executed plan exists for the chip's accelerator
-    (the late-chip hook's question), so the common case needs no second query. Returns
-    (stored, executed_plan_exists), or None when the chip id already exists (the caller takes
-    the general path)."""
+    The same statement adds the late-assignment job when an executed plan covers the chip's
+    accelerator (see `plans.late_assignment_job`), atomically with the chip. Returns (stored,
+    that job's id or None; the caller enqueues it), or None when the chip id already exists (the
+    caller takes the general path)."""
     global _CREATE_SQL
     now = utcnow()
     chip = _chip_values(p, now)
@@ -267,12 +268,18 @@ def create_fast(engine: Engine, p: Prepared) -> tuple[Stored, bool] | None:
             "SELECT c.id, 1, content_hash, faults_digest, n_faults, fault_rate, fault_map::json, created_at "
             "FROM c CROSS JOIN (SELECT %s AS content_hash, %s AS faults_digest, %s::integer AS n_faults, "
             "%s::double precision AS fault_rate, %s AS fault_map, %s::timestamptz AS created_at) AS v "
-            "RETURNING chip_pk) "
-            "SELECT r.chip_pk, EXISTS (SELECT 1 FROM plans JOIN base_models ON base_models.id = plans.base_model_id "
-            "WHERE plans.status = 'executed' AND base_models.accelerator_id = %s) FROM r"
+            "RETURNING chip_pk), "
+            "j AS (INSERT INTO jobs (id, kind, state, progress, message, params, attempts, subject, created_at, "
+            "enqueued_at) SELECT %s, 'assign_chip', 'queued', 0, 'queued', "
+            "json_build_object('chip_pks', json_build_array(r.chip_pk)), 0, 'late-chips', %s::timestamptz, "
+            "%s::timestamptz FROM r WHERE EXISTS (SELECT 1 FROM plans JOIN base_models ON base_models.id = "
+            "plans.base_model_id WHERE plans.status = 'executed' AND base_models.accelerator_id = %s) RETURNING id) "
+            "SELECT r.chip_pk, (SELECT id FROM j) FROM r"
         )
+    job_id = uuid.uuid4().hex
     params = [p.doc_json if c == "fault_map" else chip[c] for c in cols]
-    params += [p.content_hash, p.faults_digest, p.n_faults, p.fault_rate, p.doc_json, now, p.profile_id]
+    params += [p.content_hash, p.faults_digest, p.n_faults, p.fault_rate, p.doc_json, now]
+    params += [job_id, now, now, p.profile_id]
     # The pool's DB-API connection itself (checked out through the pool's idle ping): SQLAlchemy's
     # Connection, isolation-level and result layers cost more CPU here than the statement.
     pooled = engine.raw_connection()
@@ -294,7 +301,7 @@ def create_fast(engine: Engine, p: Prepared) -> tuple[Stored, bool] | None:
                 conn.autocommit = False
     finally:
         pooled.close()  # back to the pool
-    return (Stored("created", 1, now, now), bool(row[1])) if row is not None else None
+    return (Stored("created", 1, now, now), row[1]) if row is not None else None
 
 
 def store_one(session: Session, p: Prepared, replace: bool) -> tuple[Status, int]:
@@ -340,18 +347,27 @@ class BulkOutcome:
 
 
 def store_many(
-    session: Session, items: Sequence[tuple[int, Prepared]], replace: bool, chunk: int = 1000
+    session: Session,
+    items: Sequence[tuple[int, Prepared]],
+    replace: bool,
+    chunk: int = 1000,
+    before_commit: Callable[[Session, list[BulkOutcome]], None] | None = None,
 ) -> list[BulkOutcome]:
     """Store validated maps (line number, map) in chunks, one transaction per chunk.
 
     Duplicate chip ids inside one request: the first occurrence wins; a later identical
     line is unchanged, a later different line is rejected (or, with replace, a new revision).
+    `before_commit(session, outcomes)` runs in each chunk's transaction (e.g. to add the
+    late-assignment job of the chunk's new chips atomically with them).
     """
     out: list[BulkOutcome] = []
     for start in range(0, len(items), chunk):
         part = items[start : start + chunk]
-        out.extend(_store_chunk(session, part, replace))
+        outcomes = _store_chunk(session, part, replace)
+        if before_commit is not None:
+            before_commit(session, outcomes)
         session.commit()
+        out.extend(outcomes)
     return out
 
 
@@ -366,6 +382,8 @@ def _store_chunk(session: Session, part: Sequence[tuple[int, Prepared]], replace
             later.append((line, p))
         else:
             first[p.chip_id] = (line, p)
+    # (revision, content hash) of each chip as this chunk leaves it, line by line
+    current: dict[str, tuple[int, str]] = {cid: (r.revision, r.content_hash) for cid, r in existing.items()}
     results: dict[int, BulkOutcome] = {}
     if first:
         created = _insert_new_chips(session, [p for _, p in first.values()], now)
@@ -374,9 +392,15 @@ def _store_chunk(session: Session, part: Sequence[tuple[int, Prepared]], replace
         for cid, (line, p) in first.items():
             if cid in created:
                 results[line] = BulkOutcome(line, "created", cid, 1)
+                current[cid] = (1, p.content_hash)
             else:  # inserted concurrently by another request: handle like an existing chip
                 later.insert(0, (line, p))
     for line, p in sorted(later, key=lambda t: t[0]):
+        known = current.get(p.chip_id)
+        if known is not None and known[1] == p.content_hash:
+            # unchanged (the common case of a re-posted file): nothing to write, no round trip
+            results[line] = BulkOutcome(line, "unchanged", p.chip_id, known[0])
+            continue
         status, rev = store_one(session, p, replace)
         if status == "conflict":
             results[line] = BulkOutcome(
@@ -394,6 +418,8 @@ def _store_chunk(session: Session, part: Sequence[tuple[int, Prepared]], replace
             )
         else:
             results[line] = BulkOutcome(line, status, p.chip_id, rev)
+            if status in ("created", "replaced", "unchanged"):
+                current[p.chip_id] = (rev, p.content_hash)
     return [results[line] for line, _ in part]
 
 

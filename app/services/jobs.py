@@ -11,19 +11,23 @@ message was lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, or_, select, update
+from sqlalchemy import Connection, Engine, and_, func, or_, select, true, update
 
 from app.core.config import Settings
 from app.db.base import utcnow
-from app.db.models import Job
+from app.db.models import Job, WorkerHeartbeat
 
 log = logging.getLogger("faultfleet.jobs")
 
@@ -64,21 +68,40 @@ def create_job(
     return job
 
 
-def enqueue(job_id: str, celery: Any, settings: Settings, countdown: float | None = None) -> bool:
-    """Publish the job's message; False if the broker is unreachable (the job stays queued)."""
+def enqueue(job_id: str, celery: Any, settings: Settings, engine: Engine | None = None) -> bool:
+    """Publish the job's message; False if the broker is unreachable (the job stays queued).
+
+    Publishing is bounded (one quick retry, short socket timeouts), and skipped at once while
+    the broker is known down (`app.core.queue.broker_down`), so a dead broker never stalls the
+    caller. A job whose message could not be sent gets ``enqueued_at = NULL`` (in `engine`,
+    default the service's), which the recovery sweep re-sends at its next run once the broker is back.
+    """
+    from app.core import queue
+
+    if not queue.broker_down():
+        try:
+            celery.send_task(
+                TASK_NAME,
+                args=[job_id],
+                queue=settings.queue,
+                retry=True,
+                retry_policy={"max_retries": 1, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.2},
+            )
+            queue.broker_ok()
+            return True
+        except Exception as exc:  # broker down: the recovery sweep re-sends queued jobs later
+            queue.broker_failed(exc)
+            log.warning("could not publish job %s (%s); it stays queued for the sweep", job_id, exc)
+    if engine is None:
+        from app.db.session import get_engine
+
+        engine = get_engine()
     try:
-        celery.send_task(
-            TASK_NAME,
-            args=[job_id],
-            queue=settings.queue,
-            countdown=countdown,
-            retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5},
-        )
-        return True
-    except Exception:  # broker down: the recovery sweep re-sends queued jobs later
-        log.warning("could not publish job %s; it stays queued for the sweep", job_id, exc_info=True)
-        return False
+        with engine.begin() as conn:
+            conn.execute(update(Job).where(Job.id == job_id, Job.state == "queued").values(enqueued_at=None))
+    except Exception:
+        log.warning("could not mark job %s unsent; the sweep re-sends it later anyway", job_id, exc_info=True)
+    return False
 
 
 @dataclass(frozen=True)
@@ -95,7 +118,35 @@ class LeaseLost(Exception):
     """The job was cancelled, or re-claimed by another worker after this one went stale."""
 
 
+_HOST: str | None = None
+
+
+def process_host() -> str:
+    """Where a PID means something: host name, boot and PID namespace. Two processes with equal
+    `process_host()` see each other's PIDs, so one can tell whether the other is still alive."""
+    global _HOST
+    if _HOST is None:
+        parts = [socket.gethostname()]
+        with contextlib.suppress(OSError):
+            parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8])
+        with contextlib.suppress(OSError):
+            parts.append(os.readlink("/proc/self/ns/pid").removeprefix("pid:"))
+        _HOST = "/".join(parts)[:255]
+    return _HOST
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
 def claim(engine: Engine, job_id: str, worker: str, settings: Settings) -> Claim | None:
+    """Take a queued job (or a running one whose worker was lost) for this process."""
     now = utcnow()
     stale = now - timedelta(seconds=settings.job_stale_after_s)
     lease = uuid.uuid4().hex
@@ -110,6 +161,8 @@ def claim(engine: Engine, job_id: str, worker: str, settings: Settings) -> Claim
                 state="running",
                 lease=lease,
                 worker=worker,
+                worker_host=process_host(),
+                worker_pid=os.getpid(),
                 attempts=Job.attempts + 1,
                 heartbeat_at=now,
                 started_at=now,
@@ -205,40 +258,52 @@ def cancel(engine: Engine, job_id: str) -> str | None:
         return conn.execute(select(Job.state).where(Job.id == job_id)).scalar()
 
 
-def sweep(engine: Engine, settings: Settings, celery: Any, dead_worker: str | None = None) -> list[str]:
+def sweep(engine: Engine, settings: Settings, celery: Any, resend_all_queued: bool = False) -> list[str]:
     """Re-enqueue jobs a lost worker left 'running' and queued jobs whose message got lost.
 
-    `dead_worker`: a node name known to be dead (a worker restarting under its old name),
-    whose running jobs are re-enqueued without waiting for their heartbeat to go stale.
+    A running job is lost when its heartbeat went stale, or at once when it ran on this host
+    (same `process_host()`) under a PID that no longer exists: a SIGKILLed worker restarting
+    here takes back only its dead processes' jobs, never what live processes (its own new ones,
+    or another worker sharing its node name) have claimed. `resend_all_queued`: the broker came
+    back and may have lost its messages, so every queued job is sent again (a duplicate is a no-op).
     Safe to run from many workers at once: each row is taken by one conditional UPDATE.
     """
     now = utcnow()
     stale = now - timedelta(seconds=settings.job_stale_after_s)
     lost = now - timedelta(seconds=settings.job_requeue_queued_after_s)
-    running_lost: Any = and_(Job.state == "running", Job.heartbeat_at < stale)
-    if dead_worker:
-        running_lost = or_(running_lost, and_(Job.state == "running", Job.worker == dead_worker))
+    revive = dict(state="queued", lease=None, enqueued_at=now, message="re-enqueued: its worker was lost")
     with engine.begin() as conn:
         revived = [
             r[0]
             for r in conn.execute(
-                update(Job)
-                .where(running_lost)
-                .values(state="queued", lease=None, enqueued_at=now, message="re-enqueued: its worker was lost")
-                .returning(Job.id)
+                update(Job).where(Job.state == "running", Job.heartbeat_at < stale).values(**revive).returning(Job.id)
             )
         ]
+        here = conn.execute(
+            select(Job.id, Job.lease, Job.worker_pid).where(
+                Job.state == "running", Job.worker_host == process_host(), Job.worker_pid.is_not(None)
+            )
+        ).all()
+        for job_id, lease, pid in here:
+            if pid is None or pid_alive(pid):
+                continue
+            res = conn.execute(
+                update(Job).where(Job.id == job_id, Job.lease == lease, Job.state == "running").values(**revive)
+            )
+            if res.rowcount == 1:
+                revived.append(job_id)
+        unsent = or_(Job.enqueued_at.is_(None), Job.enqueued_at < lost)
         resent = [
             r[0]
             for r in conn.execute(
                 update(Job)
-                .where(Job.state == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < lost))
+                .where(Job.state == "queued", true() if resend_all_queued else unsent)
                 .values(enqueued_at=now)
                 .returning(Job.id)
             )
         ]
     for job_id in revived + resent:
-        enqueue(job_id, celery, settings)
+        enqueue(job_id, celery, settings, engine)
     if revived or resent:
         log.warning(
             "recovery sweep: re-enqueued %d lost running job(s) %s, re-sent %d queued",
@@ -247,6 +312,70 @@ def sweep(engine: Engine, settings: Settings, celery: Any, dead_worker: str | No
             len(resent),
         )
     return revived + resent
+
+
+# --- worker heartbeats: which worker processes are alive (what /readyz reports) ----------------
+
+
+def worker_id(nodename: str) -> str:
+    return f"{nodename}/{process_host()}/{os.getpid()}"[:255]
+
+
+def worker_heartbeat(engine: Engine, nodename: str, started_at: datetime) -> None:
+    """Record that this worker process is alive (an upsert of its row)."""
+    now = utcnow()
+    wid = worker_id(nodename)
+    with engine.begin() as conn:
+        res = conn.execute(
+            update(WorkerHeartbeat).where(WorkerHeartbeat.id == wid).values(heartbeat_at=now, stopped_at=None)
+        )
+        if res.rowcount == 0:
+            conn.execute(
+                WorkerHeartbeat.__table__.insert().values(  # type: ignore[attr-defined]
+                    id=wid,
+                    nodename=nodename,
+                    host=process_host(),
+                    pid=os.getpid(),
+                    started_at=started_at,
+                    heartbeat_at=now,
+                )
+            )
+        # rows of workers gone for a day are history nobody reads
+        conn.execute(
+            WorkerHeartbeat.__table__.delete().where(  # type: ignore[attr-defined]
+                WorkerHeartbeat.heartbeat_at < now - timedelta(days=1)
+            )
+        )
+
+
+def worker_stopped(engine: Engine, nodename: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            update(WorkerHeartbeat).where(WorkerHeartbeat.id == worker_id(nodename)).values(stopped_at=utcnow())
+        )
+
+
+def worker_health(engine: Engine, settings: Settings) -> dict[str, Any]:
+    """Workers that heart-beat within `worker_stale_after_s`, and when one was last seen."""
+    now = utcnow()
+    alive_after = now - timedelta(seconds=settings.worker_stale_after_s)
+    with engine.connect() as conn:
+        alive = conn.execute(
+            select(func.count()).where(
+                WorkerHeartbeat.heartbeat_at >= alive_after, WorkerHeartbeat.stopped_at.is_(None)
+            )
+        ).scalar_one()
+        last = conn.execute(select(func.max(WorkerHeartbeat.heartbeat_at))).scalar()
+    if last is not None and last.tzinfo is None:  # SQLite returns naive datetimes; they are UTC
+        last = last.replace(tzinfo=UTC)
+    last_seen_s = None if last is None else round((now - last).total_seconds(), 1)
+    if alive:
+        status = "ok"
+    elif last_seen_s is None:
+        status = "no worker has ever been seen"
+    else:
+        status = f"no worker seen for {last_seen_s:.0f} s"
+    return {"status": status, "alive": alive, "last_seen_s": last_seen_s}
 
 
 def job_view(job: Job) -> dict[str, Any]:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from accelerator.faults import FaultMap, bypass_faulty_pes, bypass_pes
@@ -90,7 +92,12 @@ def new_model(
         name=name, architecture=architecture, dataset=dataset, accelerator_id=prof.id, config=config, status="pending"
     )
     session.add(bm)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # registered concurrently since the check: the unique name decides
+        session.rollback()
+        msg = f"a base model named {name!r} already exists"
+        raise Conflict(msg, ["body", "name"]) from None
     return bm
 
 
@@ -119,17 +126,22 @@ def new_plan(session: Session, body: PlanIn, bm: ModelRecord) -> PlanRecord:
     if sel.wafer is not None:
         q = q.where(Chip.wafer == sel.wafer)
     if sel.ids:
-        known = set(
-            session.scalars(
-                select(Chip.chip_id).where(Chip.chip_id.in_(sel.ids), Chip.accelerator_id == bm.accelerator_id)
+        ids = list(dict.fromkeys(sel.ids))
+        known: set[str] = set()
+        for part in chunks(ids):  # a list per statement stays under PostgreSQL's bind-parameter limit
+            known.update(
+                session.scalars(
+                    select(Chip.chip_id).where(Chip.chip_id.in_(part), Chip.accelerator_id == bm.accelerator_id)
+                )
             )
-        )
-        unknown = [c for c in sel.ids if c not in known]
+        unknown = [c for c in ids if c not in known]
         if unknown:
             msg = f"unknown chip id(s) for accelerator {bm.accelerator.name!r}: {unknown[:10]}"
             raise Invalid(msg, ["body", "chips", "ids"])
-        q = q.where(Chip.chip_id.in_(sel.ids))
-    if not session.scalar(q):
+        matched = sum(session.scalar(q.where(Chip.chip_id.in_(part))) or 0 for part in chunks(ids))
+    else:
+        matched = session.scalar(q) or 0
+    if not matched:
         shown = sel.model_dump(exclude_defaults=True)
         msg = f"the selection {shown} matches no chip of accelerator {bm.accelerator.name!r}"
         raise Invalid(msg, ["body", "chips"])
@@ -160,8 +172,9 @@ def new_plan(session: Session, body: PlanIn, bm: ModelRecord) -> PlanRecord:
     return plan
 
 
-def get_plan(session: Session, plan_id: int) -> PlanRecord:
-    plan = session.get(PlanRecord, plan_id)
+def get_plan(session: Session, plan_id: int, for_update: bool = False) -> PlanRecord:
+    """The plan (404 if none); `for_update` locks its row until the session's transaction ends."""
+    plan = session.get(PlanRecord, plan_id, with_for_update=for_update or None, populate_existing=for_update)
     if plan is None:
         raise NotFound.of("plan", plan_id, ["path", "plan_id"])
     return plan
@@ -229,9 +242,11 @@ def plan_view(
         session.scalars(select(GroupRecord).where(GroupRecord.plan_id == plan.id).order_by(GroupRecord.index))
     )
     pks = {m.chip_pk for g in groups for m in g.members}
-    chip_ids = (
-        dict(session.execute(select(Chip.id, Chip.chip_id).where(Chip.id.in_(pks))).tuples().all()) if pks else {}
-    )
+    chip_ids = {
+        pk: cid
+        for part in chunks(sorted(pks))
+        for pk, cid in session.execute(select(Chip.id, Chip.chip_id).where(Chip.id.in_(part))).tuples()
+    }
     jobs = {
         j.kind: j.id
         for j in session.scalars(select(Job).where(Job.subject == f"plan:{plan.id}").order_by(Job.created_at))
@@ -368,32 +383,38 @@ def chip_manifest(session: Session, chip: Chip, a: ChipAssignment) -> bytes:
 # --- chips that arrive after a plan ran -------------------------------------------------------
 
 
-def queue_late_assignments(chip_ids: list[str]) -> str | None:
-    """After chips were created or replaced: if an executed plan covers their accelerator, start one
-    job that tries them on that plan's group models (see `workers.fleet.assign_chip`). Returns its id."""
-    from app.core.config import get_settings
-    from app.core.queue import get_celery
-    from app.db.session import get_sessionmaker
+IN_CHUNK = 10_000  # values per IN (...) list: PostgreSQL takes at most 65,535 bind parameters a statement
+
+
+def chunks(values: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def late_assignment_job(session: Session, chip_ids: Sequence[str], created_by: str | None = None) -> Job | None:
+    """In the caller's transaction (it commits, then enqueues): after chips were created or
+    replaced, if an executed plan covers their accelerator, add one job that tries them on that
+    plan's models (see `workers.fleet.assign_chip`). Created with the chips, the job cannot be
+    missed: a crash between the two would otherwise leave chips that no plan ever serves."""
     from app.services import jobs as jobsvc
 
     if not chip_ids:
         return None
-    with get_sessionmaker()() as s:
-        if s.scalars(select(PlanRecord.id).where(PlanRecord.status == "executed").limit(1)).first() is None:
-            return None  # the common case at ingest time: one cheap query
-        rows = s.execute(select(Chip.id, Chip.accelerator_id).where(Chip.chip_id.in_(chip_ids))).tuples().all()
-        executed = set(
-            s.scalars(
-                select(ModelRecord.accelerator_id)
-                .join(PlanRecord, PlanRecord.base_model_id == ModelRecord.id)
-                .where(PlanRecord.status == "executed", ModelRecord.accelerator_id.in_({a for _, a in rows}))
-            )
+    executed = set(
+        session.scalars(
+            select(ModelRecord.accelerator_id)
+            .join(PlanRecord, PlanRecord.base_model_id == ModelRecord.id)
+            .where(PlanRecord.status == "executed")
+            .distinct()
         )
-        pks = sorted(pk for pk, a in rows if a in executed)
-        if not pks:
-            return None
-        job = jobsvc.create_job(s, "assign_chip", {"chip_pks": pks}, subject="late-chips")
-        s.commit()
-        job_id = job.id
-    jobsvc.enqueue(job_id, get_celery(), get_settings())
-    return job_id
+    )
+    if not executed:
+        return None  # the common case at ingest time: one cheap query
+    pks: list[int] = []
+    for part in chunks(list(dict.fromkeys(chip_ids))):
+        rows = session.execute(select(Chip.id, Chip.accelerator_id).where(Chip.chip_id.in_(part))).tuples()
+        pks.extend(pk for pk, a in rows if a in executed)
+    if not pks:
+        return None
+    params = {"chip_pks": sorted(pks)}
+    return jobsvc.create_job(session, "assign_chip", params, subject="late-chips", created_by=created_by)

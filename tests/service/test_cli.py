@@ -22,7 +22,7 @@ def test_embedded_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert s.var_dir == tmp_path / "var"
     assert s.database_url == f"sqlite:///{tmp_path / 'var' / 'faultfleet.db'}"
     assert s.broker_url == "filesystem://" and s.broker_is_filesystem
-    assert s.result_backend == f"file://{tmp_path / 'var' / 'results'}"
+    assert not hasattr(s, "result_backend")  # no Celery result backend: results live in the jobs table
     assert s.create_local_admin_key is True
     opts = s.broker_transport_options()
     assert opts["data_folder_in"] == opts["data_folder_out"] == str(tmp_path / "var" / "broker" / "queue")
@@ -52,12 +52,17 @@ def test_worker_device_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_scale_out_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAULTFLEET_DATABASE_URL", "postgresql+psycopg://u:p@db:5432/ff")
     monkeypatch.setenv("FAULTFLEET_BROKER_URL", "redis://redis:6379/0")
-    monkeypatch.setenv("FAULTFLEET_RESULT_BACKEND", "redis://redis:6379/1")
+    monkeypatch.setenv("FAULTFLEET_RESULT_BACKEND", "redis://redis:6379/1")  # ignored: there is none
     monkeypatch.setenv("FAULTFLEET_REDIS_KEY_PREFIX", "tenant-a:")
     monkeypatch.setenv("FAULTFLEET_API_KEYS", '["ingest:abc"]')
     s = Settings()
     assert not s.is_sqlite and not s.broker_is_filesystem and s.create_local_admin_key is False
-    assert s.broker_transport_options() == {"visibility_timeout": 600, "global_keyprefix": "tenant-a:"}
+    assert s.broker_transport_options() == {
+        "visibility_timeout": 600,
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": 5.0,
+        "global_keyprefix": "tenant-a:",
+    }
     assert s.api_keys == ["ingest:abc"]
 
 

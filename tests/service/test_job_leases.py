@@ -90,13 +90,50 @@ def test_stale_job_is_taken_over_and_the_old_worker_cannot_write(env: tuple[Engi
     assert _state(engine, job_id).result == {"fresh": True}
 
 
-def test_restarted_node_recovers_its_jobs_at_once(env: tuple[Engine, Settings]) -> None:
+def _claim_in_a_process_then_die(engine: Engine, settings: Settings, job_id: str, node: str) -> None:
+    """Claim `job_id` in a separate Python process, then SIGKILL it (a worker losing power)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time\n"
+        "from app.core.config import Settings\n"
+        "from app.db.session import make_engine\n"
+        "from app.services import jobs\n"
+        f"s = Settings(database_url={str(engine.url)!r})\n"
+        f"assert jobs.claim(make_engine(s), {job_id!r}, {node!r}, s) is not None\n"
+        "print('claimed', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "claimed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def test_sweep_takes_back_only_the_jobs_of_dead_processes(env: tuple[Engine, Settings]) -> None:
+    """A restarted worker (same node name) must not take back what live processes just claimed."""
     engine, settings = env
-    job_id = _new_job(engine)
-    assert jobsvc.claim(engine, job_id, "w1@host", settings) is not None
+    dead_job, live_job, remote_job = _new_job(engine), _new_job(engine), _new_job(engine)
+    _claim_in_a_process_then_die(engine, settings, dead_job, "w1@host")
+    _claim_in_a_process_then_die(engine, settings, remote_job, "w1@host")
+    with engine.begin() as conn:  # as if that process ran on another machine: its PID means nothing here
+        conn.execute(update(Job).where(Job.id == remote_job).values(worker_host="elsewhere/0/0"))
+    live = jobsvc.claim(engine, live_job, "w1@host", settings)  # this live process, same node name
+    assert live is not None
+    assert _state(engine, dead_job).worker_pid not in (None, _state(engine, live_job).worker_pid)
+
     celery = RecordingCelery()
-    assert jobsvc.sweep(engine, settings, celery) == []  # heartbeat fresh: left alone
-    assert jobsvc.sweep(engine, settings, celery, dead_worker="w1@host") == [job_id]
+    assert jobsvc.sweep(engine, settings, celery) == [dead_job]  # at once, no heartbeat timeout
+    assert celery.sent == [dead_job] and _state(engine, dead_job).state == "queued"
+    assert _state(engine, live_job).state == "running" and _state(engine, remote_job).state == "running"
+    jobsvc.report(engine, live_job, live.lease, 0.5, "still mine")  # its lease is intact
+
+    time.sleep(settings.job_stale_after_s + 0.2)  # the remote one is lost only once its heartbeat is stale
+    jobsvc.heartbeat(engine, live_job, live.lease)
+    assert jobsvc.sweep(engine, settings, celery) == [remote_job]
 
 
 def test_lost_queued_message_is_resent(env: tuple[Engine, Settings]) -> None:
@@ -108,6 +145,31 @@ def test_lost_queued_message_is_resent(env: tuple[Engine, Settings]) -> None:
     time.sleep(0.3)
     assert jobsvc.sweep(engine, settings, celery) == [job_id]
     assert jobsvc.sweep(engine, settings, celery) == []  # enqueued_at was refreshed
+
+
+def test_unsent_job_is_sent_at_the_next_sweep_and_all_queued_after_a_broker_outage(
+    env: tuple[Engine, Settings],
+) -> None:
+    from app.core import queue
+
+    class DeadBroker:
+        def send_task(self, *_a: Any, **_kw: Any) -> None:
+            raise ConnectionRefusedError("broker down")
+
+    engine, settings = env
+    job_id, other = _new_job(engine), _new_job(engine)
+    queue.broker_ok()
+    try:
+        assert jobsvc.enqueue(job_id, DeadBroker(), settings, engine) is False
+        assert queue.broker_down()  # the next publishes are skipped at once ...
+        assert _state(engine, job_id).enqueued_at is None  # ... and the job is marked unsent
+    finally:
+        queue.broker_ok()
+    celery = RecordingCelery()
+    assert jobsvc.sweep(engine, settings, celery) == [job_id]  # not waiting job_requeue_queued_after_s
+    assert jobsvc.sweep(engine, settings, celery) == []
+    # the broker came back empty (a Redis without persistence): every queued job is sent again
+    assert sorted(jobsvc.sweep(engine, settings, celery, resend_all_queued=True)) == sorted([job_id, other])
 
 
 def test_a_job_that_keeps_killing_workers_fails(env: tuple[Engine, Settings]) -> None:

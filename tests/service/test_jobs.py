@@ -108,3 +108,37 @@ def test_job_survives_sigkilled_worker(service: Any, accelerator: str, uid: str,
     assert res["run"]["attempt"] == 2
     # resumed from a checkpoint, not from zero
     assert res["run"]["resumed_after_chips"] >= before["progress"]["fraction"] * n - 4 > 0
+
+
+def test_worker_restarted_under_a_shared_nodename_leaves_live_jobs_alone(
+    service: Any, accelerator: str, uid: str, make_map: Any, ff_tools: Any
+) -> None:
+    """Issue 19 item 5: a worker starting under the node name of a live one (a restart racing its
+    predecessor, or two machines sharing a name) must not take back the jobs live processes run.
+    The old sweep re-enqueued every running job under its node name at start: a second attempt."""
+    _ingest(service, [make_map(f"N{uid}-{i}", accelerator, lot=f"LN{uid}") for i in range(30)])
+    node = f"shared-{uid}@%h"
+    argv = [ff_tools.PY, "-m", "app.cli", "worker", "--concurrency", "1", "--hostname", node]
+    procs = []
+    try:
+        for i in range(2):
+            proc = ff_tools.start_proc(argv, service.env, service.workdir, f"shared-{uid}-{i}")
+            procs.append(proc)
+            deadline = time.monotonic() + 60
+            while "ready." not in proc.log_tail(100_000):
+                assert proc.alive() and time.monotonic() < deadline, proc.log_tail()
+                time.sleep(0.1)
+            if i == 0:
+                service.kill_worker()  # the shared-name worker is the only one left to run the job
+                job_id = _start_stats(service, lot=f"LN{uid}", batch_size=2, throttle_s=0.2)
+                running = _wait_progress(service, job_id, 0.1)
+                assert running["attempts"] == 1
+        time.sleep(2)  # several sweeps of the second worker (interval 0.5 s)
+        job = service.wait_job(job_id, timeout=90)
+        assert job["state"] == "succeeded", job
+        assert job["attempts"] == 1 and job["result"]["chips"] == 30
+    finally:
+        for proc in procs:
+            proc.stop()
+        if service.worker is None:
+            service.start_worker()

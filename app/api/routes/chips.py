@@ -8,17 +8,19 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
-from sqlalchemy.orm import defer
+from sqlalchemy.orm import Session, defer
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, require
 from app.api.errors import ApiError
 from app.core.config import get_settings
+from app.core.queue import get_celery
 from app.db.models import Chip
 from app.db.session import get_engine, get_sessionmaker
 from app.schemas.chips import FAULT_MAP_SCHEMA, BulkResult, ChipDetail, ChipIngested, ChipPage
 from app.schemas.common import ERROR_RESPONSES
 from app.services import chips as svc
+from app.services import jobs as jobsvc
 from app.services import plans as plansvc
 from app.services.pagination import decode_cursor, encode_cursor
 from app.services.profiles import all_profiles, get_profile, get_profile_cached, profile_names
@@ -55,9 +57,9 @@ def _ingest_one(doc: Any, replace: bool) -> tuple[int, dict[str, Any]]:
     engine = get_engine()
     # PostgreSQL, new chip (the common case): one autocommit statement, no session
     fast = svc.create_fast(engine, p) if engine.dialect.name == "postgresql" else None
-    late = True  # whether an executed plan may want this chip (the hook checks precisely)
+    job_id: str | None = None
     if fast is not None:
-        st, late = fast
+        st, job_id = fast
     else:
         with get_sessionmaker()() as s:
             st = svc.store_one_full(s, p, replace)
@@ -68,13 +70,15 @@ def _ingest_one(doc: Any, replace: bool) -> tuple[int, dict[str, Any]]:
                     "send ?replace=true to store it as a new revision"
                 )
                 raise ApiError(409, msg, [{"loc": ["body", "chip_id"], "msg": msg}], current_revision=st.revision)
+            if st.status in ("created", "replaced"):  # with the chip, in its transaction
+                job = plansvc.late_assignment_job(s, [p.chip_id])
+                job_id = job.id if job is not None else None
             s.commit()
     body = svc.summary_of(p, st)
     body["status"] = st.status
-    if st.status in ("created", "replaced") and late:
-        job_id = plansvc.queue_late_assignments([p.chip_id])
-        if job_id is not None:
-            body["assignment_job"] = job_id
+    if job_id is not None:
+        jobsvc.enqueue(job_id, get_celery(), get_settings())
+        body["assignment_job"] = job_id
     return (201 if st.status == "created" else 200), _jsonable(body)
 
 
@@ -129,6 +133,14 @@ def _ingest_bulk(raw: bytes, replace: bool) -> dict[str, Any]:
     chunk = 1000
     # Validation (CPU) of chunk k+1 overlaps the database writes of chunk k, done in order by
     # one writer thread with its own session, so duplicates across chunks resolve as in order.
+    late_jobs: list[str] = []
+
+    def add_late_job(session: Session, chunk_outcomes: list[svc.BulkOutcome]) -> None:
+        fresh = [o.chip_id for o in chunk_outcomes if o.status in ("created", "replaced") and o.chip_id]
+        job = plansvc.late_assignment_job(session, fresh)
+        if job is not None:
+            late_jobs.append(job.id)
+
     with get_sessionmaker()() as ws, ThreadPoolExecutor(1, thread_name_prefix="bulk-writer") as writer:
         pending: list[Future[list[svc.BulkOutcome]]] = []
         valid: list[tuple[int, svc.Prepared]] = []
@@ -139,10 +151,10 @@ def _ingest_bulk(raw: bytes, replace: bool) -> dict[str, Any]:
             else:
                 valid.append((i, outcome))
             if len(valid) >= chunk:
-                pending.append(writer.submit(svc.store_many, ws, valid, replace, chunk))
+                pending.append(writer.submit(svc.store_many, ws, valid, replace, chunk, add_late_job))
                 valid = []
         if valid:
-            pending.append(writer.submit(svc.store_many, ws, valid, replace, chunk))
+            pending.append(writer.submit(svc.store_many, ws, valid, replace, chunk, add_late_job))
         for fut in pending:
             for o in fut.result():
                 outcomes[o.line] = o
@@ -159,7 +171,13 @@ def _ingest_bulk(raw: bytes, replace: bool) -> dict[str, Any]:
         if o.errors:
             d["errors"] = o.errors
         out_lines.append(d)
-    return {"lines_total": len(lines), **counts, "lines": out_lines}
+    result: dict[str, Any] = {"lines_total": len(lines), **counts, "lines": out_lines}
+    if late_jobs:  # one per chunk of 1000 lines that brought new chips to an executed plan
+        for job_id in late_jobs:
+            jobsvc.enqueue(job_id, get_celery(), settings)
+        result["assignment_job"] = late_jobs[0]
+        result["assignment_jobs"] = late_jobs
+    return result
 
 
 @router.post(
@@ -180,10 +198,6 @@ async def post_chips_bulk(
 ) -> JSONResponse:
     raw = await request.body()
     body = await run_in_threadpool(_ingest_bulk, raw, replace)
-    fresh = [d["chip_id"] for d in body["lines"] if d["status"] in ("created", "replaced")]
-    job_id = await run_in_threadpool(plansvc.queue_late_assignments, fresh)
-    if job_id is not None:
-        body["assignment_job"] = job_id
     return JSONResponse(body)
 
 

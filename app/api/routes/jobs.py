@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from app.api.deps import Principal, SessionDep, SettingsDep, require
 from app.api.errors import ApiError
-from app.core.queue import get_celery
+from app.core.queue import get_celery, require_broker
 from app.db.models import Job
 from app.db.session import get_engine
 from app.schemas.common import ERROR_RESPONSES
@@ -58,6 +58,7 @@ def start_fleet_stats(
     settings: SettingsDep,
     principal: Principal = Depends(require("plan")),
 ) -> Any:
+    require_broker()
     job = jobsvc.create_job(session, "fleet_stats", body.model_dump(), subject="fleet", created_by=principal.key_prefix)
     session.commit()
     jobsvc.enqueue(job.id, get_celery(), settings)

@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 
 from app.api.deps import Principal, SessionDep, SettingsDep, require
 from app.api.errors import ApiError
-from app.core.queue import get_celery
+from app.core.queue import get_celery, require_broker
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.plans import LibraryOut, ModelAccepted, ModelIn, ModelOut
 from app.services import jobs as jobsvc
@@ -120,6 +120,7 @@ async def register_model(
     svc.check_architecture(body.architecture)
     svc.check_dataset_name(body.dataset, uploaded=npz is not None)
     await run_in_threadpool(_check_uploads, body, weights, suffix, npz)
+    await run_in_threadpool(require_broker)
     return await run_in_threadpool(_create, body, weights, suffix, npz, settings, principal)
 
 

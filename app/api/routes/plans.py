@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from app.api.deps import Principal, SessionDep, SettingsDep, require
 from app.api.errors import ApiError
-from app.core.queue import get_celery
+from app.core.queue import get_celery, require_broker
 from app.db.models import Job
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.jobs import JobOut
@@ -29,6 +29,7 @@ def create_plan(
     body: PlanIn, session: SessionDep, settings: SettingsDep, principal: Principal = Depends(require("plan"))
 ) -> Any:
     bm = svc.get_model(session, body.model)
+    require_broker()  # 503 before anything is written
     plan = svc.new_plan(session, body, bm)
     job = jobsvc.create_job(
         session, "plan", {"plan_id": plan.id}, subject=f"plan:{plan.id}", created_by=principal.key_prefix
@@ -65,7 +66,9 @@ def get_plan(
 def execute_plan(
     plan_id: int, session: SessionDep, settings: SettingsDep, principal: Principal = Depends(require("plan"))
 ) -> Any:
-    plan = svc.get_plan(session, plan_id)
+    # The plan's row lock serializes concurrent executes (PostgreSQL; SQLite's writer lock does
+    # it there): the second one waits, then finds the first one's job and returns it.
+    plan = svc.get_plan(session, plan_id, for_update=True)
     if plan.document is None:
         msg = f"plan {plan_id} is {plan.status}: wait for its planning job to finish"
         raise ApiError(409, msg, [{"loc": ["path", "plan_id"], "msg": msg}])
@@ -78,6 +81,7 @@ def execute_plan(
     ).first()
     if existing is not None:  # executing twice is one execution
         return jobsvc.job_view(existing)
+    require_broker()
     job = jobsvc.create_job(
         session, "execute_plan", {"plan_id": plan_id}, subject=f"plan:{plan_id}", created_by=principal.key_prefix
     )
