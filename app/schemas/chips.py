@@ -4,7 +4,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas.common import UTCDateTime
+from app.schemas.common import INT32_MAX, INT32_MIN, UTCDateTime
+
+_INT32 = {"type": "integer", "minimum": INT32_MIN, "maximum": INT32_MAX}
 
 # The request body of POST /chips is parsed by hand (speed, and FaultMap's own field-naming
 # errors); this JSON schema documents it in OpenAPI.
@@ -13,11 +15,15 @@ FAULT_MAP_SCHEMA: dict[str, Any] = {
     "required": ["chip_id", "accelerator", "array"],
     "additionalProperties": False,
     "properties": {
-        "chip_id": {"type": "string", "maxLength": 128},
-        "accelerator": {"type": "string", "description": "name of a registered accelerator profile"},
+        "chip_id": {"type": "string", "minLength": 1, "maxLength": 128},
+        "accelerator": {"type": "string", "minLength": 1, "description": "name of a registered accelerator profile"},
         "array": {
             "type": "object",
-            "properties": {"rows": {"type": "integer"}, "cols": {"type": "integer"}},
+            "description": "must equal the accelerator profile's rows x cols",
+            "properties": {
+                "rows": {"type": "integer", "minimum": 1, "maximum": 4096},
+                "cols": {"type": "integer", "minimum": 1, "maximum": 4096},
+            },
             "required": ["rows", "cols"],
         },
         "faults": {
@@ -25,19 +31,22 @@ FAULT_MAP_SCHEMA: dict[str, Any] = {
             "items": {
                 "type": "object",
                 "required": ["row", "col", "site"],
+                "additionalProperties": False,
+                "description": "row < rows, col < cols; 'pe' (dead PE) takes no bit/stuck, the others need both; "
+                "bit < 8 for weight/act, < 32 for psum (int8)",
                 "properties": {
-                    "row": {"type": "integer"},
-                    "col": {"type": "integer"},
+                    "row": {"type": "integer", "minimum": 0, "maximum": 4095},
+                    "col": {"type": "integer", "minimum": 0, "maximum": 4095},
                     "site": {"enum": ["pe", "weight", "act", "psum"]},
-                    "bit": {"type": "integer"},
-                    "stuck": {"enum": [0, 1]},
+                    "bit": {"type": "integer", "minimum": 0, "maximum": 31},
+                    "stuck": {"type": "integer", "enum": [0, 1]},
                 },
             },
         },
-        "lot": {"type": "string"},
-        "wafer": {"type": "integer"},
-        "die_x": {"type": "integer"},
-        "die_y": {"type": "integer"},
+        "lot": {"type": "string", "maxLength": 64},
+        "wafer": _INT32,
+        "die_x": _INT32,
+        "die_y": _INT32,
     },
     "example": {
         "chip_id": "L042-W07-X12Y03",

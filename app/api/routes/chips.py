@@ -18,7 +18,7 @@ from app.core.config import get_settings
 from app.db.models import Chip
 from app.db.session import get_engine, get_sessionmaker
 from app.schemas.chips import FAULT_MAP_SCHEMA, BulkResult, ChipDetail, ChipIngested, ChipPage
-from app.schemas.common import ERROR_RESPONSES
+from app.schemas.common import ERROR_RESPONSES, INT32_MAX, INT32_MIN
 from app.services import chips as svc
 from app.services import plans as plansvc
 from app.services.profiles import all_profiles, get_profile, get_profile_cached, profile_names
@@ -173,7 +173,12 @@ def _ingest_bulk(raw: bytes, replace: bool) -> dict[str, Any]:
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/x-ndjson": {"schema": {"type": "string", "description": "one JSON map a line"}}},
+            # NDJSON: each item of this array is one line of the body
+            "content": {
+                "application/x-ndjson": {
+                    "schema": {"type": "array", "items": FAULT_MAP_SCHEMA, "description": "one JSON fault map a line"}
+                }
+            },
         }
     },
 )
@@ -212,9 +217,9 @@ def _decode_cursor(cursor: str) -> int:
 def list_chips(
     session: SessionDep,
     lot: str | None = None,
-    wafer: int | None = None,
+    wafer: int | None = Query(None, ge=INT32_MIN, le=INT32_MAX),
     accelerator: str | None = Query(None, description="accelerator profile name"),
-    limit: int = Query(100, ge=1),
+    limit: int = Query(100, ge=1, le=INT32_MAX, description="page size (at most the server's page_size_max)"),
     cursor: str | None = None,
 ) -> Any:
     limit = min(limit, get_settings().page_size_max)

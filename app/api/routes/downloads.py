@@ -10,7 +10,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from app.api.deps import SessionDep, require
 from app.db.models import Artifact
-from app.schemas.common import ERROR_RESPONSES
+from app.schemas.common import ERROR_RESPONSES, IdPath
 from app.services import plans as svc
 from app.services.artifacts import iter_artifact
 
@@ -48,7 +48,7 @@ def _bytes(request: Request, data: bytes, filename: str) -> Response:
     response_class=Response,
 )
 def group_model(
-    group_id: int, request: Request, session: SessionDep, format: Format = Query(default="safetensors")
+    group_id: IdPath, request: Request, session: SessionDep, format: Format = Query(default="safetensors")
 ) -> Any:
     g = svc.get_group(session, group_id)
     return _stream(request, svc.group_artifact(g, format), f"group-{group_id}-{_FILES[format]}")

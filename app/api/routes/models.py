@@ -25,6 +25,34 @@ router = APIRouter(prefix="/models", tags=["models"], responses=ERROR_RESPONSES)
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
+def _request_body_doc() -> dict[str, Any]:
+    """The body POST /models takes, as parsed by hand below: JSON (train on a worker) or multipart (upload)."""
+    fields = ModelIn.model_json_schema()
+    as_json = {**fields, "required": [*fields["required"], "train"]}
+    as_json["properties"] = {
+        **fields["properties"],
+        "train": {"const": True, "description": "JSON registers by training"},
+    }
+    binary = {"type": "string", "format": "binary"}
+    form = {
+        **fields,
+        "properties": {
+            **fields["properties"],
+            "weights": {**binary, "description": f"safetensors or a state_dict; file name ending {WEIGHT_SUFFIXES}"},
+            "dataset_file": {**binary, "description": ".npz with x_train, y_train, x_test, y_test (no object arrays)"},
+        },
+        "description": "exactly one of: a 'weights' file, or train=true (both is a 422)",
+        "anyOf": [
+            {"required": ["weights"], "properties": {"train": {"const": False}}},
+            {"required": ["train"], "properties": {"train": {"const": True}}},
+        ],
+    }
+    return {
+        "required": True,
+        "content": {"application/json": {"schema": as_json}, "multipart/form-data": {"schema": form}},
+    }
+
+
 def _validation_error(exc: ValidationError) -> ApiError:
     errors = [{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]
     first = errors[0]
@@ -82,6 +110,7 @@ async def _read_form(request: Request) -> tuple[dict[str, Any], UploadFile | Non
     response_model=ModelAccepted,
     summary="Register a base model: JSON with train=true, or multipart with a 'weights' file "
     "(safetensors or state_dict) and/or a 'dataset_file' (.npz with x_train, y_train, x_test, y_test)",
+    openapi_extra={"requestBody": _request_body_doc()},
 )
 async def register_model(
     request: Request, settings: SettingsDep, principal: Principal = Depends(require("plan"))
@@ -90,7 +119,8 @@ async def register_model(
     weights: bytes | None = None
     npz: bytes | None = None
     suffix = ".safetensors"
-    if ctype.startswith("multipart/form-data"):
+    multipart = ctype.startswith("multipart/form-data")
+    if multipart:
         fields, wfile, dfile = await _read_form(request)
         if wfile is not None:
             suffix = Path(wfile.filename or "").suffix.lower() or ".safetensors"
@@ -107,7 +137,8 @@ async def register_model(
         except Exception:
             raise ApiError(400, "malformed JSON body", [{"loc": ["body"], "msg": "invalid JSON"}]) from None
     try:
-        body = ModelIn.model_validate(raw)
+        # form fields are text ("10", "true"): parsed; JSON keeps its types (strict: `true` is no 1)
+        body = ModelIn.model_validate(raw, strict=not multipart)
     except ValidationError as exc:
         raise _validation_error(exc) from None
     if weights is None and not body.train:
