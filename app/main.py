@@ -8,6 +8,7 @@ import logging
 from fastapi import FastAPI
 
 from app.api import errors
+from app.api.deps import document_security_schemes
 from app.api.limits import BodySizeLimit
 from app.api.main import api_router
 from app.api.routes import health
@@ -35,6 +36,7 @@ def create_app() -> FastAPI:
     )
     app.include_router(health.router)
     app.include_router(api_router, prefix=API_PREFIX)
+    document_security_schemes(app)
     logging.getLogger("faultfleet").setLevel(logging.INFO)
     return app
 
