@@ -75,6 +75,8 @@ _LAZY: dict[str, str] = {
     "ARCHS": "accelerator.zoo",
     "Dataset": "accelerator.data",
     "load_dataset": "accelerator.data",
+    "npz_arrays": "accelerator.data",
+    "NpyHeader": "accelerator.data",
 }
 
 __all__ = [

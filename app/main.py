@@ -32,7 +32,9 @@ def create_app() -> FastAPI:
     app.add_middleware(
         BodySizeLimit,
         default_limit=settings.max_body_bytes,
-        overrides={"/chips/bulk": settings.max_bulk_bytes, "/models": settings.max_upload_bytes},
+        overrides={"/chips/bulk": settings.max_bulk_bytes},
+        # uploads of weights and datasets; a JSON registration is small and has the normal limit
+        multipart_overrides={"/models": settings.max_upload_bytes},
     )
     app.include_router(health.router)
     app.include_router(api_router, prefix=API_PREFIX)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+import unicodedata
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -8,6 +10,42 @@ from app.schemas.common import INT32_MAX, INT32_MIN, UTCDateTime
 
 _INT32 = {"type": "integer", "minimum": INT32_MIN, "maximum": INT32_MAX}
 
+MAX_CHIP_ID = 128
+CHIP_ID_RULES = (
+    "1 to 128 characters, stored in Unicode NFC (an NFD spelling is the same chip); no control, format "
+    "(zero-width, bidi), private-use, unassigned or surrogate code points, no line separators, no whitespace but "
+    "the plain space and none at either end, no '/' or '\\', and not '.' or '..'"
+)
+_ASCII_BAD = re.compile(r"[\x00-\x1f\x7f/\\]")
+# Unicode general categories refused in a chip id: invisible, or not a character anyone can type back
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def normalize_chip_id(chip_id: str) -> str:
+    """The stored form of a chip id (NFC); use it for lookups too, so NFC and NFD spellings meet."""
+    return chip_id if chip_id.isascii() else unicodedata.normalize("NFC", chip_id)
+
+
+def chip_id_problem(chip_id: str) -> str | None:
+    """Why `chip_id` (already normalized) cannot be a chip id, or None; see CHIP_ID_RULES."""
+    if not chip_id:
+        return "must not be empty"
+    if len(chip_id) > MAX_CHIP_ID:
+        return f"longer than {MAX_CHIP_ID} characters"
+    if chip_id in (".", ".."):
+        return f"{chip_id!r} is a path segment, not an id"
+    if chip_id[0].isspace() or chip_id[-1].isspace():
+        return "must not begin or end with whitespace"
+    if chip_id.isascii():  # the common case: one regex
+        return "must not contain control characters, '/' or '\\'" if _ASCII_BAD.search(chip_id) else None
+    for ch in chip_id:
+        cat = unicodedata.category(ch)
+        if cat in _REFUSED_CATEGORIES or ch in "/\\" or (ch.isspace() and ch != " "):
+            name = unicodedata.name(ch, "unnamed")
+            return f"must not contain U+{ord(ch):04X} ({name}, Unicode category {cat})"
+    return None
+
+
 # The request body of POST /chips is parsed by hand (speed, and FaultMap's own field-naming
 # errors); this JSON schema documents it in OpenAPI.
 FAULT_MAP_SCHEMA: dict[str, Any] = {
@@ -15,7 +53,13 @@ FAULT_MAP_SCHEMA: dict[str, Any] = {
     "required": ["chip_id", "accelerator", "array"],
     "additionalProperties": False,
     "properties": {
-        "chip_id": {"type": "string", "minLength": 1, "maxLength": 128},
+        "chip_id": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_CHIP_ID,
+            "pattern": r"^[^/\\\x00-\x1f\x7f]+$",
+            "description": CHIP_ID_RULES,
+        },
         "accelerator": {"type": "string", "minLength": 1, "description": "name of a registered accelerator profile"},
         "array": {
             "type": "object",

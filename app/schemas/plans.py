@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.config import JsonDict
 
+from app.schemas.chips import normalize_chip_id
 from app.schemas.common import Int32, Seed, StrictInput, UTCDateTime
 from app.schemas.jobs import JobOut
 
@@ -76,7 +77,9 @@ class ConstraintIn(StrictInput):
 class ChipSelection(StrictInput):
     lot: str | None = None
     wafer: Int32 | None = None
-    ids: list[str] = Field(default_factory=list, max_length=100_000)
+    ids: list[Annotated[str, AfterValidator(normalize_chip_id)]] = Field(
+        default_factory=list, max_length=100_000, description="chip ids (NFC and NFD spellings name the same chip)"
+    )
 
 
 class ResilienceGrid(StrictInput):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
+import unicodedata
 from typing import Any
+from urllib.parse import quote, unquote
 
 import pytest
 
@@ -116,3 +120,87 @@ def test_openapi_states_what_the_server_enforces(service: Any) -> None:
     assert params[0]["schema"]["maximum"] == 2**31 - 1
     fmt = doc["paths"]["/api/v1/groups/{group_id}/model"]["get"]["parameters"]
     assert {"safetensors", "manifest", "delta"} == set(next(p for p in fmt if p["name"] == "format")["schema"]["enum"])
+
+
+def _map(chip_id: str, accelerator: str) -> dict[str, Any]:
+    faults = [{"row": 1, "col": 2, "site": "weight", "bit": 3, "stuck": 1}]
+    return {"chip_id": chip_id, "accelerator": accelerator, "array": {"rows": 32, "cols": 32}, "faults": faults}
+
+
+@pytest.mark.parametrize(
+    "chip_id, says",
+    [
+        ("zw-a\u200bb", "U+200B"),  # zero-width space: a different chip that looks the same
+        ("bidi-\u202eab", "U+202E"),
+        ("nbsp-a\u00a0b", "U+00A0"),
+        ("pua-\ue000", "U+E000"),
+        ("ls-a\u2028b", "U+2028"),
+        ("a/b", "'/'"),
+        ("a\\b", "'\\'"),
+        ("..", "path segment"),
+        (".", "path segment"),
+        (" lead", "whitespace"),
+        ("trail ", "whitespace"),
+        ("x" * 129, "128"),
+    ],
+)
+def test_chip_ids_that_cannot_be_addressed_are_refused(service: Any, accelerator: str, chip_id: str, says: str) -> None:
+    with service.client() as c:
+        r = c.post("/api/v1/chips", json=_map(chip_id, accelerator))
+        assert r.status_code == 422, r.text
+        assert r.json()["errors"][0]["loc"] == ["body", "chip_id"] and says in r.json()["detail"], r.text
+        body = json.dumps(_map(chip_id, accelerator)) + "\n"
+        r = c.post("/api/v1/chips/bulk", content=body, headers={"Content-Type": "application/x-ndjson"})
+        assert r.status_code == 200 and r.json()["rejected"] == 1, r.text
+        assert r.json()["lines"][0]["errors"][0]["loc"] == ["line", 1, "chip_id"]
+        assert c.get("/api/v1/chips", params={"accelerator": accelerator}).json()["items"] == []
+
+
+def test_nfc_and_nfd_spellings_are_one_chip(service: Any, accelerator: str, uid: str) -> None:
+    nfd, nfc = f"caf-{uid}-e\u0301", f"caf-{uid}-\u00e9"
+    assert unicodedata.normalize("NFC", nfd) == nfc
+    with service.client() as c:
+        r = c.post("/api/v1/chips", json=_map(nfd, accelerator))
+        assert r.status_code == 201 and r.json()["chip_id"] == nfc, r.text
+        r = c.post("/api/v1/chips", json=_map(nfc, accelerator))
+        assert r.status_code == 200 and r.json()["status"] == "unchanged", r.text
+        body = json.dumps(_map(nfd, accelerator)) + "\n" + json.dumps(_map(nfc, accelerator)) + "\n"
+        r = c.post("/api/v1/chips/bulk", content=body, headers={"Content-Type": "application/x-ndjson"})
+        assert [line["status"] for line in r.json()["lines"]] == ["unchanged", "unchanged"], r.text
+        for spelling in (nfd, nfc):
+            r = c.get(f"/api/v1/chips/{quote(spelling)}")
+            assert r.status_code == 200 and r.json()["chip_id"] == nfc, r.text
+            r = c.get(f"/api/v1/chips/{quote(spelling)}/model")  # found, but has no model yet
+            assert r.status_code in (404, 409) and "no chip" not in r.json()["detail"], r.text
+        items = c.get("/api/v1/chips", params={"accelerator": accelerator}).json()["items"]
+        assert [i["chip_id"] for i in items] == [nfc]
+
+
+@pytest.mark.parametrize("chip_id", ['q"uote', "芯片-1", "back`tick;semi", "a b", "Ω≈ç√", "%41", "a?b#c", "..x"])
+def test_chip_ids_with_quotes_and_non_latin1_round_trip(service: Any, accelerator: str, uid: str, chip_id: str) -> None:
+    chip_id = f"{uid}-{chip_id}"
+    with service.client() as c:
+        r = c.post("/api/v1/chips", json=_map(chip_id, accelerator))
+        assert r.status_code == 201, r.text
+        r = c.get(f"/api/v1/chips/{quote(chip_id, safe='')}")
+        assert r.status_code == 200 and r.json()["chip_id"] == chip_id, r.text
+
+
+@pytest.mark.parametrize(
+    "filename, fallback",
+    [
+        ('q"uote-model.safetensors', "q_uote-model.safetensors"),
+        ("芯片-1-model.safetensors", "__-1-model.safetensors"),
+        ("café-manifest.json", "cafe-manifest.json"),
+        ("a\\b;c=d-model.safetensors", "a_b_c_d-model.safetensors"),
+    ],
+)
+def test_content_disposition_is_rfc5987_with_an_ascii_fallback(filename: str, fallback: str) -> None:
+    from app.api.routes.downloads import content_disposition
+
+    header = content_disposition(filename)
+    header.encode("ascii")  # what every HTTP stack can carry; a chip id outside Latin-1 was a 500
+    assert header.startswith(f'attachment; filename="{fallback}"; ')
+    ext = re.fullmatch(r"attachment; filename=\"[^\"\\]*\"; filename\*=UTF-8''([A-Za-z0-9%!#$&+.^_`|~-]+)", header)
+    assert ext is not None, header  # RFC 5987 ext-value: attr-chars and %XX only
+    assert unquote(ext.group(1), encoding="utf-8", errors="strict") == filename

@@ -17,7 +17,7 @@ from app.api.errors import ApiError
 from app.core.config import get_settings
 from app.db.models import Chip
 from app.db.session import get_engine, get_sessionmaker
-from app.schemas.chips import FAULT_MAP_SCHEMA, BulkResult, ChipDetail, ChipIngested, ChipPage
+from app.schemas.chips import FAULT_MAP_SCHEMA, BulkResult, ChipDetail, ChipIngested, ChipPage, normalize_chip_id
 from app.schemas.common import ERROR_RESPONSES, INT32_MAX, INT32_MIN
 from app.services import chips as svc
 from app.services import plans as plansvc
@@ -252,6 +252,7 @@ def list_chips(
     summary="One chip: current fault map and every revision",
 )
 def get_chip(chip_id: str, session: SessionDep) -> Any:
+    chip_id = normalize_chip_id(chip_id)
     chip = session.scalar(select(Chip).where(Chip.chip_id == chip_id))
     if chip is None:
         raise ApiError(404, f"no chip {chip_id!r}", [{"loc": ["path", "chip_id"], "msg": "not found"}])

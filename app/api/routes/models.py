@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 
 from app.api.deps import Principal, SessionDep, SettingsDep, require
 from app.api.errors import ApiError
+from app.core.config import get_settings
 from app.core.queue import get_celery
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.plans import ModelAccepted, ModelIn, ModelOut
@@ -59,6 +60,27 @@ def _validation_error(exc: ValidationError) -> ApiError:
     return ApiError(422, f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}", errors)
 
 
+def _check_dataset_size(path: Path) -> None:
+    """Refuse an .npz whose arrays, as its headers state them, inflate past the configured caps."""
+    import accelerator as acc
+
+    settings = get_settings()
+    try:
+        arrays = acc.npz_arrays(path)
+    except ValueError as exc:
+        raise ApiError(422, f"dataset_file: {exc}", [{"loc": ["body", "dataset_file"], "msg": str(exc)}]) from None
+    for total, cap, setting, unit in (
+        (sum(a.nbytes for a in arrays), settings.max_dataset_bytes, "max_dataset_bytes", "bytes"),
+        (sum(a.elements for a in arrays), settings.max_dataset_elements, "max_dataset_elements", "elements"),
+    ):
+        if total > cap:
+            msg = (
+                f"dataset_file: its arrays hold {total} {unit} once decompressed, more than {setting} "
+                f"({cap}; FAULTFLEET_{setting.upper()})"
+            )
+            raise ApiError(413, msg, [{"loc": ["body", "dataset_file"], "msg": msg}])
+
+
 def _check_uploads(body: ModelIn, weights: bytes | None, weights_suffix: str, npz: bytes | None) -> None:
     """Load the uploads the way a worker will, so bad files fail here with a 422, not later in a job."""
     import accelerator as acc
@@ -67,6 +89,7 @@ def _check_uploads(body: ModelIn, weights: bytes | None, weights_suffix: str, np
         if npz is not None:
             path = Path(d) / "data.npz"
             path.write_bytes(npz)
+            _check_dataset_size(path)
             try:
                 data = acc.load_dataset(body.dataset, path)
             except Exception as exc:
