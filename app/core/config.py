@@ -99,6 +99,11 @@ class Settings(BaseSettings):
         description="Most elements in the arrays of an uploaded .npz dataset (413 beyond; "
         "each becomes a float32 when loaded)",
     )
+    ingest_rate_limit: str = Field(
+        default="",
+        description="Per-API-key limit of POST /chips and POST /chips/bulk requests, e.g. '50/second;2000/minute' "
+        "(429 with Retry-After beyond); empty: no limit. Counted in Redis when Redis is the broker, else per process",
+    )
     auth_cache_s: float = Field(default=30.0, description="How long a verified API key is cached in-process")
     page_size_max: int = 1000
     api_workers: int = Field(default=1, ge=1, description="uvicorn worker processes of `faultfleet serve`")
@@ -118,6 +123,10 @@ class Settings(BaseSettings):
         if self.artifact_backend == "database" and self.is_sqlite:
             # On SQLite a blob write would wait on the writer lock of the caller's own transaction.
             raise ValueError("artifact_backend 'database' needs PostgreSQL; with SQLite use 'local' (artifact_dir)")
+        if self.ingest_rate_limit:
+            from limits import parse_many
+
+            parse_many(self.ingest_rate_limit)  # ValueError naming the notation it cannot read
         if self.create_local_admin_key is None:
             self.create_local_admin_key = self.is_sqlite
         return self

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, require
 from app.api.errors import ApiError
+from app.api.ratelimit import RATE_LIMITED, ingest_rate_limited
 from app.core.config import get_settings
 from app.db.models import Chip
 from app.db.session import get_engine, get_sessionmaker
@@ -88,12 +89,15 @@ def _ingest_one(doc: Any, replace: bool) -> tuple[int, dict[str, Any]]:
     response_model=ChipIngested,
     summary="Store one chip's fault map (201 created; 200 identical re-POST or replaced; 409 different map)",
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": FAULT_MAP_SCHEMA}}}},
-    responses={200: {"model": ChipIngested, "description": "unchanged, or replaced with ?replace=true"}},
+    responses={
+        200: {"model": ChipIngested, "description": "unchanged, or replaced with ?replace=true"},
+        429: RATE_LIMITED,
+    },
 )
 async def post_chip(
     request: Request,
     replace: bool = Query(False, description="store a different map as a new revision instead of answering 409"),
-    _p: Any = Depends(require("ingest")),
+    _p: Any = Depends(ingest_rate_limited),
 ) -> JSONResponse:
     doc = _parse_json(await request.body())
     code, body = await run_in_threadpool(_ingest_one, doc, replace)
@@ -169,6 +173,7 @@ def _ingest_bulk(raw: bytes, replace: bool) -> dict[str, Any]:
 @router.post(
     "/bulk",
     response_model=BulkResult,
+    responses={429: RATE_LIMITED},
     summary="Store many fault maps: NDJSON, one map per line; per-line created/unchanged/replaced/rejected",
     openapi_extra={
         "requestBody": {
@@ -185,7 +190,7 @@ def _ingest_bulk(raw: bytes, replace: bool) -> dict[str, Any]:
 async def post_chips_bulk(
     request: Request,
     replace: bool = Query(False, description="store changed maps as new revisions instead of rejecting them"),
-    _p: Any = Depends(require("ingest")),
+    _p: Any = Depends(ingest_rate_limited),
 ) -> JSONResponse:
     raw = await request.body()
     body = await run_in_threadpool(_ingest_bulk, raw, replace)
