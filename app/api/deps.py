@@ -101,7 +101,7 @@ def require(scope: str) -> Callable[[Request], Awaitable[Principal]]:
         return principal
 
     dep.__name__ = f"require_{scope}"
-    setattr(dep, "required_scope", scope)  # read by document_auth  # noqa: B010
+    setattr(dep, "required_scope", scope)  # read by document_scopes  # noqa: B010
     return dep
 
 

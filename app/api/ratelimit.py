@@ -51,7 +51,9 @@ def _limiter(settings: Settings) -> tuple[MovingWindowRateLimiter, list[RateLimi
             storage: Storage
             if settings.broker_url.startswith(("redis://", "rediss://")):
                 prefix = f"{settings.redis_key_prefix}faultfleet-ratelimit"
-                storage = RedisStorage(settings.broker_url, key_prefix=prefix, socket_timeout=1.0)
+                storage = RedisStorage(
+                    settings.broker_url, key_prefix=prefix, socket_timeout=1.0, socket_connect_timeout=1.0
+                )
             else:
                 storage = MemoryStorage()
             _state[key] = (MovingWindowRateLimiter(storage), parse_many(settings.ingest_rate_limit))

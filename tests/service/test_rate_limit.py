@@ -7,6 +7,7 @@ uvicorn processes the service runs here (FAULTFLEET_API_WORKERS=2), so a key's b
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from typing import Any
 
@@ -72,3 +73,42 @@ def test_the_budget_holds_across_api_processes(limited: Any, ff_tools: Any) -> N
     if time.monotonic() - t0 > WINDOW_S:
         pytest.skip("this machine is too slow for the window the test uses")
     assert codes.count(201) == LIMIT and codes.count(429) == len(maps) - LIMIT, codes
+
+
+def test_counts_live_in_redis_and_ingestion_passes_when_redis_is_gone(ff_tools: Any, tmp_path: Any) -> None:
+    """A Redis of the test's own as the broker: the counts are there; stopped, ingestion still passes."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = ff_tools.free_port()
+    redis = ff_tools.start_proc(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"], {}, tmp_path, "redis"
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while "Ready to accept connections" not in redis.log_tail():
+            assert redis.alive() and time.monotonic() < deadline, redis.log_tail()
+            time.sleep(0.1)
+        url = f"redis://127.0.0.1:{port}/0"
+        env = {
+            "FAULTFLEET_BROKER_URL": url,
+            "FAULTFLEET_RESULT_BACKEND": url,
+            "FAULTFLEET_INGEST_RATE_LIMIT": "2/minute",
+        }
+        with ff_tools.running_service("embedded", tmp_path / "svc", **env) as svc:
+            key = svc.create_key("ingest")
+            with svc.client() as c:
+                assert c.post("/api/v1/accelerators", json={"name": "rr32", "rows": 32, "cols": 32}).status_code == 201
+            maps = [ff_tools.random_fault_map(f"rr-{i}", "rr32") for i in range(5)]
+            assert [_post(svc.base_url, key, m).status_code for m in maps[:3]] == [201, 201, 429]
+            import redis as redis_client
+
+            keys = redis_client.Redis.from_url(url).keys("faultfleet-ratelimit*")
+            assert keys, "no rate-limit counts in Redis"
+            redis.kill()
+            t0 = time.monotonic()
+            r = _post(svc.base_url, key, maps[3])
+            assert r.status_code == 201, r.text  # the limit's store is down: let ingestion through
+            assert time.monotonic() - t0 < 10
+    finally:
+        if redis.alive():
+            redis.kill()
