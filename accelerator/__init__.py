@@ -97,6 +97,8 @@ _LAZY: dict[str, str] = {
     "ARCHS": "accelerator.zoo",
     "Dataset": "accelerator.data",
     "load_dataset": "accelerator.data",
+    "npz_arrays": "accelerator.data",
+    "NpyHeader": "accelerator.data",
 }
 
 __all__ = [  # explicit, so that type checkers see the lazy names as re-exported too

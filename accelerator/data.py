@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +122,59 @@ def load_dataset(name: str, path: str | Path | None = None, *, seed: int = 0, te
     return Dataset(
         name, _to_nchw(xtr, "x_train"), _labels(ytr, "y_train"), _to_nchw(xte, "x_test"), _labels(yte, "y_test"), 10
     )
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    """One array of an .npz as its npy header states it (nothing inflated past the header)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    stored_bytes: int  # the zip member's declared uncompressed size
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.elements * self.dtype.itemsize
+
+
+def npz_arrays(path: str | Path) -> list[NpyHeader]:
+    """The arrays of an .npz, read from its zip directory and npy headers only.
+
+    So that a caller can refuse a file before `np.load` inflates it: a few KiB of deflated
+    zeros can declare gigabytes. Raises ValueError for a file that is no npz of plain arrays
+    (object arrays included: loading them would unpickle).
+    """
+    out = []
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                name = info.filename.removesuffix(".npy")
+                with zf.open(info) as f:
+                    try:
+                        version = np.lib.format.read_magic(f)
+                        if version == (1, 0):
+                            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                        elif version == (2, 0):
+                            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                        else:
+                            raise ValueError(f"npy format version {version} is not supported")
+                    except ValueError as e:
+                        raise ValueError(f"array {name!r}: not an npy array ({e})") from None
+                if dtype.hasobject:
+                    raise ValueError(f"array {name!r} has dtype {dtype}: object arrays are refused")
+                header = NpyHeader(name, tuple(int(n) for n in shape), dtype, info.file_size)
+                if header.nbytes > info.file_size:
+                    msg = f"array {name!r}: its header states {header.nbytes} bytes, its zip entry {info.file_size}"
+                    raise ValueError(msg)
+                out.append(header)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ValueError(f"not a readable .npz file ({e})") from None
+    return out
 
 
 def _load_npz(name: str, path: Path) -> Dataset:

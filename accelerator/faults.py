@@ -20,6 +20,11 @@ import numpy as np
 SITES: tuple[str, ...] = ("pe", "weight", "act", "psum")
 
 
+def _is_int(value: Any) -> bool:
+    """An integer proper: not a bool (True == 1), not a float (1.0 == 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class NumberFormat:
     """How operands and partial sums are encoded on the array.
@@ -49,7 +54,7 @@ class ArrayConfig:
     bypass: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rows, int) or not isinstance(self.cols, int):
+        if not _is_int(self.rows) or not _is_int(self.cols):
             raise ValueError(f"array: rows and cols must be integers, got {self.rows!r} x {self.cols!r}")
         if not (1 <= self.rows <= 4096 and 1 <= self.cols <= 4096):
             raise ValueError(f"array: rows and cols must be in 1..4096, got {self.rows} x {self.cols}")
@@ -127,7 +132,7 @@ def _fault_from_dict(d: Any, where: str, array: ArrayConfig) -> Fault:
         raise ValueError(f"{where}.bit: must be an integer for site {site!r}, got {bit!r}")
     if not 0 <= bit < width:
         raise ValueError(f"{where}.bit: {bit} out of range 0..{width - 1} for site {site!r}")
-    if stuck not in (0, 1) or isinstance(stuck, bool):
+    if not _is_int(stuck) or stuck not in (0, 1):
         raise ValueError(f"{where}.stuck: must be 0 or 1, got {stuck!r}")
     return Fault(row, col, site, bit, stuck)
 
@@ -199,6 +204,9 @@ class FaultMap:
         a = d.get("array")
         if not isinstance(a, Mapping) or "rows" not in a or "cols" not in a:
             raise ValueError("array: must be an object with rows and cols")
+        for dim in ("rows", "cols"):
+            if not _is_int(a[dim]):  # JSON true == 1 and 4.0 == 4 in Python: neither is an integer
+                raise ValueError(f"array.{dim}: must be an integer, got {a[dim]!r}")
         if array is None:
             array = ArrayConfig(a["rows"], a["cols"])
         elif (a["rows"], a["cols"]) != (array.rows, array.cols):

@@ -8,6 +8,7 @@ import logging
 from fastapi import FastAPI
 
 from app.api import errors
+from app.api.deps import document_security_schemes
 from app.api.limits import BodySizeLimit
 from app.api.main import api_router
 from app.api.routes import health
@@ -31,10 +32,13 @@ def create_app() -> FastAPI:
     app.add_middleware(
         BodySizeLimit,
         default_limit=settings.max_body_bytes,
-        overrides={"/chips/bulk": settings.max_bulk_bytes, "/models": settings.max_upload_bytes},
+        overrides={"/chips/bulk": settings.max_bulk_bytes},
+        # uploads of weights and datasets; a JSON registration is small and has the normal limit
+        multipart_overrides={"/models": settings.max_upload_bytes},
     )
     app.include_router(health.router)
     app.include_router(api_router, prefix=API_PREFIX)
+    document_security_schemes(app)
     logging.getLogger("faultfleet").setLevel(logging.INFO)
     return app
 

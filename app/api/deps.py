@@ -7,9 +7,11 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -112,4 +114,42 @@ def require(scope: str) -> Callable[[Request], Awaitable[Principal]]:
         return principal
 
     dep.__name__ = f"require_{scope}"
+    setattr(dep, "required_scope", scope)  # read by document_scopes  # noqa: B010
     return dep
+
+
+# How the OpenAPI document states authentication: either header, and the scope per operation.
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "an API key: `Authorization: Bearer <key>`"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "the same key, another header"},
+}
+
+
+def _required_scope(dependant: Dependant) -> str | None:
+    for d in dependant.dependencies:
+        scope = getattr(d.call, "required_scope", None) or _required_scope(d)
+        if scope:
+            return str(scope)
+    return None
+
+
+def document_scopes(router: APIRouter) -> APIRouter:
+    """Give each route of `router` that requires a scope `security` and `x-required-scope` in OpenAPI."""
+    for route in router.routes:
+        if isinstance(route, APIRoute) and (scope := _required_scope(route.dependant)):
+            extra = {"security": [{"bearer": []}, {"apiKey": []}], "x-required-scope": scope}
+            route.openapi_extra = {**(route.openapi_extra or {}), **extra}
+    return router
+
+
+def document_security_schemes(app: FastAPI) -> None:
+    """Add the security schemes that `document_scopes` refers to to the app's OpenAPI document."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            build().setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+        assert app.openapi_schema is not None
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -17,22 +17,38 @@ class BodyTooLarge(HTTPException):
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, default_limit: int, overrides: dict[str, int]) -> None:
+    """`overrides`: path suffix -> limit; `multipart_overrides`: the same, for multipart bodies only."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        default_limit: int,
+        overrides: dict[str, int],
+        multipart_overrides: dict[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.default_limit = default_limit
         self.overrides = overrides
+        self.multipart_overrides = multipart_overrides or {}
 
-    def _limit(self, path: str) -> int:
+    def _limit(self, scope: Scope) -> int:
+        path = scope.get("path", "")
         for suffix, limit in self.overrides.items():
             if path.endswith(suffix):
                 return limit
+        if self.multipart_overrides:
+            ctype = next((v for k, v in scope.get("headers", []) if k == b"content-type"), b"")
+            if ctype.lower().startswith(b"multipart/form-data"):
+                for suffix, limit in self.multipart_overrides.items():
+                    if path.endswith(suffix):
+                        return limit
         return self.default_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self._limit(scope.get("path", ""))
+        limit = self._limit(scope)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:

@@ -102,9 +102,34 @@ class Settings(BaseSettings):
     create_local_admin_key: bool | None = Field(
         default=None, description="Create an admin key file on first run; default on for SQLite, off otherwise"
     )
-    max_body_bytes: int = Field(default=1 << 20, description="Body limit (bytes), all but bulk")
+    max_body_bytes: int = Field(
+        default=1 << 20, description="Body limit (bytes), all but bulk and multipart POST /models (JSON ones included)"
+    )
     max_bulk_bytes: int = Field(default=64 << 20, description="Request body limit (bytes) of POST /chips/bulk")
     max_bulk_lines: int = Field(default=100_000, description="Most NDJSON lines per bulk request")
+    max_faults_per_map: int = Field(
+        default=100_000,
+        ge=1,
+        description="Most fault entries in one fault map (422 beyond; a 32x32 int8 array "
+        "has 50,176 possible distinct faults)",
+    )
+    max_dataset_bytes: int = Field(
+        default=256 << 20,
+        ge=1,
+        description="Most bytes the arrays of an uploaded .npz dataset take once "
+        "decompressed (413 beyond; read from the npy headers before anything is inflated)",
+    )
+    max_dataset_elements: int = Field(
+        default=64 << 20,
+        ge=1,
+        description="Most elements in the arrays of an uploaded .npz dataset (413 beyond; "
+        "each becomes a float32 when loaded)",
+    )
+    ingest_rate_limit: str = Field(
+        default="",
+        description="Per-API-key limit of POST /chips and POST /chips/bulk requests, e.g. '50/second;2000/minute' "
+        "(429 with Retry-After beyond); empty: no limit. Counted in Redis when Redis is the broker, else per process",
+    )
     auth_cache_s: float = Field(default=30.0, description="How long a verified API key is cached in-process")
     page_size_max: int = 1000
     api_workers: int = Field(default=1, ge=1, description="uvicorn worker processes of `faultfleet serve`")
@@ -122,6 +147,10 @@ class Settings(BaseSettings):
         if self.artifact_backend == "database" and self.is_sqlite:
             # On SQLite a blob write would wait on the writer lock of the caller's own transaction.
             raise ValueError("artifact_backend 'database' needs PostgreSQL; with SQLite use 'local' (artifact_dir)")
+        if self.ingest_rate_limit:
+            from limits import parse_many
+
+            parse_many(self.ingest_rate_limit)  # ValueError naming the notation it cannot read
         if self.create_local_admin_key is None:
             self.create_local_admin_key = self.is_sqlite
         return self

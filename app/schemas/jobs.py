@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas.common import OptUTCDateTime, UTCDateTime
+from app.schemas.common import Int32, OptUTCDateTime, StrictInput, UTCDateTime
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -32,11 +32,9 @@ class JobOut(BaseModel):
     heartbeat_at: OptUTCDateTime
 
 
-class FleetStatsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FleetStatsIn(StrictInput):
     lot: str | None = None
-    wafer: int | None = None
+    wafer: Int32 | None = None
     accelerator: str | None = None
     batch_size: int = Field(default=500, ge=1, le=10_000)
     throttle_s: float = Field(default=0.0, ge=0.0, le=10.0, description="pause between batches (s)")

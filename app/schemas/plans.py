@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 
-from app.schemas.common import UTCDateTime
+from app.schemas.chips import normalize_chip_id
+from app.schemas.common import Int32, Seed, StrictInput, UTCDateTime
 from app.schemas.jobs import JobOut
 
 BUILTIN_DATASETS = ("digits", "mnist5k")
 SCHEDULES = ("progressive_union", "all_at_once", "sample_members")
 
 
-class ModelIn(BaseModel):
+class ModelIn(StrictInput):
     """Register a base model: a zoo architecture trained on a worker (`train: true`), or uploaded weights."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     architecture: str = Field(description="zoo architecture: mlp, lenet5, resnet20, resnet32")
@@ -26,7 +26,7 @@ class ModelIn(BaseModel):
     epochs: int = Field(default=10, ge=1, le=500, description="float training epochs when train is true")
     lr: float = Field(default=0.05, gt=0, le=10)
     batch_size: int = Field(default=64, ge=1, le=8192)
-    seed: int = Field(default=0, ge=0)
+    seed: Seed = 0
 
 
 class ModelOut(BaseModel):
@@ -48,8 +48,22 @@ class ModelAccepted(BaseModel):
     job: JobOut
 
 
-class ConstraintIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# "exactly one of max_drop / min_accuracy", as JSON Schema: one is a number, the other absent or null
+_EXACTLY_ONE_CONSTRAINT: JsonDict = {
+    "oneOf": [
+        {"required": ["max_drop"], "properties": {"max_drop": {"type": "number"}, "min_accuracy": {"type": "null"}}},
+        {
+            "required": ["min_accuracy"],
+            "properties": {"min_accuracy": {"type": "number"}, "max_drop": {"type": "null"}},
+        },
+    ]
+}
+
+
+class ConstraintIn(StrictInput):
+    """Exactly one of `max_drop` (relative to the base model's accuracy) or `min_accuracy` (absolute)."""
+
+    model_config = ConfigDict(json_schema_extra=_EXACTLY_ONE_CONSTRAINT)
 
     max_drop: float | None = Field(default=None, ge=0, le=1, description="at most this far below baseline (fraction)")
     min_accuracy: float | None = Field(default=None, ge=0, le=1, description="at least this accuracy (fraction)")
@@ -61,42 +75,32 @@ class ConstraintIn(BaseModel):
         return self
 
 
-class ChipSelection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ChipSelection(StrictInput):
     lot: str | None = None
-    wafer: int | None = None
-    ids: list[str] = Field(default_factory=list, max_length=100_000)
+    wafer: Int32 | None = None
+    ids: list[Annotated[str, AfterValidator(normalize_chip_id)]] = Field(
+        default_factory=list, max_length=100_000, description="chip ids (NFC and NFD spellings name the same chip)"
+    )
 
 
-class ResilienceGrid(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    rates: list[float] = Field(default=[0.01, 0.03, 0.06, 0.1], min_length=1, max_length=32)
-    epochs: list[int] = Field(default=[0, 1, 2, 4], min_length=1, max_length=16)
+class ResilienceGrid(StrictInput):
+    rates: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default=[0.01, 0.03, 0.06, 0.1], min_length=1, max_length=32, description="fault rates in (0, 1]"
+    )
+    epochs: list[Annotated[int, Field(ge=0, le=200)]] = Field(
+        default=[0, 1, 2, 4], min_length=1, max_length=16, description="retraining epochs, 0..200"
+    )
     samples: int = Field(default=2, ge=1, le=32)
-    seed: int = Field(default=0, ge=0)
-
-    @model_validator(mode="after")
-    def _ranges(self) -> ResilienceGrid:
-        if any(not 0 < r <= 1 for r in self.rates):
-            raise ValueError("rates must be fault rates in (0, 1]")
-        if any(e < 0 or e > 200 for e in self.epochs):
-            raise ValueError("epochs must be in 0..200")
-        return self
+    seed: Seed = 0
 
 
-class TrainIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TrainIn(StrictInput):
     lr: float = Field(default=0.01, gt=0, le=10)
     batch_size: int = Field(default=64, ge=1, le=8192)
-    seed: int = Field(default=0, ge=0)
+    seed: Seed = 0
 
 
-class PlanIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class PlanIn(StrictInput):
     model: str = Field(description="base model name")
     constraint: ConstraintIn
     chips: ChipSelection = Field(default_factory=ChipSelection, description="empty: every chip of the profile")
@@ -119,7 +123,7 @@ class PlanIn(BaseModel):
         "or where it is predicted to save more retraining than it costs (auto)",
     )
     train: TrainIn = Field(default_factory=TrainIn)
-    seed: int = Field(default=0, ge=0)
+    seed: Seed = 0
 
 
 class MemberOut(BaseModel):

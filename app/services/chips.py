@@ -26,13 +26,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from accelerator.faults import FaultMap
+from app.core.config import get_settings
 from app.db.base import utcnow
 from app.db.models import Chip, ChipRevision
+from app.schemas.chips import chip_id_problem, normalize_chip_id
 from app.services.errors import Invalid, loc_from_field, value_error_to_item
 from app.services.profiles import ProfileInfo, get_profile
 
 TOP_LEVEL_FIELDS = frozenset({"chip_id", "accelerator", "array", "faults", "lot", "wafer", "die_x", "die_y"})
-MAX_CHIP_ID = 128
 # control characters, and unpaired UTF-16 surrogates (valid JSON escapes that no UTF-8 database stores)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
@@ -94,10 +95,14 @@ def prepare(
     chip_id = d.get("chip_id")
     if not isinstance(chip_id, str) or not chip_id.strip():
         raise bad("chip_id", f"required, a non-empty string, got {chip_id!r}")
-    if len(chip_id) > MAX_CHIP_ID:
-        raise bad("chip_id", f"longer than {MAX_CHIP_ID} characters")
-    if _CONTROL.search(chip_id):
+    if _CONTROL.search(chip_id):  # before normalizing: NFC of a lone surrogate fails
         raise bad("chip_id", "must not contain control characters or unpaired surrogates")
+    chip_id = normalize_chip_id(chip_id)
+    problem = chip_id_problem(chip_id)
+    if problem:
+        raise bad("chip_id", problem)
+    if chip_id != d["chip_id"]:
+        d = {**d, "chip_id": chip_id}
     name = d.get("accelerator")
     if not isinstance(name, str) or not name or _CONTROL.search(name):
         raise bad("accelerator", f"required, the name of a registered accelerator profile, got {name!r}")
@@ -117,6 +122,12 @@ def prepare(
         v = d.get(field)
         if isinstance(v, int) and not isinstance(v, bool) and not -(2**31) <= v < 2**31:
             raise bad(field, f"{v} out of the 32-bit range")
+    faults = d.get("faults")
+    cap = get_settings().max_faults_per_map
+    if isinstance(faults, list) and len(faults) > cap:
+        raise bad(
+            "faults", f"{len(faults)} faults, more than max_faults_per_map ({cap}; FAULTFLEET_MAX_FAULTS_PER_MAP)"
+        )
     try:
         fm = FaultMap.from_dict(d, array=profile.array)
     except RecursionError:

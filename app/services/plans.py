@@ -27,6 +27,7 @@ from app.db.models import (
     PlanRecord,
     ResilienceMapRecord,
 )
+from app.schemas.common import INT32_MAX
 from app.schemas.plans import BUILTIN_DATASETS, PlanIn
 from app.services.errors import Conflict, Invalid, NotFound
 from app.services.pagination import encode_cursor
@@ -35,7 +36,8 @@ from app.services.pagination import encode_cursor
 def get_model(session: Session, name_or_id: str) -> ModelRecord:
     q = select(ModelRecord).where(ModelRecord.name == name_or_id)
     bm = session.scalars(q).first()
-    if bm is None and name_or_id.isdigit():
+    # an id: ASCII digits only ('³'.isdigit() is True), and within the id column's range
+    if bm is None and name_or_id.isascii() and name_or_id.isdigit() and int(name_or_id) <= INT32_MAX:
         bm = session.get(ModelRecord, int(name_or_id))
     if bm is None:
         raise NotFound.of("base model", name_or_id, ["path", "model"])

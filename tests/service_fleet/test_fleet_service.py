@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import unicodedata
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
@@ -235,21 +237,31 @@ def test_fleet_plan_execute_verify_download(service: Any) -> None:
     # again and some group model (at the latest its twin's) must meet the constraint.
     twin = next(ch for ch in states.values() if ch["status"] == "verified")
     late = dict(next(m for m in fleet["maps"] if m["chip_id"] == twin["chip_id"]))
-    late["chip_id"] = f"{fleet['accel']}-late"
+    # Its id has a quote, characters outside Latin-1 and an NFD accent (stored as NFC): the
+    # download names it in RFC 5987 form, with an ASCII fallback.
+    late["chip_id"] = f'{fleet["accel"]}-late "芯片" e\u0301'
+    nfc = unicodedata.normalize("NFC", late["chip_id"])
     with service.client() as c:
         ingested = _ok(c.post("/api/v1/chips", json=late), 201)
-        assert "assignment_job" in ingested
+        assert "assignment_job" in ingested and ingested["chip_id"] == nfc
         job = service.wait_job(ingested["assignment_job"], timeout=300)
         assert job["state"] == "succeeded", job
-        r = c.get(f"/api/v1/chips/{late['chip_id']}/model", params={"format": "manifest"})
+        r = c.get(f"/api/v1/chips/{quote(late['chip_id'])}/model", params={"format": "manifest"})
+        weights = c.get(f"/api/v1/chips/{quote(nfc)}/model")
         after = _ok(c.get(f"/api/v1/models/{fleet['model']}/library"))
+    assert weights.status_code == 200 and len(weights.content) > 0, weights.text
+    disposition = weights.headers["content-disposition"]
+    fallback = f"{fleet['accel']}-late______e-model.safetensors"
+    assert disposition.startswith(f'attachment; filename="{fallback}"; '), disposition
+    assert disposition.endswith("filename*=UTF-8''" + quote(f"{nfc}-model.safetensors", safe="")), disposition
     man = _ok(r)
+    assert man["chip_id"] == nfc
     assert man["source"] == "late" and man["status"] == "verified" and man["kind"] == "group_model"
     assert man["library_model"] in {f"plan{plan_id}:{k}" for k in verified_groups}
     assert man["validation_accuracy"] >= plan["summary"]["thresholds"]["validation"] - 1e-12
     assert after["chips_served"] == library["chips_served"] + 1
     # the file it downloads is what it was screened with: its group model, its own map, its bypass
-    blob, _ = _download(service, f"/api/v1/chips/{late['chip_id']}/model")
+    blob = weights.content
     model = acc.load_model("mlp", load_safetensors(blob), test.input_shape, test.num_classes)
     pes = [tuple(pe) for pe in (man["bypass"] or {"pes": []})["pes"]]
     on_chip = bypass_pes(FaultMap.from_dict(late, array=array), pes)

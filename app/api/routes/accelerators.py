@@ -26,6 +26,7 @@ def _same(row: AcceleratorProfile, body: AcceleratorIn) -> bool:
     response_model=AcceleratorOut,
     dependencies=[Depends(require("admin"))],
     summary="Register an accelerator profile (idempotent: the same profile again answers 200)",
+    responses={200: {"model": AcceleratorOut, "description": "this profile was already registered, identically"}},
 )
 def create_accelerator(body: AcceleratorIn, session: SessionDep, response: Response) -> Any:
     from accelerator.faults import ArrayConfig

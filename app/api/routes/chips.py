@@ -13,12 +13,13 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, require
 from app.api.errors import ApiError
+from app.api.ratelimit import RATE_LIMITED, ingest_rate_limited
 from app.core.config import get_settings
 from app.core.queue import get_celery
 from app.db.models import Chip
 from app.db.session import get_engine, get_sessionmaker
-from app.schemas.chips import FAULT_MAP_SCHEMA, BulkResult, ChipDetail, ChipIngested, ChipPage
-from app.schemas.common import ERROR_RESPONSES
+from app.schemas.chips import FAULT_MAP_SCHEMA, BulkResult, ChipDetail, ChipIngested, ChipPage, normalize_chip_id
+from app.schemas.common import ERROR_RESPONSES, INT32_MAX, INT32_MIN
 from app.services import chips as svc
 from app.services import jobs as jobsvc
 from app.services import plans as plansvc
@@ -88,12 +89,15 @@ def _ingest_one(doc: Any, replace: bool) -> tuple[int, dict[str, Any]]:
     response_model=ChipIngested,
     summary="Store one chip's fault map (201 created; 200 identical re-POST or replaced; 409 different map)",
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": FAULT_MAP_SCHEMA}}}},
-    responses={200: {"model": ChipIngested, "description": "unchanged, or replaced with ?replace=true"}},
+    responses={
+        200: {"model": ChipIngested, "description": "unchanged, or replaced with ?replace=true"},
+        429: RATE_LIMITED,
+    },
 )
 async def post_chip(
     request: Request,
     replace: bool = Query(False, description="store a different map as a new revision instead of answering 409"),
-    _p: Any = Depends(require("ingest")),
+    _p: Any = Depends(ingest_rate_limited),
 ) -> JSONResponse:
     doc = _parse_json(await request.body())
     code, body = await run_in_threadpool(_ingest_one, doc, replace)
@@ -183,18 +187,24 @@ def _ingest_bulk(raw: bytes, replace: bool) -> dict[str, Any]:
 @router.post(
     "/bulk",
     response_model=BulkResult,
+    responses={429: RATE_LIMITED},
     summary="Store many fault maps: NDJSON, one map per line; per-line created/unchanged/replaced/rejected",
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/x-ndjson": {"schema": {"type": "string", "description": "one JSON map a line"}}},
+            # NDJSON: each item of this array is one line of the body
+            "content": {
+                "application/x-ndjson": {
+                    "schema": {"type": "array", "items": FAULT_MAP_SCHEMA, "description": "one JSON fault map a line"}
+                }
+            },
         }
     },
 )
 async def post_chips_bulk(
     request: Request,
     replace: bool = Query(False, description="store changed maps as new revisions instead of rejecting them"),
-    _p: Any = Depends(require("ingest")),
+    _p: Any = Depends(ingest_rate_limited),
 ) -> JSONResponse:
     raw = await request.body()
     body = await run_in_threadpool(_ingest_bulk, raw, replace)
@@ -205,9 +215,9 @@ async def post_chips_bulk(
 def list_chips(
     session: SessionDep,
     lot: str | None = None,
-    wafer: int | None = None,
+    wafer: int | None = Query(None, ge=INT32_MIN, le=INT32_MAX),
     accelerator: str | None = Query(None, description="accelerator profile name"),
-    limit: int = Query(100, ge=1),
+    limit: int = Query(100, ge=1, le=INT32_MAX, description="page size (at most the server's page_size_max)"),
     cursor: str | None = None,
 ) -> Any:
     limit = min(limit, get_settings().page_size_max)
@@ -240,6 +250,7 @@ def list_chips(
     summary="One chip: current fault map and every revision",
 )
 def get_chip(chip_id: str, session: SessionDep) -> Any:
+    chip_id = normalize_chip_id(chip_id)
     chip = session.scalar(select(Chip).where(Chip.chip_id == chip_id))
     if chip is None:
         raise ApiError(404, f"no chip {chip_id!r}", [{"loc": ["path", "chip_id"], "msg": "not found"}])

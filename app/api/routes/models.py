@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 
 from app.api.deps import Principal, SessionDep, SettingsDep, require
 from app.api.errors import ApiError
+from app.core.config import get_settings
 from app.core.queue import get_celery, require_broker
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.plans import LibraryOut, ModelAccepted, ModelIn, ModelOut
@@ -26,10 +27,59 @@ router = APIRouter(prefix="/models", tags=["models"], responses=ERROR_RESPONSES)
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
+def _request_body_doc() -> dict[str, Any]:
+    """The body POST /models takes, as parsed by hand below: JSON (train on a worker) or multipart (upload)."""
+    fields = ModelIn.model_json_schema()
+    as_json = {**fields, "required": [*fields["required"], "train"]}
+    as_json["properties"] = {
+        **fields["properties"],
+        "train": {"const": True, "description": "JSON registers by training"},
+    }
+    binary = {"type": "string", "format": "binary"}
+    form = {
+        **fields,
+        "properties": {
+            **fields["properties"],
+            "weights": {**binary, "description": f"safetensors or a state_dict; file name ending {WEIGHT_SUFFIXES}"},
+            "dataset_file": {**binary, "description": ".npz with x_train, y_train, x_test, y_test (no object arrays)"},
+        },
+        "description": "exactly one of: a 'weights' file, or train=true (both is a 422)",
+        "anyOf": [
+            {"required": ["weights"], "properties": {"train": {"const": False}}},
+            {"required": ["train"], "properties": {"train": {"const": True}}},
+        ],
+    }
+    return {
+        "required": True,
+        "content": {"application/json": {"schema": as_json}, "multipart/form-data": {"schema": form}},
+    }
+
+
 def _validation_error(exc: ValidationError) -> ApiError:
     errors = [{"loc": ["body", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]
     first = errors[0]
     return ApiError(422, f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}", errors)
+
+
+def _check_dataset_size(path: Path) -> None:
+    """Refuse an .npz whose arrays, as its headers state them, inflate past the configured caps."""
+    import accelerator as acc
+
+    settings = get_settings()
+    try:
+        arrays = acc.npz_arrays(path)
+    except ValueError as exc:
+        raise ApiError(422, f"dataset_file: {exc}", [{"loc": ["body", "dataset_file"], "msg": str(exc)}]) from None
+    for total, cap, setting, unit in (
+        (sum(a.nbytes for a in arrays), settings.max_dataset_bytes, "max_dataset_bytes", "bytes"),
+        (sum(a.elements for a in arrays), settings.max_dataset_elements, "max_dataset_elements", "elements"),
+    ):
+        if total > cap:
+            msg = (
+                f"dataset_file: its arrays hold {total} {unit} once decompressed, more than {setting} "
+                f"({cap}; FAULTFLEET_{setting.upper()})"
+            )
+            raise ApiError(413, msg, [{"loc": ["body", "dataset_file"], "msg": msg}])
 
 
 def _check_uploads(body: ModelIn, weights: bytes | None, weights_suffix: str, npz: bytes | None) -> None:
@@ -40,6 +90,7 @@ def _check_uploads(body: ModelIn, weights: bytes | None, weights_suffix: str, np
         if npz is not None:
             path = Path(d) / "data.npz"
             path.write_bytes(npz)
+            _check_dataset_size(path)
             try:
                 data = acc.load_dataset(body.dataset, path)
             except Exception as exc:
@@ -83,6 +134,7 @@ async def _read_form(request: Request) -> tuple[dict[str, Any], UploadFile | Non
     response_model=ModelAccepted,
     summary="Register a base model: JSON with train=true, or multipart with a 'weights' file "
     "(safetensors or state_dict) and/or a 'dataset_file' (.npz with x_train, y_train, x_test, y_test)",
+    openapi_extra={"requestBody": _request_body_doc()},
 )
 async def register_model(
     request: Request, settings: SettingsDep, principal: Principal = Depends(require("plan"))
@@ -91,7 +143,8 @@ async def register_model(
     weights: bytes | None = None
     npz: bytes | None = None
     suffix = ".safetensors"
-    if ctype.startswith("multipart/form-data"):
+    multipart = ctype.startswith("multipart/form-data")
+    if multipart:
         fields, wfile, dfile = await _read_form(request)
         if wfile is not None:
             suffix = Path(wfile.filename or "").suffix.lower() or ".safetensors"
@@ -108,7 +161,8 @@ async def register_model(
         except Exception:
             raise ApiError(400, "malformed JSON body", [{"loc": ["body"], "msg": "invalid JSON"}]) from None
     try:
-        body = ModelIn.model_validate(raw)
+        # form fields are text ("10", "true"): parsed; JSON keeps its types (strict: `true` is no 1)
+        body = ModelIn.model_validate(raw, strict=not multipart)
     except ValidationError as exc:
         raise _validation_error(exc) from None
     if weights is None and not body.train:

@@ -14,7 +14,7 @@ from app.api.deps import Principal, SessionDep, SettingsDep, require
 from app.api.errors import ApiError
 from app.core.queue import get_celery, require_broker
 from app.db.models import Job
-from app.schemas.common import ERROR_RESPONSES
+from app.schemas.common import ERROR_RESPONSES, IdPath
 from app.schemas.jobs import JobOut
 from app.schemas.plans import PlanAccepted, PlanIn, PlanOut, ResilienceMapOut
 from app.services import jobs as jobsvc
@@ -46,7 +46,7 @@ def create_plan(
     summary="A plan: status, summary, groups, and one page of its chips (cursor pagination as GET /chips)",
 )
 def get_plan(
-    plan_id: int,
+    plan_id: IdPath,
     session: SessionDep,
     settings: SettingsDep,
     limit: int = Query(100, ge=1, description="chips per page (at most the page_size_max setting)"),
@@ -64,7 +64,7 @@ def get_plan(
     summary="Retrain every group on the workers, verify every member chip, replan the misses (a job)",
 )
 def execute_plan(
-    plan_id: int, session: SessionDep, settings: SettingsDep, principal: Principal = Depends(require("plan"))
+    plan_id: IdPath, session: SessionDep, settings: SettingsDep, principal: Principal = Depends(require("plan"))
 ) -> Any:
     # The plan's row lock serializes concurrent executes (PostgreSQL; SQLite's writer lock does
     # it there): the second one waits, then finds the first one's job and returns it.
@@ -92,7 +92,7 @@ def execute_plan(
 
 
 @router.get("/resilience-maps/{map_id}", response_model=ResilienceMapOut, dependencies=[Depends(require("read"))])
-def get_resilience_map(map_id: int, session: SessionDep) -> Any:
+def get_resilience_map(map_id: IdPath, session: SessionDep) -> Any:
     return svc.resilience_map_view(svc.get_resilience_map(session, map_id))
 
 
@@ -104,10 +104,14 @@ def get_resilience_map(map_id: int, session: SessionDep) -> Any:
     summary="Worst-case accuracy heat map (epochs x fault rate), with the constraint's contour if given",
 )
 def plot_resilience_map(
-    map_id: int,
+    map_id: IdPath,
     session: SessionDep,
-    max_drop: float | None = Query(default=None, ge=0, le=1),
-    min_accuracy: float | None = Query(default=None, ge=0, le=1),
+    max_drop: float | None = Query(
+        default=None, ge=0, le=1, description="draw this constraint's contour; at most one of max_drop and min_accuracy"
+    ),
+    min_accuracy: float | None = Query(
+        default=None, ge=0, le=1, description="draw this constraint's contour; at most one of max_drop and min_accuracy"
+    ),
 ) -> Response:
     from planner import AccuracyConstraint, ResilienceMap
 
