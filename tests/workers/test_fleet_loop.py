@@ -21,6 +21,8 @@ pytestmark = pytest.mark.slow
 
 ARRAY = ArrayConfig(8, 8)
 CONSTRAINT = AccuracyConstraint.relative(0.02)
+LADDER = (0, 1, 2)  # a short ladder keeps the retraining small
+SETTINGS = pl.FleetSettings(max_group_size=4, robust_base="off", ladder=LADDER)
 HARSH = FaultMix(sites={"pe": 0.15, "weight": 0.3, "act": 0.25, "psum": 0.3}, psum_high_bias=0.5)
 
 
@@ -28,7 +30,7 @@ HARSH = FaultMix(sites={"pe": 0.15, "weight": 0.3, "act": 0.25, "psum": 0.3}, ps
 def setup() -> tuple[Any, Any]:
     torch.set_num_threads(2)
     model, full = pl.train_base_model("lenet5", "digits", epochs=8, seed=0)
-    return model, full.subset(n_train=384, n_test=360)  # retraining on a subset keeps the test quick
+    return model, full.subset(n_train=256, n_test=360)  # retraining on a subset keeps the test quick
 
 
 def fleet(n: int, seed: int, prefix: str = "") -> list[FaultMap]:
@@ -77,7 +79,9 @@ def test_fap_t_climbs_the_ladder_alone_then_protects_then_gives_up(setup: tuple[
 def test_faultfleet_groups_verify_on_the_group_deployment_and_reproduce(setup: tuple[Any, Any]) -> None:
     model, data = setup
     em = emulation(data)
-    out = pl.run_fleet(em, model, fleet(12, 3), CONSTRAINT, pl.FleetSettings(max_group_size=4, robust_base="off"))
+    out = pl.run_fleet(
+        em, model, fleet(12, 3), CONSTRAINT, pl.FleetSettings(max_group_size=4, robust_base="off", ladder=LADDER)
+    )
     plan = out.plan
     verified = [c for c, st in plan.chips.items() if st.status == VERIFIED]
     assert verified, "the fleet must have a verified chip to check"
@@ -102,14 +106,14 @@ def test_faultfleet_groups_verify_on_the_group_deployment_and_reproduce(setup: t
 
 def test_the_robust_base_never_takes_a_chip_the_base_served(setup: tuple[Any, Any]) -> None:
     model, data = setup
-    maps = fleet(12, 5)
+    maps = fleet(8, 5)
     em = emulation(data)
     thr = em.thresholds(model, CONSTRAINT)
     base_only = pl.screen_fleet(
         em, [pl.LibraryModel("base", model)], maps, thr.decision, bypass=True, group_base="base"
     )
     out = pl.run_fleet(
-        emulation(data), model, maps, CONSTRAINT, pl.FleetSettings(robust_base="on", robust_lr=0.002, max_group_size=4)
+        emulation(data), model, maps, CONSTRAINT, pl.FleetSettings(robust_base="on", max_group_size=4, ladder=LADDER)
     )
     assert out.decisions["robust_base"]["trained"] and out.ledger.epochs["robust_base"] == 3
     for cid, sc in base_only.items():
@@ -122,10 +126,10 @@ def test_the_robust_base_never_takes_a_chip_the_base_served(setup: tuple[Any, An
 
 def test_the_library_serves_a_later_batch_only_with_models_that_meet_the_constraint(setup: tuple[Any, Any]) -> None:
     model, data = setup
-    first = pl.run_fleet(emulation(data), model, fleet(12, 3), CONSTRAINT, pl.FleetSettings(max_group_size=4))
+    first = pl.run_fleet(emulation(data), model, fleet(8, 3), CONSTRAINT, SETTINGS)
     em = emulation(data)
-    later = fleet(12, 4, prefix="late-")
-    out = pl.run_fleet(em, model, later, CONSTRAINT, pl.FleetSettings(max_group_size=4), library=first.library)
+    later = fleet(8, 4, prefix="late-")
+    out = pl.run_fleet(em, model, later, CONSTRAINT, SETTINGS, library=first.library)
     thr = out.thresholds
     by_key = {lm.key: lm for lm in out.library}
     served = [c for c, st in out.plan.chips.items() if st.status == NEEDS_NOTHING]
