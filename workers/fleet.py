@@ -544,6 +544,19 @@ def add_to_library(
             s.commit()
 
 
+def library_artifacts(engine: Engine, model_id: int) -> dict[str, int]:
+    """The weights artifact of each library model of a base model, by key: what a chip the
+    model serves downloads (the weights it was verified with, unchanged; the chip bypasses
+    its dead PEs, so their weights never reach the array)."""
+    with Session(engine, expire_on_commit=False) as s:
+        rows = s.execute(
+            select(LibraryModelRecord.key, LibraryModelRecord.artifact_id).where(
+                LibraryModelRecord.base_model_id == model_id
+            )
+        )
+        return {str(k): int(a) for k, a in rows.tuples()}
+
+
 def group_library_key(plan_id: int, group_key: str) -> str:
     return f"plan{plan_id}:{group_key}"
 
@@ -917,17 +930,6 @@ def execute_plan(ctx: JobContext) -> dict[str, Any]:
     return {"plan_id": plan_id, "summary": summary}
 
 
-def chip_model_artifact(engine: Engine, dep: Deployed, lm: pipeline.LibraryModel, fm: FaultMap) -> int:
-    """The weights a chip served by library model `lm` runs: the base (or robust base) with the
-    weights on the chip's dead PEs set to 0, so the file says what the chip computes (pruning
-    never changes what the array computes: those weights meet a bypassed PE)."""
-    model = acc.prune_dead_pes(lm.model, dep.array, lm.deployed(fm))
-    with Session(engine, expire_on_commit=False) as s:
-        art = store_bytes(s, state_dict_bytes(model.state_dict(), {"library_model": lm.key}), "chip_model", SAFETENSORS)
-        s.commit()
-        return art.id
-
-
 def upsert_assignment(session: Session, chip_pk: int, model_id: int, **values: Any) -> None:
     a = session.scalars(
         select(ChipAssignment).where(ChipAssignment.chip_pk == chip_pk, ChipAssignment.base_model_id == model_id)
@@ -945,13 +947,8 @@ def assign_plan_chips(engine: Engine, em: pipeline.Emulation, plan: PlanInfo, do
     need no retraining are verified on the test split with their library model first."""
     dep = deployed(engine, plan.base_model_id)
     library, lib_ids = load_library(engine, dep)
-    by_key = {lm.key: lm for lm in library}
     pipeline.verify_served(em, doc, library)
-    served = {
-        cid: chip_model_artifact(engine, dep, by_key[str(st.served_by)], doc.maps[cid])
-        for cid, st in doc.chips.items()
-        if st.status == NEEDS_NOTHING
-    }
+    weights = library_artifacts(engine, dep.info.id)
     with Session(engine, expire_on_commit=False) as s:
         groups = {
             g.key: (g.id, g.model_artifact_id)
@@ -967,8 +964,8 @@ def assign_plan_chips(engine: Engine, em: pipeline.Emulation, plan: PlanInfo, do
             if st.status == VERIFIED and st.group_id in groups:
                 values["group_id"], values["artifact_id"] = groups[st.group_id]
                 values["library_model_id"] = None
-            elif st.status == NEEDS_NOTHING:
-                values["artifact_id"] = served[cid]
+            elif st.status == NEEDS_NOTHING:  # the very weights it was verified with
+                values["artifact_id"] = weights[str(st.served_by)]
                 values["library_model_id"] = lib_ids.get(str(st.served_by))
             elif st.status == UNRECOVERABLE:
                 values["accuracy"] = st.best_accuracy
@@ -1040,6 +1037,7 @@ def assign_chip(ctx: JobContext) -> dict[str, Any]:
             max_groups=settings.library_groups,
         )
         by_key = {lm.key: lm for lm in library}
+        weights = library_artifacts(ctx.engine, model_id)
         with Session(ctx.engine, expire_on_commit=False) as s:
             group_of = dict(
                 s.execute(
@@ -1074,7 +1072,7 @@ def assign_chip(ctx: JobContext) -> dict[str, Any]:
                     bypass=fit.policy,
                     library_model_id=lib_ids[fit.key],
                     group_id=group_of.get(fit.key),
-                    artifact_id=chip_model_artifact(ctx.engine, dep, lm, deployed_map),
+                    artifact_id=weights[fit.key],
                 )
                 log.info("late chip %s served by library model %s (bypass %s)", cid, fit.key, fit.policy)
             assignments[pk] = values

@@ -341,12 +341,12 @@ def chip_bypass(chip: Chip, policy: str | None, group_fused: dict[str, Any] | No
 
 
 def chip_model_kind(a: ChipAssignment) -> str:
-    """What a chip's model file is: a group's model, or the (robust) base with its dead PEs' weights at 0."""
+    """What a chip's model file is: a group's model, the fault-robust base, or the base model."""
     if a.group_id is not None:
         return "group_model"
     if a.library_model is not None and a.library_model.kind == "robust":
-        return "robust_base_pruned_for_dead_pes"
-    return "base_model_pruned_for_dead_pes"
+        return "robust_base"
+    return "base_model"
 
 
 def chip_manifest(session: Session, chip: Chip, a: ChipAssignment) -> bytes:
