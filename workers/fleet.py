@@ -438,7 +438,7 @@ def sync_groups(session: Session, plan: PlanRecord, doc: Plan) -> None:
         else:
             m.status = "missed"
     plan.document = doc.to_dict()
-    plan.summary = doc.summary()
+    plan.summary = {**(plan.summary or {}), **doc.summary()}  # keeps the ledger and thresholds
     plan.updated_at = utcnow()
 
 
