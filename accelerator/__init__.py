@@ -43,7 +43,7 @@ from accelerator.faults import (
 
 if TYPE_CHECKING:  # the real signatures for mypy and editors; at run time `__getattr__` imports them
     from accelerator.cost import TMR_FACTOR, cycles, protected_cycles, tmr_penalty
-    from accelerator.data import Dataset, load_dataset
+    from accelerator.data import Dataset, NpyHeader, load_dataset, npz_arrays
     from accelerator.fast import fast_matmul
     from accelerator.layers import (
         ArrayConv2d,
@@ -59,7 +59,7 @@ if TYPE_CHECKING:  # the real signatures for mypy and editors; at run time `__ge
     from accelerator.pruning import dead_weight_mask, prune_dead_pes
     from accelerator.quant import QUANTIZERS, Quantizer, quantizer
     from accelerator.systolic import systolic_matmul
-    from accelerator.training import accuracy, evaluate, fault_aware_train, layer_sensitivity, train
+    from accelerator.training import accuracy, bounded_accuracy, evaluate, fault_aware_train, layer_sensitivity, train
     from accelerator.zoo import ARCHS, build_model, load_model, read_state_dict, save_model
 
 # public name -> submodule that defines it (imported lazily: these need torch)
@@ -112,6 +112,7 @@ __all__ = [  # explicit, so that type checkers see the lazy names as re-exported
     "Fault",
     "FaultMap",
     "NUMBER_FORMATS",
+    "NpyHeader",
     "NumberFormat",
     "QUANTIZERS",
     "Quantizer",
@@ -119,6 +120,7 @@ __all__ = [  # explicit, so that type checkers see the lazy names as re-exported
     "TMR_FACTOR",
     "accuracy",
     "array_layers",
+    "bounded_accuracy",
     "build_model",
     "bypass_faulty_pes",
     "bypass_pes",
@@ -133,6 +135,7 @@ __all__ = [  # explicit, so that type checkers see the lazy names as re-exported
     "load_dataset",
     "load_model",
     "lowered_layers",
+    "npz_arrays",
     "on_array",
     "protected_cycles",
     "prune_dead_pes",

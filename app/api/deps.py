@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from sqlalchemy import select
@@ -22,8 +22,11 @@ from app.core.config import Settings, get_settings
 from app.core.security import allows, hash_key, key_prefix, parse_scopes
 from app.db.models import ApiKey
 from app.db.session import get_sessionmaker
+from app.schemas.common import INT32_MAX
 
 log = logging.getLogger("faultfleet.api")
+# a database id in a path, e.g. /plans/{plan_id} (schemas and services stay free of FastAPI)
+IdPath = Annotated[int, Path(ge=1, le=INT32_MAX, description="database id")]
 
 
 def get_db() -> Iterator[Session]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import Path
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
@@ -23,8 +22,6 @@ SEED_MAX = 2**32 - 1
 
 Int32 = Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX, description=f"random seed, 0..{SEED_MAX}")]
-# a database id in a path, e.g. /plans/{plan_id}
-IdPath = Annotated[int, Path(ge=1, le=INT32_MAX, description="database id")]
 
 
 class StrictInput(BaseModel):

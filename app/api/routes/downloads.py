@@ -11,10 +11,10 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
-from app.api.deps import SessionDep, require
+from app.api.deps import IdPath, SessionDep, require
 from app.db.models import Artifact
 from app.schemas.chips import normalize_chip_id
-from app.schemas.common import ERROR_RESPONSES, IdPath
+from app.schemas.common import ERROR_RESPONSES
 from app.services import plans as svc
 from app.services.artifacts import iter_artifact
 

@@ -10,11 +10,11 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 from sqlalchemy import select
 
-from app.api.deps import Principal, SessionDep, SettingsDep, require
+from app.api.deps import IdPath, Principal, SessionDep, SettingsDep, require
 from app.api.errors import ApiError
 from app.core.queue import get_celery, require_broker
 from app.db.models import Job
-from app.schemas.common import ERROR_RESPONSES, IdPath
+from app.schemas.common import ERROR_RESPONSES
 from app.schemas.jobs import JobOut
 from app.schemas.plans import PlanAccepted, PlanIn, PlanOut, ResilienceMapOut
 from app.services import jobs as jobsvc
