@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import time
 from pathlib import Path
@@ -67,11 +69,15 @@ def test_scale_out_settings_from_environment(monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.mark.integration
-def test_faultfleet_run_embedded_quick_start(tmp_path: Path, ff_tools: Any) -> None:
-    """`faultfleet run`: migrate + worker + API on SQLite and the filesystem broker; SIGINT stops both."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_faultfleet_run_embedded_quick_start(tmp_path: Path, ff_tools: Any, sig: signal.Signals) -> None:
+    """`faultfleet run`: migrate + worker + API on SQLite and the filesystem broker, the worker's
+    logs in var/worker.log; Ctrl-C, SIGTERM and SIGHUP each stop the API and the worker with
+    every process they started (uvicorn re-raised SIGTERM and orphaned the worker before)."""
     port = ff_tools.free_port()
     env = ff_tools.base_env(FAULTFLEET_VAR_DIR=str(tmp_path / "var"))
     proc = ff_tools.start_proc([ff_tools.PY, "-m", "app.cli", "run", "--port", str(port)], env, tmp_path, "run")
+    children: list[int] = []
     try:
         url = f"http://127.0.0.1:{port}"
         ff_tools.wait_ready(url, proc)
@@ -88,17 +94,27 @@ def test_faultfleet_run_embedded_quick_start(tmp_path: Path, ff_tools: Any) -> N
                 assert state["state"] in ("queued", "running") and time.monotonic() < deadline, state
                 time.sleep(0.1)
             assert state["result"]["chips"] == 1
-        children = _descendants(proc.popen.pid)
-        assert children, "worker subprocess missing"
-        proc.popen.send_signal(signal.SIGINT)  # Ctrl-C
-        proc.popen.wait(timeout=30)
+        worker_log = (tmp_path / "var" / "worker.log").read_text()
+        assert "ready." in worker_log, worker_log[-2000:]
+        console = proc.log_tail(100_000)
+        assert "celery@" not in console and "ready." not in console, "worker logs reached the console"
+        children += _descendants(proc.popen.pid)
+        assert len(children) >= 2, f"worker and its pool missing: {children}"
+        proc.popen.send_signal(sig)
+        assert proc.popen.wait(timeout=30) == 0, proc.log_tail()
         deadline = time.monotonic() + 20
         while (alive := [p for p in children if _alive(p)]) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not alive, f"still running after Ctrl-C: {alive}"
+        assert not alive, f"still running after {sig.name}: {alive}"
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/healthz", timeout=2)
+        assert f"stopped ({sig.name})" in proc.log_tail()
     finally:
         if proc.alive():
             proc.kill()
+        for pid in children:  # the worker runs in a session of its own: not in proc's process group
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _descendants(pid: int) -> list[int]:

@@ -29,6 +29,18 @@ def get_job(job_id: str, session: SessionDep) -> Any:
     return jobsvc.job_view(_get(session, job_id))
 
 
+@router.get(
+    "/jobs/{job_id}/children",
+    response_model=list[JobOut],
+    dependencies=[Depends(require("read"))],
+    summary="The jobs a job started (e.g. one retraining job per group of an executing plan), oldest first",
+)
+def get_job_children(job_id: str, session: SessionDep) -> Any:
+    _get(session, job_id)
+    rows = session.scalars(select(Job).where(Job.parent_id == job_id).order_by(Job.created_at, Job.id))
+    return [jobsvc.job_view(j) for j in rows]
+
+
 @router.delete(
     "/jobs/{job_id}",
     response_model=JobOut,
