@@ -35,7 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (usage errors 2, failures 1, Ctrl-C 130)."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=list(argv) if argv is not None else None, prog_name="faultfleet", standalone_mode=False)
+        # without standalone mode click returns an Exit's code instead of calling sys.exit
+        rv = command.main(args=list(argv) if argv is not None else None, prog_name="faultfleet", standalone_mode=False)
     except CliError as exc:
         print(f"faultfleet: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -47,4 +48,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (click.exceptions.Abort, KeyboardInterrupt):
         print("faultfleet: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rv if isinstance(rv, int) else 0
