@@ -7,12 +7,13 @@ import logging
 
 from fastapi import FastAPI
 
-from app.api import errors
+from app.api import errors, metrics
 from app.api.deps import document_security_schemes
 from app.api.limits import BodySizeLimit
 from app.api.main import api_router
 from app.api.routes import health
 from app.core.config import get_settings
+from app.dashboard import routes as dashboard
 
 API_PREFIX = "/api/v1"
 
@@ -36,8 +37,12 @@ def create_app() -> FastAPI:
         # uploads of weights and datasets; a JSON registration is small and has the normal limit
         multipart_overrides={"/models": settings.max_upload_bytes},
     )
+    # outermost: counts every answer, the body-size limit's 413s included
+    app.add_middleware(metrics.HttpMetrics)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(api_router, prefix=API_PREFIX)
+    dashboard.install(app)
     document_security_schemes(app)
     logging.getLogger("faultfleet").setLevel(logging.INFO)
     return app

@@ -72,10 +72,11 @@ class ApiClient:
         return self.request("POST", path, **kw).json()
 
     @contextmanager
-    def stream(self, path: str, **kw: Any) -> Iterator[httpx.Response]:
+    def stream(self, path: str, ok: tuple[int, ...] = (304,), **kw: Any) -> Iterator[httpx.Response]:
+        """GET `path` streamed; 304 (Not Modified) is an answer too, not an error."""
         try:
             with self._http.stream("GET", API + path, **kw) as r:
-                if not r.is_success:
+                if not (r.is_success or r.status_code in ok):
                     r.read()
                     raise CliError(_error_line(r))
                 yield r

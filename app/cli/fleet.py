@@ -111,6 +111,7 @@ def plan_create(
     bypass: Annotated[bool, typer.Option("--bypass/--no-bypass", help="deploy chips with faulty PEs bypassed")] = True,
     rates: Annotated[str | None, typer.Option(help="resilience-map fault rates, e.g. 0.01,0.03,0.06")] = None,
     epochs: Annotated[str | None, typer.Option(help="resilience-map retraining amounts, e.g. 0,1,2,4")] = None,
+    samples: Annotated[int | None, typer.Option(min=1, help="sampled fault maps per resilience-map cell")] = None,
     seed: int = 0,
     wait: Annotated[bool, typer.Option("--wait", help="follow the planning job, then show the plan")] = False,
     url: UrlOpt = None,
@@ -140,6 +141,8 @@ def plan_create(
         grid["rates"] = r
     if (e := _floats(epochs, "--epochs")) is not None:
         grid["epochs"] = [int(x) for x in e]
+    if samples is not None:
+        grid["samples"] = samples
     if grid:
         body["resilience"] = grid
     with client(url, api_key) as api:

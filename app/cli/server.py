@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,14 +90,28 @@ def serve(
     """Run the API (uvicorn)."""
     import uvicorn
 
-    uvicorn.run(
-        "app.main:app",
-        host=host,
-        port=port,
-        workers=workers or _settings().api_workers,
-        log_level=log_level,
-        access_log=not no_access_log,
-    )
+    settings = _settings()
+    workers = workers or settings.api_workers
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # /metrics merges the HTTP counters of every process through files in a fresh folder
+        folder = settings.var_dir / "prometheus-multiproc" / str(os.getpid())
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    else:
+        folder = None
+    try:
+        uvicorn.run(
+            "app.main:app",
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+            access_log=not no_access_log,
+        )
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _worker_argv(loglevel: str, concurrency: int | None, pool: str | None, hostname: str | None) -> list[str]:

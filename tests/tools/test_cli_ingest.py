@@ -5,34 +5,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.cli import stdf_writer as stdf
+from tests.tools import stdf_writer as stdf
+from tests.tools.conftest import faultfleet_argv, ff
 
 pytestmark = pytest.mark.integration
-
-
-def ff(service: Any, *args: str, key: str | None = None, url: str | None = None) -> subprocess.CompletedProcess[str]:
-    """`faultfleet ARGS` against `service`, the URL and key from the environment as a user would set them."""
-    env = dict(service.env, FAULTFLEET_URL=url or service.base_url, FAULTFLEET_API_KEY=key or service.admin_key)
-    return subprocess.run(
-        _argv(args),
-        env=env,
-        cwd=service.workdir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
-def _argv(args: tuple[str, ...]) -> list[str]:
-    return [sys.executable, "-m", "app.cli", *args]
 
 
 def _accelerator(service: Any, rows: int = 8, cols: int = 8) -> str:
@@ -207,6 +189,10 @@ def test_errors_are_one_line(embedded_service: Any, tmp_path: Path) -> None:
         assert "Traceback" not in res.stderr
     env = {k: v for k, v in svc.env.items() if k != "FAULTFLEET_API_KEY"}
     res = subprocess.run(
-        _argv(("jobs", "show", "x", "--url", svc.base_url)), env=env, capture_output=True, text=True, check=False
+        faultfleet_argv("jobs", "show", "x", "--url", svc.base_url),
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert res.returncode == 2 and "no API key" in res.stderr

@@ -1,0 +1,228 @@
+"""The dashboard in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
+sign in, fleet overview with wafer maps, chip page with its fault-map grid, plan page whose job
+progress moves while the plan executes, no console error, no request outside the app, no page
+over 2 MB (also at 10,000 chips), one screenshot per page under the test's tmp dir."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+MAX_PAGE_BYTES = 2 << 20
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        from tests.conftest import unavailable
+
+        unavailable(f"{CHROMIUM} / {CHROMEDRIVER} missing: apt-get install chromium chromium-driver (.ci/run does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,2200",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    driver.get("about:blank")
+    for kind in ("browser", "performance"):
+        driver.get_log(kind)  # the browser's own start page is not the app's business
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+class Checks:
+    """What every page must satisfy: no console error, every request to the app itself."""
+
+    def __init__(self, driver: Any, base_url: str, shots: Path) -> None:
+        self.driver, self.base_url, self.shots = driver, base_url, shots
+        shots.mkdir(exist_ok=True)
+
+    def clean(self) -> None:
+        errors = [e for e in self.driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+        outside = []
+        for entry in self.driver.get_log("performance"):
+            msg = json.loads(entry["message"])["message"]
+            if msg["method"] == "Network.requestWillBeSent":
+                url = msg["params"]["request"]["url"]
+                # only network schemes count: chrome:// and about: are the browser's own pages
+                if url.startswith(("http:", "https:", "ws:", "wss:", "ftp:")) and not url.startswith(self.base_url):
+                    outside.append(url)
+        assert not outside, outside
+
+    def open(self, path: str, shot: str) -> None:
+        self.driver.get(self.base_url + path)
+        self.wait_images()
+        self.driver.save_screenshot(str(self.shots / f"{shot}.png"))
+        self.clean()
+
+    def wait_images(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        for img in self.driver.find_elements("css selector", "img"):
+            self.driver.execute_script("arguments[0].scrollIntoView()", img)
+            while not self.driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img):
+                assert time.monotonic() < deadline, f"image {img.get_attribute('src')} did not render"
+                time.sleep(0.1)
+        self.driver.execute_script("window.scrollTo(0, 0)")
+
+
+def _page_bytes(base_url: str, key: str, path: str) -> int:
+    """The HTML of a page plus every image it shows, as a browser would fetch them."""
+    import re
+
+    with httpx.Client(base_url=base_url, cookies={"faultfleet_key": key}, timeout=120) as c:
+        r = c.get(path)
+        assert r.status_code == 200, (path, r.status_code)
+        total = len(r.content)
+        for src in re.findall(r'<img[^>]+src="([^"]+)"', r.text):
+            img = c.get(src.replace("&amp;", "&"))
+            assert img.status_code == 200 and img.content[:4] == b"\x89PNG", (src, img.status_code)
+            total += len(img.content)
+    return total
+
+
+def _sign_in(driver: Any, base_url: str, key: str) -> None:
+    driver.get(base_url + "/")  # not signed in: the login form
+    assert driver.current_url.endswith("/login")
+    driver.find_element("id", "key").send_keys("not-a-key")
+    driver.find_element("id", "signin").click()
+    assert "unknown or revoked key" in driver.find_element("id", "error").text
+    driver.get_log("browser")  # the 401 of that wrong try is expected
+    driver.find_element("id", "key").send_keys(key)
+    driver.find_element("id", "signin").click()
+    assert driver.current_url.rstrip("/") == base_url
+
+
+def test_dashboard_pages_and_live_plan_progress(browser: Any, trained_fleet: Any, tmp_path: Path) -> None:
+    svc = trained_fleet.service
+    base = svc.base_url
+    read_key = svc.create_key("read")
+    plan = trained_fleet.plan()
+    checks = Checks(browser, base, tmp_path / "screenshots")
+    _sign_in(browser, base, read_key)
+    checks.clean()
+
+    # the plan page, open while the plan executes: its job table moves without a reload
+    checks.open(f"/plans/{plan['id']}", "plan-before")
+    browser.execute_script("window.notReloaded = true")
+    with svc.client() as c:
+        job = c.post(f"/api/v1/plans/{plan['id']}/execute")
+        assert job.status_code == 202, job.text
+    seen: set[tuple[str, str]] = set()
+    deadline = time.monotonic() + 900
+    while browser.find_element("id", "plan-status").text != "executed":
+        assert time.monotonic() < deadline, "plan not executed in 900 s"
+        for row in browser.find_elements("css selector", "#jobs tr[data-job]"):
+            seen.add((row.get_attribute("data-job"), row.find_element("css selector", ".pct").text))
+        time.sleep(0.3)
+    assert browser.execute_script("return window.notReloaded === true"), "the page was reloaded"
+    per_job: dict[str, set[str]] = {}
+    for job_id, pct in seen:
+        per_job.setdefault(job_id, set()).add(pct)
+    assert job.json()["id"] in per_job, "the execute job never appeared in the page"
+    assert len(per_job[job.json()["id"]]) >= 2, f"the execute job's progress never moved: {per_job}"
+    assert len(per_job) > 2, "no group job appeared while the plan executed"
+    browser.refresh()
+    checks.wait_images()
+    browser.save_screenshot(str(checks.shots / "plan.png"))
+    checks.clean()
+    assert browser.find_element("id", "resilience").get_attribute("naturalWidth") != "0"
+    assert len(browser.find_elements("css selector", "#groups img.fused")) >= 1
+
+    # fleet overview: state counts and a rendered wafer map per wafer
+    checks.open("/", "overview")
+    maps = browser.find_elements("css selector", "img.wafermap")
+    assert maps and all(int(m.get_attribute("naturalWidth")) > 100 for m in maps)
+    assert int(browser.find_element("css selector", "#states").text.split()[-1]) >= 8
+
+    # a chip: its fault-map grid, state, accuracy and download link
+    executed = svc.client().get(f"/api/v1/plans/{plan['id']}").json()
+    served = [ch for ch in executed["chips"] if ch["status"] in ("verified", "needs_nothing")]
+    chip = sorted(served, key=lambda ch: ch["status"] != "verified")[0]  # a retrained one if there is one
+    checks.open(f"/chips/{quote(chip['chip_id'], safe='')}", "chip")
+    assert int(browser.find_element("id", "faultmap").get_attribute("naturalWidth")) > 100
+    assert browser.find_element("id", "accuracy").text not in ("", "-")
+    href = browser.find_element("id", "download").get_attribute("href")
+    with httpx.Client(cookies={"faultfleet_key": read_key}) as c:
+        model = c.get(href)
+    assert model.status_code == 200, model.text
+    assert model.headers["etag"].strip('"') == hashlib.sha256(model.content).hexdigest()
+    if chip["status"] == "verified":
+        assert model.headers["etag"].strip('"') in {g["model_sha256"] for g in executed["groups"]}
+
+    checks.open("/chips", "chips")
+    checks.open("/plans", "plans")
+    for path in ("/", "/chips", "/plans", f"/plans/{plan['id']}", f"/chips/{quote(chip['chip_id'], safe='')}"):
+        assert _page_bytes(base, read_key, path) < MAX_PAGE_BYTES, path
+
+
+def test_dashboard_at_ten_thousand_chips(embedded_service: Any, tmp_path: Path) -> None:
+    """10,000 chips (100 wafers of 100 dies): every page is paginated and stays under 2 MB."""
+    import uuid
+
+    svc = embedded_service
+    tag = uuid.uuid4().hex[:6]
+    accel = f"big-{tag}"
+    with svc.client(timeout=300) as c:
+        assert c.post("/api/v1/accelerators", json={"name": accel, "rows": 8, "cols": 8}).status_code == 201
+        lines = []
+        for w in range(100):
+            for d in range(100):
+                fault = {"row": d % 8, "col": w % 8, "site": "pe"}
+                lines.append(
+                    json.dumps(
+                        {
+                            "chip_id": f"{tag}-{w}-{d}",
+                            "accelerator": accel,
+                            "array": {"rows": 8, "cols": 8},
+                            "faults": [fault],
+                            "lot": f"BIG-{tag}",
+                            "wafer": w,
+                            "die_x": d % 10,
+                            "die_y": d // 10,
+                        }
+                    )  # fmt: skip
+                )
+        r = c.post(
+            "/api/v1/chips/bulk", content="\n".join(lines) + "\n", headers={"Content-Type": "application/x-ndjson"}
+        )
+        assert r.status_code == 200 and r.json()["created"] == 10_000, r.text[:300]
+    key = svc.create_key("read")
+    for path in ("/", f"/chips?lot=BIG-{tag}", f"/chips?lot=BIG-{tag}&page=100", "/?page=2"):
+        t0 = time.monotonic()
+        size = _page_bytes(svc.base_url, key, path)
+        assert size < MAX_PAGE_BYTES, (path, size)
+        assert time.monotonic() - t0 < 60, path
+    with httpx.Client(base_url=svc.base_url, cookies={"faultfleet_key": key}, timeout=60) as c:
+        page = c.get(f"/chips?lot=BIG-{tag}").text
+    assert page.count('<a href="/chips/') == 100 and "page 1 of 100" in page
