@@ -168,14 +168,10 @@ class _Forward(Collector):
         yield from self.registry.collect()
 
 
-router = APIRouter(tags=["health"])
+# Not in the OpenAPI document: an operator's endpoint (no key, like /healthz), not the API's.
+router = APIRouter(include_in_schema=False)
 
 
-@router.get(
-    "/metrics",
-    response_class=Response,
-    summary="Prometheus metrics: HTTP requests, jobs, queue depth, job durations, chips by state, epochs",
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
-)
+@router.get("/metrics", response_class=Response)
 async def metrics() -> Response:
     return Response(await run_in_threadpool(_render), media_type=CONTENT_TYPE_LATEST)

@@ -321,6 +321,9 @@ def demo(
             _say(f"faultfleet: embedded worker and API on {api_url}; their logs go to {log_path}")
             _wait_ready(api_url)
             run_demo(api_url, _admin_key(), cfg)
+        except KeyboardInterrupt as exc:
+            _say(f"faultfleet: stopping ({exc or 'SIGINT'}): the API and the worker go down with the demo")
+            raise
         finally:
             for proc in procs:
                 _stop(proc)
