@@ -112,6 +112,12 @@ def plan_create(
     rates: Annotated[str | None, typer.Option(help="resilience-map fault rates, e.g. 0.01,0.03,0.06")] = None,
     epochs: Annotated[str | None, typer.Option(help="resilience-map retraining amounts, e.g. 0,1,2,4")] = None,
     samples: Annotated[int | None, typer.Option(min=1, help="sampled fault maps per resilience-map cell")] = None,
+    resilience_map: Annotated[
+        str | None, typer.Option(help="measure the resilience map: on, off or auto (where it pays) [server default]")
+    ] = None,
+    robust_base: Annotated[
+        str | None, typer.Option(help="train a fault-robust base model: on, off or auto [server default]")
+    ] = None,
     seed: int = 0,
     wait: Annotated[bool, typer.Option("--wait", help="follow the planning job, then show the plan")] = False,
     url: UrlOpt = None,
@@ -143,6 +149,9 @@ def plan_create(
         grid["epochs"] = [int(x) for x in e]
     if samples is not None:
         grid["samples"] = samples
+    for name, value in (("resilience_map", resilience_map), ("robust_base", robust_base)):
+        if value is not None:
+            body[name] = value
     if grid:
         body["resilience"] = grid
     with client(url, api_key) as api:
