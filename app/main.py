@@ -42,6 +42,7 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(api_router, prefix=API_PREFIX)
+    dashboard.install(app)
     document_security_schemes(app)
     dashboard.install(app)
     logging.getLogger("faultfleet").setLevel(logging.INFO)

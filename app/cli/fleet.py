@@ -112,6 +112,12 @@ def plan_create(
     rates: Annotated[str | None, typer.Option(help="resilience-map fault rates, e.g. 0.01,0.03,0.06")] = None,
     epochs: Annotated[str | None, typer.Option(help="resilience-map retraining amounts, e.g. 0,1,2,4")] = None,
     samples: Annotated[int | None, typer.Option(min=1, help="sampled fault maps per resilience-map cell")] = None,
+    resilience_map: Annotated[
+        str | None, typer.Option(help="measure the resilience map: on, off or auto (where it pays) [server default]")
+    ] = None,
+    robust_base: Annotated[
+        str | None, typer.Option(help="train a fault-robust base model: on, off or auto [server default]")
+    ] = None,
     seed: int = 0,
     wait: Annotated[bool, typer.Option("--wait", help="follow the planning job, then show the plan")] = False,
     url: UrlOpt = None,
@@ -143,6 +149,9 @@ def plan_create(
         grid["epochs"] = [int(x) for x in e]
     if samples is not None:
         grid["samples"] = samples
+    for name, value in (("resilience_map", resilience_map), ("robust_base", robust_base)):
+        if value is not None:
+            body[name] = value
     if grid:
         body["resilience"] = grid
     with client(url, api_key) as api:
@@ -155,8 +164,21 @@ def plan_create(
                 print_json(accepted)
             return
         watch_job(api, job_id, quiet=as_json)
-        plan = api.get(f"/plans/{plan_id}")
+        plan = get_plan(api, plan_id)
     _show_plan(plan, as_json)
+
+
+def get_plan(api: ApiClient, plan_id: int) -> dict[str, Any]:
+    """GET /plans/{id} with every chip: its pages (`next_cursor`) gathered into one `chips` list."""
+    plan = api.get(f"/plans/{plan_id}", params={"limit": 1000})
+    chips = list(plan.get("chips") or [])
+    cursor = plan.get("next_cursor")
+    while cursor:
+        page = api.get(f"/plans/{plan_id}", params={"limit": 1000, "cursor": cursor})
+        chips += page.get("chips") or []
+        cursor = page.get("next_cursor")
+    plan["chips"], plan["next_cursor"] = chips, None
+    return dict(plan)
 
 
 def _show_plan(plan: dict[str, Any], as_json: bool) -> None:
@@ -215,6 +237,10 @@ def _show_plan(plan: dict[str, Any], as_json: bool) -> None:
             f"per-chip FAT ({s.get('per_chip_fat_amount')} epochs x each chip failing screening)",
             str(s.get("per_chip_fat_epochs")),
         )
+        if s.get("fap_t_epochs_at_least") is not None:
+            cost.add_row("FAP+T (bypass, then each failing chip alone), at least", str(s["fap_t_epochs_at_least"]))
+        if s.get("training_epochs_total") is not None:
+            cost.add_row("everything this plan trained (maps, robust base, groups)", str(s["training_epochs_total"]))
         out.print(cost)
 
 
@@ -222,7 +248,7 @@ def _show_plan(plan: dict[str, Any], as_json: bool) -> None:
 def plan_show(plan_id: int, url: UrlOpt = None, api_key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """A plan: its groups (members, epochs), chip outcomes, and cost against the per-chip alternatives."""
     with client(url, api_key) as api:
-        plan = api.get(f"/plans/{plan_id}")
+        plan = get_plan(api, plan_id)
     _show_plan(plan, as_json)
 
 
@@ -244,7 +270,7 @@ def plan_execute(
                 out.print(f"plan {plan_id}: execute job {job['id']} {job['state']}", markup=False)
             return
         watch_job(api, job["id"], quiet=as_json)
-        plan = api.get(f"/plans/{plan_id}")
+        plan = get_plan(api, plan_id)
     _show_plan(plan, as_json)
 
 

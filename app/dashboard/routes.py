@@ -264,15 +264,27 @@ def plan_list(
     return templates.TemplateResponse(request, "plans.html", ctx)
 
 
+def _plan_view(session: Session, plan_id: int) -> dict[str, Any]:
+    """The plan as the API shows it, with every chip state of its document (not one page)."""
+    plan = plansvc.get_plan(session, plan_id)
+    view = plansvc.plan_view(session, plan)
+    fields = ("chip_id", "status", "screening", "effective_rate", "amount", "group_id", "accuracy", "reason")
+    view["chips"] = [{k: st.get(k) for k in fields} for st in (plan.document or {}).get("chips", [])]
+    return dict(view)
+
+
 def _costs(view: dict[str, Any]) -> list[tuple[str, float]]:
     s = view.get("summary") or {}
     amounts = {ch["chip_id"]: ch.get("amount") or 0 for ch in view["chips"]}
     alone = sum(int(amounts.get(m["chip_id"]) or 0) for g in view["groups"] if g["round"] == 0 for m in g["members"])
-    return [
+    costs = [
         ("this plan (groups, replans)", float(s.get("retraining_epochs", s.get("planned_epochs")) or 0)),
         ("each chip alone, own amount", float(alone)),
         (f"per-chip FAT ({s.get('per_chip_fat_amount', '?')} epochs)", float(s.get("per_chip_fat_epochs") or 0)),
     ]
+    if s.get("fap_t_epochs_at_least") is not None:
+        costs.append(("FAP+T, at least", float(s["fap_t_epochs_at_least"])))
+    return costs
 
 
 @router.get("/plans/{plan_id}", response_class=HTMLResponse)
@@ -283,7 +295,7 @@ def plan_page(
     page: int = Query(1, ge=1, le=10**6),
     _v: Principal = Depends(viewer),
 ) -> Response:
-    view = plansvc.plan_view(session, plansvc.get_plan(session, plan_id))
+    view = _plan_view(session, plan_id)
     statuses: dict[str, int] = {}
     for ch in view["chips"]:
         statuses[ch["status"]] = statuses.get(ch["status"], 0) + 1
@@ -310,7 +322,7 @@ def plan_progress(plan_id: int, session: SessionDep, _v: Principal = Depends(vie
 def plan_resilience_png(plan_id: int, session: SessionDep, _v: Principal = Depends(viewer)) -> Response:
     from planner import AccuracyConstraint, ResilienceMap
 
-    view = plansvc.plan_view(session, plansvc.get_plan(session, plan_id))
+    view = _plan_view(session, plan_id)
     if view["resilience_map_id"] is None:
         raise ApiError(409, f"plan {plan_id} has no resilience map yet", [{"loc": ["path"], "msg": "not yet"}])
     rec = plansvc.get_resilience_map(session, view["resilience_map_id"])
@@ -323,7 +335,7 @@ def plan_resilience_png(plan_id: int, session: SessionDep, _v: Principal = Depen
 
 @router.get("/plans/{plan_id}/cost.png")
 def plan_cost_png(plan_id: int, session: SessionDep, _v: Principal = Depends(viewer)) -> Response:
-    view = plansvc.plan_view(session, plansvc.get_plan(session, plan_id))
+    view = _plan_view(session, plan_id)
     return _png(plots.cost_bars(_costs(view), f"plan {plan_id}: training epochs against per-chip alternatives"))
 
 

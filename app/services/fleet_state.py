@@ -33,8 +33,8 @@ CHIP_STATES = (
 
 
 def _assignment_state(status: str, source: str) -> str:
-    if status == "verified" and source == "late":
-        return "served_by_library"
+    if source == "late" and status in ("verified", "needs_nothing"):
+        return "served_by_library"  # a library model (a group's, or the base) took it, no retraining
     return status if status in CHIP_STATES else "waiting"
 
 

@@ -75,4 +75,5 @@ def trained_fleet(embedded_service: Any, tmp_path_factory: pytest.TempPathFactor
     res = ff(svc, "jobs", "watch", reg.json()["job"]["id"], "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["state"] == "succeeded", res.stderr
     grid = ["--rates", "0.05,0.1,0.2", "--epochs", "0,1,3", "--samples", "1"]
+    grid += ["--resilience-map", "on", "--robust-base", "off"]  # a map to draw; no extra training
     return TrainedFleet(svc, accel, model, [m["chip_id"] for m in maps], grid)
