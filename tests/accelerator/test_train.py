@@ -38,15 +38,17 @@ def test_fat_recovers_lenet5_on_mnist5k() -> None:
         array,
         fmap,
         data.subset(1200),
-        2,
-        lr=0.003,  # 0.01 over-shoots on this map (recovered 0.49 of 0.83 on one machine, 0.77 at 0.003)
+        3,
+        # 0.01 over-shoots on this map (recovered 0.49 of 0.83 on one machine, 0.77 at 0.003); 2 epochs
+        # recovered 0.705 of the 0.713 needed on an AVX2 machine (its float kernels round otherwise)
+        lr=0.003,
         batch_size=64,
         on_progress=lambda e, n, m: progress.append((e, n, m)),
     )
     recovered = A.evaluate(fat, array, fmap, test)
     # recovers most of the loss: at least 60% of the lost points, with a real margin
     assert recovered >= faulty + 0.6 * (clean - faulty), (clean, faulty, recovered)
-    assert [p[0] for p in progress] == [1, 2] and all(p[1] == 2 for p in progress)
+    assert [p[0] for p in progress] == [1, 2, 3] and all(p[1] == 3 for p in progress)
     assert {"loss", "train_acc", "fault_rate"} <= set(progress[-1][2])
 
 
