@@ -92,19 +92,7 @@ def per_chip_fat(
 ) -> dict[str, Any]:
     """The eFAT paper's baseline: a measured map; every chip failing on its own map alone for E epochs, one round."""
     t0 = time.perf_counter()
-    rmap = pl.build_resilience_map(
-        base,
-        em.array,
-        em.validation,
-        settings.map_rates,
-        settings.ladder,
-        settings.map_samples,
-        em.cfg,
-        baseline=thr.baseline_validation,
-        seed=settings.seed,
-    )
-    em.ledger.train("resilience_map", rmap.training_epochs)
-    em.ledger.evaluate("resilience_map", len(rmap.rates) * rmap.samples * len(rmap.epochs) * len(em.validation.x_test))
+    rmap = pl.measure_map(em, base, thr, settings)
     screening = {str(m.chip_id): em.screen(base, m, thr.decision, kind="screening") for m in maps}
     plan = plan_fleet(maps, screening, rmap, constraint, max_group_size=1, seed=settings.seed)
     E = plan.per_chip_fat_amount

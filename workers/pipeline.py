@@ -947,6 +947,26 @@ def plan_batch(
     return PlannedBatch(plan, lib, group_base, thr, decisions)
 
 
+def measure_map(em: Emulation, model: nn.Module, thr: Thresholds, settings: FleetSettings) -> ResilienceMap:
+    """`settings`' resilience map of `model`, measured here on the validation split and
+    charged to `em.ledger` (its cells' epochs and evaluations)."""
+    rmap = build_resilience_map(
+        model,
+        em.array,
+        em.validation,
+        settings.map_rates,
+        settings.ladder,
+        settings.map_samples,
+        em.cfg,
+        baseline=thr.baseline_validation,
+        seed=settings.seed,
+    )
+    em.ledger.train("resilience_map", rmap.training_epochs)
+    cells = len(rmap.rates) * rmap.samples * len(rmap.epochs)
+    em.ledger.evaluate("resilience_map", cells * len(em.validation.x_test))
+    return rmap
+
+
 def _map_builder(em: Emulation, settings: FleetSettings) -> MapBuilder:
     """A measured map and per-class severity in this process, charged to `em.ledger`."""
 
@@ -959,21 +979,7 @@ def _map_builder(em: Emulation, settings: FleetSettings) -> MapBuilder:
             samples=settings.severity_samples,
             seed=settings.seed,
         )
-        rmap = build_resilience_map(
-            model,
-            em.array,
-            em.validation,
-            settings.map_rates,
-            settings.ladder,
-            settings.map_samples,
-            em.cfg,
-            baseline=thr.baseline_validation,
-            seed=settings.seed,
-        )
-        em.ledger.train("resilience_map", rmap.training_epochs)
-        em.ledger.evaluate(
-            "resilience_map", len(rmap.rates) * rmap.samples * len(rmap.epochs) * len(em.validation.x_test)
-        )
+        rmap = measure_map(em, model, thr, settings)
         return rmap, severity
 
     return build

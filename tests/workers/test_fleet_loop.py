@@ -158,3 +158,24 @@ def test_library_order_tries_bases_first_then_groups_that_share_faulty_pes() -> 
     order = [lm.key for lm in pl.library_order([base, near, far, both], chip, max_groups=2)]
     assert order == ["base", "g-both", "g-near"]
     assert [lm.key for lm in pl.library_order([base, near], chip, max_groups=0)] == ["base"]
+
+
+def test_a_measured_map_is_charged_and_planned_on(setup: tuple[Any, Any]) -> None:
+    model, data = setup
+    settings = pl.FleetSettings(
+        max_group_size=4,
+        robust_base="off",
+        resilience_map="on",
+        ladder=(0, 1),
+        map_rates=(0.05,),
+        map_samples=1,
+        severity_samples=1,
+    )
+    out = pl.run_fleet(emulation(data), model, fleet(6, 7), CONSTRAINT, settings)
+    rmap = out.plan.resilience_map
+    assert out.decisions["resilience_map"] == "measured" and not rmap.is_ladder
+    assert rmap.rates == (0.05,) and rmap.epochs == (0, 1)
+    # one sampled map retrained 1 epoch, evaluated after 0 and 1 epochs; severity evaluations too
+    assert out.ledger.epochs["resilience_map"] == rmap.training_epochs == 1
+    assert out.ledger.samples["resilience_map"] == 2 * len(emulation(data).validation.x_test)
+    assert out.ledger.samples["severity"] > 0
