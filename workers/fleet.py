@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from safetensors.torch import load as safetensors_load
 from sqlalchemy import Engine, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 from torch import nn
 
@@ -931,15 +933,13 @@ def execute_plan(ctx: JobContext) -> dict[str, Any]:
 
 
 def upsert_assignment(session: Session, chip_pk: int, model_id: int, **values: Any) -> None:
-    a = session.scalars(
-        select(ChipAssignment).where(ChipAssignment.chip_pk == chip_pk, ChipAssignment.base_model_id == model_id)
-    ).first()
-    if a is None:
-        a = ChipAssignment(chip_pk=chip_pk, base_model_id=model_id)
-        session.add(a)
-    for k, v in values.items():
-        setattr(a, k, v)
-    a.updated_at = utcnow()
+    """The chip's assignment for a base model, inserted or updated in one statement (INSERT ...
+    ON CONFLICT), so two jobs assigning one chip at once cannot both insert."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    values = {**values, "updated_at": utcnow()}
+    stmt = insert(ChipAssignment).values(chip_pk=chip_pk, base_model_id=model_id, **values)
+    session.execute(stmt.on_conflict_do_update(index_elements=["chip_pk", "base_model_id"], set_=values))
 
 
 def assign_plan_chips(engine: Engine, em: pipeline.Emulation, plan: PlanInfo, doc: Plan) -> None:
