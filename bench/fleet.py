@@ -51,6 +51,7 @@ import torch  # noqa: E402
 import accelerator as acc  # noqa: E402
 from accelerator.faults import ArrayConfig, FaultMap  # noqa: E402
 from planner import AccuracyConstraint, FleetSpec, generate_fleet, plan_fleet, read_ndjson, write_ndjson  # noqa: E402
+from planner.constraint import meets  # noqa: E402
 from planner.synthetic_fleet import FaultMix, parse_site_weights  # noqa: E402
 from workers import pipeline as pl  # noqa: E402
 
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         passing = [
             (a, -(len(acc.bypassed_pes(m, p)) if p else 0), -i, p)
             for i, (p, a) in enumerate(scores.items())
-            if a >= thr.decision - 1e-12
+            if meets(a, thr.decision)
         ]
         full_fits[str(m.chip_id)] = max(passing)[3] if passing else "fails"
     full_s = time.perf_counter() - t1

@@ -52,6 +52,7 @@ from planner import (
     plan_fleet,
     replan,
 )
+from planner.constraint import meets
 from planner.economics import resilience_map_pays, robust_base_pays
 from planner.plan import NEEDS_NOTHING, UNRECOVERABLE, VERIFIED
 
@@ -360,7 +361,7 @@ class Thresholds:
     verification: float  # on the test split
 
     def met(self, test_accuracy: float | None) -> bool:
-        return test_accuracy is not None and test_accuracy >= self.verification - 1e-12
+        return test_accuracy is not None and meets(test_accuracy, self.verification)
 
 
 # --- the model library -----------------------------------------------------------------
@@ -433,7 +434,7 @@ def best_deployment(
         bar = floor if best is None else max(floor, best[0])
         a = em.screen(lm.model, lm.deployed(m), bar, protect=lm.protect, kind=kind)
         scores[policy] = a
-        if a >= floor - 1e-12:
+        if meets(a, floor):
             rank = (a, -(len(acc.bypassed_pes(fm, policy)) if policy else 0), -i, policy)
             if best is None or rank[:3] > best[:3]:
                 best = rank
@@ -901,7 +902,7 @@ def plan_batch(
             robust = train_robust(base, maps)
         fault_free = em.validate(robust, None, kind="robust_screening")
         decisions["robust_base"] = {"trained": True, "fault_free_validation_accuracy": round(fault_free, 4)}
-        if fault_free >= thr.decision - 1e-12:  # never a model that misses on a fault-free chip
+        if meets(fault_free, thr.decision):  # never a model that misses on a fault-free chip
             lm = LibraryModel("robust", robust)
             lib.insert(1, lm)
             group_base = "robust"
