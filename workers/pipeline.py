@@ -1023,6 +1023,8 @@ def run_fleet(
         em, base, maps, constraint, settings, library=library, thresholds=thresholds, screens=screens, on_progress=say
     )
     lib, gb = batch.library, batch.model(batch.group_base)
+    # this batch's group models join the library under a tag of their own ("batch2:r0-g000001")
+    tag = f"batch{1 + len({lm.key.split(':')[0] for lm in lib if ':' in lm.key})}"
     models: dict[str, nn.Module] = {}
     protection: dict[str, dict[str, Any]] = {}
     rounds = 0
@@ -1043,7 +1045,7 @@ def run_fleet(
         nonlocal rounds
         rounds += 1
         if settings.library:
-            lib.extend(library_additions(p, results))
+            lib.extend(library_additions(p, results, tag))
         summary = p.summary()
         say(
             f"round {rounds}: {len(results)} groups, {summary['verified']} verified, "
@@ -1057,8 +1059,9 @@ def run_fleet(
     )
 
 
-def library_additions(plan: Plan, results: Mapping[str, GroupResult]) -> list[LibraryModel]:
-    """The round's group models that serve a verified member: what later chips may run."""
+def library_additions(plan: Plan, results: Mapping[str, GroupResult], tag: str) -> list[LibraryModel]:
+    """The round's group models that serve a verified member: what later chips may run, keyed
+    `<tag>:<group id>` (every batch's plan numbers its groups from r0-g000000 again)."""
     by_gid = {g.group_id: g for g in plan.groups}
     out = []
     for gid, r in results.items():
@@ -1066,5 +1069,5 @@ def library_additions(plan: Plan, results: Mapping[str, GroupResult]) -> list[Li
         if r.model is not None and any(
             plan.chips[c].status == VERIFIED and plan.chips[c].group_id == gid for c in g.members
         ):
-            out.append(LibraryModel(gid, r.model, g.fused, r.protect))
+            out.append(LibraryModel(f"{tag}:{gid}", r.model, g.fused, r.protect))
     return out

@@ -466,7 +466,7 @@ def test_the_service_and_the_bench_run_one_loop(embedded_service: Any) -> None:
     assert {k: v[:2] for k, v in groups_here.items()} == groups_there
     states_there = {ch["chip_id"]: ch["status"] for ch in doc["chips"]}
     assert {c: st.status for c, st in here.plan.chips.items()} == states_there
-    models_here = {lm.key: lm.model for lm in here.library if lm.fused is not None}
+    models_here = {lm.key.split(":", 1)[1]: lm.model for lm in here.library if lm.fused is not None}
     compared = 0
     for g in doc["groups"]:
         if g["key"] in models_here:  # a group model in the library: the same weights, trained here and there

@@ -89,11 +89,11 @@ def test_faultfleet_groups_verify_on_the_group_deployment_and_reproduce(setup: t
     by_id = {g.group_id: g for g in plan.groups}
     # the library holds the base and every group model that serves a verified member
     keys = {lm.key for lm in out.library}
-    assert "base" in keys and {plan.chips[c].group_id for c in verified} <= keys
+    assert "base" in keys and {f"batch1:{plan.chips[c].group_id}" for c in verified} <= keys
     # a verified chip's accuracies reproduce: its group's model from the library, on the group's deployment
     cid = verified[0]
     g = by_id[str(plan.chips[cid].group_id)]
-    lm = next(m for m in out.library if m.key == g.group_id)
+    lm = next(m for m in out.library if m.key == f"batch1:{g.group_id}")
     deployed = pl.group_deployment(plan.maps[cid], g.fused)
     assert acc.evaluate(lm.model, ARRAY, deployed, em.validation, protect=lm.protect) == pytest.approx(
         plan.chips[cid].accuracy
@@ -132,6 +132,8 @@ def test_the_library_serves_a_later_batch_only_with_models_that_meet_the_constra
     out = pl.run_fleet(em, model, later, CONSTRAINT, SETTINGS, library=first.library)
     thr = out.thresholds
     by_key = {lm.key: lm for lm in out.library}
+    assert len(by_key) == len(out.library), "library keys must be unique across batches"
+    assert any(k.startswith("batch1:") for k in by_key) and any(k.startswith("batch2:") for k in by_key)
     served = [c for c, st in out.plan.chips.items() if st.status == NEEDS_NOTHING]
     assert served
     own = {str(m.chip_id): m for m in later}
