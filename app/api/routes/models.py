@@ -206,13 +206,7 @@ def _create(
             accelerator=body.accelerator,
             config=config,
         )
-        job = jobsvc.create_job(
-            session, "register_model", {"model_id": bm.id}, subject=f"model:{bm.id}", created_by=principal.key_prefix
-        )
-        session.commit()
-        jobsvc.enqueue(job.id, get_celery(), settings)
-        session.refresh(bm)
-        return {"model": svc.model_view(bm), "job": jobsvc.job_view(job)}
+        return _queue_registration(session, settings, principal, bm)
 
 
 @router.post(
@@ -224,7 +218,12 @@ def _create(
 def retry_model(
     model: str, session: SessionDep, settings: SettingsDep, principal: Principal = Depends(require("plan"))
 ) -> Any:
-    bm = svc.retry_model(session, model)
+    require_broker()  # as every submission: 503 before anything is written while the broker is down
+    return _queue_registration(session, settings, principal, svc.retry_model(session, model))
+
+
+def _queue_registration(session: Any, settings: Any, principal: Principal, bm: Any) -> dict[str, Any]:
+    """Commit a registration job for `bm`, publish it, and answer as `POST /models` does (202)."""
     job = jobsvc.create_job(
         session, "register_model", {"model_id": bm.id}, subject=f"model:{bm.id}", created_by=principal.key_prefix
     )
