@@ -112,15 +112,21 @@ def _page_bytes(base_url: str, key: str, path: str) -> int:
 
 
 def _sign_in(driver: Any, base_url: str, key: str) -> None:
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
     driver.get(base_url + "/")  # not signed in: the login form
     assert driver.current_url.endswith("/login")
     driver.find_element("id", "key").send_keys("not-a-key")
     driver.find_element("id", "signin").click()
-    assert "unknown or revoked key" in driver.find_element("id", "error").text
+    # click() may return before the form's response is loaded (seen in CI under load): wait for it
+    wait = WebDriverWait(driver, 60)
+    error = wait.until(expected_conditions.presence_of_element_located(("id", "error")))
+    assert "unknown or revoked key" in error.text
     driver.get_log("browser")  # the 401 of that wrong try is expected
     driver.find_element("id", "key").send_keys(key)
     driver.find_element("id", "signin").click()
-    assert driver.current_url.rstrip("/") == base_url
+    wait.until(lambda d: d.current_url.rstrip("/") == base_url)
 
 
 def test_dashboard_pages_and_live_plan_progress(browser: Any, trained_fleet: Any, tmp_path: Path) -> None:
