@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-group-size", type=int, default=5)
     ap.add_argument("--robust-base", default="auto", choices=("auto", "on", "off"))
     ap.add_argument("--resilience-map", default="auto", choices=("auto", "on", "off"))
+    ap.add_argument("--schedule", default="progressive_union", help="faultfleet's group injection schedule")
     ap.add_argument("--library", action=argparse.BooleanOptionalAction, default=True, help="faultfleet's library")
     ap.add_argument("--base-epochs", type=int, default=15)
     ap.add_argument("--lr", type=float, default=0.01, help="fault-aware retraining learning rate")
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         robust_base=args.robust_base,
         resilience_map=args.resilience_map,
         library=args.library,
+        schedule=args.schedule,
         seed=args.seed,
     )
     fap_t_settings = pl.FleetSettings.fap_t(seed=args.seed)

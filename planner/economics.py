@@ -16,6 +16,9 @@ ROBUST_FIX_FRACTION = 0.4
 GROUP_EPOCHS = 2.0
 # A measured map must cost at most this share of the retraining it informs.
 MAP_SHARE = 0.25
+# Retraining epochs a chip the robust base serves saves at least: the first rung of the
+# amount ladder, which a chip still failing would otherwise train alone or in a group.
+EPOCHS_SAVED_PER_SERVED_CHIP = 1.0
 
 
 def _count(name: str, value: int) -> int:
@@ -39,6 +42,15 @@ def robust_base_pays(n_failing: int, *, max_group_size: int, robust_epochs: int)
     than the grouped retraining it saves (`ROBUST_FIX_FRACTION` of `n_failing` chips)."""
     saving = ROBUST_FIX_FRACTION * predicted_group_epochs(n_failing, max_group_size)
     return saving > _count("robust_epochs", robust_epochs)
+
+
+def robust_rung_pays(served_by_last_rung: int, still_failing: int, next_rung_epochs: int) -> bool:
+    """Whether continuing the robust base's training for `next_rung_epochs` more epochs is
+    predicted to pay, from what its last rung measured: the next rung is predicted to serve
+    no more chips than the last one added (returns diminish) and no more than are still
+    failing, each saving `EPOCHS_SAVED_PER_SERVED_CHIP`."""
+    gain = min(_count("served_by_last_rung", served_by_last_rung), _count("still_failing", still_failing))
+    return gain * EPOCHS_SAVED_PER_SERVED_CHIP >= _count("next_rung_epochs", next_rung_epochs) > 0
 
 
 def resilience_map_pays(n_failing: int, *, max_group_size: int, map_epochs: int) -> bool:

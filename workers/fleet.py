@@ -569,26 +569,29 @@ def group_library_key(plan_id: int, group_key: str) -> str:
 def robust_trainer(
     ctx: JobContext, dep: Deployed, em: pipeline.Emulation, settings: pipeline.FleetSettings, plan_id: int
 ) -> pipeline.RobustTrainer:
-    """Train the robust base in this job, checkpointed every epoch through the artifact
-    store's scratch directory, and store it (weights) for the library."""
+    """Train the robust base in this job, rung by rung (`pipeline.grow_robust_base`), each
+    rung checkpointed every epoch through the artifact store's scratch directory of this
+    plan, so a job taken over resumes at its last finished epoch."""
+    total = settings.robust_ladder[-1]
 
-    def train(base: nn.Module, maps: Sequence[FaultMap]) -> nn.Module:
-        ckpt = checkpoint_dir(ctx.settings, f"robust-{dep.info.id}") / "robust.pt"
+    def train(model: nn.Module, maps: Sequence[FaultMap], start: int, epochs: int) -> nn.Module:
+        ckpt = checkpoint_dir(ctx.settings, f"robust-plan{plan_id}") / f"robust-{start:04d}.pt"
 
-        def on_epoch(e: int, n: int, m: dict[str, float]) -> None:
-            ctx.report(0.3 + 0.2 * e / n, f"robust base: epoch {e}/{n}, loss {m.get('loss', float('nan')):.4f}")
+        def on_epoch(e: int, _n: int, m: dict[str, float]) -> None:
+            done = start + e
+            ctx.report(0.3 + 0.2 * done / total, f"robust base: epoch {done}, loss {m.get('loss', float('nan')):.4f}")
 
-        robust = pipeline.train_robust_base(
+        return pipeline.train_robust_base(
             em,
-            base,
+            model,
             maps,
-            epochs=settings.robust_epochs,
+            epochs=epochs,
             lr=settings.robust_lr,
             seed=settings.seed,
+            start=start,
             checkpoint=ckpt,
             on_progress=on_epoch,
         )
-        return robust
 
     return train
 
@@ -652,7 +655,8 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
             )
             s.commit()
             art_id = art.id
-        add_to_library(ctx.engine, dep.info.id, "robust", "robust", art_id, training_epochs=settings.robust_epochs)
+        epochs = int(batch.decisions["robust_base"]["epochs"])
+        add_to_library(ctx.engine, dep.info.id, "robust", "robust", art_id, training_epochs=epochs)
     doc = batch.plan
     with Session(ctx.engine, expire_on_commit=False) as s:
         row = s.get(PlanRecord, plan.id)

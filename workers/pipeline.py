@@ -53,7 +53,7 @@ from planner import (
     replan,
 )
 from planner.constraint import meets
-from planner.economics import resilience_map_pays, robust_base_pays
+from planner.economics import resilience_map_pays, robust_base_pays, robust_rung_pays
 from planner.plan import NEEDS_NOTHING, UNRECOVERABLE, VERIFIED
 
 Progress = Callable[[str], None]
@@ -518,19 +518,27 @@ def train_robust_base(
     lr: float,
     policy: str = "shadowed",
     seed: int = 0,
+    start: int = 0,
     checkpoint: Path | None = None,
     on_progress: EpochProgress | None = None,
 ) -> nn.Module:
-    """`base` fault-aware trained on fault maps drawn per step from `maps` (the fleet's own),
-    each deployed with `policy`'s bypass where the array supports it, so that what it
-    learns is the prunings chips run with (random fault injection, Zahid et al. 2020;
-    random bit errors, Stutz et al. 2021). Charged to the ledger as "robust_base"."""
+    """`base` fault-aware trained `epochs` epochs on fault maps drawn per step from `maps`
+    (the fleet's own), each deployed with `policy`'s bypass where the array supports it, so
+    that what it learns is the prunings chips run with (random fault injection, Zahid et al.
+    2020; random bit errors, Stutz et al. 2021). Charged to the ledger as "robust_base".
+
+    `start`: epochs `base` has already had of this training (a continued run: the draws and
+    seeds go on from there, so 3 epochs then 3 more draw what 6 at once would)."""
     if not maps:
         raise ValueError("train_robust_base: no fault maps to draw from")
-    pool = [acc.bypass_faulty_pes(m, policy) if m.array.bypass else m for m in maps]
+    if start < 0 or epochs < 1:
+        raise ValueError(f"train_robust_base: need start >= 0 and epochs >= 1 (got {start}, {epochs})")
+    # in chip-id order, so that the draws do not depend on the order the chips were posted in
+    ordered = sorted(maps, key=lambda m: str(m.chip_id))
+    pool = [acc.bypass_faulty_pes(m, policy) if m.array.bypass else m for m in ordered]
 
     def draw(epoch: int, step: int) -> FaultMap:
-        return pool[int(np.random.default_rng([seed, epoch, step]).integers(len(pool)))]
+        return pool[int(np.random.default_rng([seed, start + epoch, step]).integers(len(pool)))]
 
     model = acc.fault_aware_train(
         base,
@@ -540,7 +548,7 @@ def train_robust_base(
         epochs,
         lr=lr,
         batch_size=em.cfg.batch_size,
-        seed=seed,
+        seed=seed + start,
         checkpoint=checkpoint,
         on_progress=on_progress,
         device=em.cfg.device,
@@ -735,7 +743,8 @@ class FleetSettings:
     - `max_group_size`: chips sharing one retraining (1: every chip alone).
     - `bypass`: chips may run with faulty PEs bypassed (on arrays that support it).
     - `robust_base`: "auto" (trained when `planner.economics.robust_base_pays`), "on", "off":
-      a fault-robust base model trained `robust_epochs` at `robust_lr` on the fleet's maps.
+      a fault-robust base model trained at `robust_lr` on the fleet's maps, screened at each
+      rung of `robust_ladder` (epochs in all) and continued while `robust_rung_pays`.
     - `resilience_map`: "auto" (`planner.economics.resilience_map_pays`), "on", "off": a
       measured eFAT map over `map_rates` x `ladder` with `map_samples` maps a rate, or
       (off) the ladder alone, which verification climbs (`ResilienceMap.ladder`).
@@ -745,7 +754,7 @@ class FleetSettings:
     max_group_size: int = 5
     bypass: bool = True
     robust_base: str = "auto"
-    robust_epochs: int = 3
+    robust_ladder: tuple[int, ...] = (3, 6, 10)
     robust_lr: float = 0.002
     resilience_map: str = "auto"
     ladder: tuple[int, ...] = (0, 1, 2, 4, 8)
@@ -765,8 +774,11 @@ class FleetSettings:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not one of auto, on, off")
         if self.max_group_size < 1:
             raise ValueError(f"max_group_size: {self.max_group_size} must be >= 1")
-        if self.robust_epochs < 1 or not self.robust_lr > 0:
-            raise ValueError("robust_epochs must be >= 1 and robust_lr > 0")
+        rungs = self.robust_ladder
+        if not rungs or rungs[0] < 1 or list(rungs) != sorted(set(rungs)) or not self.robust_lr > 0:
+            raise ValueError(
+                f"robust_ladder {rungs!r} must be increasing epochs >= 1, and robust_lr {self.robust_lr!r} > 0"
+            )
 
     @classmethod
     def fap_t(cls, **overrides: Any) -> FleetSettings:
@@ -838,8 +850,79 @@ class PlannedBatch:
         return next(lm for lm in self.library if lm.key == key)
 
 
-RobustTrainer = Callable[[nn.Module, Sequence[FaultMap]], nn.Module]
+# (model so far, the fleet's maps, epochs it has had, epochs to add) -> the model continued
+RobustTrainer = Callable[[nn.Module, Sequence[FaultMap], int, int], nn.Module]
 MapBuilder = Callable[[nn.Module, Thresholds], tuple[ResilienceMap, SiteSeverity]]
+
+
+@dataclass
+class RobustRung:
+    """The robust base after `epochs` epochs in all, and its screening of the chips the
+    base model failed (`screens`, by chip id)."""
+
+    epochs: int
+    model: nn.Module
+    screens: dict[str, Screen]
+
+    @property
+    def served(self) -> int:
+        return sum(1 for sc in self.screens.values() if sc.fit is not None)
+
+
+def _robust_trainer(em: Emulation, settings: FleetSettings) -> RobustTrainer:
+    def train(model: nn.Module, maps: Sequence[FaultMap], start: int, epochs: int) -> nn.Module:
+        return train_robust_base(em, model, maps, epochs=epochs, lr=settings.robust_lr, seed=settings.seed, start=start)
+
+    return train
+
+
+def grow_robust_base(
+    em: Emulation,
+    base: nn.Module,
+    maps: Sequence[FaultMap],
+    failing: Sequence[FaultMap],
+    thr: Thresholds,
+    settings: FleetSettings,
+    train: RobustTrainer,
+    say: Progress,
+) -> tuple[RobustRung | None, dict[str, Any]]:
+    """The robust base trained up `settings.robust_ladder`: after each rung, the chips of
+    `failing` (those no library model served) are screened against it, and training goes on
+    to the next rung only while `planner.economics.robust_rung_pays` on what this rung added.
+
+    A rung whose model misses the constraint on a fault-free chip serves nothing. Returns
+    the rung that served the most chips (None: none served any) and the decision record;
+    every rung trained is charged (by `train`) whether or not it is kept."""
+    rungs: list[dict[str, Any]] = []
+    best: RobustRung | None = None
+    model, done, last = base, 0, 0
+    ladder = settings.robust_ladder
+    for k, total in enumerate(ladder):
+        say(f"training the fault-robust base to {total} epochs on the fleet's maps")
+        model = train(model, maps, done, total - done)
+        done = total
+        fault_free = em.validate(model, None, kind="robust_screening")
+        screens: dict[str, Screen] = {}
+        if meets(fault_free, thr.decision):  # never a model that misses on a fault-free chip
+            screens = screen_fleet(
+                em, [LibraryModel("robust", model)], failing, thr.decision, bypass=settings.bypass, group_base="robust"
+            )
+        rung = RobustRung(total, model, screens)
+        rungs.append({"epochs": total, "served": rung.served, "fault_free_validation_accuracy": round(fault_free, 4)})
+        say(f"the robust base at {total} epochs serves {rung.served} of the {len(failing)} chips")
+        if rung.served > (best.served if best else 0):
+            best = rung
+        gained, last = max(0, rung.served - last), rung.served
+        if k + 1 == len(ladder) or not robust_rung_pays(gained, len(failing) - rung.served, ladder[k + 1] - total):
+            break
+    record = {
+        "trained": True,
+        "epochs": done,
+        "kept_epochs": best.epochs if best else None,
+        "served": best.served if best else 0,
+        "rungs": rungs,
+    }
+    return best, record
 
 
 def plan_batch(
@@ -886,33 +969,24 @@ def plan_batch(
     say(f"{len(maps) - len(failing)} of {len(maps)} chips served by the library; {len(failing)} to plan")
     decisions: dict[str, Any] = {"failing_after_library": len(failing)}
 
-    # the fault-robust base: trained once, only where it is predicted to pay
+    # the fault-robust base: trained once, only where it is predicted to pay, and continued
+    # rung by rung while what the last rung served says the next one pays
     wants_robust = settings.robust_base == "on" or (
         settings.robust_base == "auto"
-        and robust_base_pays(len(failing), max_group_size=settings.max_group_size, robust_epochs=settings.robust_epochs)
+        and robust_base_pays(
+            len(failing), max_group_size=settings.max_group_size, robust_epochs=settings.robust_ladder[0]
+        )
     )
     decisions["robust_base"] = {"trained": False, "in_library": group_base == "robust"}
     if group_base == "base" and failing and wants_robust and settings.library:
-        say(f"training a fault-robust base model ({settings.robust_epochs} epochs on the fleet's maps)")
-        if train_robust is None:
-            robust = train_robust_base(
-                em, base, maps, epochs=settings.robust_epochs, lr=settings.robust_lr, seed=settings.seed
-            )
-        else:
-            robust = train_robust(base, maps)
-        fault_free = em.validate(robust, None, kind="robust_screening")
-        decisions["robust_base"] = {"trained": True, "fault_free_validation_accuracy": round(fault_free, 4)}
-        if meets(fault_free, thr.decision):  # never a model that misses on a fault-free chip
-            lm = LibraryModel("robust", robust)
-            lib.insert(1, lm)
+        train = train_robust or _robust_trainer(em, settings)
+        rung, decisions["robust_base"] = grow_robust_base(
+            em, base, maps, [by_id[c] for c in failing], thr, settings, train, say
+        )
+        if rung is not None:
+            lib.insert(1, LibraryModel("robust", rung.model))
             group_base = "robust"
-            again = screen_fleet(
-                em, [lm], [by_id[c] for c in failing], thr.decision, bypass=settings.bypass, group_base="robust"
-            )
-            screens.update(again)  # chips the base serves keep it: the robust base only sees the others
-            served = sum(1 for sc in again.values() if sc.fit is not None)
-            decisions["robust_base"]["served"] = served
-            say(f"the robust base serves {served} of the {len(failing)} chips")
+            screens.update(rung.screens)  # chips the base serves keep it: the robust base only sees the others
             failing = [c for c in failing if screens[c].fit is None]
     gb = next(lm for lm in lib if lm.key == group_base)
 

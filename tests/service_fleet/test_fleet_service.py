@@ -407,13 +407,11 @@ def _write(path: Any, data: bytes) -> Any:
     return path
 
 
-def test_the_service_and_the_bench_run_one_loop(embedded_service: Any) -> None:
-    """The same fleet and base model through the service (jobs, fan-out, rows) and through
-    `workers.pipeline.run_fleet` in this process give the same plan and the same group models."""
-    from workers import pipeline as pl
+def _registered_mlp(service: Any, n_chips: int, seed: int) -> tuple[Any, Any, str, list[dict[str, Any]]]:
+    """A small mlp trained on digits, registered with the service as `loop-<tag>` on a new
+    accelerator whose `n_chips` chips are posted: (model, data, model name, maps)."""
     from workers.export import state_dict_bytes
 
-    service = embedded_service
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
     data = acc.load_dataset("digits")
@@ -423,8 +421,7 @@ def test_the_service_and_the_bench_run_one_loop(embedded_service: Any) -> None:
     weights = state_dict_bytes(model.state_dict())
     tag = uuid.uuid4().hex[:6]
     accel = f"loop-{tag}"
-    maps = _fleet(accel, 10, seed=11)
-    settings = {"max_group_size": 3, "resilience": {"rates": [0.05, 0.1], "epochs": [0, 1, 2], "samples": 1}}
+    maps = _fleet(accel, n_chips, seed=seed)
     with service.client() as c:
         _ok(
             c.post(
@@ -441,9 +438,21 @@ def test_the_service_and_the_bench_run_one_loop(embedded_service: Any) -> None:
         )
         job = service.wait_job(_ok(reg, 202)["job"]["id"], timeout=300)
         assert job["state"] == "succeeded", job
+    return model, data, f"loop-{tag}", maps
+
+
+def test_the_service_and_the_bench_run_one_loop(embedded_service: Any) -> None:
+    """The same fleet and base model through the service (jobs, fan-out, rows) and through
+    `workers.pipeline.run_fleet` in this process give the same plan and the same group models."""
+    from workers import pipeline as pl
+
+    service = embedded_service
+    torch = pytest.importorskip("torch")
+    model, data, name, maps = _registered_mlp(service, 10, seed=11)
+    settings = {"max_group_size": 3, "resilience": {"rates": [0.05, 0.1], "epochs": [0, 1, 2], "samples": 1}}
     plan_id = _plan(
         service,
-        {"model": f"loop-{tag}", "maps": maps, "grid": settings["resilience"]},
+        {"model": name, "maps": maps, "grid": settings["resilience"]},
         max_group_size=3,
         resilience_map="off",
         robust_base="off",
@@ -485,3 +494,43 @@ def acc_constraint(max_drop: float) -> Any:
     from planner import AccuracyConstraint
 
     return AccuracyConstraint.relative(max_drop)
+
+
+def test_the_service_grows_the_robust_base_as_the_loop_does(embedded_service: Any) -> None:
+    """A plan with `robust_base: on`: the plan job climbs the robust base's ladder as
+    `pipeline.plan_batch` does in this process (the same rungs, the same chips served),
+    charges every rung, and puts the kept model in the library."""
+    from workers import pipeline as pl
+
+    service = embedded_service
+    model, data, name, maps = _registered_mlp(service, 12, seed=13)
+    grid = {"rates": [0.05, 0.1], "epochs": [0, 1, 2], "samples": 1}
+    plan_id = _plan(
+        service,
+        {"model": name, "maps": maps, "grid": grid},
+        max_group_size=3,
+        resilience_map="off",
+        robust_base="on",
+    )
+    with service.client() as c:
+        summary = _ok(c.get(f"/api/v1/plans/{plan_id}"))["summary"]
+        library = _ok(c.get(f"/api/v1/models/{name}/library"))
+    there = summary["decisions"]["robust_base"]
+
+    array = ArrayConfig(ROWS, COLS)
+    em = pl.Emulation.of(array, data, pl.TrainConfig())
+    here = pl.plan_batch(
+        em,
+        model,
+        [FaultMap.from_dict(m, array=array) for m in maps],
+        acc_constraint(0.03),
+        pl.FleetSettings(max_group_size=3, robust_base="on", resilience_map="off", ladder=(0, 1, 2)),
+    ).decisions["robust_base"]
+    assert there["trained"] and there["rungs"], there
+    assert [(r["epochs"], r["served"]) for r in there["rungs"]] == [(r["epochs"], r["served"]) for r in here["rungs"]]
+    assert summary["ledger"]["epochs"]["robust_base"] == there["epochs"] == here["epochs"]
+    rows = {m["key"]: m for m in library["models"]}
+    if there["served"]:
+        assert rows["robust"]["training_epochs"] == there["epochs"]
+    else:
+        assert "robust" not in rows

@@ -115,7 +115,9 @@ def test_the_robust_base_never_takes_a_chip_the_base_served(setup: tuple[Any, An
     out = pl.run_fleet(
         emulation(data), model, maps, CONSTRAINT, pl.FleetSettings(robust_base="on", max_group_size=4, ladder=LADDER)
     )
-    assert out.decisions["robust_base"]["trained"] and out.ledger.epochs["robust_base"] == 3
+    rb = out.decisions["robust_base"]
+    assert rb["trained"] and out.ledger.epochs["robust_base"] == rb["epochs"]
+    assert rb["epochs"] in pl.FleetSettings().robust_ladder
     for cid, sc in base_only.items():
         st = out.plan.chips[cid]
         if sc.fit is not None:  # the base served it: it keeps the base, on the same deployment
@@ -181,3 +183,41 @@ def test_a_measured_map_is_charged_and_planned_on(setup: tuple[Any, Any]) -> Non
     assert out.ledger.epochs["resilience_map"] == rmap.training_epochs == 1
     assert out.ledger.samples["resilience_map"] == 2 * len(emulation(data).validation.x_test)
     assert out.ledger.samples["severity"] > 0
+
+
+def test_the_robust_base_climbs_its_ladder_only_while_a_rung_pays(setup: tuple[Any, Any]) -> None:
+    from planner.economics import robust_rung_pays
+
+    model, data = setup
+    maps = fleet(16, 7)
+    em = emulation(data)
+    thr = em.thresholds(model, CONSTRAINT)
+    screens = pl.screen_fleet(em, [pl.LibraryModel("base", model)], maps, thr.decision, bypass=True, group_base="base")
+    failing = [m for m in maps if screens[str(m.chip_id)].fit is None]
+    assert failing, "the fleet must have chips the base model fails"
+    settings = pl.FleetSettings(robust_ladder=(1, 2, 3), robust_lr=0.01)
+    before = em.ledger.epochs.get("robust_base", 0)
+    rung, record = pl.grow_robust_base(
+        em, model, maps, failing, thr, settings, pl._robust_trainer(em, settings), lambda _m: None
+    )
+    rungs = record["rungs"]
+    # every rung trained is charged, and training stopped at the first rung that did not pay
+    assert em.ledger.epochs["robust_base"] - before == record["epochs"] == rungs[-1]["epochs"]
+    served = [r["served"] for r in rungs]
+    for k in range(len(rungs) - 1):
+        gained = max(0, served[k] - (served[k - 1] if k else 0))
+        assert robust_rung_pays(gained, len(failing) - served[k], 1)
+    if len(rungs) < 3:
+        k = len(rungs) - 1
+        assert not robust_rung_pays(max(0, served[k] - (served[k - 1] if k else 0)), len(failing) - served[k], 1)
+    # the rung kept serves the most chips, and what it serves it serves on the validation split
+    if rung is None:
+        assert max(served) == 0
+    else:
+        assert rung.served == max(served) and rung.epochs == record["kept_epochs"]
+        for cid, sc in rung.screens.items():
+            if sc.fit is not None:
+                fm = next(m for m in failing if str(m.chip_id) == cid)
+                deployed = dict(pl.deployments(fm))[sc.fit.policy]
+                assert sc.fit.accuracy == pytest.approx(em.validate(rung.model, deployed, kind="check"))
+                assert sc.fit.accuracy >= thr.decision - 1e-9
