@@ -13,9 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-# Embedded default: SQLite + a serverless Celery broker, API and one worker.
+# Embedded default: SQLite + a serverless Celery broker, API and one worker. make passes only SIGTERM
+# on to its recipe; --exit-with-parent stops the service (and its worker) when make dies of SIGKILL too.
 run: install
-	$(BIN)/faultfleet run --demo
+	$(BIN)/faultfleet run --demo --exit-with-parent
 
 demo: install
 	$(BIN)/faultfleet demo

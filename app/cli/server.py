@@ -204,6 +204,26 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _exit_with_parent() -> None:
+    """This process gets SIGTERM when its parent ends (Linux's PR_SET_PDEATHSIG), at once if
+    that already happened; elsewhere a warning. make, killed by SIGHUP, SIGINT or SIGKILL sent to
+    it alone, exits without passing the signal on, and `run` would go on serving, orphaned."""
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        if not sys.platform.startswith("linux"):
+            raise OSError(f"not supported on {sys.platform}")
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGTERM) != 0:  # PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    except (OSError, AttributeError) as exc:
+        _say(f"faultfleet: --exit-with-parent: {exc}; stop this process yourself")
+        return
+    if os.getppid() != parent:  # the parent ended before the call: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _spawn(argv: list[str], log: IO[bytes] | None) -> subprocess.Popen[bytes]:
     """A child in its own session: the terminal's Ctrl-C and hang-up reach only this process,
     which stops the child itself (Celery would take SIGHUP as "restart")."""
@@ -357,6 +377,14 @@ def run(
     chips: ChipsOpt = 60,
     seed: SeedOpt = 7,
     out: OutOpt = None,
+    exit_with_parent: Annotated[
+        bool,
+        typer.Option(
+            "--exit-with-parent",
+            help="stop (as on SIGTERM) when the process that started this one ends, however it ends (Linux); "
+            "`make run` uses it: make passes only SIGTERM on to its recipe",
+        ),
+    ] = False,
 ) -> None:
     """Embedded quick start: migrate + one worker + the API; Ctrl-C (or SIGTERM, SIGHUP) stops both."""
     server = _api_server(host, port, verbose)
@@ -369,6 +397,8 @@ def run(
         server.should_exit = True
 
     previous = {s: signal.signal(s, on_stop) for s in STOP_SIGNALS}
+    if exit_with_parent:
+        _exit_with_parent()  # after the handlers: the SIGTERM it may send stops the service cleanly
     worker_proc: subprocess.Popen[bytes] | None = None
     log: IO[bytes] | None = None
     try:

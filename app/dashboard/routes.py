@@ -33,6 +33,7 @@ COOKIE = "faultfleet_key"
 WAFERS_PER_PAGE = 12
 CHIPS_PER_PAGE = 100
 GROUPS_PER_PAGE = 20
+PLANS_PER_PAGE = 50
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 templates.env.globals.update(
@@ -259,8 +260,8 @@ def plan_list(
     request: Request, session: SessionDep, page: int = Query(1, ge=1, le=10**6), _v: Principal = Depends(viewer)
 ) -> Response:
     total = int(session.scalar(select(func.count()).select_from(PlanRecord)) or 0)
-    plans = session.scalars(select(PlanRecord).order_by(PlanRecord.id.desc()).limit(50).offset((page - 1) * 50)).all()
-    ctx = {"plans": plans, "page": page, "pages": _pages(total, 50)}
+    q = select(PlanRecord).order_by(PlanRecord.id.desc()).limit(PLANS_PER_PAGE).offset((page - 1) * PLANS_PER_PAGE)
+    ctx = {"plans": session.scalars(q).all(), "page": page, "pages": _pages(total, PLANS_PER_PAGE)}
     return templates.TemplateResponse(request, "plans.html", ctx)
 
 
@@ -274,15 +275,30 @@ def _plan_view(session: Session, plan_id: int) -> dict[str, Any]:
 
 
 def _costs(view: dict[str, Any]) -> list[tuple[str, float]]:
+    """The plan's training epochs beside the per-chip alternatives, as (label, epochs) bars."""
     s = view.get("summary") or {}
-    amounts = {ch["chip_id"]: ch.get("amount") or 0 for ch in view["chips"]}
-    alone = sum(int(amounts.get(m["chip_id"]) or 0) for g in view["groups"] if g["round"] == 0 for m in g["members"])
-    costs = [
-        ("this plan (groups, replans)", float(s.get("retraining_epochs", s.get("planned_epochs")) or 0)),
-        ("each chip alone, own amount", float(alone)),
-        (f"per-chip FAT ({s.get('per_chip_fat_amount', '?')} epochs)", float(s.get("per_chip_fat_epochs") or 0)),
-    ]
-    if s.get("fap_t_epochs_at_least") is not None:
+    decided = (s.get("decisions") or {}).get("resilience_map")
+    ladder = decided == "ladder" or (decided is None and view.get("resilience_map_id") is None)
+    costs = [("this plan (groups, replans)", float(s.get("retraining_epochs", s.get("planned_epochs")) or 0))]
+    if ladder:
+        # no measured map, so no chip has an amount of its own: the ladder credits each the first
+        # rung, and FAP+T's bound (each failing chip alone on that rung) is the honest per-chip figure
+        costs.append(("each chip alone, at least", float(s.get("fap_t_epochs_at_least") or 0)))
+    else:
+        amounts = {ch["chip_id"]: ch.get("amount") for ch in view["chips"]}
+        alone = 0
+        for g in view["groups"]:
+            if g["round"] != 0:
+                continue
+            for m in g["members"]:
+                # a chip beyond the map has no amount of its own: the planner gives it per-chip FAT's, alone
+                own = amounts.get(m["chip_id"])
+                alone += int(own) if own is not None else int(s.get("per_chip_fat_amount") or g["epochs"])
+        costs.append(("each chip alone, own amount", float(alone)))
+    costs.append(
+        (f"per-chip FAT ({s.get('per_chip_fat_amount', '?')} epochs)", float(s.get("per_chip_fat_epochs") or 0))
+    )
+    if not ladder and s.get("fap_t_epochs_at_least") is not None:
         costs.append(("FAP+T, at least", float(s["fap_t_epochs_at_least"])))
     return costs
 
@@ -307,6 +323,7 @@ def plan_page(
         "page": page,
         "pages": _pages(len(view["groups"]), GROUPS_PER_PAGE),
         "costs": _costs(view),
+        "protected": sum(1 for g in view["groups"] if g["protect"]),
         "jobs": group_job_progress(session, plan_id),
     }
     return templates.TemplateResponse(request, "plan.html", ctx)
@@ -337,6 +354,74 @@ def plan_resilience_png(plan_id: int, session: SessionDep, _v: Principal = Depen
 def plan_cost_png(plan_id: int, session: SessionDep, _v: Principal = Depends(viewer)) -> Response:
     view = _plan_view(session, plan_id)
     return _png(plots.cost_bars(_costs(view), f"plan {plan_id}: training epochs against per-chip alternatives"))
+
+
+@router.get("/plans/{plan_id}/protection", response_class=HTMLResponse)
+def plan_protection(
+    plan_id: int,
+    request: Request,
+    session: SessionDep,
+    page: int = Query(1, ge=1, le=10**6),
+    _v: Principal = Depends(viewer),
+) -> Response:
+    plan = plansvc.get_plan(session, plan_id)
+    total, groups = plansvc.protected_groups(
+        session, plan_id, limit=GROUPS_PER_PAGE, offset=(page - 1) * GROUPS_PER_PAGE
+    )
+    ctx = {"plan": plan, "groups": groups, "total": total, "page": page, "pages": _pages(total, GROUPS_PER_PAGE)}
+    return templates.TemplateResponse(request, "protection.html", ctx)
+
+
+# --- resilience maps ------------------------------------------------------------------------------
+
+
+@router.get("/resilience-maps/{map_id}", response_class=HTMLResponse)
+def resilience_map_page(
+    map_id: int,
+    request: Request,
+    session: SessionDep,
+    plan: int | None = Query(None, ge=1, le=2**31 - 1, description="draw this plan's constraint"),
+    page: int = Query(1, ge=1, le=10**6),
+    _v: Principal = Depends(viewer),
+) -> Response:
+    from planner import ResilienceMap
+
+    rec = plansvc.get_resilience_map(session, map_id)
+    total, plans = plansvc.plans_using_map(session, map_id, limit=PLANS_PER_PAGE, offset=(page - 1) * PLANS_PER_PAGE)
+    if plan is None:  # the contour of the newest plan built on it
+        plan = next((p.id for p in plansvc.plans_using_map(session, map_id, limit=1)[1]), None)
+    rmap = ResilienceMap.from_dict(rec.document) if rec.document is not None else None
+    ctx = {
+        "rec": rec,
+        "rmap": rmap,
+        # what the worker recorded; else what the grid implies (one run of the largest amount per sampled map)
+        "cost": rec.training_epochs if rec.training_epochs is not None else (rmap.training_epochs if rmap else None),
+        "plans": plans,
+        "total": total,
+        "contour_plan": plan,
+        "page": page,
+        "pages": _pages(total, PLANS_PER_PAGE),
+    }
+    return templates.TemplateResponse(request, "resilience_map.html", ctx)
+
+
+@router.get("/resilience-maps/{map_id}/heatmap.png")
+def resilience_map_png(
+    map_id: int,
+    session: SessionDep,
+    plan: int | None = Query(None, ge=1, le=2**31 - 1),
+    _v: Principal = Depends(viewer),
+) -> Response:
+    from planner import AccuracyConstraint, ResilienceMap
+
+    rec = plansvc.get_resilience_map(session, map_id)
+    if rec.document is None:
+        raise ApiError(409, f"resilience map {rec.id} is {rec.status}", [{"loc": ["path"], "msg": rec.status}])
+    rmap = ResilienceMap.from_dict(rec.document)
+    threshold = None
+    if plan is not None:
+        threshold = AccuracyConstraint.from_dict(plansvc.get_plan(session, plan).constraint).threshold(rmap.baseline)
+    return _png(plots.resilience_map(rmap, threshold, [], f"map {rec.id}: worst accuracy"))
 
 
 @router.get("/groups/{group_id}/fused.png")

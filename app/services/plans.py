@@ -291,6 +291,46 @@ def resilience_map_view(rec: ResilienceMapRecord) -> dict[str, Any]:
     }
 
 
+def plans_using_map(session: Session, map_id: int, *, limit: int, offset: int = 0) -> tuple[int, list[PlanRecord]]:
+    """How many plans were built on resilience map `map_id`, and one page of them, newest first."""
+    where = PlanRecord.resilience_map_id == map_id
+    total = int(session.scalar(select(func.count()).select_from(PlanRecord).where(where)) or 0)
+    rows = session.scalars(select(PlanRecord).where(where).order_by(PlanRecord.id.desc()).limit(limit).offset(offset))
+    return total, list(rows)
+
+
+def protected_groups(
+    session: Session, plan_id: int, *, limit: int, offset: int = 0
+) -> tuple[int, list[dict[str, Any]]]:
+    """How many groups of the plan protect a layer (TMR), and one page of them as `group_view`s
+    with ``tmr_penalty``: the relative latency increase their retraining job measured (None
+    before the group is trained)."""
+    where = (GroupRecord.plan_id == plan_id, GroupRecord.protect.is_(True))
+    total = int(session.scalar(select(func.count()).select_from(GroupRecord).where(*where)) or 0)
+    groups = list(
+        session.scalars(select(GroupRecord).where(*where).order_by(GroupRecord.index).limit(limit).offset(offset))
+    )
+    pks = sorted({m.chip_pk for g in groups for m in g.members})
+    chip_ids = {
+        pk: cid
+        for part in chunks(pks)
+        for pk, cid in session.execute(select(Chip.id, Chip.chip_id).where(Chip.id.in_(part))).tuples()
+    }
+    # the penalty is in the result of the group's latest successful retraining job
+    penalty: dict[str, float] = {}
+    subjects = [f"group:{g.id}" for g in groups]
+    for part in chunks(subjects):
+        q = (
+            select(Job.subject, Job.result)
+            .where(Job.subject.in_(part), Job.kind == "retrain_group", Job.state == "succeeded")
+            .order_by(Job.created_at)
+        )
+        for subject, result in session.execute(q).tuples():
+            if subject is not None and (result or {}).get("tmr_penalty") is not None:
+                penalty[subject] = float(result["tmr_penalty"])
+    return total, [{**group_view(g, chip_ids), "tmr_penalty": penalty.get(f"group:{g.id}")} for g in groups]
+
+
 # --- downloads ------------------------------------------------------------------------------
 
 

@@ -117,6 +117,54 @@ def test_faultfleet_run_embedded_quick_start(tmp_path: Path, ff_tools: Any, sig:
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_make_run_stops_when_make_is_killed(tmp_path: Path, ff_tools: Any, sig: signal.Signals) -> None:
+    """`make run` and a signal to make alone (`kill PID`, not to its process group): the service and
+    its worker stop too. GNU make passes SIGTERM on to its recipe; after SIGKILL `faultfleet run`
+    went on serving, orphaned, until `--exit-with-parent`. (SIGHUP or SIGINT to make alone: make
+    passes neither on and waits for its recipe, so the service runs on under a live make; from a
+    terminal both reach the whole foreground process group, and `run` stops on each.)"""
+    import shutil
+    import subprocess
+    import sys
+
+    make = shutil.which("make")
+    if make is None:
+        from tests.conftest import unavailable
+
+        unavailable("make missing: apt-get install make")
+    root = Path(__file__).resolve().parents[2]
+    port = ff_tools.free_port()
+    env = ff_tools.base_env(FAULTFLEET_VAR_DIR=str(tmp_path / "var"), FAULTFLEET_PORT=str(port))
+    log = tmp_path / "make.log"
+    # this interpreter's environment for $(BIN); `-o install`: never (re)install from a test
+    argv = [make, "-C", str(root), "-o", "install", f"VENV={sys.prefix}", "run"]
+    with log.open("ab") as fh:
+        popen = subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = ff_tools.Proc(popen, log, "make")
+    tree: list[int] = []
+    try:
+        ff_tools.wait_ready(f"http://127.0.0.1:{port}", proc)
+        deadline = time.monotonic() + 20
+        while len(tree := _descendants(popen.pid)) < 3:  # faultfleet run, its worker, the worker's pool
+            assert time.monotonic() < deadline and proc.alive(), f"no worker under make run: {tree}\n{proc.log_tail()}"
+            time.sleep(0.1)
+        os.kill(popen.pid, sig)  # make alone: not its process group
+        deadline = time.monotonic() + 40  # the worker's warm shutdown may wait 15 s for the demo's job
+        while (alive := [p for p in tree if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive, f"still running {time.monotonic() - deadline + 40:.0f} s after {sig.name} to make: {alive}"
+        popen.wait(timeout=10)
+        assert "stopped (SIGTERM)" in proc.log_tail(), proc.log_tail()
+    finally:
+        for pid in [popen.pid, *tree]:  # by id: make's session holds nothing else of ours
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        popen.wait(timeout=10)
+
+
 def _descendants(pid: int) -> list[int]:
     parents: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():

@@ -164,6 +164,39 @@ def test_dashboard_pages_and_live_plan_progress(browser: Any, trained_fleet: Any
     checks.clean()
     assert browser.find_element("id", "resilience").get_attribute("naturalWidth") != "0"
     assert len(browser.find_elements("css selector", "#groups img.fused")) >= 1
+    executed = svc.client().get(f"/api/v1/plans/{plan['id']}").json()
+
+    # its resilience map's page, by the plan page's link: heat map, cost in cell epochs, the plans on it
+    map_id = executed["resilience_map_id"]
+    assert map_id is not None, "the fixture's plans measure a map (--resilience-map on)"
+    map_href = browser.find_element("id", "map-link").get_attribute("href")
+    assert map_href == f"{base}/resilience-maps/{map_id}?plan={plan['id']}"
+    checks.open(map_href.removeprefix(base), "resilience-map")
+    assert int(browser.find_element("id", "heatmap").get_attribute("naturalWidth")) > 100
+    rmap = svc.client().get(f"/api/v1/resilience-maps/{map_id}").json()
+    assert browser.find_element("id", "map-cost").text.startswith(f"{rmap['training_epochs']} cell epochs")
+    assert len(browser.find_elements("css selector", "#cells tr")) == 1 + len(rmap["map"]["epochs"])
+    assert browser.find_elements("css selector", f'#plans a[href="/plans/{plan["id"]}"]')
+
+    # its protection page, by the plan page's link: each protected group's layer, latency penalty, members
+    browser.back()
+    protection_href = browser.find_element("id", "protection-link").get_attribute("href")
+    assert protection_href == f"{base}/plans/{plan['id']}/protection"
+    checks.open(protection_href.removeprefix(base), "protection")
+    protected = [g for g in executed["groups"] if g["protect"]]
+    if protected:
+        rows = browser.find_elements("css selector", "#protected tr[data-group]")
+        assert {r.get_attribute("data-group") for r in rows} == {str(g["id"]) for g in protected[:20]}
+        by_id = {str(g["id"]): g for g in protected}
+        for row in rows:
+            g = by_id[row.get_attribute("data-group")]
+            if g["protect_layer"] is not None:  # trained: its layer and the latency its TMR costs
+                assert row.find_element("css selector", ".layer").text == g["protect_layer"]
+                assert row.find_element("css selector", ".penalty").text.startswith("+")
+            for m in g["members"]:
+                assert row.find_elements("css selector", f'a[href="/chips/{quote(m["chip_id"], safe="")}"]')
+    else:
+        assert "No group of plan" in browser.find_element("id", "no-protection").text
 
     # fleet overview: state counts and a rendered wafer map per wafer
     checks.open("/", "overview")
@@ -172,7 +205,6 @@ def test_dashboard_pages_and_live_plan_progress(browser: Any, trained_fleet: Any
     assert int(browser.find_element("css selector", "#states").text.split()[-1]) >= 8
 
     # a chip: its fault-map grid, state, accuracy and download link
-    executed = svc.client().get(f"/api/v1/plans/{plan['id']}").json()
     served = [ch for ch in executed["chips"] if ch["status"] in ("verified", "needs_nothing")]
     chip = sorted(served, key=lambda ch: ch["status"] != "verified")[0]  # a retrained one if there is one
     checks.open(f"/chips/{quote(chip['chip_id'], safe='')}", "chip")
@@ -188,8 +220,52 @@ def test_dashboard_pages_and_live_plan_progress(browser: Any, trained_fleet: Any
 
     checks.open("/chips", "chips")
     checks.open("/plans", "plans")
-    for path in ("/", "/chips", "/plans", f"/plans/{plan['id']}", f"/chips/{quote(chip['chip_id'], safe='')}"):
+    for path in (
+        "/",
+        "/chips",
+        "/plans",
+        f"/plans/{plan['id']}",
+        f"/chips/{quote(chip['chip_id'], safe='')}",
+        f"/resilience-maps/{map_id}",
+        f"/plans/{plan['id']}/protection",
+    ):
         assert _page_bytes(base, read_key, path) < MAX_PAGE_BYTES, path
+
+
+def _cost_rows(page: str) -> dict[str, int]:
+    import re
+
+    table = page[page.index('<table id="costs">') :]
+    table = table[: table.index("</table>")]
+    rows = re.findall(r'<tr><td>([^<]+)</td><td class="n">(\d+)</td></tr>', table)
+    return {label: int(v) for label, v in rows}
+
+
+def test_ladder_plan_cost_and_protection_pages(trained_fleet: Any) -> None:
+    """A plan with no measured map (the ladder): the per-chip bar shows FAP+T's lower bound, not 0;
+    the page says there is no map; its protection page says whether any group protects a layer."""
+    svc = trained_fleet.service
+    plan = trained_fleet.plan("--resilience-map", "off")
+    assert plan["resilience_map_id"] is None
+    s = plan["summary"]
+    assert s["decisions"]["resilience_map"] == "ladder" and s["fap_t_epochs_at_least"] > 0
+    key = svc.create_key("read")
+    with httpx.Client(base_url=svc.base_url, cookies={"faultfleet_key": key}, timeout=60) as c:
+        page = c.get(f"/plans/{plan['id']}")
+        assert page.status_code == 200, page.text
+        costs = _cost_rows(page.text)
+        assert costs["each chip alone, at least"] == s["fap_t_epochs_at_least"] > 0, costs
+        assert costs["this plan (groups, replans)"] == s["planned_epochs"]
+        assert 'id="no-map"' in page.text and 'id="alone-note"' in page.text
+        assert c.get(f"/plans/{plan['id']}/cost.png").content[:4] == b"\x89PNG"
+        protection = c.get(f"/plans/{plan['id']}/protection")
+        assert protection.status_code == 200, protection.text
+        protected = [g for g in plan["groups"] if g["protect"]]
+        if protected:
+            assert f"{len(protected)} protected group" in protection.text
+        else:  # round 0 of a ladder protects only chips beyond it
+            assert f"No group of plan {plan['id']} protects a layer" in protection.text
+        assert c.get("/resilience-maps/999999").status_code == 404
 
 
 def test_dashboard_at_ten_thousand_chips(embedded_service: Any, tmp_path: Path) -> None:

@@ -1,0 +1,57 @@
+"""The plan page's cost bars (`app.dashboard.routes._costs`): the per-chip figure is never 0 for a
+plan whose chips fail screening, whether its chips have amounts of their own (a measured map),
+none (beyond the map: planned alone at per-chip FAT's amount), or only the ladder's credit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.dashboard.routes import _costs
+
+
+def _view(summary: dict[str, Any], chips: list[dict[str, Any]], groups: list[dict[str, Any]], rmap: int | None) -> dict:
+    return {"summary": summary, "chips": chips, "groups": groups, "resilience_map_id": rmap}
+
+
+def _group(gid: int, members: list[str], epochs: int, round_: int = 0) -> dict[str, Any]:
+    return {"id": gid, "round": round_, "epochs": epochs, "members": [{"chip_id": m} for m in members]}
+
+
+def test_ladder_plan_shows_fap_t_lower_bound_per_chip() -> None:
+    summary = {
+        "retraining_epochs": 38,
+        "per_chip_fat_amount": 1,
+        "per_chip_fat_epochs": 8,
+        "fap_t_epochs_at_least": 8,
+        "decisions": {"resilience_map": "ladder"},
+    }
+    # a ladder's chips may carry no amount at all (placed beyond its single rate)
+    chips = [{"chip_id": f"c{i}", "amount": None} for i in range(8)]
+    groups = [_group(1, [f"c{i}" for i in range(4)], 1), _group(2, [f"c{i}" for i in range(4, 8)], 1)]
+    costs = dict(_costs(_view(summary, chips, groups, None)))
+    assert costs["each chip alone, at least"] == 8
+    assert "FAP+T, at least" not in costs  # the same figure: shown once
+    assert costs["this plan (groups, replans)"] == 38
+
+
+def test_map_plan_counts_chips_beyond_the_map_at_fat_amount() -> None:
+    summary = {
+        "retraining_epochs": 27,
+        "per_chip_fat_amount": 3,
+        "per_chip_fat_epochs": 27,
+        "fap_t_epochs_at_least": 9,
+        "decisions": {"resilience_map": "measured"},
+    }
+    chips = [{"chip_id": "a", "amount": 2}, {"chip_id": "b", "amount": 1}, {"chip_id": "x", "amount": None}]
+    groups = [_group(1, ["x"], 3), _group(2, ["a", "b"], 2), _group(3, ["a"], 3, round_=1)]
+    costs = dict(_costs(_view(summary, chips, groups, 4)))
+    assert costs["each chip alone, own amount"] == 2 + 1 + 3  # replans (round 1) are not counted
+    assert costs["FAP+T, at least"] == 9
+    assert costs["per-chip FAT (3 epochs)"] == 27
+
+
+def test_plan_summary_from_before_decisions_were_recorded() -> None:
+    """Old summaries have no `decisions`: a plan with no map id is a ladder plan."""
+    summary = {"planned_epochs": 4, "per_chip_fat_amount": 1, "per_chip_fat_epochs": 4, "fap_t_epochs_at_least": 4}
+    costs = dict(_costs(_view(summary, [{"chip_id": "a", "amount": 1}], [_group(1, ["a"], 1)], None)))
+    assert costs["each chip alone, at least"] == 4 and costs["this plan (groups, replans)"] == 4
