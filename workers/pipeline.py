@@ -749,6 +749,11 @@ class FleetSettings:
       measured eFAT map over `map_rates` x `ladder` with `map_samples` maps a rate, or
       (off) the ladder alone, which verification climbs (`ResilienceMap.ladder`).
     - `library`: later chips are served from the library before anything is planned.
+    - `group_after_robust`: whether the chips that even the robust base fails are grouped
+      (up to `max_group_size`) or retrained alone. Alone by default: these are the chips
+      whose faults hurt most, and fused into groups they rarely verify (on a harsh tuning
+      fleet of 300 chips, 0 of 6 groups of 4-5 such chips verified at 1 or 2 epochs, and
+      the groups cost 58 epochs for 13 chips where alone costs about one epoch a chip).
     """
 
     max_group_size: int = 5
@@ -765,6 +770,7 @@ class FleetSettings:
     placement: str = "screening"
     library: bool = True
     library_groups: int = 3
+    group_after_robust: bool = False
     seed: int = 0
     max_rounds: int = 20
 
@@ -989,13 +995,17 @@ def plan_batch(
             screens.update(rung.screens)  # chips the base serves keep it: the robust base only sees the others
             failing = [c for c in failing if screens[c].fit is None]
     gb = next(lm for lm in lib if lm.key == group_base)
+    group_size = settings.max_group_size
+    if group_base == "robust" and not settings.group_after_robust:
+        group_size = 1
+    decisions["group_size"] = group_size
 
     # a measured resilience map where it pays, else the ladder that verification climbs
     map_epochs = len(settings.map_rates) * settings.map_samples * max(settings.ladder)
     wants_map = settings.resilience_map == "on" or (
         settings.resilience_map == "auto"
         and bool(failing)
-        and resilience_map_pays(len(failing), max_group_size=settings.max_group_size, map_epochs=map_epochs)
+        and resilience_map_pays(len(failing), max_group_size=group_size, map_epochs=map_epochs)
     )
     if wants_map:
         say(f"measuring the resilience map ({map_epochs} cell epochs)")
@@ -1010,7 +1020,7 @@ def plan_batch(
         screening,
         rmap,
         constraint,
-        max_group_size=settings.max_group_size,
+        max_group_size=group_size,
         severity=severity,
         seed=settings.seed,
         schedule=settings.schedule,

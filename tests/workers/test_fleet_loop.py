@@ -118,6 +118,8 @@ def test_the_robust_base_never_takes_a_chip_the_base_served(setup: tuple[Any, An
     rb = out.decisions["robust_base"]
     assert rb["trained"] and out.ledger.epochs["robust_base"] == rb["epochs"]
     assert rb["epochs"] in pl.FleetSettings().robust_ladder
+    if rb["served"]:  # the chips even the robust base fails are retrained alone
+        assert out.decisions["group_size"] == 1 and all(len(g.members) == 1 for g in out.plan.groups)
     for cid, sc in base_only.items():
         st = out.plan.chips[cid]
         if sc.fit is not None:  # the base served it: it keeps the base, on the same deployment
