@@ -125,6 +125,12 @@ class Settings(BaseSettings):
         description="Most elements in the arrays of an uploaded .npz dataset (413 beyond; "
         "each becomes a float32 when loaded)",
     )
+    max_weights_bytes: int = Field(
+        default=256 << 20,
+        ge=1,
+        description="Most bytes an uploaded weights file takes once loaded: a .safetensors file's size, a .pt's "
+        "zip members' uncompressed sizes (413 beyond; read from the zip directory before anything is inflated)",
+    )
     ingest_rate_limit: str = Field(
         default="",
         description="Per-API-key limit of POST /chips and POST /chips/bulk requests, e.g. '50/second;2000/minute' "
