@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, require
 from app.api.errors import ApiError
-from app.api.ratelimit import RATE_LIMITED, ingest_rate_limited
+from app.api.ratelimit import RATE_LIMITED, charge_lines, ingest_budget_left, ingest_rate_limited
 from app.core.config import get_settings
 from app.core.queue import get_celery
 from app.db.models import Chip
@@ -204,9 +204,12 @@ def _ingest_bulk(raw: bytes, replace: bool) -> dict[str, Any]:
 async def post_chips_bulk(
     request: Request,
     replace: bool = Query(False, description="store changed maps as new revisions instead of rejecting them"),
-    _p: Any = Depends(ingest_rate_limited),
+    principal: Any = Depends(ingest_budget_left),
 ) -> JSONResponse:
     raw = await request.body()
+    lines = raw.count(b"\n") + (0 if raw.endswith(b"\n") else 1)  # as _ingest_bulk splits them
+    if lines <= get_settings().max_bulk_lines:  # beyond: a 413 for the line limit, nothing charged
+        await charge_lines(request, principal, lines)
     body = await run_in_threadpool(_ingest_bulk, raw, replace)
     return JSONResponse(body)
 
