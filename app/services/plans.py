@@ -440,8 +440,7 @@ def late_assignment_jobs(
         return []  # the common case at ingest time: one cheap query
     pks: dict[int, list[int]] = {}
     for part in chunks(list(dict.fromkeys(chip_ids))):
-        rows = session.execute(select(Chip.id, Chip.accelerator_id).where(Chip.chip_id.in_(part))).tuples()
-        for pk, a in rows:
+        for pk, a in session.execute(select(Chip.id, Chip.accelerator_id).where(Chip.chip_id.in_(part))):
             if a in executed:
                 pks.setdefault(a, []).append(pk)
     # accelerators in one order, so that two transactions lock their pending jobs in the same order
