@@ -60,7 +60,7 @@ if TYPE_CHECKING:  # the real signatures for mypy and editors; at run time `__ge
     from accelerator.quant import QUANTIZERS, Quantizer, quantizer
     from accelerator.systolic import systolic_matmul
     from accelerator.training import accuracy, bounded_accuracy, evaluate, fault_aware_train, layer_sensitivity, train
-    from accelerator.zoo import ARCHS, build_model, load_model, read_state_dict, save_model
+    from accelerator.zoo import ARCHS, build_model, load_model, read_state_dict, save_model, weights_file_bytes
 
 # public name -> submodule that defines it (imported lazily: these need torch)
 _LAZY: dict[str, str] = {
@@ -94,6 +94,7 @@ _LAZY: dict[str, str] = {
     "load_model": "accelerator.zoo",
     "save_model": "accelerator.zoo",
     "read_state_dict": "accelerator.zoo",
+    "weights_file_bytes": "accelerator.zoo",
     "ARCHS": "accelerator.zoo",
     "Dataset": "accelerator.data",
     "load_dataset": "accelerator.data",
@@ -148,6 +149,7 @@ __all__ = [  # explicit, so that type checkers see the lazy names as re-exported
     "to_float",
     "train",
     "uncalibrated_layers",
+    "weights_file_bytes",
 ]
 
 

@@ -6,6 +6,7 @@ state_dict has the same keys before and after calibration and loads strictly.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -127,6 +128,30 @@ def build_model(arch: str, input_shape: Shape, num_classes: int, *, seed: int | 
             torch.manual_seed(seed)
             model = ARCHS[arch](shape, num_classes)
     return ensure_scale_buffers(model)
+
+
+def weights_file_bytes(path: str | Path) -> int:
+    """How many bytes a weights file inflates to when `read_state_dict` loads it, read without loading it.
+
+    A .safetensors file is stored raw: its size. A torch.save'd .pt/.pth is a zip whose members
+    may be deflated, so a few MiB can declare gigabytes: the sum of its members' uncompressed
+    sizes, from the zip directory alone (the size each member is allocated at when loaded).
+    Raises ValueError for a .pt that is no zip: the legacy pre-1.6 format allocates every storage
+    at the size its pickle declares, which nothing but loading it can check.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return path.stat().st_size
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            "not a zip-format torch.save file (the default since PyTorch 1.6); "
+            "the legacy format is refused: save with torch.save(state_dict, path), or as .safetensors"
+        )
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return sum(info.file_size for info in zf.infolist())
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ValueError(f"not a readable torch.save zip ({e})") from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

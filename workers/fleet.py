@@ -997,11 +997,12 @@ def assign_chip(ctx: JobContext) -> dict[str, Any]:
     each on every deployment of the chip). A chip a model serves is assigned it at once,
     verified on the test split; the others wait (status `waiting`) for a plan over the chips
     no model serves. The result: per chip id, each base model's verdict."""
-    pks = [int(p) for p in ctx.params["chip_pks"]]
+    pks = sorted({int(p) for p in ctx.params["chip_pks"]})  # a pending job gathers every late chip: maybe many
     with Session(ctx.engine, expire_on_commit=False) as s:
         chips = {
             c.id: (c.chip_id, dict(c.fault_map), c.accelerator_id)
-            for c in s.scalars(select(Chip).where(Chip.id.in_(pks)))
+            for start in range(0, len(pks), 10_000)  # IN lists under PostgreSQL's 65,535 bind parameters
+            for c in s.scalars(select(Chip).where(Chip.id.in_(pks[start : start + 10_000])))
         }
         missing = sorted(set(pks) - set(chips))
         if missing:

@@ -125,10 +125,17 @@ class Settings(BaseSettings):
         description="Most elements in the arrays of an uploaded .npz dataset (413 beyond; "
         "each becomes a float32 when loaded)",
     )
+    max_weights_bytes: int = Field(
+        default=256 << 20,
+        ge=1,
+        description="Most bytes an uploaded weights file takes once loaded: a .safetensors file's size, a .pt's "
+        "zip members' uncompressed sizes (413 beyond; read from the zip directory before anything is inflated)",
+    )
     ingest_rate_limit: str = Field(
         default="",
-        description="Per-API-key limit of POST /chips and POST /chips/bulk requests, e.g. '50/second;2000/minute' "
-        "(429 with Retry-After beyond); empty: no limit. Counted in Redis when Redis is the broker, else per process",
+        description="Per-API-key ingestion limit in fault maps, e.g. '50/second;2000/minute': POST /chips costs 1, "
+        "POST /chips/bulk one per line (429 with Retry-After beyond; a bulk costing more than a limit's whole "
+        "amount: 413, split it); empty: no limit. Counted in Redis when Redis is the broker, else per process",
     )
     auth_cache_s: float = Field(default=30.0, description="How long a verified API key is cached in-process")
     page_size_max: int = 1000

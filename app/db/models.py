@@ -19,12 +19,16 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db.base import Base, utcnow
 
 TS = DateTime(timezone=True)
+
+# the predicate of uq_jobs_pending_late_chips: a late-chip job no worker has taken yet
+PENDING_LATE_JOB = "kind = 'assign_chip' AND state = 'queued' AND attempts = 0"
 
 
 class AcceleratorProfile(Base):
@@ -133,7 +137,18 @@ class Job(Base):
     """
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_state_heartbeat_at", "state", "heartbeat_at"),)
+    __table_args__ = (
+        Index("ix_jobs_state_heartbeat_at", "state", "heartbeat_at"),
+        # at most one pending (queued, never started) late-chip job per subject ('late-chips:<accelerator id>'):
+        # chips that arrive meanwhile join it (app.services.plans.late_assignment_jobs)
+        Index(
+            "uq_jobs_pending_late_chips",
+            "subject",
+            unique=True,
+            postgresql_where=text(PENDING_LATE_JOB),
+            sqlite_where=text(PENDING_LATE_JOB),
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     kind: Mapped[str] = mapped_column(String(64), index=True)

@@ -132,7 +132,9 @@ class ChipSummary(BaseModel):
 class ChipIngested(ChipSummary):
     status: IngestStatus
     assignment_job: str | None = Field(
-        default=None, description="the job trying a new chip on an executed plan's models, when there is one"
+        default=None,
+        description="the job trying a new chip on an executed plan's models, when there is one: its "
+        "accelerator's pending late-chip job, which every chip that arrives before a worker takes it joins",
     )
 
 
@@ -176,5 +178,6 @@ class BulkResult(BaseModel):
     assignment_job: str | None = Field(default=None, description="the first of assignment_jobs")
     assignment_jobs: list[str] | None = Field(
         default=None,
-        description="jobs trying the new chips on an executed plan's models: one per 1000 lines that brought any",
+        description="jobs trying the new chips on an executed plan's models: the pending late-chip job of "
+        "each accelerator concerned (one job a chunk of 1000 lines joins, or a new one if a worker took it meanwhile)",
     )

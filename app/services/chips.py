@@ -28,9 +28,10 @@ from sqlalchemy.orm import Session
 from accelerator.faults import FaultMap
 from app.core.config import get_settings
 from app.db.base import utcnow
-from app.db.models import Chip, ChipRevision
+from app.db.models import PENDING_LATE_JOB, Chip, ChipRevision
 from app.schemas.chips import chip_id_problem, normalize_chip_id
 from app.services.errors import Invalid, loc_from_field, value_error_to_item
+from app.services.plans import MERGED_PKS, late_chips_subject
 from app.services.profiles import ProfileInfo, get_profile
 
 TOP_LEVEL_FIELDS = frozenset({"chip_id", "accelerator", "array", "faults", "lot", "wafer", "die_x", "die_y"})
@@ -258,14 +259,15 @@ def summary_of(p: Prepared, st: Stored) -> dict[str, Any]:
 _CREATE_SQL: str | None = None
 
 
-def create_fast(engine: Engine, p: Prepared) -> tuple[Stored, str | None] | None:
+def create_fast(engine: Engine, p: Prepared) -> tuple[Stored, str | None, bool] | None:
     """PostgreSQL: store a chip seen for the first time and its revision 1 in ONE autocommit
     statement (a data-modifying CTE, atomic on its own): one round trip instead of ~5.
 
-    The same statement adds the late-assignment job when an executed plan covers the chip's
-    accelerator (see `plans.late_assignment_job`), atomically with the chip. Returns (stored,
-    that job's id or None; the caller enqueues it), or None when the chip id already exists (the
-    caller takes the general path)."""
+    The same statement puts the chip into its accelerator's pending late-chip job when an
+    executed plan covers the accelerator (see `plans.late_assignment_jobs`: the same upsert),
+    atomically with the chip. Returns (stored, that job's id or None, whether the job is new:
+    the caller enqueues a new one), or None when the chip id already exists (the caller takes
+    the general path)."""
     global _CREATE_SQL
     now = utcnow()
     chip = _chip_values(p, now)
@@ -282,15 +284,17 @@ def create_fast(engine: Engine, p: Prepared) -> tuple[Stored, str | None] | None
             "RETURNING chip_pk), "
             "j AS (INSERT INTO jobs (id, kind, state, progress, message, params, attempts, subject, created_at, "
             "enqueued_at) SELECT %s, 'assign_chip', 'queued', 0, 'queued', "
-            "json_build_object('chip_pks', json_build_array(r.chip_pk)), 0, 'late-chips', %s::timestamptz, "
+            "json_build_object('chip_pks', json_build_array(r.chip_pk)), 0, %s, %s::timestamptz, "
             "%s::timestamptz FROM r WHERE EXISTS (SELECT 1 FROM plans JOIN base_models ON base_models.id = "
-            "plans.base_model_id WHERE plans.status = 'executed' AND base_models.accelerator_id = %s) RETURNING id) "
+            "plans.base_model_id WHERE plans.status = 'executed' AND base_models.accelerator_id = %s) "
+            f"ON CONFLICT (subject) WHERE {PENDING_LATE_JOB} DO UPDATE SET params = {MERGED_PKS['postgresql']} "
+            "RETURNING id) "
             "SELECT r.chip_pk, (SELECT id FROM j) FROM r"
         )
     job_id = uuid.uuid4().hex
     params = [p.doc_json if c == "fault_map" else chip[c] for c in cols]
     params += [p.content_hash, p.faults_digest, p.n_faults, p.fault_rate, p.doc_json, now]
-    params += [job_id, now, now, p.profile_id]
+    params += [job_id, late_chips_subject(p.profile_id), now, now, p.profile_id]
     # The pool's DB-API connection itself (checked out through the pool's idle ping): SQLAlchemy's
     # Connection, isolation-level and result layers cost more CPU here than the statement.
     pooled = engine.raw_connection()
@@ -312,7 +316,7 @@ def create_fast(engine: Engine, p: Prepared) -> tuple[Stored, str | None] | None
                 conn.autocommit = False
     finally:
         pooled.close()  # back to the pool
-    return (Stored("created", 1, now, now), row[1]) if row is not None else None
+    return (Stored("created", 1, now, now), row[1], row[1] == job_id) if row is not None else None
 
 
 def store_one(session: Session, p: Prepared, replace: bool) -> tuple[Status, int]:

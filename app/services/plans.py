@@ -11,12 +11,16 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import JSON, func, literal_column, select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from accelerator.faults import FaultMap, bypass_faulty_pes, bypass_pes
+from app.db.base import utcnow
 from app.db.models import (
+    PENDING_LATE_JOB,
     AcceleratorProfile,
     Artifact,
     Chip,
@@ -433,15 +437,37 @@ def chunks(values: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any
         yield values[start : start + size]
 
 
-def late_assignment_job(session: Session, chip_ids: Sequence[str], created_by: str | None = None) -> Job | None:
-    """In the caller's transaction (it commits, then enqueues): after chips were created or
-    replaced, if an executed plan covers their accelerator, add one job that tries them on that
-    plan's models (see `workers.fleet.assign_chip`). Created with the chips, the job cannot be
-    missed: a crash between the two would otherwise leave chips that no plan ever serves."""
-    from app.services import jobs as jobsvc
+def late_chips_subject(accelerator_id: int) -> str:
+    """The subject of an accelerator's late-chip jobs: at most one of them is pending at a time."""
+    return f"late-chips:{accelerator_id}"
 
+
+# json arrays concatenated: the pending job's chip pks, then the new ones (`excluded`)
+MERGED_PKS = {
+    "postgresql": "json_build_object('chip_pks', "
+    "(jobs.params -> 'chip_pks')::jsonb || (excluded.params -> 'chip_pks')::jsonb)",
+    "sqlite": "json_set(jobs.params, '$.chip_pks', json((SELECT json_group_array(value) FROM ("
+    "SELECT value FROM json_each(jobs.params, '$.chip_pks') "
+    "UNION ALL SELECT value FROM json_each(excluded.params, '$.chip_pks')))))",
+}
+
+
+def late_assignment_jobs(
+    session: Session, chip_ids: Sequence[str], created_by: str | None = None
+) -> list[tuple[str, bool]]:
+    """In the caller's transaction (it commits, then enqueues the new jobs): after chips were
+    created or replaced, each of their accelerators that an executed plan covers gets their pks
+    into its pending late-chip job (`workers.fleet.assign_chip`): the one job, queued and not yet
+    taken by a worker, that every late chip joins until a worker runs it, so a stream of single
+    POSTs queues one job, not one each. Returns (job id, created: the caller must enqueue it).
+
+    Race-free: an upsert on the partial unique index `uq_jobs_pending_late_chips`. A worker's claim
+    (state 'running', attempts + 1) takes the job out of the index; a chip added in the same
+    instant either joins the job before the claim reads its params, or starts the next one.
+    Created with the chips, the job cannot be missed: a crash between the two would otherwise
+    leave chips that no plan ever serves."""
     if not chip_ids:
-        return None
+        return []
     executed = set(
         session.scalars(
             select(ModelRecord.accelerator_id)
@@ -451,12 +477,42 @@ def late_assignment_job(session: Session, chip_ids: Sequence[str], created_by: s
         )
     )
     if not executed:
-        return None  # the common case at ingest time: one cheap query
-    pks: list[int] = []
+        return []  # the common case at ingest time: one cheap query
+    pks: dict[int, list[int]] = {}
     for part in chunks(list(dict.fromkeys(chip_ids))):
-        rows = session.execute(select(Chip.id, Chip.accelerator_id).where(Chip.chip_id.in_(part))).tuples()
-        pks.extend(pk for pk, a in rows if a in executed)
-    if not pks:
-        return None
-    params = {"chip_pks": sorted(pks)}
-    return jobsvc.create_job(session, "assign_chip", params, subject="late-chips", created_by=created_by)
+        for pk, a in session.execute(select(Chip.id, Chip.accelerator_id).where(Chip.chip_id.in_(part))):
+            if a in executed:
+                pks.setdefault(a, []).append(pk)
+    # accelerators in one order, so that two transactions lock their pending jobs in the same order
+    return [_join_pending_job(session, a, sorted(pks[a]), created_by) for a in sorted(pks)]
+
+
+def _join_pending_job(
+    session: Session, accelerator_id: int, pks: list[int], created_by: str | None
+) -> tuple[str, bool]:
+    from app.services import jobs as jobsvc
+
+    dialect = session.get_bind().dialect.name
+    now = utcnow()
+    new_id = jobsvc.new_job_id()
+    values = {
+        "id": new_id,
+        "kind": "assign_chip",
+        "state": "queued",
+        "progress": 0.0,
+        "message": "queued",
+        "params": {"chip_pks": pks},
+        "attempts": 0,
+        "subject": late_chips_subject(accelerator_id),
+        "created_by": created_by,
+        "created_at": now,
+        "enqueued_at": now,
+    }
+    ins = (pg_insert if dialect == "postgresql" else sqlite_insert)(Job).values(**values)
+    stmt = ins.on_conflict_do_update(
+        index_elements=["subject"],
+        index_where=text(PENDING_LATE_JOB),
+        set_={"params": literal_column(MERGED_PKS[dialect], JSON)},
+    ).returning(Job.id)
+    job_id = session.execute(stmt).scalar_one()
+    return job_id, job_id == new_id

@@ -3,6 +3,9 @@
 - an .npz of deflated zeros whose arrays inflate to 1 GiB: 413 naming max_dataset_bytes, read
   from the npy headers, so the API process's peak memory does not grow by the inflated size;
 - the element cap (uint8 arrays become float32): 413 naming max_dataset_elements;
+- a .pt weights file (a torch.save zip) whose storage member inflates to 1 GiB: 413 naming
+  max_weights_bytes, read from the zip directory, so the API does not inflate it either; a legacy
+  (non-zip) torch.save file: 422; a real .pt / .safetensors over a small cap: 413;
 - a JSON POST /models gets the normal body limit, not the upload limit;
 - a fault map with more entries than max_faults_per_map: 422 naming the setting, per bulk line too.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,35 @@ def deflated_zeros_npz(path: Path, arrays: dict[str, tuple[tuple[int, ...], str]
                 chunk = bytes(16 << 20)
                 for start in range(0, total, len(chunk)):
                     f.write(chunk[: min(len(chunk), total - start)])
+    return path
+
+
+def bomb_pt(path: Path, inflated: int) -> Path:
+    """A torch.save zip of {'w': a float32 tensor of `inflated` bytes}, its storage record
+    deflated zeros: a few MiB that torch.load allocates and inflates to `inflated` bytes. Made
+    from the real file of a 4-float tensor, its pickle's sizes patched (protocol 2: no framing)."""
+    import torch
+
+    src = io.BytesIO()
+    torch.save({"w": torch.zeros(4)}, src)
+    numel = struct.pack("<i", inflated // 4)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("/data.pkl"):  # the storage's numel, then the tensor's shape
+                patched = data.replace(b"q\x06K\x04t", b"q\x06J" + numel + b"t", 1)
+                patched = patched.replace(b"K\x00K\x04\x85", b"K\x00J" + numel + b"\x85", 1)
+                assert patched.count(numel) == 2, data
+                zout.writestr(info, patched)
+            elif info.filename.endswith("/data/0"):
+                member = zipfile.ZipInfo(info.filename)
+                member.compress_type = zipfile.ZIP_DEFLATED  # one deflated member in a stored archive
+                with zout.open(member, "w", force_zip64=True) as f:
+                    chunk = bytes(16 << 20)
+                    for start in range(0, inflated, len(chunk)):
+                        f.write(chunk[: min(len(chunk), inflated - start)])
+            else:
+                zout.writestr(info, data)
     return path
 
 
@@ -83,12 +116,60 @@ def test_an_npz_inflating_to_a_gib_is_413_before_it_is_inflated(
     service: Any, accelerator: str, uid: str, gib_npz: bytes
 ) -> None:
     assert service.api is not None
-    before = _peak_rss_kib(service.api.popen.pid)
     with service.client() as c:
+        # first a file refused by the same check, so that the API's imports are not counted below
+        assert _register(c, accelerator, f"bomb-{uid}", b"not a zip").status_code == 422
+        before = _peak_rss_kib(service.api.popen.pid)
         r = _register(c, accelerator, f"bomb-{uid}", gib_npz)
         assert r.status_code == 413, r.text
         assert "max_dataset_bytes" in r.json()["detail"] and r.json()["errors"][0]["loc"] == ["body", "dataset_file"]
         assert c.get(f"/api/v1/models/bomb-{uid}").status_code == 404  # nothing registered
+    grown_mib = (_peak_rss_kib(service.api.popen.pid) - before) / 1024
+    assert grown_mib < 200, f"the API's peak RSS grew by {grown_mib:.0f} MiB"
+
+
+def _register_weights(c: Any, accelerator: str, name: str, filename: str, weights: bytes) -> Any:
+    fields = {"name": name, "architecture": "mlp", "dataset": "digits", "accelerator": accelerator}
+    return c.post("/api/v1/models", data=fields, files={"weights": (filename, weights)})
+
+
+def test_weights_file_bytes_reads_the_zip_directory_only(tmp_path: Path) -> None:
+    import torch
+
+    from accelerator.zoo import weights_file_bytes
+
+    bomb = bomb_pt(tmp_path / "bomb.pt", GIB)
+    assert bomb.stat().st_size < 8 << 20 and weights_file_bytes(bomb) > GIB
+    with zipfile.ZipFile(bomb) as zf:  # what a reader would allocate: the declared size, not the file's
+        assert max(i.file_size / max(i.compress_size, 1) for i in zf.infolist()) > 500
+    torch.save({"w": torch.zeros(4)}, tmp_path / "ok.pt")
+    assert weights_file_bytes(tmp_path / "ok.pt") < 4096
+    torch.save({"w": torch.zeros(4)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match="legacy"):
+        weights_file_bytes(tmp_path / "legacy.pt")
+
+
+def test_a_pt_inflating_to_a_gib_is_413_before_it_is_inflated(
+    service: Any, accelerator: str, uid: str, tmp_path: Path
+) -> None:
+    import torch
+
+    assert service.api is not None
+    bomb = bomb_pt(tmp_path / "bomb.pt", GIB).read_bytes()
+    legacy = io.BytesIO()
+    torch.save({"w": torch.zeros(4)}, legacy, _use_new_zipfile_serialization=False)
+    with service.client() as c:
+        # first, so that the API has imported torch and loaded digits before its peak is taken
+        r = _register_weights(c, accelerator, f"ptbomb-{uid}", "w.pt", legacy.getvalue())
+        assert r.status_code == 422 and "legacy" in r.json()["detail"], r.text
+        before = _peak_rss_kib(service.api.popen.pid)
+        for filename in ("w.pt", "w.pth"):
+            r = _register_weights(c, accelerator, f"ptbomb-{uid}", filename, bomb)
+            assert r.status_code == 413, r.text
+            detail = r.json()["detail"]
+            assert "max_weights_bytes" in detail and "FAULTFLEET_MAX_WEIGHTS_BYTES" in detail, detail
+            assert r.json()["errors"][0]["loc"] == ["body", "weights"]
+        assert c.get(f"/api/v1/models/ptbomb-{uid}").status_code == 404  # nothing registered
     grown_mib = (_peak_rss_kib(service.api.popen.pid) - before) / 1024
     assert grown_mib < 200, f"the API's peak RSS grew by {grown_mib:.0f} MiB"
 
@@ -107,6 +188,7 @@ def capped(ff_tools: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
         "FAULTFLEET_MAX_FAULTS_PER_MAP": "50",
         "FAULTFLEET_MAX_DATASET_BYTES": str(4 << 20),
         "FAULTFLEET_MAX_DATASET_ELEMENTS": str(1 << 20),
+        "FAULTFLEET_MAX_WEIGHTS_BYTES": str(64 << 10),
     }
     with ff_tools.running_service("embedded", tmp_path_factory.mktemp("capped"), **caps) as svc:
         with svc.client() as c:
@@ -148,3 +230,25 @@ def test_dataset_caps_are_413s_naming_them(capped: Any, tmp_path: Path, arrays: 
         r = _register(c, "cap32", f"capped-{setting}", npz)
         assert r.status_code == 413, r.text
         assert setting in r.json()["detail"] and f"FAULTFLEET_{setting.upper()}" in r.json()["detail"]
+
+
+def test_weights_cap_is_a_413_naming_it_and_a_pt_under_it_loads(capped: Any) -> None:
+    """A real mlp state_dict for digits (~200 KiB) over a 64 KiB cap, as .pt and as .safetensors;
+    a .pt whose members fit is checked as far as loading into the architecture."""
+    import torch
+
+    import accelerator as acc
+    from workers.export import state_dict_bytes
+
+    model = acc.build_model("mlp", (1, 8, 8), 10, seed=0)
+    as_pt = io.BytesIO()
+    torch.save(model.state_dict(), as_pt)
+    with capped.client() as c:
+        for filename, weights in (("w.pt", as_pt.getvalue()), ("w.safetensors", state_dict_bytes(model.state_dict()))):
+            r = _register_weights(c, "cap32", "capped-weights", filename, weights)
+            assert r.status_code == 413, r.text
+            assert "max_weights_bytes (65536; FAULTFLEET_MAX_WEIGHTS_BYTES)" in r.json()["detail"], r.text
+        small = io.BytesIO()
+        torch.save({"w": torch.zeros(4)}, small)  # under the cap: refused only as not fitting mlp
+        r = _register_weights(c, "cap32", "capped-weights", "w.pt", small.getvalue())
+        assert r.status_code == 422 and "cannot be loaded into mlp" in r.json()["detail"], r.text

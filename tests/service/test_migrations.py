@@ -56,3 +56,38 @@ def test_alembic_ini_at_repo_root_points_at_migrations() -> None:
     text = (root / "alembic.ini").read_text()
     assert "script_location = %(here)s/migrations" in text
     assert (root / "migrations" / "env.py").is_file()
+
+
+def _pending_late_jobs_rekeyed(url: str) -> None:
+    """0006 keeps the late-chip jobs queued before it (one per POST, all subject 'late-chips'):
+    each pending one gets a subject of its own, so the new unique index fits them."""
+    upgrade(url, "0005")
+    engine = create_engine(url)
+    try:
+        cols = "(id, kind, state, progress, message, params, attempts, subject, created_at)"
+        with engine.begin() as conn:
+            for job_id, state, attempts in (("a" * 32, "queued", 0), ("b" * 32, "queued", 0), ("c" * 32, "running", 1)):
+                conn.exec_driver_sql(
+                    f"INSERT INTO jobs {cols} VALUES ('{job_id}', 'assign_chip', '{state}', 0, '', "
+                    f"'{{\"chip_pks\": [1]}}', {attempts}, 'late-chips', CURRENT_TIMESTAMP)"
+                )
+        upgrade(url)
+        with engine.connect() as conn:
+            subjects = dict(conn.exec_driver_sql("SELECT id, subject FROM jobs").all())
+        assert subjects == {
+            "a" * 32: "late-chips:job:" + "a" * 32,
+            "b" * 32: "late-chips:job:" + "b" * 32,
+            "c" * 32: "late-chips",
+        }
+        downgrade(url, "0005")
+    finally:
+        engine.dispose()
+
+
+def test_0006_rekeys_pending_late_jobs_sqlite(tmp_path: Path) -> None:
+    _pending_late_jobs_rekeyed(f"sqlite:///{tmp_path / 'm.db'}")
+
+
+@pytest.mark.integration
+def test_0006_rekeys_pending_late_jobs_postgres(pg_database: str) -> None:
+    _pending_late_jobs_rekeyed(pg_database)

@@ -112,3 +112,34 @@ def test_counts_live_in_redis_and_ingestion_passes_when_redis_is_gone(ff_tools: 
     finally:
         if redis.alive():
             redis.kill()
+
+
+def _bulk(base_url: str, key: str, maps: list[dict[str, Any]]) -> httpx.Response:
+    body = "".join(json.dumps(m) + "\n" for m in maps)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-ndjson"}
+    return httpx.post(f"{base_url}/api/v1/chips/bulk", content=body, headers=headers, timeout=30)
+
+
+def test_a_bulk_costs_one_unit_a_line(limited: Any, ff_tools: Any) -> None:
+    key = limited.create_key("ingest")
+    maps = [ff_tools.random_fault_map(f"rlb-{limited.name}-{i}", "rl32") for i in range(4 * LIMIT)]
+    t0 = time.monotonic()
+    small = _bulk(limited.base_url, key, maps[: LIMIT - 1])  # 3 of the 4 units
+    over = _bulk(limited.base_url, key, maps[LIMIT - 1 : LIMIT + 1])  # 2 lines, 1 unit left
+    single = _post(limited.base_url, key, maps[LIMIT + 1])  # the last unit
+    if time.monotonic() - t0 > WINDOW_S:
+        pytest.skip("this machine is too slow for the window the test uses")
+    assert small.status_code == 200 and small.json()["created"] == LIMIT - 1, small.text
+    assert over.status_code == 429, over.text
+    assert 1 <= int(over.headers["retry-after"]) <= WINDOW_S
+    assert "bulk of 2 lines" in over.json()["detail"] and "retry after" in over.json()["detail"]
+    assert single.status_code == 201, single.text  # the refused bulk was charged nothing
+    with limited.client() as c:  # and wrote nothing
+        assert c.get(f"/api/v1/chips/{maps[LIMIT - 1]['chip_id']}").status_code == 404
+    time.sleep(WINDOW_S + 0.2)  # a whole window later, the full budget is back
+    # larger than the limit allows in a whole window: no Retry-After would help, so a 413 saying so
+    too_big = _bulk(limited.base_url, key, maps[LIMIT + 2 : 2 * LIMIT + 3])
+    assert too_big.status_code == 413 and "retry-after" not in too_big.headers, too_big.text
+    assert f"at most {LIMIT} lines" in too_big.json()["detail"]
+    again = _bulk(limited.base_url, key, maps[LIMIT - 1 : 2 * LIMIT - 1])
+    assert again.status_code == 200 and again.json()["lines_total"] == LIMIT, again.text

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, require
 from app.api.errors import ApiError
-from app.api.ratelimit import RATE_LIMITED, ingest_rate_limited
+from app.api.ratelimit import RATE_LIMITED, charge_lines, ingest_budget_left, ingest_rate_limited
 from app.core.config import get_settings
 from app.core.queue import get_celery
 from app.db.models import Chip
@@ -59,8 +59,9 @@ def _ingest_one(doc: Any, replace: bool) -> tuple[int, dict[str, Any]]:
     # PostgreSQL, new chip (the common case): one autocommit statement, no session
     fast = svc.create_fast(engine, p) if engine.dialect.name == "postgresql" else None
     job_id: str | None = None
+    new_job = False  # a late chip joins the pending job when there is one: only a new job is published
     if fast is not None:
-        st, job_id = fast
+        st, job_id, new_job = fast
     else:
         with get_sessionmaker()() as s:
             st = svc.store_one_full(s, p, replace)
@@ -72,13 +73,15 @@ def _ingest_one(doc: Any, replace: bool) -> tuple[int, dict[str, Any]]:
                 )
                 raise ApiError(409, msg, [{"loc": ["body", "chip_id"], "msg": msg}], current_revision=st.revision)
             if st.status in ("created", "replaced"):  # with the chip, in its transaction
-                job = plansvc.late_assignment_job(s, [p.chip_id])
-                job_id = job.id if job is not None else None
+                joined = plansvc.late_assignment_jobs(s, [p.chip_id])
+                if joined:  # one chip: one accelerator, one job
+                    job_id, new_job = joined[0]
             s.commit()
     body = svc.summary_of(p, st)
     body["status"] = st.status
     if job_id is not None:
-        jobsvc.enqueue(job_id, get_celery(), get_settings())
+        if new_job:
+            jobsvc.enqueue(job_id, get_celery(), get_settings())
         body["assignment_job"] = job_id
     return (201 if st.status == "created" else 200), _jsonable(body)
 
@@ -137,13 +140,12 @@ def _ingest_bulk(raw: bytes, replace: bool) -> dict[str, Any]:
     chunk = 1000
     # Validation (CPU) of chunk k+1 overlaps the database writes of chunk k, done in order by
     # one writer thread with its own session, so duplicates across chunks resolve as in order.
-    late_jobs: list[str] = []
+    late_jobs: dict[str, bool] = {}  # job id -> created by this request (then it publishes it)
 
     def add_late_job(session: Session, chunk_outcomes: list[svc.BulkOutcome]) -> None:
         fresh = [o.chip_id for o in chunk_outcomes if o.status in ("created", "replaced") and o.chip_id]
-        job = plansvc.late_assignment_job(session, fresh)
-        if job is not None:
-            late_jobs.append(job.id)
+        for job_id, new in plansvc.late_assignment_jobs(session, fresh):
+            late_jobs[job_id] = late_jobs.get(job_id, False) or new
 
     with get_sessionmaker()() as ws, ThreadPoolExecutor(1, thread_name_prefix="bulk-writer") as writer:
         pending: list[Future[list[svc.BulkOutcome]]] = []
@@ -176,11 +178,12 @@ def _ingest_bulk(raw: bytes, replace: bool) -> dict[str, Any]:
             d["errors"] = o.errors
         out_lines.append(d)
     result: dict[str, Any] = {"lines_total": len(lines), **counts, "lines": out_lines}
-    if late_jobs:  # one per chunk of 1000 lines that brought new chips to an executed plan
-        for job_id in late_jobs:
-            jobsvc.enqueue(job_id, get_celery(), settings)
-        result["assignment_job"] = late_jobs[0]
-        result["assignment_jobs"] = late_jobs
+    if late_jobs:  # the pending late-chip job of each accelerator (with an executed plan) this bulk fed
+        for job_id, new in late_jobs.items():
+            if new:
+                jobsvc.enqueue(job_id, get_celery(), settings)
+        result["assignment_job"] = next(iter(late_jobs))
+        result["assignment_jobs"] = list(late_jobs)
     return result
 
 
@@ -204,9 +207,12 @@ def _ingest_bulk(raw: bytes, replace: bool) -> dict[str, Any]:
 async def post_chips_bulk(
     request: Request,
     replace: bool = Query(False, description="store changed maps as new revisions instead of rejecting them"),
-    _p: Any = Depends(ingest_rate_limited),
+    principal: Any = Depends(ingest_budget_left),
 ) -> JSONResponse:
     raw = await request.body()
+    lines = raw.count(b"\n") + (0 if raw.endswith(b"\n") else 1)  # as _ingest_bulk splits them
+    if lines <= get_settings().max_bulk_lines:  # beyond: a 413 for the line limit, nothing charged
+        await charge_lines(request, principal, lines)
     body = await run_in_threadpool(_ingest_bulk, raw, replace)
     return JSONResponse(body)
 

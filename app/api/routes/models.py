@@ -82,6 +82,24 @@ def _check_dataset_size(path: Path) -> None:
             raise ApiError(413, msg, [{"loc": ["body", "dataset_file"], "msg": msg}])
 
 
+def _check_weights_size(path: Path) -> None:
+    """Refuse a weights file that, as its zip directory states it, inflates past max_weights_bytes."""
+    import accelerator as acc
+
+    cap = get_settings().max_weights_bytes
+    try:
+        total = acc.weights_file_bytes(path)
+    except ValueError as exc:
+        msg = f"weights: {exc}"
+        raise ApiError(422, msg, [{"loc": ["body", "weights"], "msg": msg}]) from None
+    if total > cap:
+        msg = (
+            f"weights: the file holds {total} bytes once decompressed ({path.stat().st_size} uploaded), "
+            f"more than max_weights_bytes ({cap}; FAULTFLEET_MAX_WEIGHTS_BYTES)"
+        )
+        raise ApiError(413, msg, [{"loc": ["body", "weights"], "msg": msg}])
+
+
 def _check_uploads(body: ModelIn, weights: bytes | None, weights_suffix: str, npz: bytes | None) -> None:
     """Load the uploads the way a worker will, so bad files fail here with a 422, not later in a job."""
     import accelerator as acc
@@ -102,6 +120,7 @@ def _check_uploads(body: ModelIn, weights: bytes | None, weights_suffix: str, np
         if weights is not None:
             path = Path(d) / f"weights{weights_suffix}"
             path.write_bytes(weights)
+            _check_weights_size(path)
             try:
                 acc.load_model(body.architecture, path, data.input_shape, data.num_classes)
             except Exception as exc:
