@@ -1,7 +1,7 @@
 """Base models, plans and model downloads: validation, row creation and views for the routes.
 
 Heavy work (training, planning, retraining) is never done here: a route creates rows
-and a job, and a worker runs it (see `workers.fleet`).
+and a job, and a worker runs it (see `workers.handlers`).
 """
 
 from __future__ import annotations
@@ -436,7 +436,7 @@ def chunks(values: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any
 def late_assignment_job(session: Session, chip_ids: Sequence[str], created_by: str | None = None) -> Job | None:
     """In the caller's transaction (it commits, then enqueues): after chips were created or
     replaced, if an executed plan covers their accelerator, add one job that tries them on that
-    plan's models (see `workers.fleet.assign_chip`). Created with the chips, the job cannot be
+    plan's models (see `workers.handlers.late_chips.assign_chip`). Created with the chips, the job cannot be
     missed: a crash between the two would otherwise leave chips that no plan ever serves."""
     from app.services import jobs as jobsvc
 
