@@ -17,6 +17,7 @@ from safetensors.torch import load as safetensors_load
 from sqlalchemy import Engine, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from torch import nn
 
@@ -26,6 +27,7 @@ from app.core.config import Settings, get_settings
 from app.db.base import utcnow
 from app.db.models import (
     AcceleratorProfile,
+    Artifact,
     Chip,
     ChipAssignment,
     GroupMember,
@@ -34,6 +36,7 @@ from app.db.models import (
     ModelRecord,
     PlanRecord,
 )
+from app.schemas.plans import ModelConfig, PlanParams, TrainIn
 from app.services.artifacts import open_artifact_file, read_artifact, store_bytes
 from planner import Group, Plan
 from workers import pipeline
@@ -53,7 +56,7 @@ class ModelInfo:
     name: str
     architecture: str
     dataset: str
-    config: dict[str, Any]
+    config: ModelConfig
     array: ArrayConfig
     weights_sha256: str | None
     baseline: float | None
@@ -94,7 +97,7 @@ def model_info(engine: Engine, model_id: int) -> ModelInfo:
             bm.name,
             bm.architecture,
             bm.dataset,
-            dict(bm.config),
+            ModelConfig.stored(bm.config),
             profile_array(bm.accelerator),
             bm.weights.sha256 if bm.weights is not None else None,
             bm.baseline_accuracy,
@@ -108,8 +111,8 @@ def load_state(sha256: str) -> dict[str, torch.Tensor]:
 
 
 def load_data(info: ModelInfo) -> Any:
-    seed = int(info.config.get("seed", 0))
-    sha = info.config.get("dataset_sha256")
+    seed = info.config.seed
+    sha = info.config.dataset_sha256
     if sha:  # a user-uploaded .npz, kept as an artifact
         with open_artifact_file(sha, ".npz") as path:
             return acc.load_dataset(info.dataset, path, seed=seed)
@@ -147,14 +150,10 @@ def worker_device(settings: Settings) -> str:
     return settings.device
 
 
-def train_config(params: dict[str, Any], device: str | None = None) -> pipeline.TrainConfig:
-    t = params.get("train", {})
-    return pipeline.TrainConfig(
-        lr=float(t.get("lr", 0.01)),
-        batch_size=int(t.get("batch_size", 64)),
-        seed=int(t.get("seed", 0)),
-        device=device,
-    )
+def train_config(params: PlanParams | TrainIn, device: str | None = None) -> pipeline.TrainConfig:
+    """The retraining hyper-parameters of a plan (its `train` settings), or those a child job was given."""
+    t = params.train if isinstance(params, PlanParams) else params
+    return pipeline.TrainConfig(lr=t.lr, batch_size=t.batch_size, seed=t.seed, device=device)
 
 
 def checkpoint_dir(settings: Settings, name: str) -> Path:
@@ -193,7 +192,7 @@ class PlanInfo:
     id: int
     base_model_id: int
     accelerator_id: int
-    params: dict[str, Any]
+    params: PlanParams
     constraint: dict[str, Any]
     selection: dict[str, Any]
     document: dict[str, Any] | None
@@ -209,7 +208,7 @@ def plan_info(engine: Engine, plan_id: int) -> PlanInfo:
             p.id,
             p.base_model_id,
             p.base_model.accelerator_id,
-            dict(p.params),
+            PlanParams.stored(p.params),
             dict(p.constraint),
             dict(p.selection or {}),
             p.document,
@@ -290,51 +289,61 @@ def set_plan_status(engine: Engine, plan_id: int, status: str) -> None:
 # --- the model library ------------------------------------------------------------------------
 
 
-def plan_settings(params: dict[str, Any]) -> pipeline.FleetSettings:
-    """A plan's `FleetSettings` from its stored params (`app.schemas.plans.PlanIn`'s fields)."""
-    grid = params.get("resilience", {})
-    ladder = tuple(sorted({0, *(int(e) for e in grid.get("epochs", (0, 1, 2, 4, 8)))}))
+def plan_settings(params: PlanParams) -> pipeline.FleetSettings:
+    """A plan's `FleetSettings` from its parsed params; a grid of epoch 0 alone climbs the default ladder."""
+    grid = params.resilience
+    ladder = tuple(sorted({0, *grid.epochs}))
     return pipeline.FleetSettings(
-        max_group_size=int(params.get("max_group_size", 5)),
-        bypass=bool(params.get("bypass", True)),
-        robust_base=str(params.get("robust_base", "auto")),
-        resilience_map=str(params.get("resilience_map", "auto")),
-        ladder=ladder if len(ladder) > 1 else (0, 1, 2, 4, 8),
-        map_rates=tuple(sorted(float(r) for r in grid.get("rates", (0.01, 0.03, 0.06, 0.1)))),
-        map_samples=int(grid.get("samples", 2)),
-        schedule=str(params.get("schedule", "progressive_union")),
-        seed=int(params.get("seed", 0)),
+        max_group_size=params.max_group_size,
+        bypass=params.bypass,
+        robust_base=params.robust_base,
+        resilience_map=params.resilience_map,
+        ladder=ladder if len(ladder) > 1 else pipeline.FleetSettings.ladder,
+        map_rates=tuple(sorted(grid.rates)),
+        map_samples=grid.samples,
+        schedule=params.schedule,
+        seed=params.seed,
     )
 
 
-def ensure_base_in_library(engine: Engine, dep: Deployed) -> None:
-    """The base model's own library row (idempotent)."""
+def library_rows(engine: Engine, model_id: int) -> list[tuple[int, str, str, str, dict[str, Any] | None, str | None]]:
+    """The base model's library rows, oldest first: (id, key, kind, weights sha256, fused map, protected layer)."""
+    q = (
+        select(
+            LibraryModelRecord.id,
+            LibraryModelRecord.key,
+            LibraryModelRecord.kind,
+            Artifact.sha256,
+            LibraryModelRecord.fused_map,
+            LibraryModelRecord.protect_layer,
+        )
+        .join(Artifact, LibraryModelRecord.artifact_id == Artifact.id)
+        .where(LibraryModelRecord.base_model_id == model_id)
+        .order_by(LibraryModelRecord.id)
+    )
     with Session(engine, expire_on_commit=False) as s:
-        exists = s.scalars(
-            select(LibraryModelRecord.id).where(
-                LibraryModelRecord.base_model_id == dep.info.id, LibraryModelRecord.key == "base"
-            )
-        ).first()
-        if exists is None:
-            bm = s.get(ModelRecord, dep.info.id)
-            assert bm is not None and bm.weights_artifact_id is not None
-            s.add(LibraryModelRecord(base_model_id=bm.id, key="base", kind="base", artifact_id=bm.weights_artifact_id))
+        return [(i, key, kind, sha, fused, layer) for i, key, kind, sha, fused, layer in s.execute(q)]
+
+
+def add_base_to_library(engine: Engine, model_id: int) -> None:
+    """The base model's own library row (idempotent: a row another job added first is kept)."""
+    with Session(engine, expire_on_commit=False) as s:
+        bm = s.get(ModelRecord, model_id)
+        assert bm is not None and bm.weights_artifact_id is not None
+        s.add(LibraryModelRecord(base_model_id=bm.id, key="base", kind="base", artifact_id=bm.weights_artifact_id))
+        try:
             s.commit()
+        except IntegrityError:
+            s.rollback()
 
 
 def load_library(engine: Engine, dep: Deployed) -> tuple[list[pipeline.LibraryModel], dict[str, int]]:
-    """The base model's library, base first, then the robust base, then group models
-    oldest first; and the row id of each (by key)."""
-    ensure_base_in_library(engine, dep)
-    with Session(engine, expire_on_commit=False) as s:
-        rows = [
-            (r.id, r.key, r.kind, r.artifact.sha256, r.fused_map, r.protect_layer)
-            for r in s.scalars(
-                select(LibraryModelRecord)
-                .where(LibraryModelRecord.base_model_id == dep.info.id)
-                .order_by(LibraryModelRecord.id)
-            )
-        ]
+    """The base model's library, every model's weights loaded (what screening needs), base
+    first, then the robust base, then group models oldest first; and the row id of each (by key)."""
+    rows = library_rows(engine, dep.info.id)
+    if not any(key == "base" for _, key, *_ in rows):  # its first use: the base joins its library
+        add_base_to_library(engine, dep.info.id)
+        rows = library_rows(engine, dep.info.id)
     order = {"base": 0, "robust": 1, "group": 2}
     rows.sort(key=lambda r: (order[r[2]], r[0]))
     lib, ids = [], {}
@@ -344,6 +353,20 @@ def load_library(engine: Engine, dep: Deployed) -> tuple[list[pipeline.LibraryMo
         lib.append(pipeline.LibraryModel(key, model, fm, (layer,) if layer else ()))
         ids[key] = row_id
     return lib, ids
+
+
+def library_model(engine: Engine, dep: Deployed, key: str) -> nn.Module:
+    """One library model of the base model, by key, its weights loaded alone (a retraining job
+    needs only its group base): the base model itself for "base" or a key its library lacks."""
+    if key == "base":
+        return dep.model
+    with Session(engine, expire_on_commit=False) as s:
+        sha = s.scalar(
+            select(Artifact.sha256)
+            .join(LibraryModelRecord, LibraryModelRecord.artifact_id == Artifact.id)
+            .where(LibraryModelRecord.base_model_id == dep.info.id, LibraryModelRecord.key == key)
+        )
+    return dep.model if sha is None else load_group_model(dep, sha)
 
 
 def add_to_library(

@@ -158,16 +158,7 @@ def new_plan(session: Session, body: PlanIn, bm: ModelRecord) -> PlanRecord:
         status="pending",
         constraint=constraint,
         selection=sel.model_dump(exclude_defaults=True),
-        params={
-            "max_group_size": body.max_group_size,
-            "schedule": body.schedule,
-            "bypass": body.bypass,
-            "resilience": body.resilience.model_dump(),
-            "resilience_map": body.resilience_map,
-            "robust_base": body.robust_base,
-            "train": body.train.model_dump(),
-            "seed": body.seed,
-        },
+        params=body.params(),
     )
     session.add(plan)
     session.flush()

@@ -28,6 +28,7 @@ from workers.store import (
     find_group,
     group_library_key,
     library_artifacts,
+    library_model,
     load_group_model,
     load_library,
     plan_failed,
@@ -59,9 +60,7 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
     g = find_group(doc, key)
     dep = deployed(ctx.engine, plan.base_model_id)
     em = dep.emulation(train_config(plan.params, dep.device))
-    library, _ = load_library(ctx.engine, dep)
-    group_base_key = (plan.summary or {}).get("group_base", "base")
-    group_base = next((lm.model for lm in library if lm.key == group_base_key), dep.model)
+    group_base = library_model(ctx.engine, dep, (plan.summary or {}).get("group_base", "base"))
     start = group_base
     if g.warm_from:  # a replan that continues an earlier group's retrained model
         with Session(ctx.engine, expire_on_commit=False) as s:

@@ -16,6 +16,7 @@ from app.db.models import (
     ModelRecord,
     PlanRecord,
 )
+from app.schemas.plans import PlanParams
 from workers import pipeline
 from workers.jobs import JobContext, handler
 from workers.store import (
@@ -48,7 +49,7 @@ def assign_chip(ctx: JobContext) -> dict[str, Any]:
         if missing:
             raise ValueError(f"chip(s) {missing[:10]} not found")
         accels = {a for _, _, a in chips.values()}
-        latest: dict[int, tuple[int, dict[str, Any], dict[str, Any]]] = {}
+        latest: dict[int, tuple[int, PlanParams, dict[str, Any]]] = {}
         # the latest executed plan of each base model: its settings and thresholds, never its document
         for plan_id, model_id, params, summary in s.execute(
             select(PlanRecord.id, PlanRecord.base_model_id, PlanRecord.params, PlanRecord.summary)
@@ -56,7 +57,7 @@ def assign_chip(ctx: JobContext) -> dict[str, Any]:
             .where(ModelRecord.accelerator_id.in_(accels), PlanRecord.status == "executed")
             .order_by(PlanRecord.id.desc())
         ).tuples():
-            latest.setdefault(model_id, (plan_id, dict(params or {}), dict(summary or {})))
+            latest.setdefault(model_id, (plan_id, PlanParams.stored(params), dict(summary or {})))
     out: dict[str, dict[str, str]] = {cid: {} for cid, _, _ in chips.values()}
     for model_id, (plan_id, params, summary) in latest.items():
         dep = deployed(ctx.engine, model_id)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from app.db.models import (
     ResilienceMapRecord,
 )
+from app.schemas.plans import TrainIn
 from app.services import jobs as jobsvc
 from planner import CellTask, ResilienceMap
 from workers import pipeline
@@ -25,7 +26,7 @@ def resilience_key(info: ModelInfo, spec: dict[str, Any], cfg: pipeline.TrainCon
     a = info.array
     body = {
         "weights": info.weights_sha256,
-        "dataset": [info.dataset, info.config.get("dataset_sha256")],
+        "dataset": [info.dataset, info.config.dataset_sha256],
         "array": [a.rows, a.cols, a.fmt, a.bypass],
         "grid": spec,
         "train": cfg.to_dict(),
@@ -41,7 +42,7 @@ def resilience_cell(ctx: JobContext) -> dict[str, Any]:
     task = CellTask.from_dict(ctx.params["task"])
     dep = deployed(ctx.engine, int(ctx.params["model_id"]))
     ctx.report(0.1, f"rate {task.rate:.4f} sample {task.sample}: retraining {task.training_epochs} epochs")
-    em = dep.emulation(train_config(ctx.params, dep.device))
+    em = dep.emulation(train_config(TrainIn.model_validate(ctx.params["train"], strict=False), dep.device))
     accs = pipeline.measure_cell(dep.model, dep.array, em.validation, task, em.cfg)
     return {"task": task.to_dict(), "accuracies": [float(a) for a in accs]}
 
@@ -52,12 +53,12 @@ def ensure_resilience_map(
     """The cached map for the plan's model, dataset, array and grid (id, map, whether this
     call measured it); built by fanning out cells (on the validation split) if missing.
     `baseline`: the base model's fault-free validation accuracy."""
-    grid = plan.params["resilience"]
+    grid = plan.params.resilience
     spec: dict[str, Any] = {
-        "rates": sorted(float(r) for r in grid["rates"]),
-        "epochs": sorted(int(e) for e in grid["epochs"]),
-        "samples": int(grid["samples"]),
-        "seed": int(grid.get("seed", 0)),
+        "rates": sorted(grid.rates),
+        "epochs": sorted(grid.epochs),
+        "samples": grid.samples,
+        "seed": grid.seed,
     }
     cfg = train_config(plan.params)
     info = model_info(ctx.engine, plan.base_model_id)

@@ -27,13 +27,12 @@ def register_model(ctx: JobContext) -> dict[str, Any]:
     ctx.report(0.02, f"loading dataset {info.dataset}")
     data = load_data(info)
     device = worker_device(ctx.settings)
-    uploaded = cfg.get("uploaded_weights_sha256")
-    if uploaded:
-        with open_artifact_file(uploaded, str(cfg.get("weights_suffix", ".safetensors"))) as path:
+    if cfg.uploaded_weights_sha256:
+        with open_artifact_file(cfg.uploaded_weights_sha256, cfg.weights_suffix) as path:
             model = acc.load_model(arch, path, data.input_shape, data.num_classes)
     else:
-        model = acc.build_model(arch, data.input_shape, data.num_classes, seed=int(cfg.get("seed", 0)))
-        epochs = int(cfg.get("epochs", 10))
+        model = acc.build_model(arch, data.input_shape, data.num_classes, seed=cfg.seed)
+        epochs = cfg.epochs
         ctx.report(0.05, f"training {arch} on {data.name} for {epochs} epochs")
 
         def on_epoch(e: int, n: int, m: dict[str, float]) -> None:
@@ -45,9 +44,9 @@ def register_model(ctx: JobContext) -> dict[str, Any]:
             model,
             data,
             epochs,
-            lr=float(cfg.get("lr", 0.05)),
-            batch_size=int(cfg.get("batch_size", 64)),
-            seed=int(cfg.get("seed", 0)),
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
             on_progress=on_epoch,
             checkpoint=checkpoint,
             device=device,
