@@ -202,7 +202,13 @@ class PlanOut(BaseModel):
     next_cursor: str | None = Field(
         default=None, description="pass as ?cursor= to get the next page of `chips`; null on the last"
     )
-    groups: list[GroupOut]
+    groups: list[GroupOut] = Field(
+        description="one page of the plan's groups, in their order (?groups_limit=, ?groups_cursor=; "
+        "the first page without them)"
+    )
+    next_groups_cursor: str | None = Field(
+        default=None, description="pass as ?groups_cursor= to get the next page of `groups`; null on the last"
+    )
     jobs: dict[str, str]
     created_at: UTCDateTime
 
