@@ -45,7 +45,7 @@ from workers.export import manifest_bytes, plan_group_manifest, sparse_delta, st
 SAFETENSORS = "application/octet-stream"  # safetensors has no registered media type
 
 
-# --- loading a base model ------------------------------------------------------------------
+# --- loading a base model, its stored settings --------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,23 @@ def train_config(params: PlanParams | TrainIn, device: str | None = None) -> pip
     return pipeline.TrainConfig(lr=t.lr, batch_size=t.batch_size, seed=t.seed, device=device)
 
 
+def plan_settings(params: PlanParams) -> pipeline.FleetSettings:
+    """A plan's `FleetSettings` from its parsed params; a grid of epoch 0 alone climbs the default ladder."""
+    grid = params.resilience
+    ladder = tuple(sorted({0, *grid.epochs}))
+    return pipeline.FleetSettings(
+        max_group_size=params.max_group_size,
+        bypass=params.bypass,
+        robust_base=params.robust_base,
+        resilience_map=params.resilience_map,
+        ladder=ladder if len(ladder) > 1 else pipeline.FleetSettings.ladder,
+        map_rates=tuple(sorted(grid.rates)),
+        map_samples=grid.samples,
+        schedule=params.schedule,
+        seed=params.seed,
+    )
+
+
 def checkpoint_dir(settings: Settings, name: str) -> Path:
     """A job's checkpoint directory (under the artifact directory)."""
     path = Path(settings.artifact_dir or ".") / "checkpoints" / name
@@ -167,7 +184,7 @@ def load_group_model(dep: Deployed, sha256: str) -> nn.Module:
     return acc.load_model(dep.info.architecture, load_state(sha256), dep.data.input_shape, dep.data.num_classes)
 
 
-# --- base model registration ---------------------------------------------------------------
+# --- a failed job marks its subject failed (in the transaction that fails the job) ----------------
 
 
 def model_failed(params: dict[str, Any], error: str) -> Any:
@@ -289,23 +306,6 @@ def set_plan_status(engine: Engine, plan_id: int, status: str) -> None:
 # --- the model library ------------------------------------------------------------------------
 
 
-def plan_settings(params: PlanParams) -> pipeline.FleetSettings:
-    """A plan's `FleetSettings` from its parsed params; a grid of epoch 0 alone climbs the default ladder."""
-    grid = params.resilience
-    ladder = tuple(sorted({0, *grid.epochs}))
-    return pipeline.FleetSettings(
-        max_group_size=params.max_group_size,
-        bypass=params.bypass,
-        robust_base=params.robust_base,
-        resilience_map=params.resilience_map,
-        ladder=ladder if len(ladder) > 1 else pipeline.FleetSettings.ladder,
-        map_rates=tuple(sorted(grid.rates)),
-        map_samples=grid.samples,
-        schedule=params.schedule,
-        seed=params.seed,
-    )
-
-
 def library_rows(engine: Engine, model_id: int) -> list[tuple[int, str, str, str, dict[str, Any] | None, str | None]]:
     """The base model's library rows, oldest first: (id, key, kind, weights sha256, fused map, protected layer)."""
     q = (
@@ -419,6 +419,9 @@ def library_artifacts(engine: Engine, model_id: int) -> dict[str, int]:
 
 def group_library_key(plan_id: int, group_key: str) -> str:
     return f"plan{plan_id}:{group_key}"
+
+
+# --- plan documents, group models, chip assignments -----------------------------------------------
 
 
 def stored_thresholds(summary: dict[str, Any]) -> pipeline.Thresholds:
