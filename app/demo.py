@@ -62,12 +62,18 @@ def wait_job(client: httpx.Client, job_id: str, timeout_s: float, label: str) ->
 
 
 def get_plan(client: httpx.Client, plan_id: int) -> dict[str, Any]:
-    """GET /plans/{id} with every chip: its chips come in pages, joined here."""
-    plan = _check(client.get(f"/api/v1/plans/{plan_id}", params={"limit": 1000}))
-    while plan["next_cursor"] is not None:
-        page = _check(client.get(f"/api/v1/plans/{plan_id}", params={"limit": 1000, "cursor": plan["next_cursor"]}))
-        plan["chips"] += page["chips"]
-        plan["next_cursor"] = page["next_cursor"]
+    """GET /plans/{id} with every chip and every group: both come in pages, joined here."""
+    sizes = {"limit": 1000, "groups_limit": 1000}
+    plan = _check(client.get(f"/api/v1/plans/{plan_id}", params=sizes))
+    while plan["next_cursor"] is not None or plan["next_groups_cursor"] is not None:
+        at = {"cursor": plan["next_cursor"], "groups_cursor": plan["next_groups_cursor"]}
+        page = _check(
+            client.get(f"/api/v1/plans/{plan_id}", params={**sizes, **{k: v for k, v in at.items() if v is not None}})
+        )
+        for items, cursor in (("chips", "cursor"), ("groups", "groups_cursor")):
+            if at[cursor] is not None:  # a list whose pages are done comes from its first page again
+                plan[items] += page[items]
+                plan[f"next_{cursor}"] = page[f"next_{cursor}"]
     return plan
 
 

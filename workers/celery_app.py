@@ -26,7 +26,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
         # No result backend: results and progress live in the jobs table, and a backend would
         # be one more server that every publish subscribes to (and stalls on when it is down).
         backend=None,
-        include=["workers.tasks", "workers.fleet"],
+        include=["workers.tasks", "workers.handlers"],
     )
     conf: dict[str, Any] = {
         "task_default_queue": settings.queue,

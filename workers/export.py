@@ -9,15 +9,22 @@ stable identity (ETag) and re-running an export after a crash stores nothing new
 from __future__ import annotations
 
 import gzip
+import importlib.metadata
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from accelerator.training import FAT_OPTIMIZER
+from planner import Group, Plan
+
+if TYPE_CHECKING:
+    from app.db.models import Artifact
+    from workers.pipeline import GroupResult, Thresholds
+    from workers.store import ModelInfo, PlanInfo
 
 
 def state_dict_bytes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -58,6 +65,12 @@ def apply_delta(base: Mapping[str, torch.Tensor], delta: bytes) -> dict[str, tor
             flat[t] = parts[f"{name}.val"]
             state[name] = flat.view_as(state[name])
     return state
+
+
+def code_version() -> str:
+    """The installed faultfleet's version: part of every cache key and manifest, so nothing
+    an older emulator measured is served after an upgrade."""
+    return f"faultfleet-{importlib.metadata.version('faultfleet')}"
 
 
 def manifest_bytes(manifest: Mapping[str, object]) -> bytes:
@@ -103,3 +116,66 @@ def group_manifest(
         "delta": dict(delta),
         "code_version": code_version,
     }
+
+
+def member_bypass(doc: Plan, g: Group) -> dict[str, dict[str, Any]]:
+    """Per member of `g`: the PEs it must bypass (beyond its dead ones) to compute what was
+    verified, its bypass policy's and the group's (`planner.group_deployment`); members
+    with none are left out."""
+    out = {}
+    for c in g.members:
+        st = doc.chips[c]
+        group_pes = g.fused.dead_pes - doc.maps[c].dead_pes
+        pes = sorted({(int(r), int(col)) for r, col in st.bypassed} | group_pes)
+        if st.bypass or pes:
+            out[c] = {"policy": st.bypass, "pes": [list(pe) for pe in pes]}
+    return out
+
+
+def plan_group_manifest(
+    info: ModelInfo,
+    plan: PlanInfo,
+    doc: Plan,
+    g: Group,
+    group_id: int,
+    result: GroupResult,
+    resumed_from: int,
+    *,
+    training: Mapping[str, Any],
+    thresholds: Thresholds,
+    model: Artifact,
+    delta: Artifact,
+) -> dict[str, Any]:
+    """The `group_manifest` of group `g` of a plan (`doc`): its retraining `result` on base
+    model `info`, with the stored model and delta artifacts it describes."""
+    array = info.array
+    return group_manifest(
+        group={"id": group_id, "key": g.group_id, "plan_id": plan.id, "round": g.round, "reason": g.reason},
+        fused_map_digest=g.fused.digest,
+        fused_rate=g.fused.rate,
+        schedule=g.schedule,
+        epochs=g.amount,
+        total_epochs=g.total_epochs,
+        warm_from=g.warm_from,
+        protect=list(result.protect),
+        tmr_penalty=result.tmr_penalty,
+        resumed_from_epoch=resumed_from,
+        members=g.members,
+        validation=result.validation,
+        test=result.test,
+        bypass=member_bypass(doc, g),
+        training=training,
+        base_model={
+            "id": info.id,
+            "name": info.name,
+            "architecture": info.architecture,
+            "dataset": info.dataset,
+            "weights_sha256": info.weights_sha256,
+        },
+        accelerator={"rows": array.rows, "cols": array.cols, "fmt": array.fmt, "bypass": array.bypass},
+        constraint=plan.constraint,
+        thresholds={"validation": thresholds.decision, "test": thresholds.verification},
+        model={"file": "model.safetensors", "sha256": model.sha256, "size": model.size},
+        delta={"file": "model.delta.safetensors.gz", "sha256": delta.sha256, "size": delta.size},
+        code_version=code_version(),
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -176,6 +176,26 @@ def _file(path: Path) -> Path:
     return path
 
 
+def _import(
+    reader: Callable[[Path, str, int, int], list[formats.Entry]],
+    file: Path,
+    accelerator: str,
+    rows: int | None,
+    cols: int | None,
+    batch_size: int,
+    replace: bool,
+    url: str | None,
+    api_key: str | None,
+    as_json: bool,
+) -> None:
+    """Read `file` with `reader` for the array given (else the profile's), upload it, report."""
+    _file(file)
+    with client(url, api_key) as api:
+        r, c = _array_of(api, accelerator, rows, cols)
+        summary = send(api, reader(file, accelerator, r, c), batch_size, replace, quiet=as_json)
+    report(summary, as_json)
+
+
 @app.command("import-csv")
 def import_csv(
     file: Annotated[Path, typer.Argument(help="CSV: chip_id,lot,wafer,die_x,die_y,row,col,site,bit,stuck")],
@@ -189,11 +209,7 @@ def import_csv(
     as_json: JsonOpt = False,
 ) -> None:
     """Import a CSV with one row per fault (a chip with no faults: one row with the fault columns empty)."""
-    _file(file)
-    with client(url, api_key) as api:
-        r, c = _array_of(api, accelerator, rows, cols)
-        summary = send(api, formats.read_csv(file, accelerator, r, c), batch_size, replace, quiet=as_json)
-    report(summary, as_json)
+    _import(formats.read_csv, file, accelerator, rows, cols, batch_size, replace, url, api_key, as_json)
 
 
 @app.command("import-stdf")
@@ -209,11 +225,7 @@ def import_stdf(
     as_json: JsonOpt = False,
 ) -> None:
     """Import an STDF V4 file: one chip per part, one fault per failing FTR (mapping: README)."""
-    _file(file)
-    with client(url, api_key) as api:
-        r, c = _array_of(api, accelerator, rows, cols)
-        summary = send(api, formats.read_stdf(file, accelerator, r, c), batch_size, replace, quiet=as_json)
-    report(summary, as_json)
+    _import(formats.read_stdf, file, accelerator, rows, cols, batch_size, replace, url, api_key, as_json)
 
 
 @app.command("show")

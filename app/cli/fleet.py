@@ -169,15 +169,24 @@ def plan_create(
 
 
 def get_plan(api: ApiClient, plan_id: int) -> dict[str, Any]:
-    """GET /plans/{id} with every chip: its pages (`next_cursor`) gathered into one `chips` list."""
-    plan = api.get(f"/plans/{plan_id}", params={"limit": 1000})
-    chips = list(plan.get("chips") or [])
-    cursor = plan.get("next_cursor")
-    while cursor:
-        page = api.get(f"/plans/{plan_id}", params={"limit": 1000, "cursor": cursor})
-        chips += page.get("chips") or []
-        cursor = page.get("next_cursor")
+    """GET /plans/{id} with every chip and every group: their pages (`next_cursor`,
+    `next_groups_cursor`) gathered into one `chips` and one `groups` list."""
+    sizes = {"limit": 1000, "groups_limit": 1000}
+    plan = api.get(f"/plans/{plan_id}", params=sizes)
+    chips, groups = list(plan.get("chips") or []), list(plan.get("groups") or [])
+    cursor, groups_cursor = plan.get("next_cursor"), plan.get("next_groups_cursor")
+    while cursor or groups_cursor:
+        # a list whose pages are done is served from its first page again: ignored
+        at = {"cursor": cursor, "groups_cursor": groups_cursor}
+        page = api.get(f"/plans/{plan_id}", params={**sizes, **{k: v for k, v in at.items() if v}})
+        if cursor:
+            chips += page.get("chips") or []
+            cursor = page.get("next_cursor")
+        if groups_cursor:
+            groups += page.get("groups") or []
+            groups_cursor = page.get("next_groups_cursor")
     plan["chips"], plan["next_cursor"] = chips, None
+    plan["groups"], plan["next_groups_cursor"] = groups, None
     return dict(plan)
 
 
@@ -350,7 +359,8 @@ def models_download(
             for fmt, name in (("safetensors", "model.safetensors"), ("manifest", "manifest.json")):
                 files.append(download(api, f"/chips/{safe}/model", {"format": fmt}, out_dir / f"{base}-{name}"))
         else:
-            doc = api.get(f"/plans/{plan}")
+            assert plan is not None  # exactly one of the three was given
+            doc = get_plan(api, plan)
             trained = [g for g in doc["groups"] if g["model_sha256"]]
             if not trained:
                 raise CliError(f"plan {plan} has no trained group model yet (status {doc['status']})")

@@ -266,9 +266,9 @@ def plan_list(
 
 
 def _plan_view(session: Session, plan_id: int) -> dict[str, Any]:
-    """The plan as the API shows it, with every chip state of its document (not one page)."""
+    """The plan as the API shows it, with every group and every chip state of its document (not one page)."""
     plan = plansvc.get_plan(session, plan_id)
-    view = plansvc.plan_view(session, plan)
+    view = plansvc.plan_view(session, plan, groups_limit=None)
     fields = ("chip_id", "status", "screening", "effective_rate", "amount", "group_id", "accuracy", "reason")
     view["chips"] = [{k: st.get(k) for k in fields} for st in (plan.document or {}).get("chips", [])]
     return dict(view)

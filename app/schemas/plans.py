@@ -15,18 +15,38 @@ BUILTIN_DATASETS = ("digits", "mnist5k")
 SCHEDULES = ("progressive_union", "all_at_once", "sample_members")
 
 
-class ModelIn(StrictInput):
+class ModelTraining(StrictInput):
+    """How a base model is trained on a worker: the settings `POST /models` takes besides its name,
+    architecture, dataset and profile, and the one place of their defaults."""
+
+    train: bool = Field(default=False, description="train the weights on a worker (JSON registration needs this)")
+    epochs: int = Field(default=10, ge=1, le=500, description="float training epochs when train is true")
+    lr: float = Field(default=0.05, gt=0, le=10)
+    batch_size: int = Field(default=64, ge=1, le=8192)
+    seed: Seed = 0
+
+
+class ModelIn(ModelTraining):
     """Register a base model: a zoo architecture trained on a worker (`train: true`), or uploaded weights."""
 
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     architecture: str = Field(description="zoo architecture: mlp, lenet5, resnet20, resnet32")
     dataset: str = Field(description="'digits', 'mnist5k', or the name of an uploaded .npz (multipart)")
     accelerator: str = Field(description="registered accelerator profile name")
-    train: bool = Field(default=False, description="train the weights on a worker (JSON registration needs this)")
-    epochs: int = Field(default=10, ge=1, le=500, description="float training epochs when train is true")
-    lr: float = Field(default=0.05, gt=0, le=10)
-    batch_size: int = Field(default=64, ge=1, le=8192)
-    seed: Seed = 0
+
+
+class ModelConfig(ModelTraining):
+    """A base model's stored `config` as the registration job reads it: its training settings
+    (those given, the rest their defaults) and the artifacts it was uploaded with."""
+
+    uploaded_weights_sha256: str | None = Field(default=None, description="uploaded weights (no training)")
+    weights_suffix: str = Field(default=".safetensors", description="the uploaded weights file's format")
+    dataset_sha256: str | None = Field(default=None, description="an uploaded .npz dataset")
+
+    @classmethod
+    def stored(cls, config: dict[str, Any] | None) -> ModelConfig:
+        """Parse a stored config (JSON from the database: no strict types needed)."""
+        return cls.model_validate(config or {}, strict=False)
 
 
 class ModelOut(BaseModel):
@@ -100,10 +120,10 @@ class TrainIn(StrictInput):
     seed: Seed = 0
 
 
-class PlanIn(StrictInput):
-    model: str = Field(description="base model name")
-    constraint: ConstraintIn
-    chips: ChipSelection = Field(default_factory=ChipSelection, description="empty: every chip of the profile")
+class PlanParams(StrictInput):
+    """A plan's settings: what `POST /plans` takes besides the model, the constraint and the chips.
+    Stored as the plan's `params` and parsed from there by its jobs: the one place of their defaults."""
+
     max_group_size: int = Field(default=5, ge=1, le=256)
     schedule: Literal["progressive_union", "all_at_once", "sample_members"] = "progressive_union"
     bypass: bool = Field(
@@ -124,6 +144,21 @@ class PlanIn(StrictInput):
     )
     train: TrainIn = Field(default_factory=TrainIn)
     seed: Seed = 0
+
+    @classmethod
+    def stored(cls, params: dict[str, Any] | None) -> PlanParams:
+        """Parse a plan's stored `params` (JSON from the database: no strict types needed)."""
+        return cls.model_validate(params or {}, strict=False)
+
+
+class PlanIn(PlanParams):
+    model: str = Field(description="base model name")
+    constraint: ConstraintIn
+    chips: ChipSelection = Field(default_factory=ChipSelection, description="empty: every chip of the profile")
+
+    def params(self) -> dict[str, Any]:
+        """The plan's settings as its row stores them (`PlanParams`)."""
+        return self.model_dump(include=set(PlanParams.model_fields))
 
 
 class MemberOut(BaseModel):
@@ -167,7 +202,13 @@ class PlanOut(BaseModel):
     next_cursor: str | None = Field(
         default=None, description="pass as ?cursor= to get the next page of `chips`; null on the last"
     )
-    groups: list[GroupOut]
+    groups: list[GroupOut] = Field(
+        description="one page of the plan's groups, in their order (?groups_limit=, ?groups_cursor=; "
+        "the first page without them)"
+    )
+    next_groups_cursor: str | None = Field(
+        default=None, description="pass as ?groups_cursor= to get the next page of `groups`; null on the last"
+    )
     jobs: dict[str, str]
     created_at: UTCDateTime
 

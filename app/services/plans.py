@@ -1,7 +1,7 @@
 """Base models, plans and model downloads: validation, row creation and views for the routes.
 
 Heavy work (training, planning, retraining) is never done here: a route creates rows
-and a job, and a worker runs it (see `workers.fleet`).
+and a job, and a worker runs it (see `workers.handlers`).
 """
 
 from __future__ import annotations
@@ -162,16 +162,7 @@ def new_plan(session: Session, body: PlanIn, bm: ModelRecord) -> PlanRecord:
         status="pending",
         constraint=constraint,
         selection=sel.model_dump(exclude_defaults=True),
-        params={
-            "max_group_size": body.max_group_size,
-            "schedule": body.schedule,
-            "bypass": body.bypass,
-            "resilience": body.resilience.model_dump(),
-            "resilience_map": body.resilience_map,
-            "robust_base": body.robust_base,
-            "train": body.train.model_dump(),
-            "seed": body.seed,
-        },
+        params=body.params(),
     )
     session.add(plan)
     session.flush()
@@ -239,14 +230,35 @@ def plan_chips_page(doc: dict[str, Any], after: str | None, limit: int) -> tuple
     return [{k: st.get(k) for k in PLAN_CHIP_FIELDS} for st in page], (page[-1]["chip_id"] if more and page else None)
 
 
+def plan_groups_page(
+    session: Session, plan_id: int, after: int | None, limit: int | None
+) -> tuple[list[GroupRecord], int | None]:
+    """One page of a plan's groups in their order (`index`): those after index `after`, at most
+    `limit` (None: all); and the index to continue after, or None on the last page."""
+    q = select(GroupRecord).where(GroupRecord.plan_id == plan_id).order_by(GroupRecord.index)
+    if after is not None:
+        q = q.where(GroupRecord.index > after)
+    if limit is None:
+        return list(session.scalars(q)), None
+    groups = list(session.scalars(q.limit(limit + 1)))
+    more = len(groups) > limit
+    groups = groups[:limit]
+    return groups, (groups[-1].index if more and groups else None)
+
+
 def plan_view(
-    session: Session, plan: PlanRecord, *, chips_after: str | None = None, chips_limit: int = 100
+    session: Session,
+    plan: PlanRecord,
+    *,
+    chips_after: str | None = None,
+    chips_limit: int = 100,
+    groups_after: int | None = None,
+    groups_limit: int | None = 100,
 ) -> dict[str, Any]:
-    """The plan with every group and one page of its chips (`plan_chips_page`); ``next_cursor``
-    continues the chips."""
-    groups = list(
-        session.scalars(select(GroupRecord).where(GroupRecord.plan_id == plan.id).order_by(GroupRecord.index))
-    )
+    """The plan with one page of its groups (`plan_groups_page`; `groups_limit` None: every
+    group) and one page of its chips (`plan_chips_page`); ``next_cursor`` continues the chips,
+    ``next_groups_cursor`` the groups."""
+    groups, next_group = plan_groups_page(session, plan.id, groups_after, groups_limit)
     pks = {m.chip_pk for g in groups for m in g.members}
     chip_ids = {
         pk: cid
@@ -271,6 +283,7 @@ def plan_view(
         "chips": chips,
         "next_cursor": encode_cursor(next_after) if next_after is not None else None,
         "groups": [group_view(g, chip_ids) for g in groups],
+        "next_groups_cursor": encode_cursor(next_group) if next_group is not None else None,
         "jobs": jobs,
         "created_at": plan.created_at,
     }
@@ -457,7 +470,7 @@ def late_assignment_jobs(
 ) -> list[tuple[str, bool]]:
     """In the caller's transaction (it commits, then enqueues the new jobs): after chips were
     created or replaced, each of their accelerators that an executed plan covers gets their pks
-    into its pending late-chip job (`workers.fleet.assign_chip`): the one job, queued and not yet
+    into its pending late-chip job (`workers.handlers.late_chips.assign_chip`): the one job, queued and not yet
     taken by a worker, that every late chip joins until a worker runs it, so a stream of single
     POSTs queues one job, not one each. Returns (job id, created: the caller must enqueue it).
 

@@ -35,7 +35,7 @@ def test_worker_device_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     sees one; a GPU asked for on a machine without one fails by name, not deep in torch."""
     import torch
 
-    from workers.fleet import worker_device
+    from workers.store import worker_device
 
     assert Settings().device == "cpu" and worker_device(Settings()) == "cpu"
     monkeypatch.setenv("FAULTFLEET_DEVICE", "gpu")

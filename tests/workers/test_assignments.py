@@ -12,7 +12,7 @@ from app.db.base import Base
 from app.db.models import ChipAssignment
 
 pytest.importorskip("torch")
-from workers.fleet import upsert_assignment  # noqa: E402
+from workers.store import upsert_assignment  # noqa: E402
 
 
 def test_upsert_assignment_inserts_once_then_updates(tmp_path: Path) -> None:

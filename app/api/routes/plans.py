@@ -43,7 +43,8 @@ def create_plan(
     "/plans/{plan_id}",
     response_model=PlanOut,
     dependencies=[Depends(require("read"))],
-    summary="A plan: status, summary, groups, and one page of its chips (cursor pagination as GET /chips)",
+    summary="A plan: status, summary, one page of its groups and one page of its chips "
+    "(cursor pagination as GET /chips, each list with its own cursor)",
 )
 def get_plan(
     plan_id: IdPath,
@@ -51,10 +52,20 @@ def get_plan(
     settings: SettingsDep,
     limit: int = Query(100, ge=1, description="chips per page (at most the page_size_max setting)"),
     cursor: str | None = Query(None, description="next_cursor of the previous page"),
+    groups_limit: int = Query(100, ge=1, description="groups per page (at most the page_size_max setting)"),
+    groups_cursor: str | None = Query(None, description="next_groups_cursor of the previous page"),
 ) -> Any:
     plan = svc.get_plan(session, plan_id)
     after = decode_cursor(cursor, str) if cursor else None
-    return svc.plan_view(session, plan, chips_after=after, chips_limit=min(limit, settings.page_size_max))
+    groups_after = decode_cursor(groups_cursor, int, "groups_cursor") if groups_cursor else None
+    return svc.plan_view(
+        session,
+        plan,
+        chips_after=after,
+        chips_limit=min(limit, settings.page_size_max),
+        groups_after=groups_after,
+        groups_limit=min(groups_limit, settings.page_size_max),
+    )
 
 
 @router.post(

@@ -1,0 +1,164 @@
+"""Planning: screening against the library, robust base, map or ladder, grouping."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.orm import Session
+from torch import nn
+
+from accelerator import FaultMap
+from app.db.models import (
+    PlanRecord,
+)
+from app.services.artifacts import store_bytes
+from planner import AccuracyConstraint, Plan, ResilienceMap, SiteSeverity, measure_site_severity
+from planner.economics import fap_t_epochs_at_least
+from planner.plan import NEEDS_NOTHING
+from workers import pipeline
+from workers.export import state_dict_bytes
+from workers.handlers.maps import ensure_resilience_map
+from workers.jobs import JobContext, handler
+from workers.store import (
+    SAFETENSORS,
+    Deployed,
+    add_to_library,
+    checkpoint_dir,
+    deployed,
+    load_library,
+    plan_failed,
+    plan_info,
+    plan_settings,
+    selected_maps,
+    set_plan_status,
+    sync_groups,
+    train_config,
+)
+
+
+def robust_trainer(
+    ctx: JobContext, dep: Deployed, em: pipeline.Emulation, settings: pipeline.FleetSettings, plan_id: int
+) -> pipeline.RobustTrainer:
+    """Train the robust base in this job, rung by rung (`pipeline.grow_robust_base`), each
+    rung checkpointed every epoch through the artifact store's scratch directory of this
+    plan, so a job taken over resumes at its last finished epoch."""
+    total = settings.robust_ladder[-1]
+
+    def train(model: nn.Module, maps: Sequence[FaultMap], start: int, epochs: int) -> nn.Module:
+        ckpt = checkpoint_dir(ctx.settings, f"robust-plan{plan_id}") / f"robust-{start:04d}.pt"
+
+        def on_epoch(e: int, _n: int, m: dict[str, float]) -> None:
+            done = start + e
+            ctx.report(0.3 + 0.2 * done / total, f"robust base: epoch {done}, loss {m.get('loss', float('nan')):.4f}")
+
+        return pipeline.train_robust_base(
+            em,
+            model,
+            maps,
+            epochs=epochs,
+            lr=settings.robust_lr,
+            seed=settings.seed,
+            start=start,
+            checkpoint=ckpt,
+            on_progress=on_epoch,
+        )
+
+    return train
+
+
+@handler("plan", on_failure=plan_failed)
+def build_plan(ctx: JobContext) -> dict[str, Any]:
+    """`pipeline.plan_batch` over the plan's chips: screening against the base model's library,
+    a robust base where it pays (stored in the library), a measured map (fanned out) where it
+    pays or the ladder, then `plan_fleet`. What it cost goes into the plan's ledger."""
+    plan = plan_info(ctx.engine, int(ctx.params["plan_id"]))
+    if plan.document is not None:
+        return {"plan_id": plan.id, "summary": plan.document.get("summary")}  # already built (idempotent)
+    set_plan_status(ctx.engine, plan.id, "planning")
+    dep = deployed(ctx.engine, plan.base_model_id)
+    maps = selected_maps(ctx.engine, plan, dep.array)
+    if not maps:
+        raise ValueError("the plan selects no chips")
+    settings = plan_settings(plan.params)
+    em = dep.emulation(train_config(plan.params, dep.device))
+    constraint = AccuracyConstraint.from_dict(plan.constraint)
+    library, _ = load_library(ctx.engine, dep)
+    rmap_id: int | None = None
+
+    def build_map(model: nn.Module, thr: pipeline.Thresholds) -> tuple[ResilienceMap, SiteSeverity]:
+        nonlocal rmap_id
+        rmap_id, rmap, built = ensure_resilience_map(ctx, plan, thr.baseline_validation, progress=(0.5, 0.8))
+        if built:
+            em.ledger.train("resilience_map", rmap.training_epochs)
+        severity = measure_site_severity(
+            dep.array,
+            lambda fm: em.validate(model, fm, kind="severity"),
+            thr.baseline_validation,
+            rate=rmap.rates[len(rmap.rates) // 2],
+            samples=1,
+            seed=settings.seed,
+        )
+        return rmap, severity
+
+    n = len(maps)
+
+    def progress(msg: str) -> None:
+        ctx.report(0.05, msg)
+
+    ctx.report(0.02, f"screening {n} chips against the model library")
+    batch = pipeline.plan_batch(
+        em,
+        dep.model,
+        maps,
+        constraint,
+        settings,
+        library=library,
+        train_robust=robust_trainer(ctx, dep, em, settings, plan.id),
+        build_map=build_map,
+        on_progress=progress,
+    )
+    if batch.decisions["robust_base"].get("trained") and any(lm.key == "robust" for lm in batch.library):
+        robust = batch.model("robust").model
+        with Session(ctx.engine, expire_on_commit=False) as s:
+            art = store_bytes(
+                s, state_dict_bytes(robust.state_dict(), {"robust_base": dep.info.name}), "model", SAFETENSORS
+            )
+            s.commit()
+            art_id = art.id
+        epochs = int(batch.decisions["robust_base"]["epochs"])
+        add_to_library(ctx.engine, dep.info.id, "robust", "robust", art_id, training_epochs=epochs)
+    doc = batch.plan
+    with Session(ctx.engine, expire_on_commit=False) as s:
+        row = s.get(PlanRecord, plan.id)
+        assert row is not None
+        row.resilience_map_id = rmap_id
+        sync_groups(s, row, doc)
+        row.summary = {
+            **plan_summary(doc, em.ledger, batch.thresholds, batch.decisions),
+            "group_base": batch.group_base,
+        }
+        row.status, row.error = "planned", None
+        s.commit()
+    return {"plan_id": plan.id, "summary": doc.summary()}
+
+
+def plan_summary(
+    doc: Plan, ledger: pipeline.Ledger, thr: pipeline.Thresholds, decisions: dict[str, Any]
+) -> dict[str, Any]:
+    """A plan's summary: the planner's counts, every cost so far and the FAP+T estimate beside it."""
+    failing = sum(1 for st in doc.chips.values() if st.status != NEEDS_NOTHING)
+    return {
+        **doc.summary(),
+        **ledger.to_dict(),
+        "ledger": ledger.state(),
+        "fap_t_epochs_at_least": fap_t_epochs_at_least(failing, doc.resilience_map.smallest_positive_amount),
+        "thresholds": {
+            "validation": thr.decision,
+            "test": thr.verification,
+            "baseline_validation": thr.baseline_validation,
+            "baseline_test": thr.baseline_test,
+        },
+        "decisions": decisions,
+        "threshold": thr.decision,
+    }
