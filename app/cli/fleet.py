@@ -15,6 +15,7 @@ from rich.table import Table
 
 from app.cli.api import ApiClient, CliError
 from app.cli.output import JsonOpt, KeyOpt, UrlOpt, client, err, out, pct, print_json
+from app.services.plan_costs import cost_alternatives
 
 plan_app = typer.Typer(help="Plan, show and execute the retraining of a fleet.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Follow jobs.", no_args_is_help=True)
@@ -211,11 +212,9 @@ def _show_plan(plan: dict[str, Any], as_json: bool) -> None:
         ("status", "left"),
     ):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
-    alone_total = 0
     for g in plan["groups"]:
         ids = [m["chip_id"] for m in g["members"]]
         alone = sum(int(amounts.get(i) or 0) for i in ids)
-        alone_total += alone if g["round"] == 0 else 0
         accs = [m["accuracy"] for m in g["members"] if m["accuracy"] is not None]
         shown = ", ".join(ids[:4]) + (f" +{len(ids) - 4}" if len(ids) > 4 else "")
         t.add_row(
@@ -239,15 +238,8 @@ def _show_plan(plan: dict[str, Any], as_json: bool) -> None:
         cost = Table(title="cost (training epochs)")
         cost.add_column("strategy")
         cost.add_column("epochs", justify="right")
-        group_epochs = s.get("retraining_epochs", s.get("planned_epochs"))
-        cost.add_row("this plan (group retraining, replans included)", str(group_epochs))
-        cost.add_row("per chip, each retrained alone at its own amount", str(alone_total))
-        cost.add_row(
-            f"per-chip FAT ({s.get('per_chip_fat_amount')} epochs x each chip failing screening)",
-            str(s.get("per_chip_fat_epochs")),
-        )
-        if s.get("fap_t_epochs_at_least") is not None:
-            cost.add_row("FAP+T (bypass, then each failing chip alone), at least", str(s["fap_t_epochs_at_least"]))
+        for label, epochs in cost_alternatives(plan):
+            cost.add_row(label, f"{epochs:g}")
         if s.get("training_epochs_total") is not None:
             cost.add_row("everything this plan trained (maps, robust base, groups)", str(s["training_epochs_total"]))
         out.print(cost)

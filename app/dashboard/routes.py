@@ -28,6 +28,7 @@ from app.dashboard import plots
 from app.db.models import Chip, ChipAssignment, GroupMember, GroupRecord, PlanRecord
 from app.services import plans as plansvc
 from app.services.fleet_state import CHIP_STATES, chip_state_counts, chip_states, group_job_progress
+from app.services.plan_costs import cost_alternatives
 
 COOKIE = "faultfleet_key"
 WAFERS_PER_PAGE = 12
@@ -274,35 +275,6 @@ def _plan_view(session: Session, plan_id: int) -> dict[str, Any]:
     return dict(view)
 
 
-def _costs(view: dict[str, Any]) -> list[tuple[str, float]]:
-    """The plan's training epochs beside the per-chip alternatives, as (label, epochs) bars."""
-    s = view.get("summary") or {}
-    decided = (s.get("decisions") or {}).get("resilience_map")
-    ladder = decided == "ladder" or (decided is None and view.get("resilience_map_id") is None)
-    costs = [("this plan (groups, replans)", float(s.get("retraining_epochs", s.get("planned_epochs")) or 0))]
-    if ladder:
-        # no measured map, so no chip has an amount of its own: the ladder credits each the first
-        # rung, and FAP+T's bound (each failing chip alone on that rung) is the honest per-chip figure
-        costs.append(("each chip alone, at least", float(s.get("fap_t_epochs_at_least") or 0)))
-    else:
-        amounts = {ch["chip_id"]: ch.get("amount") for ch in view["chips"]}
-        alone = 0
-        for g in view["groups"]:
-            if g["round"] != 0:
-                continue
-            for m in g["members"]:
-                # a chip beyond the map has no amount of its own: the planner gives it per-chip FAT's, alone
-                own = amounts.get(m["chip_id"])
-                alone += int(own) if own is not None else int(s.get("per_chip_fat_amount") or g["epochs"])
-        costs.append(("each chip alone, own amount", float(alone)))
-    costs.append(
-        (f"per-chip FAT ({s.get('per_chip_fat_amount', '?')} epochs)", float(s.get("per_chip_fat_epochs") or 0))
-    )
-    if not ladder and s.get("fap_t_epochs_at_least") is not None:
-        costs.append(("FAP+T, at least", float(s["fap_t_epochs_at_least"])))
-    return costs
-
-
 @router.get("/plans/{plan_id}", response_class=HTMLResponse)
 def plan_page(
     plan_id: int,
@@ -322,7 +294,7 @@ def plan_page(
         "groups": groups,
         "page": page,
         "pages": _pages(len(view["groups"]), GROUPS_PER_PAGE),
-        "costs": _costs(view),
+        "costs": cost_alternatives(view),
         "protected": sum(1 for g in view["groups"] if g["protect"]),
         "jobs": group_job_progress(session, plan_id),
     }
@@ -353,7 +325,9 @@ def plan_resilience_png(plan_id: int, session: SessionDep, _v: Principal = Depen
 @router.get("/plans/{plan_id}/cost.png")
 def plan_cost_png(plan_id: int, session: SessionDep, _v: Principal = Depends(viewer)) -> Response:
     view = _plan_view(session, plan_id)
-    return _png(plots.cost_bars(_costs(view), f"plan {plan_id}: training epochs against per-chip alternatives"))
+    return _png(
+        plots.cost_bars(cost_alternatives(view), f"plan {plan_id}: training epochs against per-chip alternatives")
+    )
 
 
 @router.get("/plans/{plan_id}/protection", response_class=HTMLResponse)

@@ -1,4 +1,5 @@
-"""The plan page's cost bars (`app.dashboard.routes._costs`): the per-chip figure is never 0 for a
+"""The plan page's cost bars and `faultfleet plan show`'s cost table
+(`app.services.plan_costs.cost_alternatives`): the per-chip figure is never 0 for a
 plan whose chips fail screening, whether its chips have amounts of their own (a measured map),
 none (beyond the map: planned alone at per-chip FAT's amount), or only the ladder's credit."""
 
@@ -6,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.dashboard.routes import _costs
+from app.services.plan_costs import cost_alternatives as _costs
 
 
 def _view(summary: dict[str, Any], chips: list[dict[str, Any]], groups: list[dict[str, Any]], rmap: int | None) -> dict:
