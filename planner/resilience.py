@@ -351,8 +351,8 @@ class ResilienceMap:
         im = ax.imshow(data, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-9, self.baseline))
         for j in range(len(self.epochs)):
             for i in range(len(self.rates)):
-                text = "-" if np.isnan(data[j, i]) else f"{data[j, i]:.2f}"
-                ax.text(i, j, text, ha="center", va="center", fontsize=7, color="w")
+                text, color = ("-", "0.4") if np.isnan(data[j, i]) else (f"{data[j, i]:.2f}", "w")
+                ax.text(i, j, text, ha="center", va="center", fontsize=7, color=color)
         if constraint is not None and len(self.rates) > 1 and len(self.epochs) > 1:
             thr = constraint.threshold(self.baseline)
             if np.nanmin(data) < thr < np.nanmax(data):

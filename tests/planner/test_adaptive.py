@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +145,12 @@ def test_a_sample_that_rules_a_rung_out_spares_the_others() -> None:
     assert climb.next_measurement(2) is None and climb.amounts() == {"x": 2}
     assert climb.cell_epochs == 2 * 4 and climb.cell_evaluations == 4 + 1 + 4
     assert climb.resilience_map().measured.tolist() == [[True, False, True], [True, False, True]]
+
+
+def test_a_partial_map_plots(tmp_path: Path) -> None:
+    from app.dashboard import plots
+
+    rmap = partial_map()
+    assert rmap.plot(tmp_path / "m.png", AccuracyConstraint.relative(0.01)).read_bytes()[:4] == b"\x89PNG"
+    chips = [{"effective_rate": 0.015, "amount": 2, "status": "planned"}]
+    assert plots.resilience_map(rmap, 0.98, chips, "adaptive").startswith(b"\x89PNG")
