@@ -111,6 +111,13 @@ class MapClimb:
     out for most of them (`next_measurement`). A chip is decided at the first rung its cells meet,
     or never (None) past the top, and that is what the map read afterwards gives: cells of
     rung j are never measured after the climb moves on (catching up trains, evaluates not).
+
+    `max_undecided`: share (in [0, 1)) of the placed chips the climb may leave undecided. It
+    stops, before training a rung, once no more than that many chips whose amount the map
+    could still give are undecided: they get no amount (their cells are not measured, so
+    `plan_fleet` plans them alone past the map and `replan` climbs for them), and the
+    rungs only they needed (the tail of the fleet, the most epochs) are not trained.
+    0 (default): every chip decided as the full grid decides it.
     """
 
     def __init__(
@@ -120,6 +127,8 @@ class MapClimb:
         samples: int,
         baseline: float,
         constraint: AccuracyConstraint,
+        *,
+        max_undecided: float = 0.0,
     ) -> None:
         self.rates = tuple(float(r) for r in rates)
         self.epochs = tuple(int(e) for e in epochs)
@@ -131,7 +140,12 @@ class MapClimb:
             raise ValueError(f"MapClimb: samples must be an int >= 1, got {samples!r}")
         if not isinstance(constraint, AccuracyConstraint):
             raise TypeError(f"MapClimb: constraint must be an AccuracyConstraint, got {type(constraint).__name__}")
+        if isinstance(max_undecided, bool) or not isinstance(max_undecided, int | float):
+            raise ValueError(f"MapClimb: max_undecided must be a share in [0, 1), got {max_undecided!r}")
+        if not 0.0 <= float(max_undecided) < 1.0:
+            raise ValueError(f"MapClimb: max_undecided must be a share in [0, 1), got {max_undecided!r}")
         self.samples, self.baseline, self.constraint = samples, float(baseline), constraint
+        self.max_undecided = float(max_undecided)
         self.threshold = constraint.threshold(self.baseline)
         self.acc = np.full((len(self.rates), samples, len(self.epochs)), np.nan)
         self.reached = np.zeros((len(self.rates), samples), dtype=np.int64)
@@ -214,12 +228,14 @@ class MapClimb:
         if not 1 <= rung < len(self.epochs) or rung < self._rung:
             return None
         _, worst = self._cells()
+        amounts = self.amounts()
+        undecided = [c for c, a in amounts.items() if a is None and rows_read(self.rates, self.chip_rates[c])]
+        if len(undecided) <= math.floor(self.max_undecided * len(amounts) + 1e-9):
+            return None  # the tail left undecided: no rung from here on is trained
         open_chips = []
-        for cid, amount in self.amounts().items():
+        for cid in undecided:
             rate = self.chip_rates[cid]
             rows = rows_read(self.rates, rate)
-            if amount is not None or not rows:
-                continue
             if any(np.isnan(self.acc[k, :, rung]).any() for k in rows) and meets(
                 self._upper_bound(rate, rows, rung, worst), self.threshold
             ):

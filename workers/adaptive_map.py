@@ -153,6 +153,7 @@ def build_adaptive_resilience_map(
     severity: SiteSeverity | None = None,
     served_by: Mapping[str, str] | None = None,
     mix: FaultMix | None = None,
+    max_undecided: float = 0.0,
     meta: dict[str, Any] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> AdaptiveMap:
@@ -168,11 +169,17 @@ def build_adaptive_resilience_map(
     `severity`, `served_by`: exactly what will be passed to `planner.plan_fleet` with the
     same `constraint`, whose threshold is taken against `baseline`. Chips that meet it need
     no cell. `on_progress(rung index, number of rungs)` after each rung.
+
+    `max_undecided`: share of the chips to retrain whose amount may be left undecided, the
+    ones that would need the most epochs (`planner.adaptive.MapClimb`); the map gives them no
+    amount. 0 (default): every amount as the full grid's; 0.05 trades the fleet's tail for
+    the rungs only it needs (the issue's bar: the same amount for >= 95% of the chips).
     """
     args = (model, array, data, rates, epochs, samples, cfg, baseline, seed, constraint, chips, screening, placement)
     _check(*args, mix)
     tasks = ResilienceMap.cell_tasks(rates, epochs, samples, seed)
-    climb = MapClimb(sorted({t.rate for t in tasks}), tasks[0].epochs, samples, float(baseline), constraint)
+    grid = sorted({t.rate for t in tasks})
+    climb = MapClimb(grid, tasks[0].epochs, samples, float(baseline), constraint, max_undecided=max_undecided)
     # one lazy training run per sampled map: each next() trains to the next rung, as measure_cell does
     runs: dict[tuple[int, int], tuple[FaultMap, Iterator[tuple[int, nn.Module]]]] = {}
     for t in tasks:
@@ -215,6 +222,7 @@ def build_adaptive_resilience_map(
         if close is not None:
             close()  # frees the models the runs hold
     info = {"array": [array.rows, array.cols], "train": cfg.to_dict(), "seed": seed, "depth": list(climb.depth)}
+    info["max_undecided"] = climb.max_undecided
     rmap = climb.resilience_map({**(meta or {}), **info})
     trained = tuple(tuple(climb.epochs[int(r)] for r in row) for row in climb.reached)
     return AdaptiveMap(rmap, climb.cell_epochs, climb.cell_evaluations, climb.amounts(), climb.depth, trained)

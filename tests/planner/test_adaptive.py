@@ -67,11 +67,13 @@ def test_a_partial_map_is_checked_and_charges_its_own_cost() -> None:
     assert m.training_epochs == 5
 
 
-def climb_with_fake(chip_rates: dict[str, float], samples: int, c: AccuracyConstraint) -> MapClimb:
+def climb_with_fake(
+    chip_rates: dict[str, float], samples: int, c: AccuracyConstraint, max_undecided: float = 0.0
+) -> MapClimb:
     """The climb `workers.adaptive_map` runs, with the planner tests' fake measurements."""
     tasks = ResilienceMap.cell_tasks(RATES, LADDER, samples, seed=0)
     values = {(t.rate_index, t.sample): fake_measure_cell(t) for t in tasks}
-    climb = MapClimb(RATES, LADDER, samples, BASELINE, c)
+    climb = MapClimb(RATES, LADDER, samples, BASELINE, c, max_undecided=max_undecided)
     for i in range(len(RATES)):
         for s in range(samples):
             climb.record(0, i, s, values[(i, s)][0])
@@ -102,6 +104,24 @@ def test_the_climb_gives_the_full_grids_amounts_for_less() -> None:
         for s in range(3):
             done = np.nonzero(~np.isnan(climb.acc[i, s]))[0]
             assert done.max() == climb.reached[i, s]
+
+
+def test_the_climb_may_leave_the_fleets_tail_undecided() -> None:
+    c = AccuracyConstraint.relative(0.01)
+    full = ResilienceMap.build(RATES, LADDER, 3, fake_measure_cell, baseline=BASELINE, seed=0)
+    rates = [0.003, 0.005, 0.008, 0.012, 0.015, 0.02, 0.025, 0.03, 0.05, 0.07]
+    chip_rates = {f"c{k}": r for k, r in enumerate(rates)}
+    want = {cid: full.required_epochs(r, c) for cid, r in chip_rates.items()}
+    exact = climb_with_fake(chip_rates, 3, c)
+    tail = climb_with_fake(chip_rates, 3, c, max_undecided=0.2)  # 2 of 10 chips
+    got = tail.amounts()
+    differ = [cid for cid in want if got[cid] != want[cid]]
+    assert 0 < len(differ) <= 2 and all(got[cid] is None for cid in differ)
+    # the chips left out are the ones needing the most epochs
+    assert min(want[cid] or 99 for cid in differ) >= max(a for cid, a in got.items() if a is not None)
+    assert tail.cell_epochs < exact.cell_epochs
+    with pytest.raises(ValueError, match="max_undecided"):
+        MapClimb(RATES, LADDER, 2, BASELINE, c, max_undecided=1.0)
 
 
 def test_the_climb_refuses_out_of_order_work() -> None:
