@@ -6,6 +6,12 @@ retrained for the largest amount on the grid and evaluated after every amount on
 grid (0 = the base model), so one training run measures a whole column of the map.
 That unit of work is a `CellTask`; how it is measured is a callback (`MeasureCell`),
 so the service can fan tasks out to Celery workers and tests can use a fake.
+
+A cell may be *not measured* (NaN in `mean` and `worst`): an adaptive map
+(`workers.adaptive_map`) trains only the cells a fleet's amounts depend on. A cell not
+measured never meets a constraint, is skipped by the running minimum over rates (the
+measured cells below it still bound the measured cells above), and is `None` in JSON. The
+0-epoch column is always measured: screening placement reads it.
 """
 
 from __future__ import annotations
@@ -68,8 +74,18 @@ MeasureCell = Callable[[CellTask], Sequence[float]]
 
 
 def _monotone_worst(worst: np.ndarray) -> np.ndarray:
-    """Running minimum over rates: a higher rate is never credited with a better accuracy."""
-    return np.minimum.accumulate(worst, axis=0)
+    """Running minimum over rates: a higher rate is never credited with a better accuracy.
+
+    Over measured cells only: a cell not measured (NaN) stays NaN and bounds nothing, so
+    it never lends a lower rate's accuracy to itself nor poisons the rates above it.
+    """
+    running = np.fmin.accumulate(worst, axis=0)
+    return np.where(np.isnan(worst), np.nan, running)
+
+
+def _cells_to_json(a: np.ndarray) -> list[list[float | None]]:
+    """Rows of a cell array, `None` where not measured (NaN is not JSON)."""
+    return [[None if np.isnan(v) else float(v) for v in row] for row in a]
 
 
 @dataclass
@@ -106,6 +122,10 @@ class ResilienceMap:
             raise ValueError(f"resilience map: mean/worst must have shape {shape}")
         if np.any(self.worst > self.mean + 1e-12):
             raise ValueError("resilience map: worst accuracy above mean in some cell")
+        if not np.array_equal(np.isnan(self.mean), np.isnan(self.worst)):
+            raise ValueError("resilience map: mean and worst must leave the same cells not measured (NaN)")
+        if np.isnan(self.worst[:, 0]).any():
+            raise ValueError("resilience map: the 0-epoch column must be measured at every rate")
 
     # --- building -----------------------------------------------------------------
     @staticmethod
@@ -189,8 +209,16 @@ class ResilienceMap:
 
     @property
     def training_epochs(self) -> int:
-        """Epochs trained to build the map (one run of the largest amount per sampled map)."""
+        """Epochs trained to build the map: one run of the largest amount per sampled map, or
+        `meta["cell_epochs"]` where the builder trained less (an adaptive map)."""
+        if "cell_epochs" in self.meta:
+            return int(self.meta["cell_epochs"])
         return len(self.rates) * self.samples * max(self.epochs)
+
+    @property
+    def measured(self) -> np.ndarray:
+        """Boolean (rates x epochs): the cells measured (all of them, but in an adaptive map)."""
+        return ~np.isnan(self.worst)
 
     # --- queries ------------------------------------------------------------------
     def worst_at(self, rate: float, amount_index: int) -> float | None:
@@ -199,15 +227,15 @@ class ResilienceMap:
         Worst case over samples, made non-increasing in rate (running minimum),
         linearly interpolated between grid rates. Below the first grid rate the first
         point's value applies (no optimistic extrapolation towards the baseline);
-        past the last grid rate the map knows nothing: None.
+        past the last grid rate the map knows nothing: None. None too where a cell the
+        value depends on was not measured.
         """
         rates = np.asarray(self.rates)
         if rate > rates[-1] + 1e-12:
             return None
         curve = _monotone_worst(self.worst)[:, amount_index]
-        if rate <= rates[0]:
-            return float(curve[0])
-        return float(np.interp(rate, rates, curve))
+        value = float(curve[0]) if rate <= rates[0] else float(np.interp(rate, rates, curve))
+        return None if np.isnan(value) else value
 
     def required_epochs(self, rate: float, constraint: AccuracyConstraint) -> int | None:
         """Smallest amount (epochs) on the map whose conservative accuracy at `rate` meets `constraint`.
@@ -249,8 +277,8 @@ class ResilienceMap:
             if len(ok) == 0:
                 continue
             i = int(ok[-1])
-            if i == len(self.rates) - 1:
-                r = self.rates[-1]
+            if i == len(self.rates) - 1 or np.isnan(c[i + 1]):  # past it the map knows nothing
+                r = self.rates[i]
             else:
                 frac = (c[i] - threshold) / (c[i] - c[i + 1])
                 r = self.rates[i] + float(frac) * (self.rates[i + 1] - self.rates[i])
@@ -276,8 +304,8 @@ class ResilienceMap:
         return {
             "rates": list(self.rates),
             "epochs": list(self.epochs),
-            "mean": self.mean.tolist(),
-            "worst": self.worst.tolist(),
+            "mean": _cells_to_json(self.mean),
+            "worst": _cells_to_json(self.worst),
             "baseline": self.baseline,
             "samples": self.samples,
             "meta": self.meta,
@@ -288,7 +316,7 @@ class ResilienceMap:
         return cls(
             tuple(d["rates"]),
             tuple(d["epochs"]),
-            np.array(d["mean"], dtype=float),
+            np.array(d["mean"], dtype=float),  # None (not measured) reads as NaN
             np.array(d["worst"], dtype=float),
             float(d["baseline"]),
             int(d.get("samples", 1)),
@@ -323,11 +351,13 @@ class ResilienceMap:
         im = ax.imshow(data, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-9, self.baseline))
         for j in range(len(self.epochs)):
             for i in range(len(self.rates)):
-                ax.text(i, j, f"{data[j, i]:.2f}", ha="center", va="center", fontsize=7, color="w")
+                text, color = ("-", "0.4") if np.isnan(data[j, i]) else (f"{data[j, i]:.2f}", "w")
+                ax.text(i, j, text, ha="center", va="center", fontsize=7, color=color)
         if constraint is not None and len(self.rates) > 1 and len(self.epochs) > 1:
             thr = constraint.threshold(self.baseline)
-            if data.min() < thr < data.max():
-                ax.contour(np.arange(len(self.rates)), np.arange(len(self.epochs)), data, levels=[thr], colors="r")
+            if np.nanmin(data) < thr < np.nanmax(data):
+                grid = (np.arange(len(self.rates)), np.arange(len(self.epochs)))
+                ax.contour(*grid, np.ma.masked_invalid(data), levels=[thr], colors="r")
             ax.set_title(title or f"worst accuracy; red: {constraint} (={thr:.3f})", fontsize=8)
         else:
             ax.set_title(title or "worst accuracy", fontsize=8)

@@ -96,13 +96,16 @@ def resilience_map(rmap: Any, threshold: float | None, chips: list[dict[str, Any
     contour, and each chip at its (effective fault rate, retraining amount), coloured by state."""
     rates = [float(r) for r in rmap.rates]
     epochs = [int(e) for e in rmap.epochs]
-    worst = np.asarray(rmap.worst, dtype=float).T  # rows: amounts, cols: rates
+    # rows: amounts, cols: rates; cells an adaptive map did not measure (NaN) stay blank, marked "-"
+    worst = np.ma.masked_invalid(np.asarray(rmap.worst, dtype=float).T)
+    missing = np.ma.getmaskarray(worst)
     fig = _figure(1.8 + 0.9 * len(rates), 1.6 + 0.6 * len(epochs))
     ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(worst, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-9, worst.max()))
+    im = ax.imshow(worst, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-9, float(worst.max())))
     for j in range(len(epochs)):
         for i in range(len(rates)):
-            ax.text(i, j, f"{worst[j, i]:.2f}", ha="center", va="center", fontsize=6, color="w")
+            text, color = ("-", "0.4") if missing[j, i] else (f"{worst[j, i]:.2f}", "w")
+            ax.text(i, j, text, ha="center", va="center", fontsize=6, color=color)
     if threshold is not None and len(rates) > 1 and len(epochs) > 1 and worst.min() < threshold < worst.max():
         ax.contour(np.arange(len(rates)), np.arange(len(epochs)), worst, levels=[threshold], colors="r")
     xs, ys, cs = [], [], []

@@ -1,0 +1,162 @@
+"""The adaptive resilience map (workers.adaptive_map) against the full grid on a small harsh
+fleet: the same amounts for the chips that need retraining, for a third of the cell epochs,
+and every epoch it trains charged."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import accelerator as acc  # noqa: E402
+from accelerator.faults import ArrayConfig, FaultMap  # noqa: E402
+from planner import AccuracyConstraint, FleetSpec, ResilienceMap, generate_fleet, plan_fleet  # noqa: E402
+from planner.plan import PLANNED  # noqa: E402
+from planner.synthetic_fleet import FaultMix  # noqa: E402
+from workers import pipeline as pl  # noqa: E402
+from workers.adaptive_map import build_adaptive_resilience_map  # noqa: E402
+
+ARRAY = ArrayConfig(8, 8)
+CONSTRAINT = AccuracyConstraint.relative(0.02)
+HARSH = FaultMix(sites={"pe": 0.15, "weight": 0.3, "act": 0.25, "psum": 0.3}, psum_high_bias=0.5)
+RATES = (0.02, 0.04, 0.08, 0.16, 0.32)  # faulty-PE fractions of an 8x8 array: 1 to 20 PEs
+LADDER = (0, 1, 2, 4, 8)  # FleetSettings' default ladder
+SAMPLES = 2  # FleetSettings' default map_samples
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[Any, Any]:
+    torch.set_num_threads(1)
+    model, full = pl.train_base_model("lenet5", "digits", epochs=8, seed=0)
+    return model, full.subset(n_train=256, n_test=360)  # as tests/workers/test_fleet_loop.py
+
+
+def fleet(n: int, seed: int) -> list[FaultMap]:
+    return generate_fleet(n, seed, FleetSpec(array=ARRAY, defects_per_die=1.5, dies_across=4, mix=HARSH))
+
+
+@pytest.mark.slow
+def test_the_adaptive_map_agrees_with_the_full_grid_on_amounts(
+    setup: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, data = setup
+    em = pl.Emulation.of(ARRAY, data, pl.TrainConfig(lr=0.01, batch_size=64, seed=0))
+    thr = em.thresholds(model, CONSTRAINT)
+    maps = fleet(40, 3)
+    # the fleet loop's inputs to plan_fleet: screened with the base model, every bypass policy
+    screens = pl.screen_fleet(em, [pl.LibraryModel("base", model)], maps, thr.decision, bypass=True, group_base="base")
+    screening, bypass_screening, served_by = pl.plan_inputs(screens)
+
+    # every epoch either map trains and every evaluation, counted where the work happens
+    trained: list[int] = []
+    evaluated: list[int] = []
+    train, evaluate = acc.fault_aware_train, acc.evaluate
+
+    def counting_train(*args: Any, **kwargs: Any) -> Any:
+        trained.append(int(args[4]))
+        return train(*args, **kwargs)
+
+    def counting_evaluate(*args: Any, **kwargs: Any) -> Any:
+        evaluated.append(1)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(acc, "fault_aware_train", counting_train)
+    monkeypatch.setattr(acc, "evaluate", counting_evaluate)
+    base = thr.baseline_validation
+    full = pl.build_resilience_map(model, ARRAY, em.validation, RATES, LADDER, SAMPLES, em.cfg, baseline=base, seed=0)
+    assert sum(trained) == full.training_epochs == len(RATES) * SAMPLES * max(LADDER)
+    kwargs: dict[str, Any] = dict(bypass_screening=bypass_screening, served_by=served_by, max_group_size=4)
+    by_full = plan_fleet(maps, screening, full, CONSTRAINT, **kwargs)
+    need = [c for c, st in by_full.chips.items() if st.status == PLANNED]
+    amounts = {c: by_full.chips[c].amount for c in need}
+    assert len(need) >= 10 and len(set(amounts.values())) >= 3, amounts  # several rungs, and no amount
+
+    figures = []
+    for max_undecided in (0.0, 0.05):
+        trained[:], evaluated[:] = [], []
+        adaptive = build_adaptive_resilience_map(
+            model,
+            ARRAY,
+            em.validation,
+            RATES,
+            LADDER,
+            SAMPLES,
+            em.cfg,
+            baseline=base,
+            seed=0,
+            constraint=CONSTRAINT,
+            chips=maps,
+            screening=screening,
+            bypass_screening=bypass_screening,
+            served_by=served_by,
+            max_undecided=max_undecided,
+        )
+        rmap = adaptive.resilience_map
+
+        # (c) the cost is exact: what was trained, and what the ledger will be charged
+        assert sum(trained) == adaptive.cell_epochs == rmap.training_epochs == sum(map(sum, adaptive.trained))
+        assert len(evaluated) == adaptive.cell_evaluations >= int(rmap.measured.sum()) * SAMPLES
+        # (a) at least 3x fewer cell epochs than the full grid
+        assert adaptive.cell_epochs * 3 <= full.training_epochs
+
+        # the cells it measured are the full grid's (same sampled maps, same training chunks)
+        seen = rmap.measured
+        assert seen[:, 0].all() and not seen.all()
+        np.testing.assert_allclose(rmap.worst[seen], full.worst[seen], atol=1e-12)
+        np.testing.assert_allclose(rmap.mean[seen], full.mean[seen], atol=1e-12)
+        assert ResilienceMap.from_json(rmap.to_json()) == rmap  # the service stores it as JSON
+
+        # (b) plan_fleet gives the same amount to >= 95% of the chips that need retraining
+        by_adaptive = plan_fleet(maps, screening, rmap, CONSTRAINT, **kwargs)
+        assert need == [c for c, st in by_adaptive.chips.items() if st.status == PLANNED]
+        same = [c for c in need if by_adaptive.chips[c].amount == amounts[c]]
+        share = len(same) / len(need)
+        assert share >= 0.95 and (max_undecided > 0 or share == 1.0)
+        # the amounts the builder reports are the ones plan_fleet reads off its map
+        low = rmap.smallest_positive_amount
+        assert {c: None if a is None else max(a, low) for c, a in adaptive.amounts.items()} == {
+            c: by_adaptive.chips[c].amount for c in need
+        }
+        figures.append(
+            f"max_undecided {max_undecided}: {adaptive.cell_epochs} cell epochs "
+            f"({full.training_epochs / max(1, adaptive.cell_epochs):.2f}x fewer), trained {adaptive.trained}, "
+            f"same amount for {len(same)}/{len(need)} chips needing retraining ({share:.0%}), "
+            f"plan epochs {by_adaptive.planned_epochs} (full grid's plan: {by_full.planned_epochs})"
+        )
+    with capsys.disabled():
+        print(f"\nadaptive map against the full grid's {full.training_epochs} cell epochs:\n  " + "\n  ".join(figures))
+
+
+def test_arguments_are_checked_before_any_work() -> None:
+    data = acc.load_dataset("digits", seed=0).subset(n_train=8, n_test=8)
+    model = acc.build_model("lenet5", data.input_shape, data.num_classes, seed=0)
+    maps = fleet(3, 1)
+    good: dict[str, Any] = dict(
+        baseline=0.9, seed=0, constraint=CONSTRAINT, chips=maps, screening={str(m.chip_id): 0.5 for m in maps}
+    )
+    names = ("model", "array", "data", "rates", "epochs", "samples", "cfg")
+    for bad, kind in [
+        (dict(samples=0), ValueError),
+        (dict(rates=()), ValueError),
+        (dict(rates=(0.02, 0.02)), ValueError),
+        (dict(rates=(-0.1, 0.2)), ValueError),
+        (dict(epochs=(0,)), ValueError),
+        (dict(epochs=(0, 1.5)), ValueError),
+        (dict(baseline=1.5), ValueError),
+        (dict(placement="nowhere"), ValueError),
+        (dict(screening={}), ValueError),
+        (dict(constraint=0.02), TypeError),
+        (dict(chips=["not a map"]), TypeError),
+        (dict(chips=[dataclasses.replace(maps[0], array=ArrayConfig(4, 4))]), ValueError),
+        (dict(model="lenet5"), TypeError),
+        (dict(cfg={"lr": 0.01}), TypeError),
+    ]:
+        args: list[Any] = [model, ARRAY, data, RATES, LADDER, SAMPLES, pl.TrainConfig()]
+        for k in [k for k in bad if k in names]:
+            args[names.index(k)] = bad.pop(k)
+        with pytest.raises(kind):
+            build_adaptive_resilience_map(*args, **{**good, **bad})
