@@ -149,11 +149,16 @@ def _train_loop(
     extra_state: Callable[[], dict[str, Any]],
     load_extra: Callable[[dict[str, Any]], None],
     config: dict[str, Any],
+    epoch_fraction: float = 1.0,
 ) -> None:
     """SGD with cosine-free constant lr; deterministic under `seed`; resumable. Runs
-    on the model's device (the data is moved there once)."""
+    on the model's device (the data is moved there once). `epoch_fraction`: the share of
+    the train split one epoch reads (the first batches of that epoch's shuffle, so a
+    different random subset each epoch)."""
     if epochs < 0 or batch_size < 1 or not lr > 0:
         raise ValueError(f"training: need epochs >= 0, batch_size >= 1, lr > 0 (got {epochs}, {batch_size}, {lr})")
+    if not 0 < epoch_fraction <= 1:
+        raise ValueError(f"training: epoch_fraction {epoch_fraction!r} must be in (0, 1]")
     dev = model_device(model)
     x, y = x.to(dev), y.to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -172,7 +177,8 @@ def _train_loop(
     for epoch in range(start, epochs):
         loss_sum, correct, seen = 0.0, 0, 0
         metrics: dict[str, float] = {}
-        for step, idx in enumerate(_batches(len(x), batch_size, gen)):
+        batches = _batches(len(x), batch_size, gen)
+        for step, idx in enumerate(batches[: math.ceil(epoch_fraction * len(batches))]):
             idx = idx.to(dev)  # drawn on the CPU: the same batches on every device
             if before_step is not None:
                 metrics.update(before_step(epoch, step))
@@ -268,6 +274,7 @@ def fault_aware_train(
     momentum: float = FAT_MOMENTUM,
     weight_decay: float = FAT_WEIGHT_DECAY,
     device: Device = None,
+    epoch_fraction: float = 1.0,
 ) -> nn.Module:
     """Fault-aware retraining of a calibrated float model; returns a trained float copy
     (on the model's device; trained on `device`).
@@ -279,6 +286,8 @@ def fault_aware_train(
     `seed` (shuffling, transient flips). `checkpoint`: file path written atomically
     after every epoch (model, optimizer, epoch, RNG states) and resumed from when it
     exists. on_progress(epochs_done, epochs, {"loss", "train_acc", "fault_rate"}).
+    `epoch_fraction` in (0, 1]: each epoch reads only that share of the train split (a
+    different random subset each epoch), so an epoch costs `epoch_fraction` of a full pass.
     """
     x, y = _split(data, train=True)
     protect = tuple(sorted(protect))
@@ -309,6 +318,7 @@ def fault_aware_train(
         "ber": ber,
         "protect": list(protect),
         "faults": fixed.digest if fixed is not None else "schedule",
+        **({"epoch_fraction": epoch_fraction} if epoch_fraction != 1.0 else {}),  # old checkpoints stay valid
     }
     _train_loop(
         arr_model,
@@ -326,6 +336,7 @@ def fault_aware_train(
         extra_state=lambda: {"ber_rng": rng.gen.get_state()} if rng is not None else {},
         load_extra=load_extra,
         config=config,
+        epoch_fraction=epoch_fraction,
     )
     return to_float(arr_model).to(home)
 

@@ -130,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--robust-base", default="auto", choices=("auto", "on", "off"))
     ap.add_argument("--resilience-map", default="auto", choices=("auto", "on", "off"))
     ap.add_argument("--schedule", default="progressive_union", help="faultfleet's group injection schedule")
+    ap.add_argument(
+        "--epoch-fraction",
+        type=float,
+        default=1.0,
+        help="faultfleet's retraining epoch as a share of the train split (the service's train.epoch_fraction); "
+        "fap_t always retrains whole epochs",
+    )
     ap.add_argument("--library", action=argparse.BooleanOptionalAction, default=True, help="faultfleet's library")
     ap.add_argument("--base-epochs", type=int, default=15)
     ap.add_argument("--lr", type=float, default=0.01, help="fault-aware retraining learning rate")
@@ -146,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="torch device for retraining and evaluation (default: cpu)")
     ap.add_argument("--cache", type=Path, default=None, help="directory caching the trained base model")
     args = ap.parse_args(argv)
+    if not 0 < args.epoch_fraction <= 1:
+        ap.error(f"--epoch-fraction {args.epoch_fraction}: must be in (0, 1]")
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = sorted(set(strategies) - set(STRATEGIES))
@@ -194,7 +203,13 @@ def main(argv: list[str] | None = None) -> int:
             model_path.parent.mkdir(parents=True, exist_ok=True)
             acc.save_model(base, model_path)
     root = pl.Emulation.of(array, data, cfg)
+    # faultfleet's ladder reaches the same whole epochs as FAP+T's (8), in its shorter rungs
+    top, rung, ladder = 8 / args.epoch_fraction, 1, [0]
+    while rung <= top:
+        ladder.append(rung)
+        rung *= 2
     faultfleet_settings = pl.FleetSettings(
+        ladder=tuple(ladder),
         max_group_size=args.max_group_size,
         robust_base=args.robust_base,
         resilience_map=args.resilience_map,
@@ -256,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in strategies:
             if name == "per_chip_fat" and b > 0:
                 continue
-            em = root.fork()
+            # FAP+T's ladder is in whole epochs (the issue defines it); faultfleet's rungs may be shorter
+            em = root.fork(
+                dataclasses.replace(cfg, epoch_fraction=args.epoch_fraction) if name == "faultfleet" else None
+            )
             extra_s = 0.0
             if batch_shared is not None:
                 em.ledger.add(batch_shared.ledger)
@@ -309,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             "robust_base": args.robust_base,
             "resilience_map": args.resilience_map,
             "ladder": list(faultfleet_settings.ladder),
+            "faultfleet_epoch_fraction": args.epoch_fraction,
             "train": cfg.to_dict(),
             "threads": args.threads,
             "validation_samples": len(root.validation.x_test),

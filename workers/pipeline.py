@@ -71,9 +71,23 @@ class TrainConfig:
     batch_size: int = 64
     seed: int = 0
     device: str | None = None
+    # the share of the train split one retraining epoch reads: an amount of E retraining
+    # epochs (a group's, a map cell's) costs E * epoch_fraction passes, which the ledger counts
+    epoch_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.epoch_fraction <= 1:
+            raise ValueError(f"epoch_fraction: {self.epoch_fraction!r} must be in (0, 1]")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"lr": self.lr, "batch_size": self.batch_size, "seed": self.seed}
+        d: dict[str, Any] = {"lr": self.lr, "batch_size": self.batch_size, "seed": self.seed}
+        if self.epoch_fraction != 1.0:  # keys of whole-epoch runs stay what they were
+            d["epoch_fraction"] = self.epoch_fraction
+        return d
+
+    def passes(self, epochs: float) -> float:
+        """Full passes over the train split that `epochs` retraining epochs cost."""
+        return epochs * self.epoch_fraction
 
 
 # --- base model -----------------------------------------------------------------------
@@ -162,6 +176,7 @@ def train_through(
                 checkpoint=None if checkpoint_dir is None else checkpoint_dir / f"chunk-{done:04d}.pt",
                 on_progress=report,
                 device=cfg.device,
+                epoch_fraction=cfg.epoch_fraction,
             )
             done = a
         yield a, current
@@ -253,11 +268,11 @@ class Ledger:
     """
 
     test_size: int
-    epochs: dict[str, int] = field(default_factory=dict)
+    epochs: dict[str, float] = field(default_factory=dict)  # full passes over the train split
     samples: dict[str, int] = field(default_factory=dict)
 
-    def train(self, kind: str, epochs: int) -> None:
-        self.epochs[kind] = self.epochs.get(kind, 0) + int(epochs)
+    def train(self, kind: str, epochs: float) -> None:
+        self.epochs[kind] = self.epochs.get(kind, 0) + float(epochs)
 
     def evaluate(self, kind: str, samples: int) -> None:
         self.samples[kind] = self.samples.get(kind, 0) + int(samples)
@@ -270,7 +285,7 @@ class Ledger:
             self.evaluate(k, n)
 
     @property
-    def training_epochs_total(self) -> int:
+    def training_epochs_total(self) -> float:
         return sum(self.epochs.values())
 
     @property
@@ -287,9 +302,9 @@ class Ledger:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "training_epochs_total": self.training_epochs_total,
+            "training_epochs_total": round(self.training_epochs_total, 3),
             "evaluation_passes": round(self.evaluation_passes, 2),
-            "training_epochs": dict(sorted(self.epochs.items())),
+            "training_epochs": {k: round(v, 3) for k, v in sorted(self.epochs.items())},
             "evaluation_passes_by_kind": {
                 k: round(n / max(self.test_size, 1), 2) for k, n in sorted(self.samples.items())
             },
@@ -313,9 +328,10 @@ class Emulation:
         validation, test = data.validation_test(validation_fraction)
         return cls(array, validation, test, cfg, Ledger(len(test.x_test)))
 
-    def fork(self) -> Emulation:
-        """The same emulation with a ledger of its own (a strategy run beside another)."""
-        return Emulation(self.array, self.validation, self.test, self.cfg, Ledger(self.ledger.test_size))
+    def fork(self, cfg: TrainConfig | None = None) -> Emulation:
+        """The same emulation with a ledger of its own (a strategy run beside another), and
+        `cfg` instead of this one's retraining settings where given."""
+        return Emulation(self.array, self.validation, self.test, cfg or self.cfg, Ledger(self.ledger.test_size))
 
     @property
     def train_data(self) -> Dataset:
@@ -699,7 +715,7 @@ def retrain_and_verify(
         checkpoint_dir=checkpoint_dir,
         on_progress=on_progress,
     )
-    em.ledger.train("groups", group.amount)
+    em.ledger.train("groups", em.cfg.passes(group.amount))
     return verify_members(em, model, group, maps, protect, tmr)
 
 
@@ -1046,7 +1062,7 @@ def measure_map(em: Emulation, model: nn.Module, thr: Thresholds, settings: Flee
         baseline=thr.baseline_validation,
         seed=settings.seed,
     )
-    em.ledger.train("resilience_map", rmap.training_epochs)
+    em.ledger.train("resilience_map", em.cfg.passes(rmap.training_epochs))
     cells = len(rmap.rates) * rmap.samples * len(rmap.epochs)
     em.ledger.evaluate("resilience_map", cells * len(em.validation.x_test))
     return rmap

@@ -153,7 +153,9 @@ def worker_device(settings: Settings) -> str:
 def train_config(params: PlanParams | TrainIn, device: str | None = None) -> pipeline.TrainConfig:
     """The retraining hyper-parameters of a plan (its `train` settings), or those a child job was given."""
     t = params.train if isinstance(params, PlanParams) else params
-    return pipeline.TrainConfig(lr=t.lr, batch_size=t.batch_size, seed=t.seed, device=device)
+    return pipeline.TrainConfig(
+        lr=t.lr, batch_size=t.batch_size, seed=t.seed, device=device, epoch_fraction=t.epoch_fraction
+    )
 
 
 def plan_settings(params: PlanParams) -> pipeline.FleetSettings:

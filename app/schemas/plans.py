@@ -118,6 +118,14 @@ class TrainIn(StrictInput):
     lr: float = Field(default=0.01, gt=0, le=10)
     batch_size: int = Field(default=64, ge=1, le=8192)
     seed: Seed = 0
+    epoch_fraction: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="the share of the train split one retraining epoch reads (a new random subset each epoch): "
+        "a group's `epochs` and the map's cells count such epochs; the summary's `training_epochs_total` counts "
+        "full passes. 0.25 makes the ladder's first rung a quarter pass (see bench/README.md)",
+    )
 
 
 class PlanParams(StrictInput):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -143,3 +144,24 @@ def test_a_missing_gpu_is_named() -> None:
         with pytest.raises(ValueError, match="no CUDA device"):
             call()
     assert next(model.parameters()).device.type == "cpu"  # train() moved nothing before it failed
+
+
+def test_an_epoch_fraction_reads_that_share_of_the_train_split_each_epoch() -> None:
+    model, data, array = _small_setup()
+    fmap = random_fault_map(array, 10, random.Random(5))
+    steps: list[tuple[int, int]] = []
+
+    def schedule(epoch: int, step: int) -> Any:
+        steps.append((epoch, step))
+        return fmap
+
+    batches = -(-len(data.x_train) // 64)
+    A.fault_aware_train(model, array, schedule, data, 2, lr=0.05, batch_size=64, epoch_fraction=0.25)
+    per_epoch = -(-batches // 4)  # ceil: a quarter of the batches, at least one
+    assert steps == [(e, s) for e in range(2) for s in range(per_epoch)]
+    quarter = A.fault_aware_train(model, array, fmap, data, 1, lr=0.05, batch_size=64, epoch_fraction=0.25)
+    whole = A.fault_aware_train(model, array, fmap, data, 1, lr=0.05, batch_size=64)
+    assert any(not torch.equal(quarter.state_dict()[k], whole.state_dict()[k]) for k in whole.state_dict())
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="epoch_fraction"):
+            A.fault_aware_train(model, array, fmap, data, 1, lr=0.05, batch_size=64, epoch_fraction=bad)

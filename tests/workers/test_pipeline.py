@@ -61,3 +61,17 @@ def test_retrain_group_continues_a_warm_group_and_zeroes_weights_on_bypassed_pes
         assert _same(m, pruned)
     first = next(iter(acc.lowered_layers(m4).values()))
     assert bool((first.weight[3 :: array.cols, 3 :: array.rows] == 0).all())
+
+
+def test_a_group_retrained_on_shorter_epochs_is_charged_its_passes(setup: Setup) -> None:
+    model, array, data, fm = setup
+    spec = {"name": "all_at_once", "params": {}}
+    group = Group("g0", ("c",), fm, 2, 0.1, spec)
+    em = pl.Emulation.of(array, data, pl.TrainConfig(lr=0.01, batch_size=64, seed=0, epoch_fraction=0.25))
+    result = pl.retrain_and_verify(em, model, group, {"c": fm}, [0, 1, 2], group_base=model)
+    assert em.ledger.epochs["groups"] == pytest.approx(0.5)  # 2 epochs of a quarter pass each
+    assert em.cfg.to_dict()["epoch_fraction"] == 0.25 and "epoch_fraction" not in pl.TrainConfig().to_dict()
+    whole = pl.retrain_group(model, array, data, group, {"c": fm}, [0, 1, 2], pl.TrainConfig(lr=0.01, seed=0))
+    assert result.model is not None and not _same(result.model, whole)
+    with pytest.raises(ValueError, match="epoch_fraction"):
+        pl.TrainConfig(epoch_fraction=0)

@@ -90,7 +90,7 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
         nonlocal rmap_id
         rmap_id, rmap, built = ensure_resilience_map(ctx, plan, thr.baseline_validation, progress=(0.5, 0.8))
         if built:
-            em.ledger.train("resilience_map", rmap.training_epochs)
+            em.ledger.train("resilience_map", em.cfg.passes(rmap.training_epochs))
         severity = measure_site_severity(
             dep.array,
             lambda fm: em.validate(model, fm, kind="severity"),
