@@ -16,9 +16,6 @@ ROBUST_FIX_FRACTION = 0.4
 GROUP_EPOCHS = 2.0
 # A measured map must cost at most this share of the retraining it informs.
 MAP_SHARE = 0.25
-# Retraining epochs a chip the robust base serves saves at least: the first rung of the
-# amount ladder, which a chip still failing would otherwise train alone or in a group.
-EPOCHS_SAVED_PER_SERVED_CHIP = 1.0
 
 
 def _count(name: str, value: int) -> int:
@@ -44,13 +41,18 @@ def robust_base_pays(n_failing: int, *, max_group_size: int, robust_epochs: int)
     return saving > _count("robust_epochs", robust_epochs)
 
 
-def robust_rung_pays(served_by_last_rung: int, still_failing: int, next_rung_epochs: int) -> bool:
+def robust_rung_pays(
+    served_by_last_rung: int, still_failing: int, next_rung_epochs: int, *, saved_per_chip: float
+) -> bool:
     """Whether continuing the robust base's training for `next_rung_epochs` more epochs is
     predicted to pay, from what its last rung measured: the next rung is predicted to serve
     no more chips than the last one added (returns diminish) and no more than are still
-    failing, each saving `EPOCHS_SAVED_PER_SERVED_CHIP`."""
+    failing, each saving `saved_per_chip` epochs (the first rung of the retraining ladder,
+    in full passes, which a chip still failing would otherwise train at least)."""
+    if not saved_per_chip > 0:
+        raise ValueError(f"saved_per_chip: {saved_per_chip!r} must be > 0")
     gain = min(_count("served_by_last_rung", served_by_last_rung), _count("still_failing", still_failing))
-    return gain * EPOCHS_SAVED_PER_SERVED_CHIP >= _count("next_rung_epochs", next_rung_epochs) > 0
+    return gain * saved_per_chip >= _count("next_rung_epochs", next_rung_epochs) > 0
 
 
 def resilience_map_pays(n_failing: int, *, max_group_size: int, map_epochs: int) -> bool:

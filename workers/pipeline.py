@@ -910,12 +910,15 @@ def grow_robust_base(
 ) -> tuple[RobustRung | None, dict[str, Any]]:
     """The robust base trained up `settings.robust_ladder`: after each rung, the chips of
     `failing` (those no library model served) are screened against it, and training goes on
-    to the next rung only while `planner.economics.robust_rung_pays` on what this rung added.
+    to the next rung only while `planner.economics.robust_rung_pays` on what this rung added
+    (each chip served saving the retraining ladder's first rung, in full passes).
 
     A rung whose model misses the constraint on a fault-free chip serves nothing. Returns
     the rung that served the most chips (None: none served any) and the decision record;
     every rung trained is charged (by `train`) whether or not it is kept."""
     rungs: list[dict[str, Any]] = []
+    # a chip the robust base serves saves at least the retraining ladder's first rung
+    saved_per_chip = em.cfg.passes(min(a for a in settings.ladder if a > 0))
     best: RobustRung | None = None
     model, done, last = base, 0, 0
     ladder = settings.robust_ladder
@@ -935,7 +938,9 @@ def grow_robust_base(
         if rung.served > (best.served if best else 0):
             best = rung
         gained, last = max(0, rung.served - last), rung.served
-        if k + 1 == len(ladder) or not robust_rung_pays(gained, len(failing) - rung.served, ladder[k + 1] - total):
+        if k + 1 == len(ladder) or not robust_rung_pays(
+            gained, len(failing) - rung.served, ladder[k + 1] - total, saved_per_chip=saved_per_chip
+        ):
             break
     record = {
         "trained": True,

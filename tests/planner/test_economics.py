@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from planner.economics import (
-    EPOCHS_SAVED_PER_SERVED_CHIP,
     fap_t_epochs_at_least,
     resilience_map_pays,
     robust_base_pays,
@@ -14,12 +13,15 @@ from planner.economics import (
 
 
 def test_a_robust_rung_pays_only_while_its_predicted_saving_covers_its_epochs() -> None:
-    assert EPOCHS_SAVED_PER_SERVED_CHIP == 1.0
-    assert robust_rung_pays(7, 8, 3)  # the last rung added 7 chips; 8 still fail; 3 more epochs
-    assert robust_rung_pays(4, 4, 4)
-    assert not robust_rung_pays(7, 1, 4)  # one chip left cannot repay four epochs
-    assert not robust_rung_pays(2, 50, 3)  # returns diminish: the next rung adds no more than the last
-    assert not robust_rung_pays(5, 5, 0)  # a rung of no epochs is not a rung
+    assert robust_rung_pays(7, 8, 3, saved_per_chip=1)  # the last rung added 7 chips; 8 still fail; 3 more epochs
+    assert robust_rung_pays(4, 4, 4, saved_per_chip=1)
+    assert not robust_rung_pays(7, 1, 4, saved_per_chip=1)  # one chip left cannot repay four epochs
+    assert not robust_rung_pays(2, 50, 3, saved_per_chip=1)  # returns diminish: no more than the last rung added
+    assert not robust_rung_pays(5, 5, 0, saved_per_chip=1)  # a rung of no epochs is not a rung
+    # a quarter-pass first rung: each chip served saves a quarter epoch
+    assert robust_rung_pays(12, 20, 3, saved_per_chip=0.25) and not robust_rung_pays(11, 20, 3, saved_per_chip=0.25)
+    with pytest.raises(ValueError, match="saved_per_chip"):
+        robust_rung_pays(1, 1, 1, saved_per_chip=0)
 
 
 def test_the_first_rung_and_the_map_weigh_one_time_cost_against_group_epochs() -> None:
@@ -33,4 +35,4 @@ def test_the_first_rung_and_the_map_weigh_one_time_cost_against_group_epochs() -
 @pytest.mark.parametrize("bad", [-1, 1.5])
 def test_counts_are_validated(bad: float) -> None:
     with pytest.raises(ValueError, match="must be a count"):
-        robust_rung_pays(bad, 3, 1)  # type: ignore[arg-type]
+        robust_rung_pays(bad, 3, 1, saved_per_chip=1)  # type: ignore[arg-type]

@@ -208,10 +208,11 @@ def test_the_robust_base_climbs_its_ladder_only_while_a_rung_pays(setup: tuple[A
     served = [r["served"] for r in rungs]
     for k in range(len(rungs) - 1):
         gained = max(0, served[k] - (served[k - 1] if k else 0))
-        assert robust_rung_pays(gained, len(failing) - served[k], 1)
+        assert robust_rung_pays(gained, len(failing) - served[k], 1, saved_per_chip=1)
     if len(rungs) < 3:
         k = len(rungs) - 1
-        assert not robust_rung_pays(max(0, served[k] - (served[k - 1] if k else 0)), len(failing) - served[k], 1)
+        gained = max(0, served[k] - (served[k - 1] if k else 0))
+        assert not robust_rung_pays(gained, len(failing) - served[k], 1, saved_per_chip=1)
     # the rung kept serves the most chips, and what it serves it serves on the validation split
     if rung is None:
         assert max(served) == 0
