@@ -456,11 +456,12 @@ def test_the_service_and_the_bench_run_one_loop(embedded_service: Any) -> None:
         max_group_size=3,
         resilience_map="off",
         robust_base="off",
+        train={"epoch_fraction": 0.5},  # retraining epochs of half the train split, here and there
     )
     served = _execute(service, plan_id)
 
     array = ArrayConfig(ROWS, COLS)
-    em = pl.Emulation.of(array, data, pl.TrainConfig())
+    em = pl.Emulation.of(array, data, pl.TrainConfig(epoch_fraction=0.5))
     here = pl.run_fleet(
         em,
         model,
@@ -487,7 +488,9 @@ def test_the_service_and_the_bench_run_one_loop(embedded_service: Any) -> None:
             assert all(torch.allclose(there[k], mine[k], rtol=1e-4, atol=1e-5) for k in mine), g["key"]
             compared += 1
     assert compared > 0, "the fleet was built so that some group model serves a verified chip"
-    assert served["summary"]["training_epochs_total"] == here.ledger.training_epochs_total
+    assert served["summary"]["training_epochs_total"] == pytest.approx(here.ledger.training_epochs_total)
+    # every group epoch read half the train split: the ledger charges half a pass for each
+    assert here.ledger.epochs["groups"] == pytest.approx(0.5 * here.plan.planned_epochs)
 
 
 def acc_constraint(max_drop: float) -> Any:
