@@ -21,6 +21,8 @@ import accelerator as acc  # noqa: E402
 from tests.conftest import _pg_error, fresh_pg_database, unavailable  # noqa: E402
 from workers.checkpoints import JobCheckpoints  # noqa: E402
 
+pytestmark = pytest.mark.integration  # PostgreSQL: the database backend needs it
+
 
 @pytest.fixture(scope="module")
 def pg_engine() -> Iterator[Engine]:
