@@ -9,7 +9,6 @@ database's write lock, so a session left open across training would stall the AP
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -173,13 +172,6 @@ def plan_settings(params: PlanParams) -> pipeline.FleetSettings:
         schedule=params.schedule,
         seed=params.seed,
     )
-
-
-def checkpoint_dir(settings: Settings, name: str) -> Path:
-    """A job's checkpoint directory (under the artifact directory)."""
-    path = Path(settings.artifact_dir or ".") / "checkpoints" / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def load_group_model(dep: Deployed, sha256: str) -> nn.Module:

@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     artifact_backend: Literal["local", "database"] = Field(
         default="local",
         description="Where model files live: 'local' (artifact_dir; share it between machines) or 'database' "
-        "(chunks in the service database, so every worker that reaches PostgreSQL shares them)",
+        "(chunks in the service database, so every worker that reaches PostgreSQL shares them, and running "
+        "jobs' training checkpoints with them)",
     )
     max_upload_bytes: int = Field(default=256 << 20, description="Body limit (bytes) of POST /models uploads")
     db_pool_size: int = Field(

@@ -298,6 +298,21 @@ class ArtifactChunk(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class CheckpointFile(Base):
+    """A training checkpoint file of a running job, kept in the database when the artifact
+    backend is the database, so a job taken over on another machine resumes where it stopped
+    (`workers/checkpoints.py`). One row per file of the job's checkpoint directory, replaced
+    after every epoch and deleted when the job finishes: scratch, not an artifact."""
+
+    __tablename__ = "checkpoint_files"
+
+    key: Mapped[str] = mapped_column(String(128), primary_key=True, doc="the job's checkpoint name, e.g. group-12")
+    name: Mapped[str] = mapped_column(String(128), primary_key=True, doc="file name in that directory")
+    size: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
+
+
 class ResilienceMapRecord(Base):
     """A measured resilience map, cached per (base model weights, dataset, array, grid, training)."""
 

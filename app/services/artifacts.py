@@ -8,6 +8,11 @@ Two backends behind one small interface, chosen by `FAULTFLEET_ARTIFACT_BACKEND`
 
 Blobs are immutable and stored once: putting the same bytes twice is a no-op, so an
 idempotent task that re-runs after a crash never duplicates an artifact.
+
+Training checkpoints are scratch files, not blobs: with the `database` backend they are kept
+per job in `checkpoint_files` (replaced every epoch, deleted when the job ends; see
+`workers/checkpoints.py`); with `local` they stay in `<artifact_dir>/checkpoints`, which is
+then already the shared volume.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, delete, func, insert, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
-from app.db.models import Artifact, ArtifactChunk
+from app.db.base import utcnow
+from app.db.models import Artifact, ArtifactChunk, CheckpointFile
 
 CHUNK = 1 << 20  # bytes: unit of hashing, storing and streaming
 
@@ -167,3 +175,40 @@ def open_artifact_file(sha256: str, suffix: str = "") -> Iterator[Path]:
         yield Path(tmp)
     finally:
         os.unlink(tmp)
+
+
+# --- job checkpoints (backend `database`) -----------------------------------------------------
+
+
+def shares_checkpoints(settings: Settings) -> bool:
+    """Whether checkpoints must go through the database: with `local`, `artifact_dir` is the
+    shared store already (workers on many machines mount it), so they stay files there."""
+    return settings.artifact_backend == "database"
+
+
+def put_checkpoint(engine: Engine, key: str, name: str, data: bytes) -> None:
+    """Store (or replace) file `name` of job checkpoint `key`: one row per file, an upsert."""
+    upsert = postgresql_insert if engine.dialect.name == "postgresql" else sqlite_insert
+    values = {"size": len(data), "data": data, "updated_at": utcnow()}
+    stmt = upsert(CheckpointFile).values(key=key, name=name, **values)
+    with engine.begin() as conn:
+        conn.execute(stmt.on_conflict_do_update(index_elements=["key", "name"], set_=values))
+
+
+def checkpoint_names(engine: Engine, key: str) -> list[str]:
+    with engine.connect() as conn:
+        return list(
+            conn.scalars(select(CheckpointFile.name).where(CheckpointFile.key == key).order_by(CheckpointFile.name))
+        )
+
+
+def read_checkpoint(engine: Engine, key: str, name: str) -> bytes | None:
+    with engine.connect() as conn:
+        data = conn.scalar(select(CheckpointFile.data).where(CheckpointFile.key == key, CheckpointFile.name == name))
+    return None if data is None else bytes(data)
+
+
+def delete_checkpoints(engine: Engine, key: str) -> int:
+    """Drop every stored file of checkpoint `key`; returns how many there were."""
+    with engine.begin() as conn:
+        return int(conn.execute(delete(CheckpointFile).where(CheckpointFile.key == key)).rowcount)

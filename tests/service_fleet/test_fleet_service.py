@@ -343,6 +343,56 @@ def test_worker_killed_during_group_retraining_resumes_from_checkpoint(pg_servic
     assert all(ch["status"] in TERMINAL_CHIP_STATES for ch in plan["chips"])
 
 
+def test_a_group_taken_over_on_another_machine_resumes_from_the_database(tmp_path: Any) -> None:
+    """FAULTFLEET_ARTIFACT_BACKEND=database: SIGKILL the worker once a group stored an epoch's
+    checkpoint; a worker with another, empty artifact dir (another machine) resumes that group
+    from there and finishes it (the rest of the plan is not waited for: bounded time)."""
+    from tests.conftest import running_service
+
+    disk_a, disk_b = tmp_path / "machine-a", tmp_path / "machine-b"
+    with running_service(
+        "postgres", tmp_path / "svc", FAULTFLEET_ARTIFACT_BACKEND="database", FAULTFLEET_ARTIFACT_DIR=str(disk_a)
+    ) as service:
+        grid = {"rates": [0.1, 0.2], "epochs": [0, 3], "samples": 1}
+        fleet = _setup_fleet(service, n_chips=6, seed=11, arch="lenet5", grid=grid)
+        plan_id = _plan(service, fleet, constraint={"max_drop": 0.005})
+        engine = sa.create_engine(service.database_url)
+        with service.client() as c:
+            _ok(c.post(f"/api/v1/plans/{plan_id}/execute"), 202)
+        deadline = time.monotonic() + 120
+        while True:  # a group has stored the checkpoint of its first epoch in the database
+            with engine.connect() as conn:
+                row = conn.execute(
+                    sa.text(
+                        "SELECT j.id, j.params FROM jobs j JOIN checkpoint_files f "
+                        "ON f.key = 'group-' || (j.params::json ->> 'group_id') "
+                        "WHERE j.kind = 'retrain_group' AND j.state = 'running' LIMIT 1"
+                    )
+                ).first()
+            if row is not None:
+                break
+            assert time.monotonic() < deadline, "no group retraining stored its first epoch"
+            time.sleep(0.05)
+        service.kill_worker()
+        params = json.loads(row.params) if isinstance(row.params, str) else row.params
+        key = f"group-{params['group_id']}"
+        assert (disk_a / "checkpoints" / key).is_dir()
+        service.env = {**service.env, "FAULTFLEET_ARTIFACT_DIR": str(disk_b)}
+        service.start_worker()
+        done = service.wait_job(row.id, timeout=90)
+        assert done["state"] == "succeeded", done
+        with engine.connect() as conn:
+            result = conn.execute(sa.text("SELECT result FROM jobs WHERE id = :i"), {"i": row.id}).scalar_one()
+            left = conn.execute(
+                sa.text("SELECT count(*) FROM checkpoint_files WHERE key = :k OR key LIKE 'model-%'"), {"k": key}
+            ).scalar_one()
+        engine.dispose()
+        resumed = (json.loads(result) if isinstance(result, str) else result)["resumed_from_epoch"]
+        assert resumed >= 1, "the group taken over on machine B restarted from epoch 0"
+        assert left == 0, "finished jobs left their checkpoints in the database"
+        assert not (disk_b / "checkpoints" / key).exists()  # B resumed there, then dropped it
+
+
 def test_register_model_by_uploading_weights_and_a_dataset(service: Any, tmp_path: Any) -> None:
     """multipart: a user's .npz dataset and safetensors weights; the worker measures the same baseline."""
     import io

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -19,11 +18,11 @@ from app.db.models import (
 from planner import Group, Plan
 from planner.plan import NEEDS_NOTHING, UNRECOVERABLE, VERIFIED
 from workers import pipeline
+from workers.checkpoints import JobCheckpoints
 from workers.jobs import JobContext, gather_children, handler
 from workers.store import (
     PlanInfo,
     add_to_library,
-    checkpoint_dir,
     deployed,
     find_group,
     group_library_key,
@@ -71,12 +70,16 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
         if sha is None:
             raise ValueError(f"group {key} continues group {g.warm_from}, which has no trained model")
         start = load_group_model(dep, sha)
-    ckdir = checkpoint_dir(ctx.settings, f"group-{group_id}")
-    resumed_from = pipeline.checkpointed_epochs(ckdir)
+    ckpts = JobCheckpoints(ctx.engine, ctx.settings, f"group-{group_id}")
+    if stored_sha is None:
+        ckpts.restore()  # another machine's epochs, with the database artifact backend
+    resumed_from = pipeline.checkpointed_epochs(ckpts.dir)
     note = f", resuming after epoch {resumed_from}" if resumed_from else ""
     ctx.report(0.02, f"retraining {len(g.members)} chip(s) for {g.amount} epochs{note}")
 
     def on_epoch(done: int, total: int, metrics: dict[str, float]) -> None:
+        ctx.check()  # a job taken over stores nothing more
+        ckpts.save()  # before the row says `epochs_done`: the row never claims an unstored epoch
         ctx.report(
             0.05 + 0.8 * done / max(total, 1),
             f"epoch {done}/{total}: loss {metrics.get('loss', float('nan')):.4f}",
@@ -95,13 +98,13 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
             doc.maps,
             doc.resilience_map.epochs,
             group_base=group_base,
-            checkpoint_dir=ckdir,
+            checkpoint_dir=ckpts.dir,
             on_progress=on_epoch,
         )
     assert result.model is not None
     if stored_sha is None:
         store_group_model(ctx.engine, dep, plan, doc, g, group_id, result, resumed_from)
-    shutil.rmtree(ckdir, ignore_errors=True)  # the model is stored; a re-run only verifies again
+    ckpts.discard()  # the model is stored; a re-run only verifies again
     return {**result.to_dict(), "ledger": em.ledger.state(), "resumed_from_epoch": resumed_from}
 
 

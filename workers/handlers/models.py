@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -13,6 +12,7 @@ from app.db.models import (
 )
 from app.services.artifacts import open_artifact_file, store_bytes
 from workers import pipeline
+from workers.checkpoints import JobCheckpoints
 from workers.export import state_dict_bytes
 from workers.jobs import JobContext, handler
 from workers.store import SAFETENSORS, load_data, model_failed, model_info, worker_device
@@ -27,6 +27,7 @@ def register_model(ctx: JobContext) -> dict[str, Any]:
     ctx.report(0.02, f"loading dataset {info.dataset}")
     data = load_data(info)
     device = worker_device(ctx.settings)
+    ckpts: JobCheckpoints | None = None
     if cfg.uploaded_weights_sha256:
         with open_artifact_file(cfg.uploaded_weights_sha256, cfg.weights_suffix) as path:
             model = acc.load_model(arch, path, data.input_shape, data.num_classes)
@@ -35,11 +36,14 @@ def register_model(ctx: JobContext) -> dict[str, Any]:
         epochs = cfg.epochs
         ctx.report(0.05, f"training {arch} on {data.name} for {epochs} epochs")
 
+        ckpts = own = JobCheckpoints(ctx.engine, ctx.settings, f"model-{model_id}")
+        own.restore()  # another machine's epochs, with the database artifact backend
+
         def on_epoch(e: int, n: int, m: dict[str, float]) -> None:
+            ctx.check()
+            own.save()
             ctx.report(0.05 + 0.8 * e / n, f"training epoch {e}/{n}: loss {m.get('loss', float('nan')):.4f}")
 
-        checkpoint = Path(ctx.settings.artifact_dir or ".") / "checkpoints" / f"model-{model_id}.pt"
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
         model = acc.train(
             model,
             data,
@@ -48,7 +52,7 @@ def register_model(ctx: JobContext) -> dict[str, Any]:
             batch_size=cfg.batch_size,
             seed=cfg.seed,
             on_progress=on_epoch,
-            checkpoint=checkpoint,
+            checkpoint=own.path("train.pt"),
             device=device,
         )
     if acc.uncalibrated_layers(model):
@@ -62,4 +66,6 @@ def register_model(ctx: JobContext) -> dict[str, Any]:
         assert bm is not None
         bm.weights_artifact_id, bm.baseline_accuracy, bm.status = art.id, baseline, "ready"
         s.commit()
-        return {"model_id": model_id, "baseline_accuracy": baseline, "weights_sha256": art.sha256}
+    if ckpts is not None:
+        ckpts.discard()  # the weights are stored
+    return {"model_id": model_id, "baseline_accuracy": baseline, "weights_sha256": art.sha256}

@@ -17,6 +17,7 @@ from planner import AccuracyConstraint, Plan, ResilienceMap, SiteSeverity, measu
 from planner.economics import fap_t_epochs_at_least
 from planner.plan import NEEDS_NOTHING
 from workers import pipeline
+from workers.checkpoints import JobCheckpoints
 from workers.export import state_dict_bytes
 from workers.handlers.maps import ensure_resilience_map
 from workers.jobs import JobContext, handler
@@ -24,7 +25,6 @@ from workers.store import (
     SAFETENSORS,
     Deployed,
     add_to_library,
-    checkpoint_dir,
     deployed,
     load_library,
     plan_failed,
@@ -38,18 +38,25 @@ from workers.store import (
 
 
 def robust_trainer(
-    ctx: JobContext, dep: Deployed, em: pipeline.Emulation, settings: pipeline.FleetSettings, plan_id: int
+    ctx: JobContext, dep: Deployed, em: pipeline.Emulation, settings: pipeline.FleetSettings, ckpts: JobCheckpoints
 ) -> pipeline.RobustTrainer:
     """Train the robust base in this job, rung by rung (`pipeline.grow_robust_base`), each
-    rung checkpointed every epoch through the artifact store's scratch directory of this
-    plan, so a job taken over resumes at its last finished epoch."""
+    rung checkpointed every epoch into `ckpts` (the plan's, stored through the artifact
+    store), so a job taken over, on this machine or another, resumes at its last finished epoch."""
     total = settings.robust_ladder[-1]
+    restored = False
 
     def train(model: nn.Module, maps: Sequence[FaultMap], start: int, epochs: int) -> nn.Module:
-        ckpt = checkpoint_dir(ctx.settings, f"robust-plan{plan_id}") / f"robust-{start:04d}.pt"
+        nonlocal restored
+        if not restored:  # once, before the first rung: later rungs' files are this run's own
+            ckpts.restore()
+            restored = True
+        ckpt = ckpts.path(f"robust-{start:04d}.pt")
 
         def on_epoch(e: int, _n: int, m: dict[str, float]) -> None:
             done = start + e
+            ctx.check()
+            ckpts.save()
             ctx.report(0.3 + 0.2 * done / total, f"robust base: epoch {done}, loss {m.get('loss', float('nan')):.4f}")
 
         return pipeline.train_robust_base(
@@ -102,6 +109,7 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
         return rmap, severity
 
     n = len(maps)
+    ckpts = JobCheckpoints(ctx.engine, ctx.settings, f"robust-plan{plan.id}")
 
     def progress(msg: str) -> None:
         ctx.report(0.05, msg)
@@ -114,7 +122,7 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
         constraint,
         settings,
         library=library,
-        train_robust=robust_trainer(ctx, dep, em, settings, plan.id),
+        train_robust=robust_trainer(ctx, dep, em, settings, ckpts),
         build_map=build_map,
         on_progress=progress,
     )
@@ -140,6 +148,7 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
         }
         row.status, row.error = "planned", None
         s.commit()
+    ckpts.discard()  # the robust base, if any, is in the library; a re-run returns the stored plan
     return {"plan_id": plan.id, "summary": doc.summary()}
 
 
