@@ -163,6 +163,7 @@ def main() -> int:
     ap.add_argument("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     ap.add_argument("--rate", type=float, default=20.0, help="single POST /chips per second")
     ap.add_argument("--chips", type=int, default=20, help="chips in the plan")
+    ap.add_argument("--defects", type=float, default=4.0, help="mean defects a die of the plan's (harsh) fleet")
     ap.add_argument("--kill-at", type=float, default=8.0, help="s after the execution starts: SIGKILL the worker")
     ap.add_argument("--redis-at", type=float, default=25.0, help="s after the execution starts: stop Redis")
     ap.add_argument("--redis-down-s", type=float, default=6.0)
@@ -252,8 +253,11 @@ def main() -> int:
         ).raise_for_status()
         from accelerator import ArrayConfig
         from planner import FleetSpec, generate_fleet
+        from planner.synthetic_fleet import FaultMix
 
-        spec = FleetSpec(array=ArrayConfig(rows, cols), accelerator=accel, defects_per_die=1.5)
+        # harsh enough that most chips fail screening: the execution retrains while ingestion runs
+        harsh = FaultMix(sites={"pe": 0.15, "weight": 0.3, "act": 0.25, "psum": 0.3}, psum_high_bias=0.5)
+        spec = FleetSpec(array=ArrayConfig(rows, cols), accelerator=accel, defects_per_die=args.defects, mix=harsh)
         fleet = [m.to_dict() for m in generate_fleet(args.chips, 7, spec)]
         body = "".join(json.dumps(m) + "\n" for m in fleet)
         c.post("/api/v1/chips/bulk", content=body, headers={"content-type": "application/x-ndjson"}).raise_for_status()
@@ -273,6 +277,10 @@ def main() -> int:
             "constraint": {"max_drop": 0.03},
             "chips": {"ids": [m["chip_id"] for m in fleet]},
             "resilience": {"rates": [0.01, 0.03, 0.06], "epochs": [0, 1, 2], "samples": 1},
+            # groups retrained from the base (no robust base to serve them first, no map to measure)
+            "robust_base": "off",
+            "resilience_map": "off",
+            "max_group_size": 2,
         }
         accepted = c.post("/api/v1/plans", json=plan_body).json()
         plan_id = accepted["plan"]["id"]
