@@ -203,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             model_path.parent.mkdir(parents=True, exist_ok=True)
             acc.save_model(base, model_path)
     root = pl.Emulation.of(array, data, cfg)
-    # faultfleet's ladder reaches the same whole epochs as FAP+T's (8), in its shorter rungs
-    top, rung, ladder = 8 / args.epoch_fraction, 1, [0]
+    fap_t_settings = pl.FleetSettings.fap_t(seed=args.seed)
+    # faultfleet's ladder reaches the same whole epochs as FAP+T's top rung, in its shorter rungs
+    top, rung, ladder = max(fap_t_settings.ladder) / args.epoch_fraction, 1, [0]
     while rung <= top:
         ladder.append(rung)
         rung *= 2
@@ -217,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
         schedule=args.schedule,
         seed=args.seed,
     )
-    fap_t_settings = pl.FleetSettings.fap_t(seed=args.seed)
 
     # screening, timed both ways on the first chips: every deployment read in full (as
     # before bounded screening) against bounded reads; the decisions must agree
