@@ -39,20 +39,25 @@ def _ok(r: Any, *codes: int) -> dict[str, Any]:
     return dict(r.json())
 
 
+def _post_profile(c: Any, accel: str, maps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ROWS x COLS int8 bypass profile `accel`, then `maps` on it in one bulk (its answer)."""
+    _ok(
+        c.post("/api/v1/accelerators", json={"name": accel, "rows": ROWS, "cols": COLS, "fmt": "int8", "bypass": True}),
+        201,
+    )
+    if not maps:
+        return {}
+    body = "".join(json.dumps(m) + "\n" for m in maps)
+    return _ok(c.post("/api/v1/chips/bulk", content=body, headers={"Content-Type": "application/x-ndjson"}))
+
+
 def _setup_fleet(service: Any, *, n_chips: int, seed: int, arch: str, grid: dict[str, Any]) -> dict[str, Any]:
     """Profile, chips (bulk NDJSON), a trained base model; returns names and the posted maps."""
     tag = uuid.uuid4().hex[:6]
     accel = f"e2e-{tag}"
     maps = _fleet(accel, n_chips, seed)
     with service.client() as c:
-        _ok(
-            c.post(
-                "/api/v1/accelerators", json={"name": accel, "rows": ROWS, "cols": COLS, "fmt": "int8", "bypass": True}
-            ),
-            201,
-        )
-        body = "".join(json.dumps(m) + "\n" for m in maps)
-        bulk = _ok(c.post("/api/v1/chips/bulk", content=body, headers={"Content-Type": "application/x-ndjson"}))
+        bulk = _post_profile(c, accel, maps)
         assert bulk["created"] == n_chips, bulk
         model = f"m-{tag}"
         reg = _ok(
@@ -416,12 +421,7 @@ def test_register_model_by_uploading_weights_and_a_dataset(service: Any, tmp_pat
     tag = uuid.uuid4().hex[:6]
     accel = f"up-{tag}"
     with service.client() as c:
-        _ok(
-            c.post(
-                "/api/v1/accelerators", json={"name": accel, "rows": ROWS, "cols": COLS, "fmt": "int8", "bypass": True}
-            ),
-            201,
-        )
+        _post_profile(c, accel, [])
         r = c.post(
             "/api/v1/models",
             data={"name": f"up-{tag}", "architecture": "mlp", "dataset": "mydigits", "accelerator": accel},
@@ -473,14 +473,7 @@ def _registered_mlp(service: Any, n_chips: int, seed: int) -> tuple[Any, Any, st
     accel = f"loop-{tag}"
     maps = _fleet(accel, n_chips, seed=seed)
     with service.client() as c:
-        _ok(
-            c.post(
-                "/api/v1/accelerators", json={"name": accel, "rows": ROWS, "cols": COLS, "fmt": "int8", "bypass": True}
-            ),
-            201,
-        )
-        body = "".join(json.dumps(m) + "\n" for m in maps)
-        _ok(c.post("/api/v1/chips/bulk", content=body, headers={"Content-Type": "application/x-ndjson"}))
+        _post_profile(c, accel, maps)
         reg = c.post(
             "/api/v1/models",
             data={"name": f"loop-{tag}", "architecture": "mlp", "dataset": "digits", "accelerator": accel},

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.services.plan_costs import cost_alternatives as _costs
+from app.services.plan_costs import cost_alternatives
 
 
 def _view(summary: dict[str, Any], chips: list[dict[str, Any]], groups: list[dict[str, Any]], rmap: int | None) -> dict:
@@ -29,7 +29,7 @@ def test_ladder_plan_shows_fap_t_lower_bound_per_chip() -> None:
     # a ladder's chips may carry no amount at all (placed beyond its single rate)
     chips = [{"chip_id": f"c{i}", "amount": None} for i in range(8)]
     groups = [_group(1, [f"c{i}" for i in range(4)], 1), _group(2, [f"c{i}" for i in range(4, 8)], 1)]
-    costs = dict(_costs(_view(summary, chips, groups, None)))
+    costs = dict(cost_alternatives(_view(summary, chips, groups, None)))
     assert costs["each chip alone, at least"] == 8
     assert "FAP+T, at least" not in costs  # the same figure: shown once
     assert costs["this plan (groups, replans)"] == 38
@@ -45,7 +45,7 @@ def test_map_plan_counts_chips_beyond_the_map_at_fat_amount() -> None:
     }
     chips = [{"chip_id": "a", "amount": 2}, {"chip_id": "b", "amount": 1}, {"chip_id": "x", "amount": None}]
     groups = [_group(1, ["x"], 3), _group(2, ["a", "b"], 2), _group(3, ["a"], 3, round_=1)]
-    costs = dict(_costs(_view(summary, chips, groups, 4)))
+    costs = dict(cost_alternatives(_view(summary, chips, groups, 4)))
     assert costs["each chip alone, own amount"] == 2 + 1 + 3  # replans (round 1) are not counted
     assert costs["FAP+T, at least"] == 9
     assert costs["per-chip FAT (3 epochs)"] == 27
@@ -54,5 +54,5 @@ def test_map_plan_counts_chips_beyond_the_map_at_fat_amount() -> None:
 def test_plan_summary_from_before_decisions_were_recorded() -> None:
     """Old summaries have no `decisions`: a plan with no map id is a ladder plan."""
     summary = {"planned_epochs": 4, "per_chip_fat_amount": 1, "per_chip_fat_epochs": 4, "fap_t_epochs_at_least": 4}
-    costs = dict(_costs(_view(summary, [{"chip_id": "a", "amount": 1}], [_group(1, ["a"], 1)], None)))
+    costs = dict(cost_alternatives(_view(summary, [{"chip_id": "a", "amount": 1}], [_group(1, ["a"], 1)], None)))
     assert costs["each chip alone, at least"] == 4 and costs["this plan (groups, replans)"] == 4
