@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ from accelerator.faults import ArrayConfig, FaultMap
 from planner import AccuracyConstraint, FaultMix, ResilienceMap, SiteSeverity
 from planner.adaptive import MapClimb, placed_rates
 from planner.plan import PLACEMENTS
-from workers.pipeline import TrainConfig, train_through
+from workers.pipeline import EpochProgress, TrainConfig, train_through
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,8 @@ def build_adaptive_resilience_map(
     max_undecided: float = 0.0,
     meta: dict[str, Any] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    checkpoint_dir: Path | None = None,
+    on_epoch: EpochProgress | None = None,
 ) -> AdaptiveMap:
     """The resilience map of `model` on `array`, measured only where `chips`' amounts depend on it.
 
@@ -174,6 +177,12 @@ def build_adaptive_resilience_map(
     ones that would need the most epochs (`planner.adaptive.MapClimb`); the map gives them no
     amount. 0 (default): every amount as the full grid's; 0.05 trades the fleet's tail for
     the rungs only it needs (the issue's bar: the same amount for >= 95% of the chips).
+
+    `checkpoint_dir`: every sampled map's run checkpoints each epoch there, in one flat
+    directory (`cell-<rate index>-<sample>-<first epoch>.pt`), and resumes from it, so a
+    killed build retrains nothing it had finished (the climb replays its decisions, which
+    are deterministic, re-evaluating cells). `on_epoch(epochs done, epochs of the run,
+    metrics)` after every epoch any run trains (`train_through`'s `on_progress`).
     """
     args = (model, array, data, rates, epochs, samples, cfg, baseline, seed, constraint, chips, screening, placement)
     _check(*args, mix)
@@ -184,7 +193,18 @@ def build_adaptive_resilience_map(
     runs: dict[tuple[int, int], tuple[FaultMap, Iterator[tuple[int, nn.Module]]]] = {}
     for t in tasks:
         fm = t.fault_map(array, mix)
-        runs[(t.rate_index, t.sample)] = (fm, train_through(model, array, fm, data, t.epochs, cfg))
+        run = train_through(
+            model,
+            array,
+            fm,
+            data,
+            t.epochs,
+            cfg,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_name=f"cell-{t.rate_index}-{t.sample}",
+            on_progress=on_epoch,
+        )
+        runs[(t.rate_index, t.sample)] = (fm, run)
 
     def measure(rung: int, row: int, sample: int) -> None:
         fm, run = runs[(row, sample)]

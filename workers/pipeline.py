@@ -137,6 +137,7 @@ def train_through(
     *,
     protect: Sequence[str] = (),
     checkpoint_dir: Path | None = None,
+    checkpoint_name: str = "chunk",
     on_progress: EpochProgress | None = None,
     start: int = 0,
 ) -> Iterator[tuple[int, nn.Module]]:
@@ -144,8 +145,9 @@ def train_through(
 
     `start`: epochs `model` has already seen (a continued run: epoch numbers, schedule and
     seeds go on from there). `checkpoint_dir`: each chunk checkpoints every epoch to
-    `chunk-<first epoch>.pt` there and resumes from it, so a killed run restarts at its
-    last finished epoch (finished chunks reload at once). `on_progress(epochs done,
+    `<checkpoint_name>-<first epoch>.pt` there (flat: several runs may share one directory)
+    and resumes from it, so a killed run restarts at its last finished epoch (finished
+    chunks reload at once). `on_progress(epochs done,
     total epochs, metrics)` after every epoch.
     """
     current, done = model, start
@@ -173,7 +175,7 @@ def train_through(
                 batch_size=cfg.batch_size,
                 seed=cfg.seed + done,
                 protect=tuple(protect),
-                checkpoint=None if checkpoint_dir is None else checkpoint_dir / f"chunk-{done:04d}.pt",
+                checkpoint=None if checkpoint_dir is None else checkpoint_dir / f"{checkpoint_name}-{done:04d}.pt",
                 on_progress=report,
                 device=cfg.device,
                 epoch_fraction=cfg.epoch_fraction,
@@ -752,6 +754,9 @@ def run_rounds(
 # --- the fleet loop ---------------------------------------------------------------------
 
 
+MAP_CELLS = ("adaptive", "full")  # FleetSettings.map_cells
+
+
 @dataclass(frozen=True)
 class FleetSettings:
     """How a fleet is served. faultfleet's defaults; `FleetSettings.fap_t()` the baseline.
@@ -764,6 +769,11 @@ class FleetSettings:
     - `resilience_map`: "auto" (`planner.economics.resilience_map_pays`), "on", "off": a
       measured eFAT map over `map_rates` x `ladder` with `map_samples` maps a rate, or
       (off) the ladder alone, which verification climbs (`ResilienceMap.ladder`).
+    - `map_cells`: which cells of a measured map are trained: "adaptive" (default) only those
+      the failing chips' amounts depend on (`workers.adaptive_map`, NaN elsewhere), "full"
+      every cell of the grid. `map_max_undecided`: the share of the chips to retrain the
+      adaptive map may leave without an amount (the ones needing the most epochs; they are
+      planned alone and `replan` climbs the ladder for them), see `planner.adaptive.MapClimb`.
     - `library`: later chips are served from the library before anything is planned.
     - `group_after_robust`: whether the chips that even the robust base fails are grouped
       (up to `max_group_size`) or retrained alone. Alone by default: these are the chips
@@ -781,6 +791,8 @@ class FleetSettings:
     ladder: tuple[int, ...] = (0, 1, 2, 4, 8)
     map_rates: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04, 0.08)
     map_samples: int = 2
+    map_cells: str = "adaptive"
+    map_max_undecided: float = 0.05
     severity_samples: int = 3
     schedule: str = "progressive_union"
     placement: str = "screening"
@@ -794,6 +806,10 @@ class FleetSettings:
         for name in ("robust_base", "resilience_map"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not one of auto, on, off")
+        if self.map_cells not in MAP_CELLS:
+            raise ValueError(f"map_cells: {self.map_cells!r} is not one of {', '.join(MAP_CELLS)}")
+        if isinstance(self.map_max_undecided, bool) or not 0.0 <= self.map_max_undecided < 1.0:
+            raise ValueError(f"map_max_undecided: {self.map_max_undecided!r} must be a share in [0, 1)")
         if self.max_group_size < 1:
             raise ValueError(f"max_group_size: {self.max_group_size} must be >= 1")
         rungs = self.robust_ladder
@@ -874,7 +890,29 @@ class PlannedBatch:
 
 # (model so far, the fleet's maps, epochs it has had, epochs to add) -> the model continued
 RobustTrainer = Callable[[nn.Module, Sequence[FaultMap], int, int], nn.Module]
-MapBuilder = Callable[[nn.Module, Thresholds], tuple[ResilienceMap, SiteSeverity]]
+
+
+@dataclass(frozen=True)
+class MapFleet:
+    """What an adaptive map is measured for: the chips to plan and `plan_fleet`'s inputs
+    about them (`plan_inputs`), exactly as `plan_batch` passes them to `plan_fleet`.
+
+    - `constraint`: the user's accuracy constraint;
+    - `chips`: the fault maps of the chips no library model serves;
+    - `screening`: chip id -> validation accuracy of its best fit; `bypass_screening`:
+      chip id -> policy -> accuracy (None: no bypass); `served_by`: chip id -> library key;
+    - `placement`: `plan_fleet`'s placement mode."""
+
+    constraint: AccuracyConstraint
+    chips: Sequence[FaultMap]
+    screening: Mapping[str, float]
+    bypass_screening: Mapping[str, Mapping[str, float]] | None
+    served_by: Mapping[str, str]
+    placement: str
+
+
+# (group base, thresholds, the chips to plan) -> the map and the per-class severity
+MapBuilder = Callable[[nn.Module, Thresholds, MapFleet], tuple[ResilienceMap, SiteSeverity]]
 
 
 @dataclass
@@ -969,9 +1007,9 @@ def plan_batch(
     """Steps 1-3 of `run_fleet`: screen against the library, a robust base where it pays,
     a map or the ladder, and `planner.plan_fleet`.
 
-    `train_robust(base, maps)` and `build_map(group base, thresholds)` do the training
-    (default: here, in this process; the service passes checkpointed and fanned-out ones);
-    both must charge their epochs to `em.ledger`.
+    `train_robust(base, maps)` and `build_map(group base, thresholds, MapFleet)` do the
+    training (default: here, in this process; the service passes checkpointed and
+    fanned-out ones); both must charge their epochs to `em.ledger`.
     """
     say = on_progress or (lambda _msg: None)
     thr = thresholds or em.thresholds(base, constraint)
@@ -1021,21 +1059,39 @@ def plan_batch(
         group_size = 1
     decisions["group_size"] = group_size
 
-    # a measured resilience map where it pays, else the ladder that verification climbs
+    # a measured resilience map where it pays, else the ladder that verification climbs;
+    # "auto" prices the full grid, the most an adaptive map can cost
     map_epochs = len(settings.map_rates) * settings.map_samples * max(settings.ladder)
     wants_map = settings.resilience_map == "on" or (
         settings.resilience_map == "auto"
         and bool(failing)
         and resilience_map_pays(len(failing), max_group_size=group_size, map_epochs=map_epochs)
     )
+    screening, bypass_screening, served_by = plan_inputs(screens)
     if wants_map:
-        say(f"measuring the resilience map ({map_epochs} cell epochs)")
-        rmap, severity = (build_map or _map_builder(em, settings))(gb.model, thr)
+        most = "at most " if settings.map_cells == "adaptive" else ""
+        say(f"measuring the resilience map ({settings.map_cells} cells, {most}{map_epochs} cell epochs)")
+        fleet = MapFleet(
+            constraint,
+            [by_id[c] for c in failing],
+            screening,
+            bypass_screening if settings.bypass else None,
+            served_by,
+            settings.placement,
+        )
+        rmap, severity = (build_map or _map_builder(em, settings))(gb.model, thr, fleet)
     else:
         rmap, severity = ResilienceMap.ladder(settings.ladder, thr.baseline_validation), SiteSeverity.uniform()
     decisions["resilience_map"] = "measured" if wants_map else "ladder"
+    if wants_map:
+        decisions["map_cells"] = {
+            "cells": settings.map_cells,
+            "measured": int(rmap.measured.sum()),
+            "of": int(rmap.measured.size),
+            "cell_epochs": rmap.training_epochs,
+            "full_grid_cell_epochs": map_epochs,
+        }
 
-    screening, bypass_screening, served_by = plan_inputs(screens)
     plan = plan_fleet(
         list(maps),
         screening,
@@ -1073,10 +1129,56 @@ def measure_map(em: Emulation, model: nn.Module, thr: Thresholds, settings: Flee
     return rmap
 
 
-def _map_builder(em: Emulation, settings: FleetSettings) -> MapBuilder:
-    """A measured map and per-class severity in this process, charged to `em.ledger`."""
+def measure_adaptive_map(
+    em: Emulation,
+    model: nn.Module,
+    thr: Thresholds,
+    settings: FleetSettings,
+    fleet: MapFleet,
+    severity: SiteSeverity,
+    *,
+    checkpoint_dir: Path | None = None,
+    on_epoch: EpochProgress | None = None,
+) -> ResilienceMap:
+    """`settings`' resilience map of `model`, measured here on the validation split only where
+    `fleet`'s amounts depend on it (`workers.adaptive_map`; NaN elsewhere), and charged to
+    `em.ledger`: the epochs its sampled maps were trained (`cell_epochs`, in passes) and
+    its evaluations (passes over the validation split). `severity`: what `plan_fleet`
+    will place the chips with. `checkpoint_dir`, `on_epoch`: as `train_through`'s, for every
+    sampled map's run (one file name per run)."""
+    from workers.adaptive_map import build_adaptive_resilience_map  # it builds on this module
 
-    def build(model: nn.Module, thr: Thresholds) -> tuple[ResilienceMap, SiteSeverity]:
+    adaptive = build_adaptive_resilience_map(
+        model,
+        em.array,
+        em.validation,
+        settings.map_rates,
+        settings.ladder,
+        settings.map_samples,
+        em.cfg,
+        baseline=thr.baseline_validation,
+        seed=settings.seed,
+        constraint=fleet.constraint,
+        chips=fleet.chips,
+        screening=fleet.screening,
+        bypass_screening=fleet.bypass_screening,
+        placement=fleet.placement,
+        severity=severity,
+        served_by=fleet.served_by,
+        max_undecided=settings.map_max_undecided,
+        checkpoint_dir=checkpoint_dir,
+        on_epoch=on_epoch,
+    )
+    em.ledger.train("resilience_map", em.cfg.passes(adaptive.cell_epochs))
+    em.ledger.evaluate("resilience_map", adaptive.cell_evaluations * len(em.validation.x_test))
+    return adaptive.resilience_map
+
+
+def _map_builder(em: Emulation, settings: FleetSettings) -> MapBuilder:
+    """A measured map (`settings.map_cells`: adaptive or the full grid) and per-class
+    severity in this process, charged to `em.ledger`."""
+
+    def build(model: nn.Module, thr: Thresholds, fleet: MapFleet) -> tuple[ResilienceMap, SiteSeverity]:
         severity = measure_site_severity(
             em.array,
             lambda fm: em.validate(model, fm, kind="severity"),
@@ -1085,6 +1187,8 @@ def _map_builder(em: Emulation, settings: FleetSettings) -> MapBuilder:
             samples=settings.severity_samples,
             seed=settings.seed,
         )
+        if settings.map_cells == "adaptive":
+            return measure_adaptive_map(em, model, thr, settings, fleet, severity), severity
         rmap = measure_map(em, model, thr, settings)
         return rmap, severity
 

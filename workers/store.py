@@ -169,6 +169,7 @@ def plan_settings(params: PlanParams) -> pipeline.FleetSettings:
         ladder=ladder if len(ladder) > 1 else pipeline.FleetSettings.ladder,
         map_rates=tuple(sorted(grid.rates)),
         map_samples=grid.samples,
+        map_cells=params.map_cells,
         schedule=params.schedule,
         seed=params.seed,
     )

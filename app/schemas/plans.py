@@ -145,6 +145,12 @@ class PlanParams(StrictInput):
         description="measure the resilience map over `resilience` (on), climb its epochs as a ladder by "
         "verification with no map (off), or measure it only where it is predicted to pay (auto)",
     )
+    map_cells: Literal["adaptive", "full"] = Field(
+        default="adaptive",
+        description="which cells of a measured map are trained: only those the plan's failing chips' "
+        "retraining amounts depend on (adaptive: near the constraint's contour, at the rates the fleet has; "
+        "the map's other cells are null), or every cell of `resilience` (full, cached per model and grid)",
+    )
     robust_base: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="train a fault-robust base model on the fleet's own maps for the library (on), never (off), "

@@ -160,3 +160,66 @@ def test_arguments_are_checked_before_any_work() -> None:
             args[names.index(k)] = bad.pop(k)
         with pytest.raises(kind):
             build_adaptive_resilience_map(*args, **{**good, **bad})
+
+
+@pytest.mark.slow
+def test_plan_batch_measures_the_adaptive_map_for_fewer_cell_epochs_and_the_same_amounts(
+    setup: tuple[Any, Any],
+) -> None:
+    """The fleet loop's map step: `plan_batch` with a measured map, adaptive cells against the
+    full grid, on the same screening (one fork of the emulation each, so each ledger holds
+    only its own map)."""
+    model, data = setup
+    em = pl.Emulation.of(ARRAY, data, pl.TrainConfig(lr=0.01, batch_size=64, seed=0))
+    thr = em.thresholds(model, CONSTRAINT)
+    maps = fleet(40, 3)
+    screens = pl.screen_fleet(em, [pl.LibraryModel("base", model)], maps, thr.decision, bypass=True, group_base="base")
+    batches, ledgers = {}, {}
+    for cells in ("full", "adaptive"):
+        settings = pl.FleetSettings(
+            max_group_size=4,
+            robust_base="off",
+            resilience_map="on",
+            map_cells=cells,
+            ladder=LADDER,
+            map_rates=RATES,
+            map_samples=SAMPLES,
+            severity_samples=1,
+        )
+        fork = em.fork()
+        batches[cells] = pl.plan_batch(fork, model, maps, CONSTRAINT, settings, thresholds=thr, screens=screens)
+        ledgers[cells] = fork.ledger
+    full, adaptive = batches["full"].plan, batches["adaptive"].plan
+    assert full.resilience_map.measured.all() and not adaptive.resilience_map.measured.all()
+    assert batches["adaptive"].decisions["map_cells"]["cells"] == "adaptive"
+
+    # charged exactly what each map trained, in passes, and what it evaluated
+    full_epochs = len(RATES) * SAMPLES * max(LADDER)
+    assert ledgers["full"].epochs["resilience_map"] == full.resilience_map.training_epochs == full_epochs
+    cell_epochs = adaptive.resilience_map.training_epochs
+    assert ledgers["adaptive"].epochs["resilience_map"] == cell_epochs
+    assert 0 < cell_epochs * 3 <= full_epochs  # the issue's bar: at least 3x fewer cell epochs
+    measured_cells = int(adaptive.resilience_map.measured.sum()) * SAMPLES
+    assert ledgers["adaptive"].samples["resilience_map"] >= measured_cells * len(em.validation.x_test)
+    assert ledgers["adaptive"].samples["resilience_map"] < ledgers["full"].samples["resilience_map"]
+
+    # the same chips to retrain, and the same amount for >= 95% of them (every amount well-defined)
+    need = [c for c, st in full.chips.items() if st.status == PLANNED]
+    assert len(need) >= 10
+    assert need == [c for c, st in adaptive.chips.items() if st.status == PLANNED]
+    same = [c for c in need if adaptive.chips[c].amount == full.chips[c].amount]
+    assert len(same) >= 0.95 * len(need), {c: (full.chips[c].amount, adaptive.chips[c].amount) for c in need}
+    for st in adaptive.chips.values():
+        assert st.amount is None or (isinstance(st.amount, int) and st.amount in LADDER)
+    for g in adaptive.groups:  # every group's amount is one the ladder has (none read off an unmeasured cell)
+        assert g.amount in LADDER
+
+
+def test_fleet_settings_check_map_cells_on_entry() -> None:
+    assert pl.FleetSettings().map_cells == "adaptive"  # the default
+    assert pl.FleetSettings(map_cells="full").map_cells == "full"
+    with pytest.raises(ValueError, match="map_cells: 'sparse' is not one of adaptive, full"):
+        pl.FleetSettings(map_cells="sparse")
+    for bad in (-0.1, 1.0, True):
+        with pytest.raises(ValueError, match="map_max_undecided"):
+            pl.FleetSettings(map_max_undecided=bad)

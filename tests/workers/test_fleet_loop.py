@@ -172,6 +172,7 @@ def test_a_measured_map_is_charged_and_planned_on(setup: tuple[Any, Any]) -> Non
         max_group_size=4,
         robust_base="off",
         resilience_map="on",
+        map_cells="full",  # every cell: the full grid's charge
         ladder=(0, 1),
         map_rates=(0.05,),
         map_samples=1,

@@ -19,7 +19,7 @@ from planner.plan import NEEDS_NOTHING
 from workers import pipeline
 from workers.checkpoints import JobCheckpoints
 from workers.export import state_dict_bytes
-from workers.handlers.maps import ensure_resilience_map
+from workers.handlers.maps import ensure_adaptive_map, ensure_resilience_map
 from workers.jobs import JobContext, handler
 from workers.store import (
     SAFETENSORS,
@@ -77,8 +77,9 @@ def robust_trainer(
 @handler("plan", on_failure=plan_failed)
 def build_plan(ctx: JobContext) -> dict[str, Any]:
     """`pipeline.plan_batch` over the plan's chips: screening against the base model's library,
-    a robust base where it pays (stored in the library), a measured map (fanned out) where it
-    pays or the ladder, then `plan_fleet`. What it cost goes into the plan's ledger."""
+    a robust base where it pays (stored in the library), a measured map where it pays (the
+    adaptive one built in this job, or the full grid fanned out) or the ladder, then
+    `plan_fleet`. What it cost goes into the plan's ledger."""
     plan = plan_info(ctx.engine, int(ctx.params["plan_id"]))
     if plan.document is not None:
         return {"plan_id": plan.id, "summary": plan.document.get("summary")}  # already built (idempotent)
@@ -93,19 +94,27 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
     library, _ = load_library(ctx.engine, dep)
     rmap_id: int | None = None
 
-    def build_map(model: nn.Module, thr: pipeline.Thresholds) -> tuple[ResilienceMap, SiteSeverity]:
+    def build_map(
+        model: nn.Module, thr: pipeline.Thresholds, fleet: pipeline.MapFleet
+    ) -> tuple[ResilienceMap, SiteSeverity]:
         nonlocal rmap_id
-        rmap_id, rmap, built = ensure_resilience_map(ctx, plan, thr.baseline_validation, progress=(0.5, 0.8))
-        if built:
-            em.ledger.train("resilience_map", em.cfg.passes(rmap.training_epochs))
+        # severity first: an adaptive map places the chips with it
         severity = measure_site_severity(
             dep.array,
             lambda fm: em.validate(model, fm, kind="severity"),
             thr.baseline_validation,
-            rate=rmap.rates[len(rmap.rates) // 2],
+            rate=settings.map_rates[len(settings.map_rates) // 2],
             samples=1,
             seed=settings.seed,
         )
+        if settings.map_cells == "adaptive":  # built here, charged to em.ledger when built
+            rmap_id, rmap, _ = ensure_adaptive_map(
+                ctx, plan, em, model, thr, settings, fleet, severity, progress=(0.5, 0.8)
+            )
+            return rmap, severity
+        rmap_id, rmap, built = ensure_resilience_map(ctx, plan, thr.baseline_validation, progress=(0.5, 0.8))
+        if built:
+            em.ledger.train("resilience_map", em.cfg.passes(rmap.training_epochs))
         return rmap, severity
 
     n = len(maps)
