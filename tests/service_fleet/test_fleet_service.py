@@ -115,7 +115,7 @@ def _download(service: Any, path: str, **params: str) -> tuple[bytes, Any]:
 def test_fleet_plan_execute_verify_download(service: Any) -> None:
     grid = {"rates": [0.05, 0.1, 0.2], "epochs": [0, 1, 3], "samples": 1}
     fleet = _setup_fleet(service, n_chips=12, seed=3, arch="mlp", grid=grid)
-    plan_id = _plan(service, fleet)
+    plan_id = _plan(service, fleet, map_cells="full")  # the full grid: fanned out per cell, cached per model
     with service.client() as c:
         planned = _ok(c.get(f"/api/v1/plans/{plan_id}"))
         rmap = _ok(c.get(f"/api/v1/resilience-maps/{planned['resilience_map_id']}"))
@@ -136,6 +136,7 @@ def test_fleet_plan_execute_verify_download(service: Any) -> None:
                     "chips": {"ids": [fleet["maps"][0]["chip_id"]]},
                     "resilience": grid,
                     "resilience_map": "on",
+                    "map_cells": "adaptive",  # a ready full map of the same grid serves an adaptive request
                 },
             ),
             202,
@@ -276,6 +277,9 @@ def test_fleet_plan_execute_verify_download(service: Any) -> None:
 
 def test_bad_plan_and_model_requests_are_rejected(service: Any) -> None:
     with service.client() as c:
+        r = c.post("/api/v1/plans", json={"model": "x", "constraint": {"max_drop": 0.01}, "map_cells": "sparse"})
+        assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "map_cells"], r.text
+        assert "'adaptive' or 'full'" in r.json()["errors"][0]["msg"], r.text
         r = c.post("/api/v1/plans", json={"model": "no-such-model", "constraint": {"max_drop": 0.01}})
         assert r.status_code == 404 and "no-such-model" in r.json()["detail"]
         r = c.post("/api/v1/plans", json={"model": "x", "constraint": {"max_drop": 0.01, "min_accuracy": 0.9}})
@@ -534,6 +538,41 @@ def test_the_service_and_the_bench_run_one_loop(embedded_service: Any) -> None:
     assert served["summary"]["training_epochs_total"] == pytest.approx(here.ledger.training_epochs_total)
     # every group epoch read half the train split: the ledger charges half a pass for each
     assert here.ledger.epochs["groups"] == pytest.approx(0.5 * here.plan.planned_epochs)
+
+
+def test_a_plan_measures_the_adaptive_map_by_default(embedded_service: Any) -> None:
+    """A plan with a measured map over a small fleet, through the real worker: the map is
+    adaptive (built in the plan's job, no cell jobs), has cells not measured (null), costs
+    fewer cell epochs than the full grid, and the plan, planned on it, executes to the end."""
+    service = embedded_service
+    _, _, name, maps = _registered_mlp(service, 10, seed=11)
+    grid = {"rates": [0.02, 0.05, 0.1, 0.2], "epochs": [0, 1, 2, 4], "samples": 1}
+    plan_id = _plan(service, {"model": name, "maps": maps, "grid": grid}, max_group_size=3, robust_base="off")
+    with service.client() as c:
+        planned = _ok(c.get(f"/api/v1/plans/{plan_id}"))
+        rmap = _ok(c.get(f"/api/v1/resilience-maps/{planned['resilience_map_id']}"))
+    assert (
+        planned["params"]["map_cells"] == "adaptive" and planned["summary"]["decisions"]["resilience_map"] == "measured"
+    )
+    full_epochs = len(grid["rates"]) * grid["samples"] * max(grid["epochs"])
+    assert rmap["status"] == "ready" and rmap["params"]["cells"] == "adaptive"
+    worst = rmap["map"]["worst"]
+    assert all(row[0] is not None for row in worst)  # the 0-epoch column: always measured
+    assert any(v is None for row in worst for v in row)  # cells nobody's amount depends on: not trained
+    assert 0 < rmap["training_epochs"] < full_epochs  # some chips need retraining, and read some rates
+    # the plan is charged exactly the cell epochs the map trained
+    assert planned["summary"]["training_epochs"]["resilience_map"] == rmap["training_epochs"]
+    engine = sa.create_engine(service.database_url)
+    with engine.connect() as conn:
+        cells = conn.execute(
+            sa.text("SELECT count(*) FROM jobs WHERE kind = 'resilience_cell' AND parent_id = :p"),
+            {"p": planned["jobs"]["plan"]},
+        ).scalar_one()
+    engine.dispose()
+    assert cells == 0
+    done = _execute(service, plan_id)
+    assert done["status"] == "executed"
+    assert all(ch["status"] in TERMINAL_CHIP_STATES for ch in done["chips"]), done["chips"]
 
 
 def acc_constraint(max_drop: float) -> Any:
