@@ -1084,11 +1084,12 @@ def plan_batch(
         rmap, severity = ResilienceMap.ladder(settings.ladder, thr.baseline_validation), SiteSeverity.uniform()
     decisions["resilience_map"] = "measured" if wants_map else "ladder"
     if wants_map:
+        # what was asked, and what the map has (a cached full map may serve an adaptive request)
         decisions["map_cells"] = {
-            "cells": settings.map_cells,
-            "measured": int(rmap.measured.sum()),
-            "of": int(rmap.measured.size),
-            "cell_epochs": rmap.training_epochs,
+            "asked": settings.map_cells,
+            "measured_cells": int(rmap.measured.sum()),
+            "cells": int(rmap.measured.size),
+            "map_cell_epochs": rmap.training_epochs,
             "full_grid_cell_epochs": map_epochs,
         }
 

@@ -119,6 +119,10 @@ def plan_create(
     robust_base: Annotated[
         str | None, typer.Option(help="train a fault-robust base model: on, off or auto [server default]")
     ] = None,
+    map_cells: Annotated[
+        str | None,
+        typer.Option(help="a measured map's cells: adaptive (only those the amounts need) or full [server default]"),
+    ] = None,
     seed: int = 0,
     wait: Annotated[bool, typer.Option("--wait", help="follow the planning job, then show the plan")] = False,
     url: UrlOpt = None,
@@ -150,7 +154,7 @@ def plan_create(
         grid["epochs"] = [int(x) for x in e]
     if samples is not None:
         grid["samples"] = samples
-    for name, value in (("resilience_map", resilience_map), ("robust_base", robust_base)):
+    for name, value in (("resilience_map", resilience_map), ("robust_base", robust_base), ("map_cells", map_cells)):
         if value is not None:
             body[name] = value
     if grid:
