@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 
 import accelerator as acc  # noqa: E402
 from accelerator.faults import ArrayConfig, FaultMap  # noqa: E402
-from planner import AccuracyConstraint, FleetSpec, ResilienceMap, generate_fleet, plan_fleet  # noqa: E402
+from planner import AccuracyConstraint, FleetSpec, ResilienceMap, SiteSeverity, generate_fleet, plan_fleet  # noqa: E402
 from planner.plan import PLANNED  # noqa: E402
 from planner.synthetic_fleet import FaultMix  # noqa: E402
 from workers import pipeline as pl  # noqa: E402
@@ -224,3 +224,40 @@ def test_fleet_settings_check_map_cells_on_entry() -> None:
     for bad in (-0.1, 1.0, True):
         with pytest.raises(ValueError, match="map_max_undecided"):
             pl.FleetSettings(map_max_undecided=bad)
+
+
+@pytest.mark.slow
+def test_a_checkpointed_adaptive_map_resumes_without_training_again(setup: tuple[Any, Any], tmp_path: Any) -> None:
+    """What the service's map job relies on when a worker dies: every sampled map's run
+    checkpoints each epoch in one directory, and a build started again over it trains
+    nothing it had finished and climbs to the same map."""
+    model, data = setup
+    em = pl.Emulation.of(ARRAY, data, pl.TrainConfig(lr=0.01, batch_size=64, seed=0))
+    thr = em.thresholds(model, CONSTRAINT)
+    maps = fleet(40, 3)
+    screens = pl.screen_fleet(em, [pl.LibraryModel("base", model)], maps, thr.decision, bypass=True, group_base="base")
+    screening, bypass_screening, served_by = pl.plan_inputs(screens)
+    failing = [m for m in maps if screens[str(m.chip_id)].fit is None]
+    settings = pl.FleetSettings(ladder=(0, 1, 2), map_rates=RATES, map_samples=1, map_max_undecided=0.0)
+    map_fleet = pl.MapFleet(CONSTRAINT, failing, screening, bypass_screening, served_by, "screening")
+    built = []
+    for _ in range(2):
+        epochs: list[int] = []
+        fork = em.fork()
+        rmap = pl.measure_adaptive_map(
+            fork,
+            model,
+            thr,
+            settings,
+            map_fleet,
+            SiteSeverity.uniform(),
+            checkpoint_dir=tmp_path,
+            on_epoch=lambda done, total, metrics, epochs=epochs: epochs.append(done),
+        )
+        built.append((rmap, len(epochs), fork.ledger.epochs["resilience_map"]))
+    (first, trained_first, charged_first), (again, trained_again, charged_again) = built
+    assert 0 < trained_first == first.training_epochs == charged_first
+    assert trained_again == 0  # every run reloaded its finished chunks
+    assert charged_again == again.training_epochs == first.training_epochs  # the map's cost, as measured
+    np.testing.assert_array_equal(again.worst, first.worst)  # NaN where the first left cells unmeasured
+    assert sorted(p.name for p in tmp_path.iterdir())[0].startswith("cell-")
