@@ -164,7 +164,7 @@ def test_arguments_are_checked_before_any_work() -> None:
 
 @pytest.mark.slow
 def test_plan_batch_measures_the_adaptive_map_for_fewer_cell_epochs_and_the_same_amounts(
-    setup: tuple[Any, Any],
+    setup: tuple[Any, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The fleet loop's map step: `plan_batch` with a measured map, adaptive cells against the
     full grid, on the same screening (one fork of the emulation each, so each ledger holds
@@ -214,6 +214,13 @@ def test_plan_batch_measures_the_adaptive_map_for_fewer_cell_epochs_and_the_same
         assert st.amount is None or (isinstance(st.amount, int) and st.amount in LADDER)
     for g in adaptive.groups:  # every group's amount is one the ladder has (none read off an unmeasured cell)
         assert g.amount in LADDER
+    with capsys.disabled():
+        print(
+            f"\nplan_batch, map cells adaptive against full: {cell_epochs} / {full_epochs} cell epochs, "
+            f"same amount for {len(same)}/{len(need)} chips needing retraining, "
+            f"plan epochs {adaptive.planned_epochs} / {full.planned_epochs}, "
+            f"groups {len(adaptive.groups)} / {len(full.groups)}"
+        )
 
 
 def test_fleet_settings_check_map_cells_on_entry() -> None:
