@@ -23,9 +23,9 @@ from workers.handlers.maps import ensure_resilience_map
 from workers.jobs import JobContext, handler
 from workers.store import (
     SAFETENSORS,
-    Deployed,
+    LoadedBaseModel,
     add_to_library,
-    deployed,
+    load_base_model,
     load_library,
     plan_failed,
     plan_info,
@@ -38,7 +38,11 @@ from workers.store import (
 
 
 def robust_trainer(
-    ctx: JobContext, dep: Deployed, em: pipeline.Emulation, settings: pipeline.FleetSettings, ckpts: JobCheckpoints
+    ctx: JobContext,
+    loaded: LoadedBaseModel,
+    em: pipeline.Emulation,
+    settings: pipeline.FleetSettings,
+    ckpts: JobCheckpoints,
 ) -> pipeline.RobustTrainer:
     """Train the robust base in this job, rung by rung (`pipeline.grow_robust_base`), each
     rung checkpointed every epoch into `ckpts` (the plan's, stored through the artifact
@@ -83,14 +87,14 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
     if plan.document is not None:
         return {"plan_id": plan.id, "summary": plan.document.get("summary")}  # already built (idempotent)
     set_plan_status(ctx.engine, plan.id, "planning")
-    dep = deployed(ctx.engine, plan.base_model_id)
-    maps = selected_maps(ctx.engine, plan, dep.array)
+    loaded = load_base_model(ctx.engine, plan.base_model_id)
+    maps = selected_maps(ctx.engine, plan, loaded.array)
     if not maps:
         raise ValueError("the plan selects no chips")
     settings = plan_settings(plan.params)
-    em = dep.emulation(train_config(plan.params, dep.device))
+    em = loaded.emulation(train_config(plan.params, loaded.device))
     constraint = AccuracyConstraint.from_dict(plan.constraint)
-    library, _ = load_library(ctx.engine, dep)
+    library, _ = load_library(ctx.engine, loaded)
     rmap_id: int | None = None
 
     def build_map(model: nn.Module, thr: pipeline.Thresholds) -> tuple[ResilienceMap, SiteSeverity]:
@@ -99,7 +103,7 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
         if built:
             em.ledger.train("resilience_map", em.cfg.passes(rmap.training_epochs))
         severity = measure_site_severity(
-            dep.array,
+            loaded.array,
             lambda fm: em.validate(model, fm, kind="severity"),
             thr.baseline_validation,
             rate=rmap.rates[len(rmap.rates) // 2],
@@ -117,12 +121,12 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
     ctx.report(0.02, f"screening {n} chips against the model library")
     batch = pipeline.plan_batch(
         em,
-        dep.model,
+        loaded.model,
         maps,
         constraint,
         settings,
         library=library,
-        train_robust=robust_trainer(ctx, dep, em, settings, ckpts),
+        train_robust=robust_trainer(ctx, loaded, em, settings, ckpts),
         build_map=build_map,
         on_progress=progress,
     )
@@ -130,12 +134,12 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
         robust = batch.model("robust").model
         with Session(ctx.engine, expire_on_commit=False) as s:
             art = store_bytes(
-                s, state_dict_bytes(robust.state_dict(), {"robust_base": dep.info.name}), "model", SAFETENSORS
+                s, state_dict_bytes(robust.state_dict(), {"robust_base": loaded.info.name}), "model", SAFETENSORS
             )
             s.commit()
             art_id = art.id
         epochs = int(batch.decisions["robust_base"]["epochs"])
-        add_to_library(ctx.engine, dep.info.id, "robust", "robust", art_id, training_epochs=epochs)
+        add_to_library(ctx.engine, loaded.info.id, "robust", "robust", art_id, training_epochs=epochs)
     doc = batch.plan
     with Session(ctx.engine, expire_on_commit=False) as s:
         row = s.get(PlanRecord, plan.id)
