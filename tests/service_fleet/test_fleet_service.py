@@ -501,6 +501,7 @@ def test_the_service_and_the_bench_run_one_loop(embedded_service: Any) -> None:
         robust_base="off",
         train={"epoch_fraction": 0.5},  # retraining epochs of half the train split, here and there
     )
+    passes_before = _group_passes_metric(service)
     served = _execute(service, plan_id)
 
     array = ArrayConfig(ROWS, COLS)
@@ -534,6 +535,24 @@ def test_the_service_and_the_bench_run_one_loop(embedded_service: Any) -> None:
     assert served["summary"]["training_epochs_total"] == pytest.approx(here.ledger.training_epochs_total)
     # every group epoch read half the train split: the ledger charges half a pass for each
     assert here.ledger.epochs["groups"] == pytest.approx(0.5 * here.plan.planned_epochs)
+    # and so does /metrics: faultfleet_epochs_trained counts full passes, as the ledger does
+    trained_epochs = sum(g["epochs"] for g in doc["groups"] if g["model_sha256"])
+    assert trained_epochs > 0
+    assert _group_passes_metric(service) - passes_before == pytest.approx(0.5 * trained_epochs)
+
+
+def _group_passes_metric(service: Any) -> float:
+    """`faultfleet_epochs_trained_total{purpose="group_retraining"}` as /metrics answers it now."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with service.client() as c:
+        r = c.get("/metrics")
+    assert r.status_code == 200, r.text[:300]
+    for fam in text_string_to_metric_families(r.text):
+        for x in fam.samples:
+            if x.name == "faultfleet_epochs_trained_total" and x.labels == {"purpose": "group_retraining"}:
+                return float(x.value)
+    return 0.0
 
 
 def acc_constraint(max_drop: float) -> Any:
