@@ -398,6 +398,64 @@ def test_a_group_taken_over_on_another_machine_resumes_from_the_database(tmp_pat
         assert not (disk_b / "checkpoints" / key).exists()  # B resumed there, then dropped it
 
 
+def test_a_robust_base_taken_over_on_another_machine_resumes_from_the_database(tmp_path: Any) -> None:
+    """FAULTFLEET_ARTIFACT_BACKEND=database: SIGKILL the worker once the plan job's robust base
+    stored an epoch's checkpoint; a worker with another, empty artifact dir (another machine)
+    resumes the robust base from there, not from epoch 0, and the plan is built."""
+    from tests.conftest import running_service
+
+    disk_a, disk_b = tmp_path / "machine-a", tmp_path / "machine-b"
+    with running_service(
+        "postgres", tmp_path / "svc", FAULTFLEET_ARTIFACT_BACKEND="database", FAULTFLEET_ARTIFACT_DIR=str(disk_a)
+    ) as service:
+        grid = {"rates": [0.1, 0.2], "epochs": [0, 1, 2], "samples": 1}
+        fleet = _setup_fleet(service, n_chips=6, seed=11, arch="lenet5", grid=grid)
+        with service.client() as c:
+            body = {
+                "model": fleet["model"],
+                "constraint": {"max_drop": 0.005},  # chips fail screening: the robust base trains
+                "chips": {"ids": [m["chip_id"] for m in fleet["maps"]]},
+                "resilience": grid,
+                "resilience_map": "off",
+                "robust_base": "on",
+            }
+            accepted = _ok(c.post("/api/v1/plans", json=body), 202)
+        plan_id, job_id = int(accepted["plan"]["id"]), accepted["job"]["id"]
+        key = f"robust-plan{plan_id}"
+        engine = sa.create_engine(service.database_url)
+        deadline = time.monotonic() + 180
+        while True:  # the robust base has stored the checkpoint of its first epoch in the database
+            with engine.connect() as conn:
+                stored = conn.execute(sa.text("SELECT count(*) FROM checkpoint_files WHERE key = :k"), {"k": key})
+                if stored.scalar_one():
+                    break
+                state = conn.execute(sa.text("SELECT state FROM jobs WHERE id = :i"), {"i": job_id}).scalar_one()
+            assert state in ("queued", "running"), (
+                f"the plan job ended ({state}) before its robust base stored an epoch"
+            )
+            assert time.monotonic() < deadline, "the robust base stored no epoch"
+            time.sleep(0.05)
+        service.kill_worker()
+        assert (disk_a / "checkpoints" / key).is_dir()
+        service.env = {**service.env, "FAULTFLEET_ARTIFACT_DIR": str(disk_b)}
+        service.start_worker()
+        done = service.wait_job(job_id, timeout=300)
+        assert done["state"] == "succeeded", done
+        with engine.connect() as conn:
+            result = conn.execute(sa.text("SELECT result FROM jobs WHERE id = :i"), {"i": job_id}).scalar_one()
+            left = conn.execute(
+                sa.text("SELECT count(*) FROM checkpoint_files WHERE key = :k"), {"k": key}
+            ).scalar_one()
+        engine.dispose()
+        result = json.loads(result) if isinstance(result, str) else result
+        assert result["robust_base_resumed_from_epoch"] >= 1, "the robust base taken over on B restarted at epoch 0"
+        with service.client() as c:
+            decision = _ok(c.get(f"/api/v1/plans/{plan_id}"))["summary"]["decisions"]["robust_base"]
+        assert decision["trained"] and decision["epochs"] >= 3, decision
+        assert left == 0, "the finished plan job left its checkpoints in the database"
+        assert not (disk_b / "checkpoints" / key).exists()  # B resumed there, then dropped it
+
+
 def test_register_model_by_uploading_weights_and_a_dataset(service: Any, tmp_path: Any) -> None:
     """multipart: a user's .npz dataset and safetensors weights; the worker measures the same baseline."""
     import io
