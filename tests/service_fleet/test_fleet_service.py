@@ -112,7 +112,14 @@ def _download(service: Any, path: str, **params: str) -> tuple[bytes, Any]:
         return data, r.headers
 
 
-def test_fleet_plan_execute_verify_download(service: Any) -> None:
+def test_fleet_plan_execute_verify_download(pg_service: Any) -> None:
+    """The whole fleet end to end, once, on PostgreSQL + Redis (the stricter SQL). The embedded
+    default runs the same paths elsewhere: plan, execution and group downloads in
+    test_the_service_and_the_bench_run_one_loop, the library listing in
+    test_the_service_grows_the_robust_base_as_the_loop_does, map cells and plan, group and chip
+    downloads in tests/tools/test_cli_fleet.py, late chips in test_late_chip_coalescing.py;
+    a second whole run on it checked no path those do not."""
+    service = pg_service
     grid = {"rates": [0.05, 0.1, 0.2], "epochs": [0, 1, 3], "samples": 1}
     fleet = _setup_fleet(service, n_chips=12, seed=3, arch="mlp", grid=grid)
     plan_id = _plan(service, fleet)
