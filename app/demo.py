@@ -4,7 +4,7 @@ It does what a fab would: registers an accelerator profile and a base model (tra
 a worker), posts a generated fleet like a test line (NDJSON bulk), plans, executes,
 prints one line per group and the cost against per-chip FAT, and downloads every
 group's model and manifest. Every step is a public API call, so the demo is also a
-smoke test of the deployment it runs against.
+smoke test of the running service it talks to.
 """
 
 from __future__ import annotations

@@ -1,8 +1,12 @@
 """eFAT + TRE-Map fleet planning: who needs nothing, how much retraining, which chips share it.
 
 `plan_fleet` places every chip that fails screening on the resilience map by its
-effective rate (`planner.severity`), reads its own amount (epochs), and groups chips
-in two stages:
+effective rate (`planner.severity`), reads its own amount, and groups chips in two stages.
+
+An amount (`Group.amount`, `ChipState.amount`, `ResilienceMap.amount_for`) is a number of
+retraining epochs, each reading `train.epoch_fraction` of the train split (a full pass at
+the default 1): what the database and the manifests call a group's `epochs`. The planner
+keeps the eFAT paper's word; "epochs" elsewhere in the service is the same number.
 
 1. Clustering (scikit-learn `MiniBatchKMeans`, per amount bucket). Each chip is a
    sparse vector: its severity-weighted faulty PEs, their row and column projections
@@ -101,6 +105,9 @@ def group_deployment(chip_map: FaultMap, fused: FaultMap) -> FaultMap:
 class Group:
     """One retraining job: the base model retrained `amount` epochs on the members' fused map.
 
+    `amount` is retraining epochs (each `train.epoch_fraction` of a pass over the train
+    split): the group row's and its manifest's `epochs`.
+
     `members` are chip ids, mildest effective rate first (the order of a progressive
     union); `schedule` is a schedule spec (`planner.schedules`); `protect` asks for the
     most sensitive layer to run fault-free (3x its cycles). `round` 0 is the initial
@@ -171,7 +178,8 @@ class Group:
 
 @dataclass
 class ChipState:
-    """Where one chip stands. Accuracies are fractions; `amount` is its own amount on the map (None: beyond)."""
+    """Where one chip stands. Accuracies are fractions; `amount` is its own amount on the map
+    (retraining epochs it would need alone, as a group's `amount`; None: beyond the map)."""
 
     chip_id: str
     status: str

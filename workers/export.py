@@ -98,7 +98,10 @@ def group_manifest(
     """A group model's manifest. `accuracy` is each member's on the test split, which no
     decision saw (the split the constraint is verified on); `validation_accuracy` the split
     the plan decided on. `training` names the optimizer the accelerator trains with.
-    `fields`: the group's own (fused_map_digest, epochs, protect, ...), kept at the top level."""
+    `fields`: the group's own (fused_map_digest, epochs, protect, ...), kept at the top level;
+    `epochs` is the group's retraining epochs (`planner.Group.amount`), each reading
+    `training.epoch_fraction` of the train split (1 where absent), `total_epochs` with those
+    of the group it continued from."""
     return {
         "group": dict(group),
         **fields,

@@ -398,7 +398,9 @@ class LibraryModel:
     protect: tuple[str, ...] = ()
 
     def deployed(self, fm: FaultMap) -> FaultMap:
-        """`fm` as a chip runs this model: a group model's fused dead PEs bypassed too."""
+        """The deployment of `fm` for this model, the map a chip runs it with: `fm` (a chip's
+        map, its bypass policy already applied, see `deployments`) with a group model's fused
+        dead PEs bypassed too (`group_deployment`); `fm` itself for a base model."""
         return fm if self.fused is None else group_deployment(fm, self.fused)
 
 

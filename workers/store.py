@@ -63,10 +63,11 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
-class Deployed:
-    """A calibrated base model with its dataset (`accelerator.Dataset`), the array it runs
-    on and the torch device this worker runs it on (`worker_device`; the model itself
-    stays on the CPU, the accelerator functions take it there and back)."""
+class LoadedBaseModel:
+    """A registered base model loaded in this worker: its calibrated weights, its dataset
+    (`accelerator.Dataset`), the array it runs on and the torch device this worker runs it
+    on (`worker_device`; the model itself stays on the CPU, the accelerator functions take
+    it there and back). Not a deployment: that word means the map a chip runs a model with."""
 
     info: ModelInfo
     model: nn.Module
@@ -120,23 +121,23 @@ def load_data(info: ModelInfo) -> Any:
 
 # Loading a dataset and a model takes seconds and every job of a plan needs the same one:
 # keep the last few per worker process, keyed by weights digest (never stale).
-_DEPLOYED: dict[tuple[int, str], Deployed] = {}
-_DEPLOYED_MAX = 4
+_LOADED_BASE_MODELS: dict[tuple[int, str], LoadedBaseModel] = {}
+_LOADED_BASE_MODELS_MAX = 4
 
 
-def deployed(engine: Engine, model_id: int) -> Deployed:
-    """The registered base model, ready to run (cached per process; the key includes its weights digest)."""
+def load_base_model(engine: Engine, model_id: int) -> LoadedBaseModel:
+    """The registered base model loaded, ready to run (cached per process; the key includes its weights digest)."""
     info = model_info(engine, model_id)
     if info.weights_sha256 is None:
         raise ValueError(f"base model {model_id} is not ready")
     key = (model_id, info.weights_sha256)
-    if key not in _DEPLOYED:
+    if key not in _LOADED_BASE_MODELS:
         data = load_data(info)
         model = acc.load_model(info.architecture, load_state(info.weights_sha256), data.input_shape, data.num_classes)
-        while len(_DEPLOYED) >= _DEPLOYED_MAX:
-            _DEPLOYED.pop(next(iter(_DEPLOYED)))
-        _DEPLOYED[key] = Deployed(info, model, data, worker_device(get_settings()))
-    return _DEPLOYED[key]
+        while len(_LOADED_BASE_MODELS) >= _LOADED_BASE_MODELS_MAX:
+            _LOADED_BASE_MODELS.pop(next(iter(_LOADED_BASE_MODELS)))
+        _LOADED_BASE_MODELS[key] = LoadedBaseModel(info, model, data, worker_device(get_settings()))
+    return _LOADED_BASE_MODELS[key]
 
 
 def worker_device(settings: Settings) -> str:
@@ -175,8 +176,10 @@ def plan_settings(params: PlanParams) -> pipeline.FleetSettings:
     )
 
 
-def load_group_model(dep: Deployed, sha256: str) -> nn.Module:
-    return acc.load_model(dep.info.architecture, load_state(sha256), dep.data.input_shape, dep.data.num_classes)
+def load_group_model(loaded: LoadedBaseModel, sha256: str) -> nn.Module:
+    return acc.load_model(
+        loaded.info.architecture, load_state(sha256), loaded.data.input_shape, loaded.data.num_classes
+    )
 
 
 # --- a failed job marks its subject failed (in the transaction that fails the job) ----------------
@@ -332,36 +335,36 @@ def add_base_to_library(engine: Engine, model_id: int) -> None:
             s.rollback()
 
 
-def load_library(engine: Engine, dep: Deployed) -> tuple[list[pipeline.LibraryModel], dict[str, int]]:
+def load_library(engine: Engine, loaded: LoadedBaseModel) -> tuple[list[pipeline.LibraryModel], dict[str, int]]:
     """The base model's library, every model's weights loaded (what screening needs), base
     first, then the robust base, then group models oldest first; and the row id of each (by key)."""
-    rows = library_rows(engine, dep.info.id)
+    rows = library_rows(engine, loaded.info.id)
     if not any(key == "base" for _, key, *_ in rows):  # its first use: the base joins its library
-        add_base_to_library(engine, dep.info.id)
-        rows = library_rows(engine, dep.info.id)
+        add_base_to_library(engine, loaded.info.id)
+        rows = library_rows(engine, loaded.info.id)
     order = {"base": 0, "robust": 1, "group": 2}
     rows.sort(key=lambda r: (order[r[2]], r[0]))
     lib, ids = [], {}
     for row_id, key, kind, sha, fused, layer in rows:
-        model = dep.model if kind == "base" else load_group_model(dep, sha)
-        fm = FaultMap.from_dict(fused, array=dep.array) if fused else None
+        model = loaded.model if kind == "base" else load_group_model(loaded, sha)
+        fm = FaultMap.from_dict(fused, array=loaded.array) if fused else None
         lib.append(pipeline.LibraryModel(key, model, fm, (layer,) if layer else ()))
         ids[key] = row_id
     return lib, ids
 
 
-def library_model(engine: Engine, dep: Deployed, key: str) -> nn.Module:
+def library_model(engine: Engine, loaded: LoadedBaseModel, key: str) -> nn.Module:
     """One library model of the base model, by key, its weights loaded alone (a retraining job
     needs only its group base): the base model itself for "base" or a key its library lacks."""
     if key == "base":
-        return dep.model
+        return loaded.model
     with Session(engine, expire_on_commit=False) as s:
         sha = s.scalar(
             select(Artifact.sha256)
             .join(LibraryModelRecord, LibraryModelRecord.artifact_id == Artifact.id)
-            .where(LibraryModelRecord.base_model_id == dep.info.id, LibraryModelRecord.key == key)
+            .where(LibraryModelRecord.base_model_id == loaded.info.id, LibraryModelRecord.key == key)
         )
-    return dep.model if sha is None else load_group_model(dep, sha)
+    return loaded.model if sha is None else load_group_model(loaded, sha)
 
 
 def add_to_library(
@@ -435,7 +438,7 @@ def find_group(doc: Plan, key: str) -> Group:
 
 def store_group_model(
     engine: Engine,
-    dep: Deployed,
+    loaded: LoadedBaseModel,
     plan: PlanInfo,
     doc: Plan,
     g: Group,
@@ -447,14 +450,14 @@ def store_group_model(
     assert result.model is not None
     state = result.model.state_dict()
     model_bytes = state_dict_bytes(state, {"group": g.group_id})
-    delta_bytes = sparse_delta(dep.model.state_dict(), state)
+    delta_bytes = sparse_delta(loaded.model.state_dict(), state)
     cfg = train_config(plan.params)
     thr = stored_thresholds(plan.summary)
     with Session(engine, expire_on_commit=False) as s:
         model_art = store_bytes(s, model_bytes, "group_model", SAFETENSORS)
         delta_art = store_bytes(s, delta_bytes, "group_delta", "application/gzip")
         manifest = plan_group_manifest(
-            dep.info,
+            loaded.info,
             plan,
             doc,
             g,

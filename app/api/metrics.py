@@ -4,8 +4,9 @@
   `faultfleet_http_request_duration_seconds{method,route}`, counted by a pure ASGI middleware
   per route template (`/api/v1/chips/{chip_id}`, never the raw path).
 - Fleet figures read from the database at scrape time (`FleetCollector`): jobs by kind and
-  state, queue depth, job durations, chips by state, epochs trained. The database is shared by
-  every API process, so these are right whichever process answers the scrape.
+  state, queue depth, job durations, chips by state, full passes over the train split trained
+  (`train_passes`). The database is shared by every API process, so these are right whichever
+  process answers the scrape.
 - With several uvicorn processes (`faultfleet serve --workers N`) the HTTP counters of every
   process are merged through prometheus-client's multiprocess mode: `serve` sets
   PROMETHEUS_MULTIPROC_DIR to a fresh folder under var/ before the processes start.
@@ -84,13 +85,34 @@ class HttpMetrics:
             LATENCY.labels(method, template).observe(time.perf_counter() - start)
 
 
+def train_passes(s: Any) -> dict[str, float]:
+    """Full passes over the train split spent, by purpose, in session `s`: the retraining
+    epochs of every trained group and of every resilience map, each weighted by the share
+    of the train split one of its epochs read (`train.epoch_fraction` of the group's plan,
+    `meta.train.epoch_fraction` of the map; absent: 1), as `workers.pipeline.TrainConfig.passes`
+    counts them."""
+    from sqlalchemy import func, select
+
+    from app.db.models import GroupRecord, PlanRecord, ResilienceMapRecord
+
+    plan_fraction = func.coalesce(PlanRecord.params[("train", "epoch_fraction")].as_float(), 1.0)
+    groups = s.scalar(
+        select(func.coalesce(func.sum(GroupRecord.epochs * plan_fraction), 0.0))
+        .join(PlanRecord, PlanRecord.id == GroupRecord.plan_id)
+        .where(GroupRecord.model_artifact_id.is_not(None))
+    )
+    map_fraction = func.coalesce(ResilienceMapRecord.document[("meta", "train", "epoch_fraction")].as_float(), 1.0)
+    maps = s.scalar(select(func.coalesce(func.sum(ResilienceMapRecord.training_epochs * map_fraction), 0.0)))
+    return {"group_retraining": float(groups or 0.0), "resilience_map": float(maps or 0.0)}
+
+
 class FleetCollector(Collector):
     """Fleet figures from the database, computed when Prometheus scrapes."""
 
     def collect(self) -> Iterator[Metric]:
         from sqlalchemy import func, select
 
-        from app.db.models import GroupRecord, Job, ResilienceMapRecord
+        from app.db.models import Job
         from app.db.session import get_sessionmaker
         from app.services.fleet_state import chip_state_counts
 
@@ -116,14 +138,13 @@ class FleetCollector(Collector):
             yield chips
 
             epochs = CounterMetricFamily(
-                "faultfleet_epochs_trained", "Training epochs spent, by purpose", labels=("purpose",)
+                "faultfleet_epochs_trained",
+                "Full passes over the train split spent training, by purpose (a retraining epoch of a plan "
+                "with train.epoch_fraction f counts f, as the plan's ledger does)",
+                labels=("purpose",),
             )
-            group_epochs = s.scalar(
-                select(func.coalesce(func.sum(GroupRecord.epochs), 0)).where(GroupRecord.model_artifact_id.is_not(None))
-            )
-            map_epochs = s.scalar(select(func.coalesce(func.sum(ResilienceMapRecord.training_epochs), 0)))
-            epochs.add_metric(("group_retraining",), float(group_epochs or 0))
-            epochs.add_metric(("resilience_map",), float(map_epochs or 0))
+            for purpose, passes in train_passes(s).items():
+                epochs.add_metric((purpose,), passes)
             yield epochs
 
     @staticmethod

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from app.cli.api import ApiClient, CliError
 from app.cli.output import JsonOpt, KeyOpt, UrlOpt, client, err, out, pct, print_json
-from app.services.plan_costs import cost_alternatives
+from app.services.plan_costs import alone_epochs, cost_alternatives
 
 plan_app = typer.Typer(help="Plan, show and execute the retraining of a fleet.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Follow jobs.", no_args_is_help=True)
@@ -202,7 +202,7 @@ def _show_plan(plan: dict[str, Any], as_json: bool) -> None:
     c = plan["constraint"]
     rule = f"max drop {c['max_drop']:.2%}" if c.get("kind") == "relative" else f"min accuracy {c['min_accuracy']:.2%}"
     out.print(f"plan {plan['id']} for model {plan['model']}: {plan['status']}, {rule}", markup=False)
-    amounts = {ch["chip_id"]: ch.get("amount") or 0 for ch in plan["chips"]}
+    alone = alone_epochs(plan)
     t = Table(title="groups", show_lines=False)
     for col, just in (
         ("group", "right"),
@@ -218,7 +218,6 @@ def _show_plan(plan: dict[str, Any], as_json: bool) -> None:
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     for g in plan["groups"]:
         ids = [m["chip_id"] for m in g["members"]]
-        alone = sum(int(amounts.get(i) or 0) for i in ids)
         accs = [m["accuracy"] for m in g["members"] if m["accuracy"] is not None]
         shown = ", ".join(ids[:4]) + (f" +{len(ids) - 4}" if len(ids) > 4 else "")
         t.add_row(
@@ -226,7 +225,7 @@ def _show_plan(plan: dict[str, Any], as_json: bool) -> None:
             str(g["round"]),
             f"{len(ids)}: {shown}",
             str(g["epochs"]),
-            str(alone),
+            str(alone[g["id"]]),
             f"{g['fused_rate']:.4f}",
             g["protect_layer"] or "-",
             pct(min(accs) if accs else None),

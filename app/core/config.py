@@ -55,7 +55,7 @@ class Settings(BaseSettings):
 
     # --- Celery ------------------------------------------------------------------
     broker_url: str = Field(default="", description="Celery broker; default filesystem:// under <var_dir>/broker")
-    queue: str = Field(default="faultfleet", description="Celery queue name (one per deployment / test session)")
+    queue: str = Field(default="faultfleet", description="Celery queue name (one per installation / test session)")
     redis_key_prefix: str = Field(default="", description="Prefix of every Redis key the broker writes")
     broker_timeout_s: float = Field(
         default=2.0,

@@ -240,7 +240,11 @@ class GroupRecord(Base):
     fused_map: Mapped[dict[str, Any]] = mapped_column(JSON)
     fused_digest: Mapped[str] = mapped_column(String(64))
     fused_rate: Mapped[float] = mapped_column(Float)
-    epochs: Mapped[int] = mapped_column(Integer, default=0)
+    epochs: Mapped[int] = mapped_column(
+        Integer,
+        default=0,
+        doc="retraining epochs, each of the plan's train.epoch_fraction of the train split (planner.Group.amount)",
+    )
     schedule: Mapped[str | None] = mapped_column(String(32))
     predicted_cost: Mapped[float | None] = mapped_column(Float)
     model_artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
@@ -326,7 +330,9 @@ class ResilienceMapRecord(Base):
     error: Mapped[str | None] = mapped_column(Text, doc="why building it failed (status failed)")
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     document: Mapped[dict[str, Any] | None] = mapped_column(JSON, doc="planner.ResilienceMap.to_dict()")
-    training_epochs: Mapped[int | None] = mapped_column(Integer, doc="epochs trained to measure it")
+    training_epochs: Mapped[int | None] = mapped_column(
+        Integer, doc="retraining epochs trained to measure it, each of meta.train.epoch_fraction of the train split"
+    )
     created_at: Mapped[datetime] = mapped_column(TS, default=utcnow)
 
 

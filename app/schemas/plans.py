@@ -190,7 +190,10 @@ class GroupOut(BaseModel):
     reason: str
     status: str
     members: list[MemberOut]
-    epochs: int
+    epochs: int = Field(
+        description="retraining epochs, each reading the plan's train.epoch_fraction of the train split "
+        "(a chip's `amount` in `chips` counts the same epochs)"
+    )
     schedule: str | None
     fused_rate: float
     fused_digest: str

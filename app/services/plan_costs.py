@@ -21,19 +21,28 @@ def cost_alternatives(view: Mapping[str, Any]) -> list[tuple[str, float]]:
         # rung, and FAP+T's bound (each failing chip alone on that rung) is the honest per-chip figure
         costs.append(("each chip alone, at least", float(s.get("fap_t_epochs_at_least") or 0)))
     else:
-        amounts = {ch["chip_id"]: ch.get("amount") for ch in view["chips"]}
-        alone = 0
-        for g in view["groups"]:
-            if g["round"] != 0:
-                continue
-            for m in g["members"]:
-                # a chip beyond the map has no amount of its own: the planner gives it per-chip FAT's, alone
-                own = amounts.get(m["chip_id"])
-                alone += int(own) if own is not None else int(s.get("per_chip_fat_amount") or g["epochs"])
-        costs.append(("each chip alone, own amount", float(alone)))
+        alone = alone_epochs(view)
+        costs.append(
+            ("each chip alone, own amount", float(sum(alone[g["id"]] for g in view["groups"] if g["round"] == 0)))
+        )
     costs.append(
         (f"per-chip FAT ({s.get('per_chip_fat_amount', '?')} epochs)", float(s.get("per_chip_fat_epochs") or 0))
     )
     if not ladder and s.get("fap_t_epochs_at_least") is not None:
         costs.append(("FAP+T, at least", float(s["fap_t_epochs_at_least"])))
     return costs
+
+
+def alone_epochs(view: Mapping[str, Any]) -> dict[Any, int]:
+    """Per group id, the epochs its members would train retrained each alone: each member's
+    own amount, and for a chip with none (beyond the map) per-chip FAT's amount, which the
+    planner gives it alone (the group's own epochs where the summary has no such amount).
+
+    `view`: a plan as `GET /api/v1/plans/{id}` answers it, every chip of its groups present."""
+    s = view.get("summary") or {}
+    amounts = {ch["chip_id"]: ch.get("amount") for ch in view["chips"]}
+    alone: dict[Any, int] = {}
+    for g in view["groups"]:
+        own = (amounts.get(m["chip_id"]) for m in g["members"])
+        alone[g["id"]] = sum(int(a) if a is not None else int(s.get("per_chip_fat_amount") or g["epochs"]) for a in own)
+    return alone

@@ -112,7 +112,14 @@ def _download(service: Any, path: str, **params: str) -> tuple[bytes, Any]:
         return data, r.headers
 
 
-def test_fleet_plan_execute_verify_download(service: Any) -> None:
+def test_fleet_plan_execute_verify_download(pg_service: Any) -> None:
+    """The whole fleet end to end, once, on PostgreSQL + Redis (the stricter SQL). The embedded
+    default runs the same paths elsewhere: plan, execution and group downloads in
+    test_the_service_and_the_bench_run_one_loop, the library listing in
+    test_the_service_grows_the_robust_base_as_the_loop_does, map cells and plan, group and chip
+    downloads in tests/tools/test_cli_fleet.py, late chips in test_late_chip_coalescing.py;
+    a second whole run on it checked no path those do not."""
+    service = pg_service
     grid = {"rates": [0.05, 0.1, 0.2], "epochs": [0, 1, 3], "samples": 1}
     fleet = _setup_fleet(service, n_chips=12, seed=3, arch="mlp", grid=grid)
     plan_id = _plan(service, fleet, map_cells="full")  # the full grid: fanned out per cell, cached per model
@@ -402,6 +409,64 @@ def test_a_group_taken_over_on_another_machine_resumes_from_the_database(tmp_pat
         assert not (disk_b / "checkpoints" / key).exists()  # B resumed there, then dropped it
 
 
+def test_a_robust_base_taken_over_on_another_machine_resumes_from_the_database(tmp_path: Any) -> None:
+    """FAULTFLEET_ARTIFACT_BACKEND=database: SIGKILL the worker once the plan job's robust base
+    stored an epoch's checkpoint; a worker with another, empty artifact dir (another machine)
+    resumes the robust base from there, not from epoch 0, and the plan is built."""
+    from tests.conftest import running_service
+
+    disk_a, disk_b = tmp_path / "machine-a", tmp_path / "machine-b"
+    with running_service(
+        "postgres", tmp_path / "svc", FAULTFLEET_ARTIFACT_BACKEND="database", FAULTFLEET_ARTIFACT_DIR=str(disk_a)
+    ) as service:
+        grid = {"rates": [0.1, 0.2], "epochs": [0, 1, 2], "samples": 1}
+        fleet = _setup_fleet(service, n_chips=6, seed=11, arch="lenet5", grid=grid)
+        with service.client() as c:
+            body = {
+                "model": fleet["model"],
+                "constraint": {"max_drop": 0.005},  # chips fail screening: the robust base trains
+                "chips": {"ids": [m["chip_id"] for m in fleet["maps"]]},
+                "resilience": grid,
+                "resilience_map": "off",
+                "robust_base": "on",
+            }
+            accepted = _ok(c.post("/api/v1/plans", json=body), 202)
+        plan_id, job_id = int(accepted["plan"]["id"]), accepted["job"]["id"]
+        key = f"robust-plan{plan_id}"
+        engine = sa.create_engine(service.database_url)
+        deadline = time.monotonic() + 180
+        while True:  # the robust base has stored the checkpoint of its first epoch in the database
+            with engine.connect() as conn:
+                stored = conn.execute(sa.text("SELECT count(*) FROM checkpoint_files WHERE key = :k"), {"k": key})
+                if stored.scalar_one():
+                    break
+                state = conn.execute(sa.text("SELECT state FROM jobs WHERE id = :i"), {"i": job_id}).scalar_one()
+            assert state in ("queued", "running"), (
+                f"the plan job ended ({state}) before its robust base stored an epoch"
+            )
+            assert time.monotonic() < deadline, "the robust base stored no epoch"
+            time.sleep(0.05)
+        service.kill_worker()
+        assert (disk_a / "checkpoints" / key).is_dir()
+        service.env = {**service.env, "FAULTFLEET_ARTIFACT_DIR": str(disk_b)}
+        service.start_worker()
+        done = service.wait_job(job_id, timeout=300)
+        assert done["state"] == "succeeded", done
+        with engine.connect() as conn:
+            result = conn.execute(sa.text("SELECT result FROM jobs WHERE id = :i"), {"i": job_id}).scalar_one()
+            left = conn.execute(
+                sa.text("SELECT count(*) FROM checkpoint_files WHERE key = :k"), {"k": key}
+            ).scalar_one()
+        engine.dispose()
+        result = json.loads(result) if isinstance(result, str) else result
+        assert result["robust_base_resumed_from_epoch"] >= 1, "the robust base taken over on B restarted at epoch 0"
+        with service.client() as c:
+            decision = _ok(c.get(f"/api/v1/plans/{plan_id}"))["summary"]["decisions"]["robust_base"]
+        assert decision["trained"] and decision["epochs"] >= 3, decision
+        assert left == 0, "the finished plan job left its checkpoints in the database"
+        assert not (disk_b / "checkpoints" / key).exists()  # B resumed there, then dropped it
+
+
 def test_register_model_by_uploading_weights_and_a_dataset(service: Any, tmp_path: Any) -> None:
     """multipart: a user's .npz dataset and safetensors weights; the worker measures the same baseline."""
     import io
@@ -505,6 +570,7 @@ def test_the_service_and_the_bench_run_one_loop(embedded_service: Any) -> None:
         robust_base="off",
         train={"epoch_fraction": 0.5},  # retraining epochs of half the train split, here and there
     )
+    passes_before = _group_passes_metric(service)
     served = _execute(service, plan_id)
 
     array = ArrayConfig(ROWS, COLS)
@@ -538,6 +604,24 @@ def test_the_service_and_the_bench_run_one_loop(embedded_service: Any) -> None:
     assert served["summary"]["training_epochs_total"] == pytest.approx(here.ledger.training_epochs_total)
     # every group epoch read half the train split: the ledger charges half a pass for each
     assert here.ledger.epochs["groups"] == pytest.approx(0.5 * here.plan.planned_epochs)
+    # and so does /metrics: faultfleet_epochs_trained counts full passes, as the ledger does
+    trained_epochs = sum(g["epochs"] for g in doc["groups"] if g["model_sha256"])
+    assert trained_epochs > 0
+    assert _group_passes_metric(service) - passes_before == pytest.approx(0.5 * trained_epochs)
+
+
+def _group_passes_metric(service: Any) -> float:
+    """`faultfleet_epochs_trained_total{purpose="group_retraining"}` as /metrics answers it now."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with service.client() as c:
+        r = c.get("/metrics")
+    assert r.status_code == 200, r.text[:300]
+    for fam in text_string_to_metric_families(r.text):
+        for x in fam.samples:
+            if x.name == "faultfleet_epochs_trained_total" and x.labels == {"purpose": "group_retraining"}:
+                return float(x.value)
+    return 0.0
 
 
 def test_a_plan_measures_the_adaptive_map_by_default(embedded_service: Any) -> None:

@@ -99,26 +99,26 @@ def test_the_library_gets_its_base_once_and_a_retraining_job_loads_only_its_grou
         s.add(bm)
         s.commit()
     info = store.ModelInfo(bm.id, "m", "mlp", "digits", ModelConfig(), ArrayConfig(8, 8), w.sha256, 0.9, 1)
-    dep = store.Deployed(info, base, SimpleNamespace(input_shape=SHAPE, num_classes=CLASSES))
+    loaded = store.LoadedBaseModel(info, base, SimpleNamespace(input_shape=SHAPE, num_classes=CLASSES))
     store.add_to_library(engine, bm.id, "robust", "robust", r.id, training_epochs=3)
 
-    loaded: list[str] = []
+    loaded_weights: list[str] = []
     real = store.load_group_model
-    monkeypatch.setattr(store, "load_group_model", lambda d, sha: loaded.append(sha) or real(d, sha))
+    monkeypatch.setattr(store, "load_group_model", lambda d, sha: loaded_weights.append(sha) or real(d, sha))
     for _ in range(2):
-        lib, ids = store.load_library(engine, dep)
+        lib, ids = store.load_library(engine, loaded)
         assert [lm.key for lm in lib] == ["base", "robust"] and set(ids) == {"base", "robust"}
         assert lib[0].model is base
     with Session(engine) as s:
         assert s.scalar(select(func.count()).where(LibraryModelRecord.key == "base")) == 1
-    assert loaded == [r.sha256, r.sha256]  # screening loads the whole library
+    assert loaded_weights == [r.sha256, r.sha256]  # screening loads the whole library
 
-    loaded.clear()
-    group_base = store.library_model(engine, dep, "robust")
-    assert loaded == [r.sha256]  # retraining loads its group base alone
+    loaded_weights.clear()
+    group_base = store.library_model(engine, loaded, "robust")
+    assert loaded_weights == [r.sha256]  # retraining loads its group base alone
     assert all(
         (a == b).all() for a, b in zip(group_base.state_dict().values(), robust.state_dict().values(), strict=True)
     )
-    assert store.library_model(engine, dep, "base") is base
-    assert store.library_model(engine, dep, "plan9:g0") is base and loaded == [r.sha256]
+    assert store.library_model(engine, loaded, "base") is base
+    assert store.library_model(engine, loaded, "plan9:g0") is base and loaded_weights == [r.sha256]
     engine.dispose()

@@ -23,11 +23,11 @@ from workers.jobs import JobContext, gather_children, handler
 from workers.store import (
     PlanInfo,
     add_to_library,
-    deployed,
     find_group,
     group_library_key,
     library_artifacts,
     library_model,
+    load_base_model,
     load_group_model,
     load_library,
     plan_failed,
@@ -57,9 +57,9 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
     plan = plan_info(ctx.engine, plan_id)
     doc = Plan.from_dict(plan.document or {})
     g = find_group(doc, key)
-    dep = deployed(ctx.engine, plan.base_model_id)
-    em = dep.emulation(train_config(plan.params, dep.device))
-    group_base = library_model(ctx.engine, dep, (plan.summary or {}).get("group_base", "base"))
+    loaded = load_base_model(ctx.engine, plan.base_model_id)
+    em = loaded.emulation(train_config(plan.params, loaded.device))
+    group_base = library_model(ctx.engine, loaded, (plan.summary or {}).get("group_base", "base"))
     start = group_base
     if g.warm_from:  # a replan that continues an earlier group's retrained model
         with Session(ctx.engine, expire_on_commit=False) as s:
@@ -69,7 +69,7 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
             sha = parent.model.sha256 if parent is not None and parent.model is not None else None
         if sha is None:
             raise ValueError(f"group {key} continues group {g.warm_from}, which has no trained model")
-        start = load_group_model(dep, sha)
+        start = load_group_model(loaded, sha)
     ckpts = JobCheckpoints(ctx.engine, ctx.settings, f"group-{group_id}")
     if stored_sha is None:
         ckpts.restore()  # another machine's epochs, with the database artifact backend
@@ -88,7 +88,7 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
 
     if stored_sha is not None:  # trained before this job was re-run: verify only
         ctx.report(0.85, "model already stored: verifying it again")
-        trained = load_group_model(dep, stored_sha)
+        trained = load_group_model(loaded, stored_sha)
         result = pipeline.verify_members(em, trained, g, doc.maps, *pipeline.protection(em, g, group_base))
     else:
         result = pipeline.retrain_and_verify(
@@ -103,7 +103,7 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
         )
     assert result.model is not None
     if stored_sha is None:
-        store_group_model(ctx.engine, dep, plan, doc, g, group_id, result, resumed_from)
+        store_group_model(ctx.engine, loaded, plan, doc, g, group_id, result, resumed_from)
     ckpts.discard()  # the model is stored; a re-run only verifies again
     return {**result.to_dict(), "ledger": em.ledger.state(), "resumed_from_epoch": resumed_from}
 
@@ -168,8 +168,8 @@ def execute_plan(ctx: JobContext) -> dict[str, Any]:
 
     doc = pipeline.run_rounds(doc, fan_out, on_round=store_round)
     ctx.report(0.92, "assigning every chip the model it runs, verified on the test split")
-    dep = deployed(ctx.engine, plan.base_model_id)
-    em = dep.emulation(train_config(plan.params, dep.device))
+    loaded = load_base_model(ctx.engine, plan.base_model_id)
+    em = loaded.emulation(train_config(plan.params, loaded.device))
     assign_plan_chips(ctx.engine, em, plan, doc)
     ledger.add(em.ledger)
     with Session(ctx.engine, expire_on_commit=False) as s:
@@ -194,10 +194,10 @@ def execute_plan(ctx: JobContext) -> dict[str, Any]:
 def assign_plan_chips(engine: Engine, em: pipeline.Emulation, plan: PlanInfo, doc: Plan) -> None:
     """Record, for every chip of the plan, the model it runs (idempotent upsert); chips that
     need no retraining are verified on the test split with their library model first."""
-    dep = deployed(engine, plan.base_model_id)
-    library, lib_ids = load_library(engine, dep)
+    loaded = load_base_model(engine, plan.base_model_id)
+    library, lib_ids = load_library(engine, loaded)
     pipeline.verify_served(em, doc, library)
-    weights = library_artifacts(engine, dep.info.id)
+    weights = library_artifacts(engine, loaded.info.id)
     with Session(engine, expire_on_commit=False) as s:
         groups = {
             g.key: (g.id, g.model_artifact_id)

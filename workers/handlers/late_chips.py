@@ -20,8 +20,8 @@ from app.schemas.plans import PlanParams
 from workers import pipeline
 from workers.jobs import JobContext, handler
 from workers.store import (
-    deployed,
     library_artifacts,
+    load_base_model,
     load_library,
     plan_settings,
     stored_thresholds,
@@ -61,18 +61,18 @@ def assign_chip(ctx: JobContext) -> dict[str, Any]:
             latest.setdefault(model_id, (plan_id, PlanParams.stored(params), dict(summary or {})))
     out: dict[str, dict[str, str]] = {cid: {} for cid, _, _ in chips.values()}
     for model_id, (plan_id, params, summary) in latest.items():
-        dep = deployed(ctx.engine, model_id)
-        em = dep.emulation(train_config(params, dep.device))
+        loaded = load_base_model(ctx.engine, model_id)
+        em = loaded.emulation(train_config(params, loaded.device))
         thr = stored_thresholds(summary)
-        library, lib_ids = load_library(ctx.engine, dep)
+        library, lib_ids = load_library(ctx.engine, loaded)
         mine = [
-            (pk, cid, FaultMap.from_dict(fm, array=dep.array))
+            (pk, cid, FaultMap.from_dict(fm, array=loaded.array))
             for pk, (cid, fm, a) in chips.items()
-            if a == dep.info.accelerator_id
+            if a == loaded.info.accelerator_id
         ]
         if not mine:
             continue
-        ctx.report(0.1, f"screening {len(mine)} chip(s) against the library of base model {dep.info.name}")
+        ctx.report(0.1, f"screening {len(mine)} chip(s) against the library of base model {loaded.info.name}")
         settings = plan_settings(params)
         screens = pipeline.screen_fleet(
             em,

@@ -23,7 +23,7 @@ from workers import pipeline
 from workers.checkpoints import JobCheckpoints
 from workers.export import code_version, state_dict_bytes
 from workers.jobs import JobContext, gather_children, handler
-from workers.store import ModelInfo, PlanInfo, deployed, model_info, train_config
+from workers.store import ModelInfo, PlanInfo, load_base_model, model_info, train_config
 
 
 def resilience_key(info: ModelInfo, spec: dict[str, Any], cfg: pipeline.TrainConfig) -> str:
@@ -45,10 +45,10 @@ def resilience_key(info: ModelInfo, spec: dict[str, Any], cfg: pipeline.TrainCon
 def resilience_cell(ctx: JobContext) -> dict[str, Any]:
     """One cell task of a resilience map: retrain on one sampled map, accuracy after each amount."""
     task = CellTask.from_dict(ctx.params["task"])
-    dep = deployed(ctx.engine, int(ctx.params["model_id"]))
+    loaded = load_base_model(ctx.engine, int(ctx.params["model_id"]))
     ctx.report(0.1, f"rate {task.rate:.4f} sample {task.sample}: retraining {task.training_epochs} epochs")
-    em = dep.emulation(train_config(TrainIn.model_validate(ctx.params["train"], strict=False), dep.device))
-    accs = pipeline.measure_cell(dep.model, dep.array, em.validation, task, em.cfg)
+    em = loaded.emulation(train_config(TrainIn.model_validate(ctx.params["train"], strict=False), loaded.device))
+    accs = pipeline.measure_cell(loaded.model, loaded.array, em.validation, task, em.cfg)
     return {"task": task.to_dict(), "accuracies": [float(a) for a in accs]}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from sqlalchemy.orm import Session
 from torch import nn
 
@@ -23,9 +24,8 @@ from workers.handlers.maps import ensure_adaptive_map, ensure_resilience_map
 from workers.jobs import JobContext, handler
 from workers.store import (
     SAFETENSORS,
-    Deployed,
     add_to_library,
-    deployed,
+    load_base_model,
     load_library,
     plan_failed,
     plan_info,
@@ -37,41 +37,53 @@ from workers.store import (
 )
 
 
-def robust_trainer(
-    ctx: JobContext, dep: Deployed, em: pipeline.Emulation, settings: pipeline.FleetSettings, ckpts: JobCheckpoints
-) -> pipeline.RobustTrainer:
-    """Train the robust base in this job, rung by rung (`pipeline.grow_robust_base`), each
-    rung checkpointed every epoch into `ckpts` (the plan's, stored through the artifact
-    store), so a job taken over, on this machine or another, resumes at its last finished epoch."""
-    total = settings.robust_ladder[-1]
-    restored = False
+class RobustTraining:
+    """Trains the robust base in a plan job (a `pipeline.RobustTrainer`), rung by rung
+    (`pipeline.grow_robust_base`), each rung checkpointed every epoch into `ckpts` (the
+    plan's, stored through the artifact store), so a job taken over, on this machine or
+    another, resumes at its last finished epoch. `resumed_from_epoch`: the robust-base epoch
+    this run resumed at from a stored checkpoint (0: it trained from the start)."""
 
-    def train(model: nn.Module, maps: Sequence[FaultMap], start: int, epochs: int) -> nn.Module:
-        nonlocal restored
-        if not restored:  # once, before the first rung: later rungs' files are this run's own
-            ckpts.restore()
-            restored = True
-        ckpt = ckpts.path(f"robust-{start:04d}.pt")
+    def __init__(
+        self,
+        ctx: JobContext,
+        em: pipeline.Emulation,
+        settings: pipeline.FleetSettings,
+        ckpts: JobCheckpoints,
+    ) -> None:
+        self.ctx, self.em, self.settings, self.ckpts = ctx, em, settings, ckpts
+        self.resumed_from_epoch = 0
+        self._restored = False
+
+    def __call__(self, model: nn.Module, maps: Sequence[FaultMap], start: int, epochs: int) -> nn.Module:
+        if not self._restored:  # once, before the first rung: later rungs' files are this run's own
+            self.ckpts.restore()
+            self._restored = True
+        ckpt = self.ckpts.path(f"robust-{start:04d}.pt")
+        if ckpt.exists():  # an earlier attempt's rung: training goes on from its stored epoch
+            stored = int(torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"])
+            self.resumed_from_epoch = max(self.resumed_from_epoch, start + stored)
+        total = self.settings.robust_ladder[-1]
 
         def on_epoch(e: int, _n: int, m: dict[str, float]) -> None:
             done = start + e
-            ctx.check()
-            ckpts.save()
-            ctx.report(0.3 + 0.2 * done / total, f"robust base: epoch {done}, loss {m.get('loss', float('nan')):.4f}")
+            self.ctx.check()
+            self.ckpts.save()
+            self.ctx.report(
+                0.3 + 0.2 * done / total, f"robust base: epoch {done}, loss {m.get('loss', float('nan')):.4f}"
+            )
 
         return pipeline.train_robust_base(
-            em,
+            self.em,
             model,
             maps,
             epochs=epochs,
-            lr=settings.robust_lr,
-            seed=settings.seed,
+            lr=self.settings.robust_lr,
+            seed=self.settings.seed,
             start=start,
             checkpoint=ckpt,
             on_progress=on_epoch,
         )
-
-    return train
 
 
 @handler("plan", on_failure=plan_failed)
@@ -84,14 +96,14 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
     if plan.document is not None:
         return {"plan_id": plan.id, "summary": plan.document.get("summary")}  # already built (idempotent)
     set_plan_status(ctx.engine, plan.id, "planning")
-    dep = deployed(ctx.engine, plan.base_model_id)
-    maps = selected_maps(ctx.engine, plan, dep.array)
+    loaded = load_base_model(ctx.engine, plan.base_model_id)
+    maps = selected_maps(ctx.engine, plan, loaded.array)
     if not maps:
         raise ValueError("the plan selects no chips")
     settings = plan_settings(plan.params)
-    em = dep.emulation(train_config(plan.params, dep.device))
+    em = loaded.emulation(train_config(plan.params, loaded.device))
     constraint = AccuracyConstraint.from_dict(plan.constraint)
-    library, _ = load_library(ctx.engine, dep)
+    library, _ = load_library(ctx.engine, loaded)
     rmap_id: int | None = None
 
     def build_map(
@@ -100,7 +112,7 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
         nonlocal rmap_id
         # severity first: an adaptive map places the chips with it
         severity = measure_site_severity(
-            dep.array,
+            loaded.array,
             lambda fm: em.validate(model, fm, kind="severity"),
             thr.baseline_validation,
             rate=settings.map_rates[len(settings.map_rates) // 2],
@@ -119,6 +131,7 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
 
     n = len(maps)
     ckpts = JobCheckpoints(ctx.engine, ctx.settings, f"robust-plan{plan.id}")
+    robust = RobustTraining(ctx, em, settings, ckpts)
 
     def progress(msg: str) -> None:
         ctx.report(0.05, msg)
@@ -126,25 +139,25 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
     ctx.report(0.02, f"screening {n} chips against the model library")
     batch = pipeline.plan_batch(
         em,
-        dep.model,
+        loaded.model,
         maps,
         constraint,
         settings,
         library=library,
-        train_robust=robust_trainer(ctx, dep, em, settings, ckpts),
+        train_robust=robust,
         build_map=build_map,
         on_progress=progress,
     )
     if batch.decisions["robust_base"].get("trained") and any(lm.key == "robust" for lm in batch.library):
-        robust = batch.model("robust").model
+        robust_model = batch.model("robust").model
         with Session(ctx.engine, expire_on_commit=False) as s:
             art = store_bytes(
-                s, state_dict_bytes(robust.state_dict(), {"robust_base": dep.info.name}), "model", SAFETENSORS
+                s, state_dict_bytes(robust_model.state_dict(), {"robust_base": loaded.info.name}), "model", SAFETENSORS
             )
             s.commit()
             art_id = art.id
         epochs = int(batch.decisions["robust_base"]["epochs"])
-        add_to_library(ctx.engine, dep.info.id, "robust", "robust", art_id, training_epochs=epochs)
+        add_to_library(ctx.engine, loaded.info.id, "robust", "robust", art_id, training_epochs=epochs)
     doc = batch.plan
     with Session(ctx.engine, expire_on_commit=False) as s:
         row = s.get(PlanRecord, plan.id)
@@ -158,7 +171,7 @@ def build_plan(ctx: JobContext) -> dict[str, Any]:
         row.status, row.error = "planned", None
         s.commit()
     ckpts.discard()  # the robust base, if any, is in the library; a re-run returns the stored plan
-    return {"plan_id": plan.id, "summary": doc.summary()}
+    return {"plan_id": plan.id, "summary": doc.summary(), "robust_base_resumed_from_epoch": robust.resumed_from_epoch}
 
 
 def plan_summary(
