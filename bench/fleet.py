@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fleet", type=Path, help="NDJSON file of fault maps (REST JSON) instead of a generated fleet")
     ap.add_argument("--second-batch", type=Path, help="NDJSON file of chips arriving after the first batch")
     ap.add_argument("--strategies", default="fap_t,faultfleet", help=f"comma list of {', '.join(STRATEGIES)}")
-    ap.add_argument("--max-group-size", type=int, default=5)
+    ap.add_argument(
+        "--max-group-size", type=int, default=1, help="faultfleet's groups (1: alone, the service's default)"
+    )
     ap.add_argument("--robust-base", default="auto", choices=("auto", "on", "off"))
     ap.add_argument("--resilience-map", default="auto", choices=("auto", "on", "off"))
     ap.add_argument("--schedule", default="progressive_union", help="faultfleet's group injection schedule")

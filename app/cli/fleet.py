@@ -105,7 +105,7 @@ def plan_create(
     wafer: Annotated[int | None, typer.Option(help="only the chips of this wafer")] = None,
     chip: Annotated[list[str] | None, typer.Option("--chip", help="a chip id (repeatable)")] = None,
     chips_file: Annotated[Path | None, typer.Option(help="a file of chip ids, one a line")] = None,
-    max_group_size: Annotated[int, typer.Option(min=1, max=256)] = 5,
+    max_group_size: Annotated[int, typer.Option(min=1, max=256)] = 1,
     schedule: Annotated[str, typer.Option(help="progressive_union, all_at_once or sample_members")] = (
         "progressive_union"
     ),

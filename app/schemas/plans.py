@@ -132,7 +132,13 @@ class PlanParams(StrictInput):
     """A plan's settings: what `POST /plans` takes besides the model, the constraint and the chips.
     Stored as the plan's `params` and parsed from there by its jobs: the one place of their defaults."""
 
-    max_group_size: int = Field(default=5, ge=1, le=256)
+    max_group_size: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="chips sharing one retraining (TRE-Map's fused maps); 1: every chip no library model serves "
+        "is retrained alone, which cost least on every fleet measured at a one-point constraint (bench/README.md)",
+    )
     schedule: Literal["progressive_union", "all_at_once", "sample_members"] = "progressive_union"
     bypass: bool = Field(
         default=True,

@@ -74,6 +74,12 @@ def test_fap_t_climbs_the_ladder_alone_then_protects_then_gives_up(setup: tuple[
     assert out.ledger.samples["screening"] > 0 and out.ledger.samples["verification"] > 0
     rec = out.record()
     assert rec["chips_meeting_constraint"] == sum(1 for st in plan.chips.values() if thr.met(st.test_accuracy))
+    # the same count per kind of chip: served by the base model, or retrained (FAP+T has no robust base)
+    by_kind = rec["chips_meeting_constraint_by_kind"]
+    assert set(by_kind) <= {"base", "retrained"} and sum(n for _, n in by_kind.values()) == len(plan.chips)
+    assert sum(m for m, _ in by_kind.values()) == rec["chips_meeting_constraint"]
+    retrained = [st for st in plan.chips.values() if st.status != "needs_nothing"]
+    assert by_kind.get("retrained", [0, 0]) == [sum(thr.met(st.test_accuracy) for st in retrained), len(retrained)]
 
 
 def test_faultfleet_groups_verify_on_the_group_deployment_and_reproduce(setup: tuple[Any, Any]) -> None:
