@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "chips": len(probe),
         "full_reads_chips_per_s": round(len(probe) / full_s, 2) if full_s else None,
         "bounded_reads_chips_per_s": round(len(probe) / bounded_s, 2) if bounded_s else None,
-        "speedup": round(full_s / bounded_s, 2) if bounded_s else None,
+        "speedup": round(full_s / bounded_s, 2) if probe and bounded_s else None,
         "full_reads_passes": round(full_em.ledger.evaluation_passes, 1),
         "bounded_reads_passes": round(bounded_em.ledger.evaluation_passes, 1),
         "same_decisions": f"{agree}/{len(probe)}",
