@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import random
 from pathlib import Path
 from typing import Any
@@ -53,10 +55,16 @@ def test_fat_recovers_lenet5_on_mnist5k() -> None:
     assert {"loss", "train_acc", "fault_rate"} <= set(progress[-1][2])
 
 
-def _small_setup() -> tuple[torch.nn.Module, A.Dataset, ArrayConfig]:
+@functools.cache
+def _trained_mlp() -> tuple[torch.nn.Module, A.Dataset]:
     data = A.load_dataset("digits").subset(300, 200)
-    model = A.train(A.build_model("mlp", data.input_shape, 10), data, 6, lr=0.1, batch_size=32)
-    return model, data, ArrayConfig(8, 8)
+    return A.train(A.build_model("mlp", data.input_shape, 10), data, 6, lr=0.1, batch_size=32), data
+
+
+def _small_setup() -> tuple[torch.nn.Module, A.Dataset, ArrayConfig]:
+    """A small trained MLP (trained once per session; each test gets its own copy), digits, 8x8."""
+    model, data = _trained_mlp()
+    return copy.deepcopy(model), data, ArrayConfig(8, 8)
 
 
 @pytest.mark.slow
