@@ -47,7 +47,7 @@ class Dataset:
     def validation_test(self, validation_fraction: float = 0.5) -> tuple[Dataset, Dataset]:
         """The test split cut in two: (validation, test), each a `Dataset` with the same train split.
 
-        Decisions (screening, bypass policy, library model, retraining amounts) are taken on
+        Decisions (screening, bypass policy, library model, retraining epochs) are taken on
         the validation part; verification on the test part, which no decision saw, so the
         accuracy a model ships with does not inherit a selection effect. The test split is
         already shuffled and stratified, so its first part is the validation part.

@@ -16,7 +16,7 @@ job, on the same fleet in one run:
   pays, groups with fused maps on the same ladder (or a measured map where it pays),
   verification and replans; verified group models join the library.
 - per_chip_fat (opt-in): the eFAT paper's baseline: a measured resilience map, every chip
-  failing on its own map retrained alone for the map's amount E, one round.
+  failing on its own map retrained alone for the map's epochs E, one round.
 
 Decisions use a validation split, verification a test split no decision saw (the
 dataset's test split cut in two). Every cost is counted (`workers.pipeline.Ledger`):
@@ -96,9 +96,9 @@ def per_chip_fat(
     rmap = pl.measure_map(em, base, thr, settings)
     screening = {str(m.chip_id): em.screen(base, m, thr.decision, kind="screening") for m in maps}
     plan = plan_fleet(maps, screening, rmap, constraint, max_group_size=1, seed=settings.seed)
-    E = plan.per_chip_fat_amount
+    E = plan.per_chip_fat_epochs_each
     for g in plan.groups:
-        g.amount, g.protect, g.reason = E, False, "per_chip_fat"
+        g.epochs, g.protect, g.reason = E, False, "per_chip_fat"
 
     def run_round(p: Any, pending: list[Any]) -> dict[str, pl.GroupResult]:
         return {g.group_id: pl.retrain_and_verify(em, base, g, p.maps, rmap.epochs, group_base=base) for g in pending}
@@ -107,7 +107,7 @@ def per_chip_fat(
     for cid, st in plan.chips.items():
         if st.status == "needs_nothing":
             st.test_accuracy = em.verify(base, plan.maps[cid], kind="verification")
-    out = pl.FleetOutcome(plan, em.ledger, thr, [], {}, {"amount": E}, time.perf_counter() - t0, 1).record()
+    out = pl.FleetOutcome(plan, em.ledger, thr, [], {}, {"epochs": E}, time.perf_counter() - t0, 1).record()
     out["chips_unrecoverable"] = out["chips"] - out["chips_meeting_constraint"]  # no replans: a miss stays one
     return out
 

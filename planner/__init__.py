@@ -1,4 +1,4 @@
-"""faultfleet planner: eFAT resilience maps and retraining amounts, TRE-Map fusion and
+"""faultfleet planner: eFAT resilience maps and retraining epochs, TRE-Map fusion and
 schedules, fleet grouping, verification replans, and a synthetic fleet generator.
 
 A pure library: numpy, scikit-learn (and matplotlib for plots) and the torch-free

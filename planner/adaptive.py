@@ -1,10 +1,10 @@
-"""Which cells of a resilience map a fleet's retraining amounts depend on (the pure half of
+"""Which cells of a resilience map a fleet's retraining epochs depend on (the pure half of
 `workers.adaptive_map`).
 
-A full eFAT map trains every sampled map of every grid rate to the largest amount. The
-amounts `planner.plan_fleet` gives a fleet read only a few of those cells: each chip that
+A full eFAT map trains every sampled map of every grid rate to the largest epochs. The
+retraining epochs `planner.plan_fleet` gives a fleet read only a few of those cells: each chip that
 fails screening sits at one rate (`plan_fleet`'s placement, which reads the 0-epoch
-column alone), between two grid rates, and its amount is the first rung of the ladder at
+column alone), between two grid rates, and its epochs are the first rung of the ladder at
 which the map's conservative accuracy there meets the constraint
 (`ResilienceMap.required_epochs`). So a grid rate needs training only while a chip that
 reads it is still undecided, and only up to that chip's rung: the contour of the
@@ -18,12 +18,12 @@ trained only while a chip that reads it is undecided, and a sample only while it
 accuracy could still let such a chip meet the constraint at that rung.
 
 The map it leaves (`resilience_map`) has NaN ("not measured") in every other cell; a chip's
-amount read off it is the one the climb decided, and equals the one read off the full
+epochs read off it are the ones the climb decided, and equal the ones read off the full
 grid (the same cells from the same sampled maps and training) whenever the full grid's
 running minimum over rates at that chip's cells comes from rates measured there (always,
 when the grid's accuracy falls with the rate).
 
-Accuracies are top-1 fractions in [0, 1]; rates faulty-PE fractions; amounts epochs.
+Accuracies are top-1 fractions in [0, 1]; rates faulty-PE fractions; rungs epochs.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def rows_read(rates: Sequence[float], rate: float) -> tuple[int, ...]:
 
     `rates`: the map's grid (ascending). Below the first grid rate the first row alone; at a
     grid rate that row alone; between two grid rates both; past the last (or not finite)
-    none: the map gives no amount there whatever is measured. The running minimum over
+    none: the map gives no epochs there whatever is measured. The running minimum over
     rates also reads the rows below, where they were measured.
     """
     grid = np.asarray(rates, dtype=float)
@@ -113,8 +113,8 @@ class MapClimb:
     rung j are never measured after the climb moves on (catching up trains, evaluates not).
 
     `max_undecided`: share (in [0, 1)) of the placed chips the climb may leave undecided. It
-    stops, before training a rung, once no more than that many chips whose amount the map
-    could still give are undecided: they get no amount (their cells are not measured, so
+    stops, before training a rung, once no more than that many chips whose epochs the map
+    could still give are undecided: they get none (their cells are not measured, so
     `plan_fleet` plans them alone past the map and `replan` climbs for them), and the
     rungs only they needed (the tail of the fleet, the most epochs) are not trained.
     0 (default): every chip decided as the full grid decides it.
@@ -135,7 +135,7 @@ class MapClimb:
         if not self.rates or list(self.rates) != sorted(set(self.rates)) or self.rates[0] < 0:
             raise ValueError(f"MapClimb: rates must be ascending, distinct and >= 0, got {self.rates}")
         if list(self.epochs) != sorted(set(self.epochs)) or self.epochs[0] != 0 or len(self.epochs) < 2:
-            raise ValueError(f"MapClimb: epochs must ascend from 0 to a positive amount, got {self.epochs}")
+            raise ValueError(f"MapClimb: epochs must ascend from 0 to a positive count, got {self.epochs}")
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"MapClimb: samples must be an int >= 1, got {samples!r}")
         if not isinstance(constraint, AccuracyConstraint):
@@ -187,11 +187,11 @@ class MapClimb:
             raise ValueError("MapClimb.place: record the 0-epoch column of every rate first")
         self.chip_rates = {str(c): float(r) for c, r in chip_rates.items()}
 
-    def amounts(self) -> dict[str, int | None]:
-        """Each placed chip's amount read off the map so far (None: not decided yet, or never:
+    def chip_epochs(self) -> dict[str, int | None]:
+        """Each placed chip's retraining epochs read off the map so far (None: not decided yet, or never:
         past the map, or no rung met)."""
         if self.chip_rates is None:
-            raise ValueError("MapClimb.amounts: place the chips first")
+            raise ValueError("MapClimb.chip_epochs: place the chips first")
         ids = list(self.chip_rates)
         need = self.resilience_map().required_epochs_array(np.array([self.chip_rates[c] for c in ids]), self.constraint)
         return {c: (None if a < 0 else int(a)) for c, a in zip(ids, need, strict=True)}
@@ -228,9 +228,9 @@ class MapClimb:
         if not 1 <= rung < len(self.epochs) or rung < self._rung:
             return None
         _, worst = self._cells()
-        amounts = self.amounts()
-        undecided = [c for c, a in amounts.items() if a is None and rows_read(self.rates, self.chip_rates[c])]
-        if len(undecided) <= math.floor(self.max_undecided * len(amounts) + 1e-9):
+        chip_epochs = self.chip_epochs()
+        undecided = [c for c, e in chip_epochs.items() if e is None and rows_read(self.rates, self.chip_rates[c])]
+        if len(undecided) <= math.floor(self.max_undecided * len(chip_epochs) + 1e-9):
             return None  # the tail left undecided: no rung from here on is trained
         open_chips = []
         for cid in undecided:
@@ -258,12 +258,12 @@ class MapClimb:
 
     @property
     def depth(self) -> tuple[int, ...]:
-        """Per grid rate, the largest amount (epochs) any of its sampled maps was trained to."""
+        """Per grid rate, the largest epochs any of its sampled maps was trained to."""
         return tuple(self.epochs[int(r.max())] for r in self.reached)
 
     @property
     def cell_epochs(self) -> int:
-        """Epochs trained: each sampled map trained warm to the amount it reached."""
+        """Epochs trained: each sampled map trained warm to the epochs it reached."""
         return int(sum(self.epochs[int(r)] for r in self.reached.ravel()))
 
     @property

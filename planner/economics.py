@@ -57,13 +57,13 @@ def robust_rung_pays(
 
 def resilience_map_pays(n_failing: int, *, max_group_size: int, map_epochs: int) -> bool:
     """Whether a measured map of `map_epochs` cell epochs costs at most `MAP_SHARE` of the
-    grouped retraining of `n_failing` chips. Without one the planner climbs the amount
+    grouped retraining of `n_failing` chips. Without one the planner climbs the epochs
     ladder by verification (`ResilienceMap.ladder`), warm, so a map saves verification
     rounds and passes, never epochs: it is worth its cost only on very large batches."""
     return _count("map_epochs", map_epochs) <= MAP_SHARE * predicted_group_epochs(n_failing, max_group_size)
 
 
-def fap_t_epochs_at_least(n_failing: int, smallest_amount: int = 1) -> int:
+def fap_t_epochs_at_least(n_failing: int, smallest_epochs: int = 1) -> int:
     """A lower bound on what FAP+T spends: each chip still failing after bypass trains at
-    least the ladder's first rung, alone."""
-    return _count("n_failing", n_failing) * _count("smallest_amount", smallest_amount)
+    least the ladder's first rung (`smallest_epochs`), alone."""
+    return _count("n_failing", n_failing) * _count("smallest_epochs", smallest_epochs)

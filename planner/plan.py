@@ -1,14 +1,13 @@
 """eFAT + TRE-Map fleet planning: who needs nothing, how much retraining, which chips share it.
 
 `plan_fleet` places every chip that fails screening on the resilience map by its
-effective rate (`planner.severity`), reads its own amount, and groups chips in two stages.
+effective rate (`planner.severity`), reads its own retraining epochs, and groups chips in two stages.
 
-An amount (`Group.amount`, `ChipState.amount`, `ResilienceMap.amount_for`) is a number of
-retraining epochs, each reading `train.epoch_fraction` of the train split (a full pass at
-the default 1): what the database and the manifests call a group's `epochs`. The planner
-keeps the eFAT paper's word; "epochs" elsewhere in the service is the same number.
+Retraining epochs (`Group.epochs`, `ChipState.epochs`, `ResilienceMap.required_epochs`) are
+a number of epochs, each reading `train.epoch_fraction` of the train split (a full pass at
+the default 1): the same number the database and the manifests call a group's `epochs`.
 
-1. Clustering (scikit-learn `MiniBatchKMeans`, per amount bucket). Each chip is a
+1. Clustering (scikit-learn `MiniBatchKMeans`, per bucket of the chips' own epochs). Each chip is a
    sparse vector: its severity-weighted faulty PEs, their row and column projections
    and its fault-class histogram, L2-normalised, so Euclidean k-means is spherical
    k-means on cosine distance. Chips close in that distance share faulty PEs (their
@@ -18,18 +17,18 @@ keeps the eFAT paper's word; "epochs" elsewhere in the service is the same numbe
    on sparse input is linear in the fleet size: no all-pairs distance matrix.
 2. Reward-driven packing inside each cluster (greedy, deterministic): a group starts
    from its hardest chip and takes the candidate with the largest reward
-   ``own_amount(candidate) - (amount(group + candidate) - amount(group))`` (epochs
+   ``own_epochs(candidate) - (epochs(group + candidate) - epochs(group))`` (epochs
    saved against retraining it alone), ties broken by the smallest growth of the fused
    effective rate, then by chip id. A candidate is taken only while the reward is
    positive, the fused effective rate is one the map says retraining can fix, and the
    group stays within `max_group_size`. Hence every group costs less than its members
    alone, and the plan never costs more than per-chip FAT.
 
-Chips the map says no amount can fix are planned alone at the per-chip FAT amount
+Chips the map says no number of epochs can fix are planned alone at per-chip FAT's epochs
 (what the baseline spends on them) with their most sensitive layer protected: plain
 retraining is predicted to fail, and a stuck high psum bit in the columns of the last
 layer (a garbage logit, which no retraining of the weights removes) is the common
-cause. `replan` sends them to the top rung next (alone, largest amount, protected).
+cause. `replan` sends them to the top rung next (alone, the map's largest epochs, protected).
 
 Bypass (fault-aware pruning, Zhang et al.'s FAP): on an array with bypass support a
 chip can be deployed with PEs bypassed (`accelerator.faults.BYPASS_POLICIES`: those
@@ -103,9 +102,9 @@ def group_deployment(chip_map: FaultMap, fused: FaultMap) -> FaultMap:
 
 @dataclass
 class Group:
-    """One retraining job: the base model retrained `amount` epochs on the members' fused map.
+    """One retraining job: the base model retrained `epochs` epochs on the members' fused map.
 
-    `amount` is retraining epochs (each `train.epoch_fraction` of a pass over the train
+    `epochs` is retraining epochs (each `train.epoch_fraction` of a pass over the train
     split): the group row's and its manifest's `epochs`.
 
     `members` are chip ids, mildest effective rate first (the order of a progressive
@@ -113,14 +112,14 @@ class Group:
     most sensitive layer to run fault-free (3x its cycles). `round` 0 is the initial
     plan, later rounds come from `replan`; `reason` says why the group exists.
     `warm_from`: the group whose retrained model this one continues from (None: the
-    base model), which had seen `start_epoch` epochs; `amount` counts only the epochs
-    trained here, so the group's model has seen `total_epochs`.
+    base model), which had seen `start_epoch` epochs; `epochs` counts only the epochs
+    trained here, so the group's model has seen `total_epochs` (`start_epoch + epochs`).
     """
 
     group_id: str
     members: tuple[str, ...]
     fused: FaultMap
-    amount: int
+    epochs: int
     effective_rate: float
     schedule: dict[str, Any]
     protect: bool = False
@@ -132,7 +131,7 @@ class Group:
 
     @property
     def total_epochs(self) -> int:
-        return self.start_epoch + self.amount
+        return self.start_epoch + self.epochs
 
     def injection_schedule(self, maps: Mapping[str, FaultMap], steps_per_epoch: int | None = None) -> InjectionSchedule:
         """The schedule over the members' own maps (`maps`: chip id -> map)."""
@@ -147,7 +146,7 @@ class Group:
             "members": list(self.members),
             "fused": self.fused.to_dict(),
             "fused_digest": self.fused.digest,
-            "amount": self.amount,
+            "epochs": self.epochs,
             "effective_rate": _rate_to_json(self.effective_rate),
             "schedule": self.schedule,
             "protect": self.protect,
@@ -164,7 +163,7 @@ class Group:
             d["group_id"],
             tuple(d["members"]),
             FaultMap.from_dict(d["fused"]),
-            int(d["amount"]),
+            int(d["epochs"]),
             _rate_from_json(d["effective_rate"]),
             dict(d["schedule"]),
             bool(d.get("protect", False)),
@@ -178,14 +177,14 @@ class Group:
 
 @dataclass
 class ChipState:
-    """Where one chip stands. Accuracies are fractions; `amount` is its own amount on the map
-    (retraining epochs it would need alone, as a group's `amount`; None: beyond the map)."""
+    """Where one chip stands. Accuracies are fractions; `epochs` is its own retraining epochs
+    on the map (what it would need alone, counted as a group's `epochs`; None: beyond the map)."""
 
     chip_id: str
     status: str
     screening: float
     effective_rate: float
-    amount: int | None = None
+    epochs: int | None = None
     group_id: str | None = None
     accuracy: float | None = None
     best_accuracy: float | None = None
@@ -202,7 +201,7 @@ class ChipState:
             "status": self.status,
             "screening": self.screening,
             "effective_rate": _rate_to_json(self.effective_rate),
-            "amount": self.amount,
+            "epochs": self.epochs,
             "group_id": self.group_id,
             "accuracy": self.accuracy,
             "best_accuracy": self.best_accuracy,
@@ -221,7 +220,7 @@ class ChipState:
             d["status"],
             float(d["screening"]),
             _rate_from_json(d["effective_rate"]),
-            d.get("amount"),
+            d.get("epochs"),
             d.get("group_id"),
             d.get("accuracy"),
             d.get("best_accuracy"),
@@ -278,7 +277,12 @@ def _check_fraction(name: str, value: Any) -> None:
 
 @dataclass
 class Plan:
-    """A fleet plan: groups to retrain, chips' states, and its cost against per-chip FAT (epochs)."""
+    """A fleet plan: groups to retrain, chips' states, and its cost against per-chip FAT (epochs).
+
+    `per_chip_fat_epochs_each`: the epochs per-chip FAT retrains each chip failing screening
+    alone (the largest own epochs of a chip the map can fix); `per_chip_fat_epochs` is their
+    total over those chips.
+    """
 
     constraint: AccuracyConstraint
     resilience_map: ResilienceMap
@@ -287,7 +291,7 @@ class Plan:
     maps: dict[str, FaultMap]
     chips: dict[str, ChipState]
     groups: list[Group]
-    per_chip_fat_amount: int
+    per_chip_fat_epochs_each: int
     round: int = 0
 
     # --- views --------------------------------------------------------------------
@@ -317,17 +321,17 @@ class Plan:
     @property
     def predicted_epochs(self) -> int:
         """Epochs of the initial plan (round 0)."""
-        return sum(g.amount for g in self.groups if g.round == 0)
+        return sum(g.epochs for g in self.groups if g.round == 0)
 
     @property
     def planned_epochs(self) -> int:
         """Epochs of every group so far, replans included."""
-        return sum(g.amount for g in self.groups)
+        return sum(g.epochs for g in self.groups)
 
     @property
     def per_chip_fat_epochs(self) -> int:
-        """Per-chip FAT: every chip failing screening retrained alone for `per_chip_fat_amount` epochs."""
-        return self.per_chip_fat_amount * self.chips_failing_screening
+        """Per-chip FAT: every chip failing screening retrained alone for `per_chip_fat_epochs_each` epochs."""
+        return self.per_chip_fat_epochs_each * self.chips_failing_screening
 
     def summary(self) -> dict[str, Any]:
         sizes = [len(g.members) for g in self.groups if g.round == 0]
@@ -338,7 +342,7 @@ class Plan:
             "mean_group_size": float(np.mean(sizes)) if sizes else 0.0,
             "predicted_epochs": self.predicted_epochs,
             "planned_epochs": self.planned_epochs,
-            "per_chip_fat_amount": self.per_chip_fat_amount,
+            "per_chip_fat_epochs_each": self.per_chip_fat_epochs_each,
             "per_chip_fat_epochs": self.per_chip_fat_epochs,
             "verified": len(self.chips_with(VERIFIED)),
             "unrecoverable": len(self.chips_with(UNRECOVERABLE)),
@@ -356,7 +360,7 @@ class Plan:
             "maps": [m.to_dict() for m in self.maps.values()],
             "chips": [s.to_dict() for s in self.chips.values()],
             "groups": [g.to_dict() for g in self.groups],
-            "per_chip_fat_amount": self.per_chip_fat_amount,
+            "per_chip_fat_epochs_each": self.per_chip_fat_epochs_each,
             "round": self.round,
             "summary": self.summary(),
         }
@@ -372,7 +376,7 @@ class Plan:
             {m.chip_id: m for m in maps if m.chip_id is not None},
             {s["chip_id"]: ChipState.from_dict(s) for s in d["chips"]},
             [Group.from_dict(g) for g in d["groups"]],
-            int(d["per_chip_fat_amount"]),
+            int(d["per_chip_fat_epochs_each"]),
             int(d.get("round", 0)),
         )
 
@@ -516,11 +520,11 @@ def pack_groups(
     rmap: ResilienceMap,
     constraint: AccuracyConstraint,
     max_group_size: int,
-    min_amount: int,
+    min_epochs: int,
 ) -> list[tuple[list[int], float, int]]:
-    """Reward-driven greedy packing of one cluster: list of (chip indices, fused rate, amount).
+    """Reward-driven greedy packing of one cluster: list of (chip indices, fused rate, epochs).
 
-    `min_amount` is the smallest positive amount on the map: chips here failed screening,
+    `min_epochs` is the map's smallest positive epochs (its first rung): chips here failed screening,
     so even a group the map would credit with 0 epochs gets that much.
     """
     remaining = [int(i) for i in sorted(cluster.tolist(), key=lambda i: (-own[i], -packer.rates[i], i))]
@@ -531,7 +535,7 @@ def pack_groups(
         pe_max = np.zeros(packer.n_pes)
         o, idx, val = packer.rows(np.array([seed_chip]))
         np.maximum.at(pe_max, idx, val)
-        g_rate, g_amount = float(packer.rates[seed_chip]), int(own[seed_chip])
+        g_rate, g_epochs = float(packer.rates[seed_chip]), int(own[seed_chip])
         g_fused = float(pe_max.sum()) / packer.n_pes
         while len(members) < max_group_size and remaining:
             cand = np.asarray(remaining, dtype=np.int64)
@@ -539,8 +543,10 @@ def pack_groups(
             growth = np.bincount(owner, weights=np.maximum(0.0, val - pe_max[idx]), minlength=len(cand))
             new_rate = np.maximum(np.maximum(g_rate, packer.rates[cand]), g_fused + growth / packer.n_pes)
             need = rmap.required_epochs_array(new_rate, constraint)
-            new_amount = np.where(need >= 0, np.maximum(need, min_amount), -1)  # a failing chip trains >= 1 amount
-            reward = np.where(new_amount >= 0, g_amount + own[cand] - new_amount, -1)
+            new_epochs = np.where(
+                need >= 0, np.maximum(need, min_epochs), -1
+            )  # a failing chip trains >= the first rung
+            reward = np.where(new_epochs >= 0, g_epochs + own[cand] - new_epochs, -1)
             best = np.lexsort((cand, growth, -reward))[0]
             if reward[best] <= 0:
                 break
@@ -550,16 +556,16 @@ def pack_groups(
             o, idx, val = packer.rows(np.array([c]))
             np.maximum.at(pe_max, idx, val)
             g_fused = float(pe_max.sum()) / packer.n_pes
-            g_rate, g_amount = float(new_rate[best]), int(new_amount[best])
-        groups.append((members, g_rate, g_amount))
+            g_rate, g_epochs = float(new_rate[best]), int(new_epochs[best])
+        groups.append((members, g_rate, g_epochs))
     return groups
 
 
-def _schedule_spec(settings: PlanSettings, size: int, amount: int) -> dict[str, Any]:
+def _schedule_spec(settings: PlanSettings, size: int, epochs: int) -> dict[str, Any]:
     if size == 1:
         return {"name": "all_at_once", "params": {}}
     if settings.schedule == "progressive_union":
-        return {"name": "progressive_union", "params": {"ramp_epochs": round(settings.ramp_fraction * amount, 3)}}
+        return {"name": "progressive_union", "params": {"ramp_epochs": round(settings.ramp_fraction * epochs, 3)}}
     if settings.schedule == "sample_members":
         return {"name": "sample_members", "params": {"seed": settings.seed}}
     return {"name": settings.schedule, "params": {}}
@@ -570,7 +576,7 @@ def make_group(
     members: Sequence[str],
     maps: Mapping[str, FaultMap],
     chips: Mapping[str, ChipState],
-    amount: int,
+    epochs: int,
     rate: float,
     settings: PlanSettings,
     *,
@@ -586,9 +592,9 @@ def make_group(
         group_id,
         ordered,
         fused,
-        int(amount),
+        int(epochs),
         float(rate),
-        _schedule_spec(settings, len(ordered), amount),
+        _schedule_spec(settings, len(ordered), epochs),
         protect,
         round,
         reason,
@@ -607,25 +613,25 @@ def group_chips(
     settings: PlanSettings,
     max_group_size: int,
 ) -> list[tuple[list[str], float, int]]:
-    """Cluster + reward-pack chips that the map can fix; (member ids, fused rate, amount) per group."""
+    """Cluster + reward-pack chips that the map can fix; (member ids, fused rate, epochs) per group."""
     ids = sorted(chip_ids)
     if not ids:
         return []
-    own = np.array([chips[c].amount for c in ids], dtype=np.int64)
+    own = np.array([chips[c].epochs for c in ids], dtype=np.int64)
     rates = np.array([chips[c].effective_rate for c in ids])
     ordered_maps = [maps[c] for c in ids]
     packer = _Packer(ordered_maps, rates, severity)
-    min_amount = rmap.smallest_positive_amount
+    min_epochs = rmap.smallest_positive_epochs
     out: list[tuple[list[str], float, int]] = []
-    for amount in sorted(set(own.tolist())):
-        bucket = np.nonzero(own == amount)[0]
+    for epochs in sorted(set(own.tolist())):
+        bucket = np.nonzero(own == epochs)[0]
         if max_group_size <= 1:
             out.extend(([ids[i]], float(rates[i]), int(own[i])) for i in bucket)
             continue
         feats = _features([ordered_maps[i] for i in bucket], severity)
         for cl in cluster_chips(feats, settings.coarse_cluster_size, settings.seed):
             for members, rate, amt in pack_groups(
-                bucket[cl], packer, own, rmap, constraint, max_group_size, min_amount
+                bucket[cl], packer, own, rmap, constraint, max_group_size, min_epochs
             ):
                 out.append(([ids[i] for i in members], rate, amt))
     return out
@@ -717,7 +723,7 @@ def plan_fleet(
             bypassed[cid] = [list(pe) for pe in pes[best]]
             maps[cid] = bypass_pes(maps[cid], pes[best])
     rmap, thr = resilience_map, constraint.threshold(resilience_map.baseline)
-    smallest_positive = rmap.smallest_positive_amount
+    smallest_positive = rmap.smallest_positive_epochs
 
     states: dict[str, ChipState] = {}
     for cid, m in maps.items():
@@ -730,25 +736,25 @@ def plan_fleet(
         else:
             rate = chip_effective_rate(m, acc, severity, rmap, placement)
             need = rmap.required_epochs(rate, constraint) if math.isfinite(rate) else None
-            amount = None if need is None else max(need, smallest_positive)
-            states[cid] = ChipState(cid, PLANNED, acc, rate, amount, best_accuracy=acc)
+            own_epochs = None if need is None else max(need, smallest_positive)
+            states[cid] = ChipState(cid, PLANNED, acc, rate, own_epochs, best_accuracy=acc)
         states[cid].bypass, states[cid].bypassed = policies.get(cid), bypassed.get(cid, [])
 
-    fixable = [c for c, s in states.items() if s.status == PLANNED and s.amount is not None]
-    beyond = [c for c, s in states.items() if s.status == PLANNED and s.amount is None]
-    fat_amount = max((states[c].amount or 0 for c in fixable), default=rmap.largest_amount)
+    fixable = [c for c, s in states.items() if s.status == PLANNED and s.epochs is not None]
+    beyond = [c for c, s in states.items() if s.status == PLANNED and s.epochs is None]
+    fat_epochs = max((states[c].epochs or 0 for c in fixable), default=rmap.largest_epochs)
 
     packed = group_chips(fixable, maps, states, rmap, constraint, severity, settings, max_group_size)
-    packed += [([c], states[c].effective_rate, fat_amount) for c in beyond]
+    packed += [([c], states[c].effective_rate, fat_epochs) for c in beyond]
     packed.sort(key=lambda g: (-g[2], sorted(g[0])))
     groups = []
-    for i, (members, rate, amount) in enumerate(packed):
+    for i, (members, rate, epochs) in enumerate(packed):
         is_beyond = members[0] in beyond
         reason = "beyond_map" if is_beyond else ("grouped" if len(members) > 1 else "alone")
-        g = make_group(f"r0-g{i:06d}", members, maps, states, amount, rate, settings, reason=reason, protect=is_beyond)
+        g = make_group(f"r0-g{i:06d}", members, maps, states, epochs, rate, settings, reason=reason, protect=is_beyond)
         groups.append(g)
         for c in members:
             states[c].group_id = g.group_id
     # Never more epochs than per-chip FAT, by construction (a group forms only when cheaper than its
     # members alone); the tests check it, so it is not asserted here.
-    return Plan(constraint, rmap, severity, settings, maps, states, groups, fat_amount)
+    return Plan(constraint, rmap, severity, settings, maps, states, groups, fat_epochs)

@@ -4,26 +4,26 @@ The escalation ladder of a chip that missed after its group's retraining:
 
 0. more epochs together: the members of a group (of two or more, trained from the
    base model) that missed go on training together from that group's model, up to the
-   next larger amount on the map: only the extra epochs are trained. Merged maps tend
+   next larger epochs on the map: only the extra epochs are trained. Merged maps tend
    to miss narrowly, and a few more epochs on the model that is almost there cost less
    than starting smaller groups over;
 1. smaller group: from a group of more than two chips, the members that missed are
    re-packed (same reward rule) into groups of at most half the old size;
 2. alone: from a group of two (or a smaller group), alone, continuing that group's
-   model on its own map for the smallest amount on the map: that model is already
+   model on its own map for the map's smallest positive epochs: that model is already
    fit to a superset of the chip's faults, so this usually takes fewer epochs than
    starting over alone from the base model;
 3. more epochs: alone, continuing from its own last model up to the next larger
-   amount on the resilience map, up to the largest (skipped for a chip the map places
-   beyond every amount, which goes straight to 4 after its first, protected try);
-4. protection: alone, from the base model, the largest amount, and its most sensitive
+   epochs on the resilience map, up to the largest (skipped for a chip the map places
+   beyond its largest epochs, which goes straight to 4 after its first, protected try);
+4. protection: alone, from the base model, the map's largest epochs, and its most sensitive
    layer runs fault-free (3x that layer's cycles);
 5. unrecoverable: only after step 4 missed too; the reason and the best accuracy
    reached are recorded.
 
 Every step moves a chip strictly up this ladder (group size down, epochs up,
 protection on), so replanning terminates after at most
-1 + log2(max_group_size) + 1 + len(amounts) + 1 rounds.
+1 + log2(max_group_size) + 1 + len(resilience_map.epochs) + 1 rounds.
 """
 
 from __future__ import annotations
@@ -34,34 +34,36 @@ from collections.abc import Mapping
 from planner.constraint import meets
 from planner.plan import UNRECOVERABLE, VERIFIED, Group, Plan, group_chips, make_group
 
-_Step = tuple[list[str], float, int, str, bool, str | None, int]  # members, rate, amount, reason, protect, warm
+_Step = tuple[
+    list[str], float, int, str, bool, str | None, int
+]  # members, rate, epochs, reason, protect, warm_from, start_epoch
 
 
 def _next_step(plan: Plan, group: Group, chip_id: str) -> _Step | None:
     """For a chip that missed alone in `group`: its next try, None when the ladder is exhausted.
 
-    A chip the map places beyond every amount (own amount None) skips the larger
-    amounts, which the map already predicts to fail, and goes straight to the top rung.
+    A chip the map places beyond its largest epochs (own `epochs` None) skips the larger
+    epochs, which the map already predicts to fail, and goes straight to the top rung.
     """
     rmap = plan.resilience_map
     rate = plan.chips[chip_id].effective_rate
-    at_top = group.protect and group.total_epochs >= rmap.largest_amount
-    if plan.chips[chip_id].amount is None and not at_top:
-        return ([chip_id], rate, rmap.largest_amount, "protect", True, None, 0)
-    nxt = rmap.next_amount(group.total_epochs)
+    at_top = group.protect and group.total_epochs >= rmap.largest_epochs
+    if plan.chips[chip_id].epochs is None and not at_top:
+        return ([chip_id], rate, rmap.largest_epochs, "protect", True, None, 0)
+    nxt = rmap.next_epochs(group.total_epochs)
     if nxt is not None:  # continue its own model: only the extra epochs
         done = group.total_epochs
         return ([chip_id], rate, nxt - done, "more_epochs", group.protect, group.group_id, done)
     if not group.protect:
-        return ([chip_id], rate, rmap.largest_amount, "protect", True, None, 0)
+        return ([chip_id], rate, rmap.largest_epochs, "protect", True, None, 0)
     return None
 
 
 def _alone(plan: Plan, group: Group, chip_id: str) -> _Step:
     """A member that missed in `group` goes on alone from the group's model (ladder step 2)."""
-    amount = plan.resilience_map.smallest_positive_amount
+    epochs = plan.resilience_map.smallest_positive_epochs
     rate = plan.chips[chip_id].effective_rate
-    return ([chip_id], rate, amount, "alone", group.protect, group.group_id, group.total_epochs)
+    return ([chip_id], rate, epochs, "alone", group.protect, group.group_id, group.total_epochs)
 
 
 def replan(plan: Plan, verification: Mapping[str, float]) -> Plan:
@@ -90,7 +92,7 @@ def replan(plan: Plan, verification: Mapping[str, float]) -> Plan:
             st.history.append(
                 {
                     "group_id": g.group_id,
-                    "amount": g.amount,
+                    "epochs": g.epochs,
                     "total_epochs": g.total_epochs,
                     "protect": g.protect,
                     "size": len(g.members),
@@ -106,7 +108,7 @@ def replan(plan: Plan, verification: Mapping[str, float]) -> Plan:
         if not failed:
             continue
         size = len(g.members)
-        together = new.resilience_map.next_amount(g.total_epochs) if size > 1 and g.warm_from is None else None
+        together = new.resilience_map.next_epochs(g.total_epochs) if size > 1 and g.warm_from is None else None
         if together is not None:
             done = g.total_epochs
             new_groups.append(
@@ -114,13 +116,13 @@ def replan(plan: Plan, verification: Mapping[str, float]) -> Plan:
             )
         elif size > 2:
             limit = max(1, size // 2)
-            for members, rate, amount in group_chips(
+            for members, rate, epochs in group_chips(
                 failed, new.maps, new.chips, new.resilience_map, new.constraint, new.severity, settings, limit
             ):
                 if len(members) == 1:
                     new_groups.append(_alone(new, g, members[0]))
                 else:
-                    new_groups.append((members, rate, amount, "smaller_group", False, None, 0))
+                    new_groups.append((members, rate, epochs, "smaller_group", False, None, 0))
         elif size == 2:
             new_groups.extend(_alone(new, g, c) for c in failed)
         else:
@@ -131,19 +133,19 @@ def replan(plan: Plan, verification: Mapping[str, float]) -> Plan:
                 st.status = UNRECOVERABLE
                 st.reason = (
                     f"missed the constraint (accuracy {st.accuracy:.4f} < {thr:.4f}) after retraining alone for "
-                    f"the largest amount on the map ({g.total_epochs} epochs) with its most sensitive layer "
+                    f"{g.total_epochs} epochs (the largest on the map) with its most sensitive layer "
                     f"protected; best accuracy {st.best_accuracy:.4f}"
                 )
                 continue
             new_groups.append(step)
     new_groups.sort(key=lambda t: (-t[2], sorted(t[0])))
-    for i, (members, rate, amount, reason, protect, warm_from, start) in enumerate(new_groups):
+    for i, (members, rate, epochs, reason, protect, warm_from, start) in enumerate(new_groups):
         g = make_group(
             f"r{rnd}-g{i:06d}",
             members,
             new.maps,
             new.chips,
-            amount,
+            epochs,
             rate,
             settings,
             round=rnd,

@@ -1,14 +1,14 @@
-"""eFAT resilience map: accuracy over fault rates x retraining amounts, and amount selection.
+"""eFAT resilience map: accuracy over fault rates x retraining epochs, and how many epochs a rate needs.
 
 A map is built once per (model, dataset, accelerator profile). Each grid rate gets
 `samples` random fault maps (`planner.synthetic_fleet.sample_fault_map`); each sampled map is
-retrained for the largest amount on the grid and evaluated after every amount on the
+retrained for the largest epochs on the grid and evaluated after each epochs count on the
 grid (0 = the base model), so one training run measures a whole column of the map.
 That unit of work is a `CellTask`; how it is measured is a callback (`MeasureCell`),
 so the service can fan tasks out to Celery workers and tests can use a fake.
 
 A cell may be *not measured* (NaN in `mean` and `worst`): an adaptive map
-(`workers.adaptive_map`) trains only the cells a fleet's amounts depend on. A cell not
+(`workers.adaptive_map`) trains only the cells a fleet's retraining epochs depend on. A cell not
 measured never meets a constraint, is skipped by the running minimum over rates (the
 measured cells below it still bound the measured cells above), and is `None` in JSON. The
 0-epoch column is always measured: screening placement reads it.
@@ -30,7 +30,7 @@ from planner.synthetic_fleet import FaultMix, sample_fault_map
 
 
 def task_seed(seed: int, rate_index: int, sample: int) -> int:
-    """Seed of one sampled fault map: independent of the amounts, so every amount sees the same map."""
+    """Seed of one sampled fault map: independent of the epochs, so every epochs count sees the same map."""
     return int(np.random.SeedSequence([int(seed), int(rate_index), int(sample)]).generate_state(1)[0])
 
 
@@ -39,7 +39,7 @@ class CellTask:
     """One sampled fault map at grid rate `rate` (faulty-PE fraction), to be retrained.
 
     The measurement retrains the base model on `fault_map(...)` and returns the top-1
-    accuracy (fraction) after each amount of `epochs` (ascending, 0 = base model),
+    accuracy (fraction) after each count of `epochs` (ascending, 0 = base model),
     evaluated on that same map.
     """
 
@@ -113,7 +113,7 @@ class ResilienceMap:
         self.worst = np.asarray(self.worst, dtype=float)
         shape = (len(self.rates), len(self.epochs))
         if not self.rates or not self.epochs:
-            raise ValueError("resilience map: needs at least one rate and one amount")
+            raise ValueError("resilience map: needs at least one rate and one epochs count")
         if list(self.rates) != sorted(set(self.rates)) or self.rates[0] < 0:
             raise ValueError(f"resilience map: rates must be ascending, distinct and >= 0, got {self.rates}")
         if list(self.epochs) != sorted(set(self.epochs)) or self.epochs[0] != 0:
@@ -152,10 +152,10 @@ class ResilienceMap:
         acc: dict[float, list[Sequence[float]]] = {r: [] for r in rates}
         for t, values in pairs:
             if t.epochs != epochs:
-                raise ValueError(f"resilience map: task {t} measured amounts {t.epochs}, expected {epochs}")
+                raise ValueError(f"resilience map: task {t} measured epochs {t.epochs}, expected {epochs}")
             if len(values) != len(epochs):
                 raise ValueError(
-                    f"resilience map: task {t} returned {len(values)} accuracies for {len(epochs)} amounts"
+                    f"resilience map: task {t} returned {len(values)} accuracies for {len(epochs)} epochs counts"
                 )
             acc[t.rate].append([float(v) for v in values])
         samples = min(len(v) for v in acc.values())
@@ -187,9 +187,9 @@ class ResilienceMap:
 
     @classmethod
     def ladder(cls, epochs: Sequence[int], baseline: float) -> ResilienceMap:
-        """A map with no measurements: an escalation ladder of amounts (`epochs`, 0 first).
+        """A map with no measurements: an escalation ladder of epochs (`epochs`, 0 first).
 
-        It credits every chip that fails screening with the smallest positive amount
+        It credits every chip that fails screening with the smallest positive epochs
         and leaves the rest to verification, which climbs the ladder warm (`planner.replan`):
         what a map would predict is then learned by training, which costs nothing extra
         when every rung continues the last. Placement: the 0-epoch curve falls linearly
@@ -198,7 +198,7 @@ class ResilienceMap:
         """
         ep = tuple(sorted({0, *(int(e) for e in epochs)}))
         if len(ep) < 2:
-            raise ValueError(f"ladder: needs a positive amount, got {tuple(epochs)}")
+            raise ValueError(f"ladder: needs a positive epochs count, got {tuple(epochs)}")
         row = [0.0] + [float(baseline)] * (len(ep) - 1)
         return cls((1.0,), ep, np.array([row]), np.array([row]), float(baseline), 0, {"kind": "ladder"})
 
@@ -209,7 +209,7 @@ class ResilienceMap:
 
     @property
     def training_epochs(self) -> int:
-        """Epochs trained to build the map: one run of the largest amount per sampled map, or
+        """Epochs trained to build the map: one run of the largest epochs per sampled map, or
         `meta["cell_epochs"]` where the builder trained less (an adaptive map)."""
         if "cell_epochs" in self.meta:
             return int(self.meta["cell_epochs"])
@@ -221,8 +221,8 @@ class ResilienceMap:
         return ~np.isnan(self.worst)
 
     # --- queries ------------------------------------------------------------------
-    def worst_at(self, rate: float, amount_index: int) -> float | None:
-        """Conservative accuracy at `rate` after `epochs[amount_index]` epochs.
+    def worst_at(self, rate: float, epochs_index: int) -> float | None:
+        """Conservative accuracy at `rate` after `epochs[epochs_index]` epochs.
 
         Worst case over samples, made non-increasing in rate (running minimum),
         linearly interpolated between grid rates. Below the first grid rate the first
@@ -233,15 +233,15 @@ class ResilienceMap:
         rates = np.asarray(self.rates)
         if rate > rates[-1] + 1e-12:
             return None
-        curve = _monotone_worst(self.worst)[:, amount_index]
+        curve = _monotone_worst(self.worst)[:, epochs_index]
         value = float(curve[0]) if rate <= rates[0] else float(np.interp(rate, rates, curve))
         return None if np.isnan(value) else value
 
     def required_epochs(self, rate: float, constraint: AccuracyConstraint) -> int | None:
-        """Smallest amount (epochs) on the map whose conservative accuracy at `rate` meets `constraint`.
+        """Smallest epochs on the map whose conservative accuracy at `rate` meets `constraint`.
 
         `rate` is an effective faulty-PE fraction (`planner.severity`); None when no
-        amount on the map suffices or `rate` lies past the last grid rate.
+        epochs on the map suffice or `rate` lies past the last grid rate.
         """
         threshold = constraint.threshold(self.baseline)
         for j, e in enumerate(self.epochs):
@@ -258,7 +258,7 @@ class ResilienceMap:
         curves = _monotone_worst(self.worst)
         out = np.full(r.shape, -1, dtype=np.int64)
         inside = r <= grid[-1] + 1e-12
-        for j in reversed(range(len(self.epochs))):  # the smallest meeting amount ends up last
+        for j in reversed(range(len(self.epochs))):  # the smallest meeting epochs end up last
             acc = np.interp(np.maximum(r, grid[0]), grid, curves[:, j])
             out[inside & meets_each(acc, threshold)] = self.epochs[j]
         return out
@@ -267,7 +267,7 @@ class ResilienceMap:
         return self.required_epochs(rate, constraint) is not None
 
     def max_fixable_rate(self, constraint: AccuracyConstraint) -> float | None:
-        """Largest rate at which some amount on the map meets `constraint` (None: not even the first rate)."""
+        """Largest rate at which some epochs on the map meet `constraint` (None: not even the first rate)."""
         threshold = constraint.threshold(self.baseline)
         curves = _monotone_worst(self.worst)
         best: float | None = None
@@ -285,19 +285,20 @@ class ResilienceMap:
             best = r if best is None else max(best, r)
         return best
 
-    def next_amount(self, epochs: int) -> int | None:
-        """The next larger amount on the map, or None past the largest."""
+    def next_epochs(self, epochs: int) -> int | None:
+        """The next larger epochs on the map after `epochs`, or None past the largest."""
         larger = [e for e in self.epochs if e > epochs]
         return larger[0] if larger else None
 
     @property
-    def largest_amount(self) -> int:
+    def largest_epochs(self) -> int:
+        """The largest epochs on the map (the top rung)."""
         return self.epochs[-1]
 
     @property
-    def smallest_positive_amount(self) -> int:
-        """The smallest amount on the map above 0 epochs (the largest when there is none)."""
-        return next((e for e in self.epochs if e > 0), self.largest_amount)
+    def smallest_positive_epochs(self) -> int:
+        """The smallest epochs on the map above 0 (the largest when there is none)."""
+        return next((e for e in self.epochs if e > 0), self.largest_epochs)
 
     # --- JSON ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -347,7 +348,7 @@ class ResilienceMap:
         fig = Figure(figsize=(1.2 + 0.9 * len(self.rates), 1.2 + 0.6 * len(self.epochs)))
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
-        data = self.worst.T  # rows: amounts, cols: rates
+        data = self.worst.T  # rows: epochs, cols: rates
         im = ax.imshow(data, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-9, self.baseline))
         for j in range(len(self.epochs)):
             for i in range(len(self.rates)):

@@ -1,4 +1,4 @@
-"""An adaptive eFAT resilience map: only the cells a fleet's retraining amounts depend on.
+"""An adaptive eFAT resilience map: only the cells a fleet's retraining epochs depend on.
 
 `build_adaptive_resilience_map` measures the same cells as `workers.pipeline.build_resilience_map`
 (same grid, same sampled fault maps from the same seeds, same training in the same chunks,
@@ -12,16 +12,16 @@ so a cell measured by both has the same accuracy), but only these (`planner.adap
    (the one or two around its rate), and of those only the sampled maps that could still
    let such a chip meet the constraint at that rung (`planner.adaptive.MapClimb`); a chip
    is decided at the first rung where the map's conservative accuracy at its rate meets
-   the constraint, or never (no amount) past the top.
+   the constraint, or never (no epochs) past the top.
 
 Cells not trained are NaN ("not measured") in the returned `ResilienceMap`, which
 `ResilienceMap` treats as never meeting the constraint and skips in its running minimum
-over rates. Hence each chip's amount read off the adaptive map is the one the full grid
+over rates. Hence each chip's epochs read off the adaptive map are the ones the full grid
 gives, except where the full grid's running minimum at that chip's cells comes from a
 rate the adaptive map did not train there (a lower rate measured worse than a higher one).
 What it does not cover: rates only a fused group reaches. There the map answers "not
 measured", so `plan_fleet` forms no group that would need such a rate (fewer, smaller
-groups; never an amount the map did not measure).
+groups; never epochs the map did not measure).
 
 Cost: `AdaptiveMap.cell_epochs` (also `resilience_map.training_epochs`) is what the ledger
 should be charged as "resilience_map"; `cell_evaluations` passes over `data`'s test split.
@@ -52,19 +52,19 @@ class AdaptiveMap:
     """An adaptive map and what it cost.
 
     - `resilience_map`: rates x epochs, NaN where not measured; `training_epochs` is `cell_epochs`.
-    - `cell_epochs`: epochs trained (sum over sampled maps of the amount each reached).
+    - `cell_epochs`: epochs trained (sum over sampled maps of the epochs each reached).
     - `cell_evaluations`: cells evaluated, each one pass over the evaluation split.
-    - `amounts`: chip id -> amount (epochs) the map gives each chip to retrain, before
-      `plan_fleet` raises it to the smallest positive amount; None: no amount (past the
+    - `chip_epochs`: chip id -> retraining epochs the map gives each chip, before
+      `plan_fleet` raises them to the map's smallest positive epochs; None: none (past the
       map, or no rung met).
-    - `depth`: per grid rate, the largest amount one of its sampled maps was trained to (0: none).
+    - `depth`: per grid rate, the largest epochs one of its sampled maps was trained to (0: none).
     - `trained`: per grid rate, per sampled map, the epochs it was trained (sums to `cell_epochs`).
     """
 
     resilience_map: ResilienceMap
     cell_epochs: int
     cell_evaluations: int
-    amounts: dict[str, int | None]
+    chip_epochs: dict[str, int | None]
     depth: tuple[int, ...]
     trained: tuple[tuple[int, ...], ...]
 
@@ -74,7 +74,7 @@ class AdaptiveMap:
             "cell_evaluations": self.cell_evaluations,
             "depth": list(self.depth),
             "trained": [list(t) for t in self.trained],
-            "amounts": dict(self.amounts),
+            "chip_epochs": dict(self.chip_epochs),
         }
 
 
@@ -118,7 +118,7 @@ def _check(
     if any(isinstance(e, bool) or not isinstance(e, int | np.integer) or e < 0 for e in epochs):
         raise ValueError(f"build_adaptive_resilience_map: epochs must be ints >= 0, got {epochs!r}")
     if not any(e > 0 for e in epochs):
-        raise ValueError(f"build_adaptive_resilience_map: epochs needs a positive amount, got {epochs!r}")
+        raise ValueError(f"build_adaptive_resilience_map: epochs needs a positive count, got {epochs!r}")
     for name, value, minimum in (("samples", samples, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
             raise ValueError(f"build_adaptive_resilience_map: {name} must be an int >= {minimum}, got {value!r}")
@@ -160,11 +160,11 @@ def build_adaptive_resilience_map(
     checkpoint_dir: Path | None = None,
     on_epoch: EpochProgress | None = None,
 ) -> AdaptiveMap:
-    """The resilience map of `model` on `array`, measured only where `chips`' amounts depend on it.
+    """The resilience map of `model` on `array`, measured only where `chips`' retraining epochs depend on it.
 
     Grid and training as `workers.pipeline.build_resilience_map(model, array, data, rates,
     epochs, samples, cfg, baseline=, seed=, mix=)`: `rates` faulty-PE fractions (sorted
-    here), `epochs` the ladder of amounts (0 added), `samples` sampled fault maps a rate,
+    here), `epochs` the ladder (0 added), `samples` sampled fault maps a rate,
     accuracies (fractions) on `data`'s test split (the fleet loop passes its validation split).
 
     The fleet: `chips` (every chip's own fault map, distinct `chip_id`s, on `array`),
@@ -173,10 +173,10 @@ def build_adaptive_resilience_map(
     same `constraint`, whose threshold is taken against `baseline`. Chips that meet it need
     no cell. `on_progress(rung index, number of rungs)` after each rung.
 
-    `max_undecided`: share of the chips to retrain whose amount may be left undecided, the
-    ones that would need the most epochs (`planner.adaptive.MapClimb`); the map gives them no
-    amount. 0 (default): every amount as the full grid's; 0.05 trades the fleet's tail for
-    the rungs only it needs (the issue's bar: the same amount for >= 95% of the chips).
+    `max_undecided`: share of the chips to retrain whose epochs may be left undecided, the
+    ones that would need the most epochs (`planner.adaptive.MapClimb`); the map gives them
+    none. 0 (default): every chip's epochs as the full grid's; 0.05 trades the fleet's tail for
+    the rungs only it needs (the issue's bar: the same epochs for >= 95% of the chips).
 
     `checkpoint_dir`: every sampled map's run checkpoints each epoch there, in one flat
     directory (`cell-<rate index>-<sample>-<first epoch>.pt`), and resumes from it, so a
@@ -245,4 +245,4 @@ def build_adaptive_resilience_map(
     info["max_undecided"] = climb.max_undecided
     rmap = climb.resilience_map({**(meta or {}), **info})
     trained = tuple(tuple(climb.epochs[int(r)] for r in row) for row in climb.reached)
-    return AdaptiveMap(rmap, climb.cell_epochs, climb.cell_evaluations, climb.amounts(), climb.depth, trained)
+    return AdaptiveMap(rmap, climb.cell_epochs, climb.cell_evaluations, climb.chip_epochs(), climb.depth, trained)

@@ -99,7 +99,7 @@ def group_manifest(
     decision saw (the split the constraint is verified on); `validation_accuracy` the split
     the plan decided on. `training` names the optimizer the accelerator trains with.
     `fields`: the group's own (fused_map_digest, epochs, protect, ...), kept at the top level;
-    `epochs` is the group's retraining epochs (`planner.Group.amount`), each reading
+    `epochs` is the group's retraining epochs (`planner.Group.epochs`), each reading
     `training.epoch_fraction` of the train split (1 where absent), `total_epochs` with those
     of the group it continued from."""
     return {
@@ -157,7 +157,7 @@ def plan_group_manifest(
         fused_map_digest=g.fused.digest,
         fused_rate=g.fused.rate,
         schedule=g.schedule,
-        epochs=g.amount,
+        epochs=g.epochs,
         total_epochs=g.total_epochs,
         warm_from=g.warm_from,
         protect=list(result.protect),

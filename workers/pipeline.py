@@ -8,7 +8,7 @@ bench in one process and by the service job by job (no Celery here).
    deployment of the chip (its own map, each bypass policy) on the validation split,
    read only until the verdict is certain (`accelerator.bounded_accuracy`);
 2. a fault-robust base model, where `planner.economics` predicts it pays
-   (`train_robust_base`), and a measured resilience map, or the amount ladder alone;
+   (`train_robust_base`), and a measured resilience map, or the epochs ladder alone;
 3. `planner.plan_fleet` over the chips no model serves, then rounds (`run_rounds`) of
    retraining every pending group and verifying every member (`retrain_and_verify`: the
    one per-group step), `planner.replan` on the validation accuracies, until every chip is
@@ -17,10 +17,10 @@ bench in one process and by the service job by job (no Celery here).
 
 Everything it trains or evaluates is charged to a `Ledger`. `FleetSettings.fap_t()` runs
 the strongest per-chip baseline (FAP+T) through the same loop. Accuracies are top-1
-fractions in [0, 1]; amounts are epochs.
+fractions in [0, 1]; retraining is counted in epochs.
 
-Retraining for an amount A runs in chunks that end at the ladder's amounts
-(`train_through`), exactly as a map cell is measured, so an amount read off a map is
+Retraining for E epochs runs in chunks that end at the ladder's rungs
+(`train_through`), exactly as a map cell is measured, so the epochs read off a map are
 the procedure the group gets.
 """
 
@@ -71,7 +71,7 @@ class TrainConfig:
     batch_size: int = 64
     seed: int = 0
     device: str | None = None
-    # the share of the train split one retraining epoch reads: an amount of E retraining
+    # the share of the train split one retraining epoch reads: E retraining
     # epochs (a group's, a map cell's) costs E * epoch_fraction passes, which the ledger counts
     epoch_fraction: float = 1.0
 
@@ -122,9 +122,9 @@ class OffsetSchedule:
         return self.schedule(epoch + self.offset, step)
 
 
-def chunk_boundaries(amount: int, grid: Sequence[int]) -> list[int]:
-    """Epoch counts at which a run of `amount` epochs is cut: the grid amounts below it, then it."""
-    return sorted({e for e in grid if 0 < e < amount} | ({amount} if amount > 0 else set()))
+def chunk_boundaries(epochs: int, grid: Sequence[int]) -> list[int]:
+    """Epoch counts at which a run of `epochs` epochs is cut: the grid's epochs below it, then it."""
+    return sorted({e for e in grid if 0 < e < epochs} | ({epochs} if epochs > 0 else set()))
 
 
 def train_through(
@@ -132,7 +132,7 @@ def train_through(
     array: ArrayConfig,
     faults: FaultMap | Callable[[int, int], FaultMap],
     data: Dataset,
-    amounts: Sequence[int],
+    epochs: Sequence[int],
     cfg: TrainConfig,
     *,
     protect: Sequence[str] = (),
@@ -141,7 +141,7 @@ def train_through(
     on_progress: EpochProgress | None = None,
     start: int = 0,
 ) -> Iterator[tuple[int, nn.Module]]:
-    """Fault-aware retraining that yields (epochs done, model) at each of `amounts` (`start` = `model` itself).
+    """Fault-aware retraining that yields (epochs done, model) at each count in `epochs` (`start` = `model` itself).
 
     `start`: epochs `model` has already seen (a continued run: epoch numbers, schedule and
     seeds go on from there). `checkpoint_dir`: each chunk checkpoints every epoch to
@@ -151,8 +151,8 @@ def train_through(
     total epochs, metrics)` after every epoch.
     """
     current, done = model, start
-    total = max(amounts, default=start)
-    for a in sorted(set(amounts)):
+    total = max(epochs, default=start)
+    for a in sorted(set(epochs)):
         if a < start:
             continue
         if a > done:
@@ -202,7 +202,7 @@ def checkpointed_epochs(checkpoint_dir: Path) -> int:
 def measure_cell(
     model: nn.Module, array: ArrayConfig, data: Dataset, task: CellTask, cfg: TrainConfig, mix: FaultMix | None = None
 ) -> list[float]:
-    """Accuracy after each amount of `task.epochs` on the task's sampled fault map (one training run)."""
+    """Accuracy after each count of `task.epochs` on the task's sampled fault map (one training run)."""
     fm = task.fault_map(array, mix)
     runs = train_through(model, array, fm, data, task.epochs, cfg)
     return [acc.evaluate(m, array, fm, data, device=cfg.device) for _, m in runs]
@@ -601,7 +601,7 @@ def retrain_group(
     checkpoint_dir: Path | None = None,
     on_progress: EpochProgress | None = None,
 ) -> nn.Module:
-    """`model` retrained `group.amount` epochs on the group's schedule over its members' maps
+    """`model` retrained `group.epochs` epochs on the group's schedule over its members' maps
     (checkpointed every epoch and resumable when `checkpoint_dir` is given, see `train_through`).
 
     `model` is the group base model, or for a group that continues another (`group.warm_from`)
@@ -614,14 +614,14 @@ def retrain_group(
     """
     steps = math.ceil(len(data.x_train) / cfg.batch_size)
     schedule = group.injection_schedule(maps, steps_per_epoch=steps)
-    amounts = [a for a in chunk_boundaries(group.total_epochs, grid) if a > group.start_epoch]
+    stops = [e for e in chunk_boundaries(group.total_epochs, grid) if e > group.start_epoch]
     runs = list(
         train_through(
             acc.prune_dead_pes(model, array, group.fused),
             array,
             schedule,
             data,
-            amounts,
+            stops,
             cfg,
             protect=protect,
             checkpoint_dir=checkpoint_dir,
@@ -719,7 +719,7 @@ def retrain_and_verify(
         checkpoint_dir=checkpoint_dir,
         on_progress=on_progress,
     )
-    em.ledger.train("groups", em.cfg.passes(group.amount))
+    em.ledger.train("groups", em.cfg.passes(group.epochs))
     return verify_members(em, model, group, maps, protect, tmr)
 
 
@@ -776,9 +776,9 @@ class FleetSettings:
       measured eFAT map over `map_rates` x `ladder` with `map_samples` maps a rate, or
       (off) the ladder alone, which verification climbs (`ResilienceMap.ladder`).
     - `map_cells`: which cells of a measured map are trained: "adaptive" (default) only those
-      the failing chips' amounts depend on (`workers.adaptive_map`, NaN elsewhere), "full"
+      the failing chips' retraining epochs depend on (`workers.adaptive_map`, NaN elsewhere), "full"
       every cell of the grid. `map_max_undecided`: the share of the chips to retrain the
-      adaptive map may leave without an amount (the ones needing the most epochs; they are
+      adaptive map may leave without epochs (the ones needing the most epochs; they are
       planned alone and `replan` climbs the ladder for them), see `planner.adaptive.MapClimb`.
     - `library`: later chips are served from the library before anything is planned.
     - `group_after_robust`: whether the chips that even the robust base fails are grouped
@@ -1155,7 +1155,7 @@ def measure_adaptive_map(
     on_epoch: EpochProgress | None = None,
 ) -> ResilienceMap:
     """`settings`' resilience map of `model`, measured here on the validation split only where
-    `fleet`'s amounts depend on it (`workers.adaptive_map`; NaN elsewhere), and charged to
+    `fleet`'s retraining epochs depend on it (`workers.adaptive_map`; NaN elsewhere), and charged to
     `em.ledger`: the epochs its sampled maps were trained (`cell_epochs`, in passes) and
     its evaluations (passes over the validation split). `severity`: what `plan_fleet`
     will place the chips with. `checkpoint_dir`, `on_epoch`: as `train_through`'s, for every

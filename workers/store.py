@@ -264,9 +264,9 @@ def sync_groups(session: Session, plan: PlanRecord, doc: Plan) -> None:
             fused_map=g.fused.to_dict(),
             fused_digest=g.fused.digest,
             fused_rate=g.fused.rate,
-            epochs=g.amount,
+            epochs=g.epochs,
             schedule=g.schedule["name"],
-            predicted_cost=float(g.amount),
+            predicted_cost=float(g.epochs),
             status="pending",
         )
         next_index += 1

@@ -111,7 +111,9 @@ def plan_create(
     ),
     bypass: Annotated[bool, typer.Option("--bypass/--no-bypass", help="deploy chips with faulty PEs bypassed")] = True,
     rates: Annotated[str | None, typer.Option(help="resilience-map fault rates, e.g. 0.01,0.03,0.06")] = None,
-    epochs: Annotated[str | None, typer.Option(help="resilience-map retraining amounts, e.g. 0,1,2,4")] = None,
+    epochs: Annotated[
+        str | None, typer.Option(help="resilience-map retraining epochs (the ladder), e.g. 0,1,2,4")
+    ] = None,
     samples: Annotated[int | None, typer.Option(min=1, help="sampled fault maps per resilience-map cell")] = None,
     resilience_map: Annotated[
         str | None, typer.Option(help="measure the resilience map: on, off or auto (where it pays) [server default]")
@@ -121,7 +123,9 @@ def plan_create(
     ] = None,
     map_cells: Annotated[
         str | None,
-        typer.Option(help="a measured map's cells: adaptive (only those the amounts need) or full [server default]"),
+        typer.Option(
+            help="a measured map's cells: adaptive (only those the chips' epochs need) or full [server default]"
+        ),
     ] = None,
     seed: int = 0,
     wait: Annotated[bool, typer.Option("--wait", help="follow the planning job, then show the plan")] = False,
@@ -129,7 +133,7 @@ def plan_create(
     api_key: KeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Plan the retraining of a fleet (POST /plans): screening, amounts, groups."""
+    """Plan the retraining of a fleet (POST /plans): screening, retraining epochs, groups."""
     if (max_drop is None) == (min_accuracy is None):
         raise CliError("give exactly one of --max-drop or --min-accuracy", exit_code=2)
     ids = list(chip or [])

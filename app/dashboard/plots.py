@@ -93,10 +93,10 @@ def fault_grid(rows: int, cols: int, faults: list[dict[str, Any]], bypassed: set
 
 def resilience_map(rmap: Any, threshold: float | None, chips: list[dict[str, Any]], title: str) -> bytes:
     """Worst-case accuracy of a `planner.ResilienceMap` (epochs x fault rate), the constraint's
-    contour, and each chip at its (effective fault rate, retraining amount), coloured by state."""
+    contour, and each chip at its (effective fault rate, retraining epochs), coloured by state."""
     rates = [float(r) for r in rmap.rates]
     epochs = [int(e) for e in rmap.epochs]
-    # rows: amounts, cols: rates; cells an adaptive map did not measure (NaN) stay blank, marked "-"
+    # rows: epochs, cols: rates; cells an adaptive map did not measure (NaN) stay blank, marked "-"
     worst = np.ma.masked_invalid(np.asarray(rmap.worst, dtype=float).T)
     missing = np.ma.getmaskarray(worst)
     fig = _figure(1.8 + 0.9 * len(rates), 1.6 + 0.6 * len(epochs))
@@ -110,11 +110,11 @@ def resilience_map(rmap: Any, threshold: float | None, chips: list[dict[str, Any
         ax.contour(np.arange(len(rates)), np.arange(len(epochs)), worst, levels=[threshold], colors="r")
     xs, ys, cs = [], [], []
     for ch in chips:
-        rate, amount = ch.get("effective_rate"), ch.get("amount")
+        rate, own_epochs = ch.get("effective_rate"), ch.get("epochs")
         if rate is None:
             continue
         xs.append(float(np.interp(rate, rates, np.arange(len(rates)))))
-        ys.append(float(np.interp(amount or 0, epochs, np.arange(len(epochs)))))
+        ys.append(float(np.interp(own_epochs or 0, epochs, np.arange(len(epochs)))))
         cs.append(STATE_COLORS.get(_plan_state(ch.get("status")), "#ffffff"))
     if xs:
         jitter = np.random.default_rng(0).uniform(-0.12, 0.12, size=(2, len(xs)))

@@ -201,7 +201,7 @@ def _assignment(session: Session, chip: Chip) -> ChipAssignment | None:
 
 
 def _screening(session: Session, chip: Chip, plan_id: int | None) -> dict[str, Any] | None:
-    """The chip's entry in its plan's document (screening accuracy, rate, amount), latest plan first."""
+    """The chip's entry in its plan's document (screening accuracy, rate, retraining epochs), latest plan first."""
     q = (
         select(PlanRecord)
         .join(GroupRecord, GroupRecord.plan_id == PlanRecord.id)
@@ -270,7 +270,7 @@ def _plan_view(session: Session, plan_id: int) -> dict[str, Any]:
     """The plan as the API shows it, with every group and every chip state of its document (not one page)."""
     plan = plansvc.get_plan(session, plan_id)
     view = plansvc.plan_view(session, plan, groups_limit=None)
-    fields = ("chip_id", "status", "screening", "effective_rate", "amount", "group_id", "accuracy", "reason")
+    fields = ("chip_id", "status", "screening", "effective_rate", "epochs", "group_id", "accuracy", "reason")
     view["chips"] = [{k: st.get(k) for k in fields} for st in (plan.document or {}).get("chips", [])]
     return dict(view)
 
@@ -368,7 +368,7 @@ def resilience_map_page(
     ctx = {
         "rec": rec,
         "rmap": rmap,
-        # what the worker recorded; else what the grid implies (one run of the largest amount per sampled map)
+        # what the worker recorded; else what the grid implies (one run of the largest epochs per sampled map)
         "cost": rec.training_epochs if rec.training_epochs is not None else (rmap.training_epochs if rmap else None),
         "plans": plans,
         "total": total,

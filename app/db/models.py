@@ -243,7 +243,7 @@ class GroupRecord(Base):
     epochs: Mapped[int] = mapped_column(
         Integer,
         default=0,
-        doc="retraining epochs, each of the plan's train.epoch_fraction of the train split (planner.Group.amount)",
+        doc="retraining epochs, each of the plan's train.epoch_fraction of the train split (planner.Group.epochs)",
     )
     schedule: Mapped[str | None] = mapped_column(String(32))
     predicted_cost: Mapped[float | None] = mapped_column(Float)

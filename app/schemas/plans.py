@@ -154,7 +154,7 @@ class PlanParams(StrictInput):
     map_cells: Literal["adaptive", "full"] = Field(
         default="adaptive",
         description="which cells of a measured map are trained: only those the plan's failing chips' "
-        "retraining amounts depend on (adaptive: near the constraint's contour, at the rates the fleet has; "
+        "retraining epochs depend on (adaptive: near the constraint's contour, at the rates the fleet has; "
         "the map's other cells are null), or every cell of `resilience` (full, cached per model and grid)",
     )
     robust_base: Literal["auto", "on", "off"] = Field(
@@ -198,7 +198,7 @@ class GroupOut(BaseModel):
     members: list[MemberOut]
     epochs: int = Field(
         description="retraining epochs, each reading the plan's train.epoch_fraction of the train split "
-        "(a chip's `amount` in `chips` counts the same epochs)"
+        "(a chip's `epochs` in `chips` counts the same epochs)"
     )
     schedule: str | None
     fused_rate: float

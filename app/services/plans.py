@@ -210,7 +210,7 @@ PLAN_CHIP_FIELDS = (
     "status",
     "screening",
     "effective_rate",
-    "amount",
+    "epochs",
     "group_id",
     "accuracy",
     "best_accuracy",

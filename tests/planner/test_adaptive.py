@@ -84,14 +84,14 @@ def climb_with_fake(
     return climb
 
 
-def test_the_climb_gives_the_full_grids_amounts_for_less() -> None:
+def test_the_climb_gives_the_full_grids_epochs_for_less() -> None:
     c = AccuracyConstraint.relative(0.01)
     full = ResilienceMap.build(RATES, LADDER, 3, fake_measure_cell, baseline=BASELINE, seed=0)
     chip_rates = {f"c{k}": r for k, r in enumerate([0.003, 0.012, 0.02, 0.025, 0.03, 0.05, 1.0, float("inf")])}
     climb = climb_with_fake(chip_rates, 3, c)
-    amounts = climb.amounts()
-    assert amounts == {cid: full.required_epochs(r, c) for cid, r in chip_rates.items()}
-    assert {a for a in amounts.values()} >= {1, 2, None}  # the fleet spans several rungs
+    chip_epochs = climb.chip_epochs()
+    assert chip_epochs == {cid: full.required_epochs(r, c) for cid, r in chip_rates.items()}
+    assert set(chip_epochs.values()) >= {1, 2, None}  # the fleet spans several rungs
     adaptive = climb.resilience_map()
     assert adaptive.training_epochs == climb.cell_epochs == sum(LADDER[r] for r in climb.reached.ravel())
     assert climb.cell_epochs * 3 <= full.training_epochs
@@ -114,7 +114,7 @@ def test_the_climb_may_leave_the_fleets_tail_undecided() -> None:
     want = {cid: full.required_epochs(r, c) for cid, r in chip_rates.items()}
     exact = climb_with_fake(chip_rates, 3, c)
     tail = climb_with_fake(chip_rates, 3, c, max_undecided=0.2)  # 2 of 10 chips
-    got = tail.amounts()
+    got = tail.chip_epochs()
     differ = [cid for cid in want if got[cid] != want[cid]]
     assert 0 < len(differ) <= 2 and all(got[cid] is None for cid in differ)
     # the chips left out are the ones needing the most epochs
@@ -156,13 +156,13 @@ def test_a_sample_that_rules_a_rung_out_spares_the_others() -> None:
     assert climb.next_measurement(1) == (1, 0)  # the lowest accuracy last seen first
     climb.record(1, 1, 0, 0.6)  # bound (0.6 + 1.0) / 2 < threshold: rung 1 ruled out
     assert climb.next_measurement(1) is None
-    assert climb.amounts() == {"x": None}
+    assert climb.chip_epochs() == {"x": None}
     climb.record(2, 1, 0, 0.99)
     climb.record(2, 1, 1, 0.99)
     assert climb.next_measurement(2) == (0, 0)  # now the lower rate decides
     climb.record(2, 0, 0, 0.99)
     climb.record(2, 0, 1, 0.985)
-    assert climb.next_measurement(2) is None and climb.amounts() == {"x": 2}
+    assert climb.next_measurement(2) is None and climb.chip_epochs() == {"x": 2}
     assert climb.cell_epochs == 2 * 4 and climb.cell_evaluations == 4 + 1 + 4
     assert climb.resilience_map().measured.tolist() == [[True, False, True], [True, False, True]]
 
@@ -172,5 +172,5 @@ def test_a_partial_map_plots(tmp_path: Path) -> None:
 
     rmap = partial_map()
     assert rmap.plot(tmp_path / "m.png", AccuracyConstraint.relative(0.01)).read_bytes()[:4] == b"\x89PNG"
-    chips = [{"effective_rate": 0.015, "amount": 2, "status": "planned"}]
+    chips = [{"effective_rate": 0.015, "epochs": 2, "status": "planned"}]
     assert plots.resilience_map(rmap, 0.98, chips, "adaptive").startswith(b"\x89PNG")

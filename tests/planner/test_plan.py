@@ -75,7 +75,7 @@ def test_plan_is_safe_and_never_costs_more_than_per_chip_fat(
     assert all(screening[c] >= thr for c in plan.needs_nothing)
     assert all(screening[c] < thr for c in in_groups)
     for g in plan.groups:
-        assert len(g.members) <= max_group_size and g.amount >= 1
+        assert len(g.members) <= max_group_size and g.epochs >= 1
         own = [plan.chips[c].effective_rate for c in g.members]
         if placement == "severity":
             fused_rate = SEVERITY.effective_rate(g.fused)
@@ -87,13 +87,13 @@ def test_plan_is_safe_and_never_costs_more_than_per_chip_fat(
         if len(g.members) > 1:
             # never a group whose fused map the map says retraining cannot fix ...
             need = rmap.required_epochs(g.effective_rate, constraint)
-            assert need is not None and max(need, rmap.epochs[1]) == g.amount
+            assert need is not None and max(need, rmap.epochs[1]) == g.epochs
             assert rmap.required_epochs(fused_rate, constraint) is not None
             # ... and only when it is cheaper than its members alone (reward)
-            assert g.amount < sum(plan.chips[c].amount or 0 for c in g.members)
+            assert g.epochs < sum(plan.chips[c].epochs or 0 for c in g.members)
     assert plan.predicted_epochs <= plan.per_chip_fat_epochs
-    fixable = [s.amount for s in plan.chips.values() if s.status != NEEDS_NOTHING and s.amount is not None]
-    assert plan.per_chip_fat_amount == max(fixable)
+    fixable = [s.epochs for s in plan.chips.values() if s.status != NEEDS_NOTHING and s.epochs is not None]
+    assert plan.per_chip_fat_epochs_each == max(fixable)
 
 
 def test_grouping_happens_and_saves_epochs(
@@ -129,7 +129,7 @@ def test_plan_json_round_trip(rmap: ResilienceMap, constraint: AccuracyConstrain
     assert sched(100, 0).digest == g.fused.digest
 
 
-def test_chips_beyond_the_map_go_alone_at_the_per_chip_fat_amount(
+def test_chips_beyond_the_map_go_alone_at_the_per_chip_fat_epochs_each(
     rmap: ResilienceMap, constraint: AccuracyConstraint, array: ArrayConfig
 ) -> None:
     fleet, screening = fleet_and_screening(40, 2, array)
@@ -139,9 +139,9 @@ def test_chips_beyond_the_map_go_alone_at_the_per_chip_fat_amount(
     screening = {**screening, "Z-1": 0.1}
     plan = plan_fleet([*fleet, hopeless], screening, rmap, constraint)
     g = next(g for g in plan.groups if "Z-1" in g.members)
-    assert g.members == ("Z-1",) and g.reason == "beyond_map" and g.amount == plan.per_chip_fat_amount
+    assert g.members == ("Z-1",) and g.reason == "beyond_map" and g.epochs == plan.per_chip_fat_epochs_each
     assert g.protect  # plain retraining is predicted to fail: its first try already protects
-    assert plan.chips["Z-1"].amount is None
+    assert plan.chips["Z-1"].epochs is None
     # past the map (rate inf) survives strict JSON, which PostgreSQL's json columns demand
     assert plan.chips["Z-1"].effective_rate == float("inf")
     again = Plan.from_json(plan.to_json())
@@ -228,12 +228,12 @@ def test_plan_settings_are_validated_when_a_stored_plan_is_loaded() -> None:
         PlanSettings.from_dict({"schedule": "nope"})
 
 
-def test_failing_chips_get_at_least_the_smallest_positive_amount(rmap: ResilienceMap, array: ArrayConfig) -> None:
+def test_failing_chips_get_at_least_the_smallest_positive_epochs(rmap: ResilienceMap, array: ArrayConfig) -> None:
     fleet, _ = fleet_and_screening(120, 0, array)
     lax = AccuracyConstraint.relative(0.2)  # the map says 0 epochs almost everywhere
     screening = {str(m.chip_id): 0.5 for m in fleet}  # yet every chip failed screening
     plan = plan_fleet(fleet, screening, rmap, lax, max_group_size=5, placement="severity")
-    assert plan.groups and all(g.amount >= rmap.epochs[1] for g in plan.groups)
+    assert plan.groups and all(g.epochs >= rmap.epochs[1] for g in plan.groups)
     assert max(len(g.members) for g in plan.groups) > 1
 
 
@@ -247,10 +247,10 @@ def test_beyond_map_chip_goes_straight_to_the_top_rung(
     mild = FaultMap(array, (Fault(0, 0, "pe"),), chip_id="A-1")
     plan = plan_fleet([hopeless, mild], {"Z-1": 0.1, "A-1": 0.97}, rmap, constraint)
     (g0,) = (g for g in plan.groups if "Z-1" in g.members)
-    assert g0.protect and g0.amount == plan.per_chip_fat_amount < rmap.largest_amount
+    assert g0.protect and g0.epochs == plan.per_chip_fat_epochs_each < rmap.largest_epochs
     nxt = replan(plan, {"Z-1": 0.2, "A-1": 0.99})
     (g,) = nxt.pending_groups
-    assert g.protect and g.amount == rmap.largest_amount and g.reason == "protect"  # skips the larger amounts
+    assert g.protect and g.epochs == rmap.largest_epochs and g.reason == "protect"  # skips the larger epochs
     last = replan(nxt, {"Z-1": 0.3})
     assert last.done and last.chips["Z-1"].status == "unrecoverable" and last.chips["Z-1"].best_accuracy == 0.3
 
@@ -275,7 +275,7 @@ def test_a_chip_the_bypass_helps_is_planned_on_its_bypassed_map(
 
     b1 = plan.chips["B-1"]
     assert plan.maps["B-1"] == bypass_faulty_pes(bad) and b1.bypassed == [[2, 3]] and b1.bypass == "faulty"
-    assert b1.screening == thr - 0.02 and b1.amount is not None  # placed by its bypassed screening
+    assert b1.screening == thr - 0.02 and b1.epochs is not None  # placed by its bypassed screening
     g = next(g for g in plan.groups if "B-1" in g.members)
     assert (2, 3, "pe", None, None) in {(f.row, f.col, f.site, f.bit, f.stuck) for f in g.fused.faults}
     # the bypass alone lifts B-2 over the constraint: nothing to retrain, but it ships bypassed

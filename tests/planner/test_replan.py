@@ -17,7 +17,7 @@ def hardness(chip_id: str) -> float:
 
 def fake_verify(plan: Plan, group: Group, chip_id: str) -> float:
     """Accuracy of `group`'s model on `chip_id`: better with more epochs, protection, smaller groups."""
-    capacity = group.total_epochs / plan.resilience_map.largest_amount * (1.0 if group.protect else 0.8)
+    capacity = group.total_epochs / plan.resilience_map.largest_epochs * (1.0 if group.protect else 0.8)
     capacity /= len(group.members) ** 0.25
     thr = plan.threshold
     return thr + 0.01 if capacity >= hardness(chip_id) else thr - 0.02 * (1 + hardness(chip_id) - capacity)
@@ -52,12 +52,12 @@ def test_replan_terminates_and_declares_unrecoverable_only_at_the_top_of_the_lad
             assert st.group_id is not None and final.groups[[g.group_id for g in final.groups].index(st.group_id)]
         if st.status == UNRECOVERABLE:
             last = st.history[-1]
-            assert last["size"] == 1 and last["protect"] and last["amount"] == rmap.largest_amount
+            assert last["size"] == 1 and last["protect"] and last["epochs"] == rmap.largest_epochs
             assert all(h["accuracy"] < thr for h in st.history)
             assert st.reason and f"{st.best_accuracy:.4f}" in st.reason
             assert st.best_accuracy == max([st.screening] + [h["accuracy"] for h in st.history])
     # a chip that some rung of the ladder can fix is never given up
-    ladder_top_capacity = 1.0  # alone, largest amount, protected
+    ladder_top_capacity = 1.0  # alone, the map's largest epochs, protected
     for c in unrecoverable:
         assert hardness(c) > ladder_top_capacity
     fixable_failing = [c for c, s in final.chips.items() if s.status != NEEDS_NOTHING and hardness(c) <= 1.0]
@@ -69,7 +69,7 @@ def test_replan_terminates_and_declares_unrecoverable_only_at_the_top_of_the_lad
 def test_replan_ladder_steps(rmap: ResilienceMap, constraint: AccuracyConstraint, array: ArrayConfig) -> None:
     fleet, screening = fleet_and_screening(400, 0, array)
     plan = plan_fleet(fleet, screening, rmap, constraint, max_group_size=5)
-    big = next(g for g in plan.groups if len(g.members) >= 3 and rmap.next_amount(g.amount) is not None)
+    big = next(g for g in plan.groups if len(g.members) >= 3 and rmap.next_epochs(g.epochs) is not None)
     single = next(g for g in plan.groups if len(g.members) == 1)
     thr = plan.threshold
     verification = {c: thr + 0.01 for g in plan.pending_groups for c in g.members}
@@ -78,14 +78,14 @@ def test_replan_ladder_steps(rmap: ResilienceMap, constraint: AccuracyConstraint
     nxt = replan(plan, verification)
     assert plan.round == 0 and all(g.status == "pending" for g in plan.groups)  # input untouched
     new = {g.members: g for g in nxt.pending_groups}
-    # a group's miss continues from the group's model, training only up to the next amount on the map
+    # a group's miss continues from the group's model, training only up to the next epochs on the map
     g1 = new[(big.members[0],)]
     assert g1.reason == "more_epochs_together" and g1.round == 1 and g1.warm_from == big.group_id
-    assert g1.start_epoch == big.total_epochs and g1.total_epochs == rmap.next_amount(big.amount)
+    assert g1.start_epoch == big.total_epochs and g1.total_epochs == rmap.next_epochs(big.epochs)
     g2 = new[(single.members[0],)]
     assert g2.reason in ("more_epochs", "protect") and (g2.total_epochs > single.total_epochs or g2.protect)
     if g2.reason == "more_epochs":  # its own model, continued
-        assert g2.warm_from == single.group_id and g2.amount == g2.total_epochs - single.total_epochs
+        assert g2.warm_from == single.group_id and g2.epochs == g2.total_epochs - single.total_epochs
     assert nxt.chips[big.members[1]].status == VERIFIED
     # missing again after the warm continuation: cold, alone, at no less than it has seen
     again = replan(nxt, {c: thr - 0.05 for g in nxt.pending_groups for c in g.members})
@@ -101,7 +101,7 @@ def test_a_member_that_misses_alone_after_its_group_continues_the_groups_model(
     fleet, screening = fleet_and_screening(400, 0, array)
     plan = plan_fleet(fleet, screening, rmap, constraint, max_group_size=5)
     pair = next(
-        g for g in plan.groups if len(g.members) >= 2 and (rmap.next_amount(g.amount) or 1e9) < rmap.largest_amount
+        g for g in plan.groups if len(g.members) >= 2 and (rmap.next_epochs(g.epochs) or 1e9) < rmap.largest_epochs
     )
     thr = plan.threshold
     ok = {c: thr + 0.01 for g in plan.pending_groups for c in g.members}
@@ -112,12 +112,12 @@ def test_a_member_that_misses_alone_after_its_group_continues_the_groups_model(
     lone = pair.members[0]
     nxt = replan(together, {**{c: thr + 0.01 for c in cont.members}, lone: thr - 0.002})
     (g,) = nxt.pending_groups
-    # alone, from the continued group's model, for the smallest amount on the map
+    # alone, from the continued group's model, for the map's smallest positive epochs
     assert g.members == (lone,) and g.reason == "alone" and not g.protect
-    assert g.warm_from == cont.group_id and g.start_epoch == cont.total_epochs and g.amount == rmap.epochs[1]
+    assert g.warm_from == cont.group_id and g.start_epoch == cont.total_epochs and g.epochs == rmap.epochs[1]
     assert all(nxt.chips[c].status == VERIFIED for c in pair.members[1:])
-    # missing again: its own model goes on to the next amount on the map
+    # missing again: its own model goes on to the next epochs on the map
     again = replan(nxt, {lone: thr - 0.002})
     (g2,) = again.pending_groups
     assert g2.reason == "more_epochs" and g2.warm_from == g.group_id
-    assert g2.total_epochs == rmap.next_amount(g.total_epochs)
+    assert g2.total_epochs == rmap.next_epochs(g.total_epochs)

@@ -84,7 +84,7 @@ def test_worst_case_is_made_monotone_in_rate() -> None:
     assert m.worst_at(0.02, 0) == pytest.approx(0.90)
 
 
-def test_vectorised_and_scalar_amounts_agree(rmap: ResilienceMap, constraint: AccuracyConstraint) -> None:
+def test_vectorised_and_scalar_epochs_agree(rmap: ResilienceMap, constraint: AccuracyConstraint) -> None:
     rates = np.linspace(0, 0.4, 81)
     many = rmap.required_epochs_array(rates, constraint)
     for r, e in zip(rates, many, strict=True):

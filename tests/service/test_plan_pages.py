@@ -150,3 +150,12 @@ def test_the_cli_gathers_every_page_of_chips_and_of_groups() -> None:
     plan = get_plan(Api(), 1)  # type: ignore[arg-type]
     assert [c["chip_id"] for c in plan["chips"]] == chips and [g["key"] for g in plan["groups"]] == groups
     assert plan["next_cursor"] is None and plan["next_groups_cursor"] is None
+
+
+def test_a_chip_state_carries_its_retraining_epochs_as_epochs() -> None:
+    """`chips[].epochs` of `GET /plans/{id}` is the planner's `ChipState.epochs` (issue 17: no `amount`)."""
+    from planner import ChipState
+
+    state = ChipState("a", "planned", 0.5, 0.02, 3).to_dict()
+    page, _ = plan_chips_page({"chips": [state]}, None, 10)
+    assert page[0]["epochs"] == 3 and "amount" not in page[0]

@@ -582,7 +582,7 @@ def test_the_service_and_the_bench_run_one_loop(embedded_service: Any) -> None:
         acc_constraint(0.03),
         pl.FleetSettings(max_group_size=3, robust_base="off", resilience_map="off", ladder=(0, 1, 2)),
     )
-    groups_here = {g.group_id: (sorted(g.members), g.amount, g.warm_from) for g in here.plan.groups}
+    groups_here = {g.group_id: (sorted(g.members), g.epochs, g.warm_from) for g in here.plan.groups}
     with service.client() as c:
         doc = _ok(c.get(f"/api/v1/plans/{plan_id}", params={"limit": 1000}))
     groups_there = {g["key"]: (sorted(m["chip_id"] for m in g["members"]), g["epochs"]) for g in doc["groups"]}
@@ -642,7 +642,7 @@ def test_a_plan_measures_the_adaptive_map_by_default(embedded_service: Any) -> N
     assert rmap["status"] == "ready" and rmap["params"]["cells"] == "adaptive"
     worst = rmap["map"]["worst"]
     assert all(row[0] is not None for row in worst)  # the 0-epoch column: always measured
-    assert any(v is None for row in worst for v in row)  # cells nobody's amount depends on: not trained
+    assert any(v is None for row in worst for v in row)  # cells no chip's epochs depend on: not trained
     assert 0 < rmap["training_epochs"] < full_epochs  # some chips need retraining, and read some rates
     # the plan is charged exactly the cell epochs the map trained
     assert planned["summary"]["training_epochs"]["resilience_map"] == rmap["training_epochs"]

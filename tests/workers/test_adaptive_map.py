@@ -1,5 +1,5 @@
 """The adaptive resilience map (workers.adaptive_map) against the full grid on a small harsh
-fleet: the same amounts for the chips that need retraining, for a third of the cell epochs,
+fleet: the same retraining epochs for the chips that need retraining, for a third of the cell epochs,
 and every epoch it trains charged."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def fleet(n: int, seed: int) -> list[FaultMap]:
 
 
 @pytest.mark.slow
-def test_the_adaptive_map_agrees_with_the_full_grid_on_amounts(
+def test_the_adaptive_map_agrees_with_the_full_grid_on_epochs(
     setup: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     model, data = setup
@@ -72,8 +72,8 @@ def test_the_adaptive_map_agrees_with_the_full_grid_on_amounts(
     kwargs: dict[str, Any] = dict(bypass_screening=bypass_screening, served_by=served_by, max_group_size=4)
     by_full = plan_fleet(maps, screening, full, CONSTRAINT, **kwargs)
     need = [c for c, st in by_full.chips.items() if st.status == PLANNED]
-    amounts = {c: by_full.chips[c].amount for c in need}
-    assert len(need) >= 10 and len(set(amounts.values())) >= 3, amounts  # several rungs, and no amount
+    full_epochs = {c: by_full.chips[c].epochs for c in need}
+    assert len(need) >= 10 and len(set(full_epochs.values())) >= 3, full_epochs  # several rungs, and none
 
     figures = []
     for max_undecided in (0.0, 0.05):
@@ -110,21 +110,21 @@ def test_the_adaptive_map_agrees_with_the_full_grid_on_amounts(
         np.testing.assert_allclose(rmap.mean[seen], full.mean[seen], atol=1e-12)
         assert ResilienceMap.from_json(rmap.to_json()) == rmap  # the service stores it as JSON
 
-        # (b) plan_fleet gives the same amount to >= 95% of the chips that need retraining
+        # (b) plan_fleet gives the same epochs to >= 95% of the chips that need retraining
         by_adaptive = plan_fleet(maps, screening, rmap, CONSTRAINT, **kwargs)
         assert need == [c for c, st in by_adaptive.chips.items() if st.status == PLANNED]
-        same = [c for c in need if by_adaptive.chips[c].amount == amounts[c]]
+        same = [c for c in need if by_adaptive.chips[c].epochs == full_epochs[c]]
         share = len(same) / len(need)
         assert share >= 0.95 and (max_undecided > 0 or share == 1.0)
-        # the amounts the builder reports are the ones plan_fleet reads off its map
-        low = rmap.smallest_positive_amount
-        assert {c: None if a is None else max(a, low) for c, a in adaptive.amounts.items()} == {
-            c: by_adaptive.chips[c].amount for c in need
+        # the epochs the builder reports are the ones plan_fleet reads off its map
+        low = rmap.smallest_positive_epochs
+        assert {c: None if a is None else max(a, low) for c, a in adaptive.chip_epochs.items()} == {
+            c: by_adaptive.chips[c].epochs for c in need
         }
         figures.append(
             f"max_undecided {max_undecided}: {adaptive.cell_epochs} cell epochs "
             f"({full.training_epochs / max(1, adaptive.cell_epochs):.2f}x fewer), trained {adaptive.trained}, "
-            f"same amount for {len(same)}/{len(need)} chips needing retraining ({share:.0%}), "
+            f"same epochs for {len(same)}/{len(need)} chips needing retraining ({share:.0%}), "
             f"plan epochs {by_adaptive.planned_epochs} (full grid's plan: {by_full.planned_epochs})"
         )
     with capsys.disabled():
@@ -163,7 +163,7 @@ def test_arguments_are_checked_before_any_work() -> None:
 
 
 @pytest.mark.slow
-def test_plan_batch_measures_the_adaptive_map_for_fewer_cell_epochs_and_the_same_amounts(
+def test_plan_batch_measures_the_adaptive_map_for_fewer_cell_epochs_and_the_same_chip_epochs(
     setup: tuple[Any, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The fleet loop's map step: `plan_batch` with a measured map, adaptive cells against the
@@ -204,20 +204,20 @@ def test_plan_batch_measures_the_adaptive_map_for_fewer_cell_epochs_and_the_same
     assert ledgers["adaptive"].samples["resilience_map"] >= measured_cells * len(em.validation.x_test)
     assert ledgers["adaptive"].samples["resilience_map"] < ledgers["full"].samples["resilience_map"]
 
-    # the same chips to retrain, and the same amount for >= 95% of them (every amount well-defined)
+    # the same chips to retrain, and the same epochs for >= 95% of them (all well-defined)
     need = [c for c, st in full.chips.items() if st.status == PLANNED]
     assert len(need) >= 10
     assert need == [c for c, st in adaptive.chips.items() if st.status == PLANNED]
-    same = [c for c in need if adaptive.chips[c].amount == full.chips[c].amount]
-    assert len(same) >= 0.95 * len(need), {c: (full.chips[c].amount, adaptive.chips[c].amount) for c in need}
+    same = [c for c in need if adaptive.chips[c].epochs == full.chips[c].epochs]
+    assert len(same) >= 0.95 * len(need), {c: (full.chips[c].epochs, adaptive.chips[c].epochs) for c in need}
     for st in adaptive.chips.values():
-        assert st.amount is None or (isinstance(st.amount, int) and st.amount in LADDER)
-    for g in adaptive.groups:  # every group's amount is one the ladder has (none read off an unmeasured cell)
-        assert g.amount in LADDER
+        assert st.epochs is None or (isinstance(st.epochs, int) and st.epochs in LADDER)
+    for g in adaptive.groups:  # every group's epochs are a rung the ladder has (none read off an unmeasured cell)
+        assert g.epochs in LADDER
     with capsys.disabled():
         print(
             f"\nplan_batch, map cells adaptive against full: {cell_epochs} / {full_epochs} cell epochs, "
-            f"same amount for {len(same)}/{len(need)} chips needing retraining, "
+            f"same epochs for {len(same)}/{len(need)} chips needing retraining, "
             f"plan epochs {adaptive.planned_epochs} / {full.planned_epochs}, "
             f"groups {len(adaptive.groups)} / {len(full.groups)}"
         )

@@ -69,7 +69,7 @@ def test_fap_t_climbs_the_ladder_alone_then_protects_then_gives_up(setup: tuple[
         else:
             assert rungs[-1] == (4, True) and st.history[-1]["accuracy"] < thr.decision and st.reason
     # every epoch trained is charged, and no map or robust base was
-    assert out.ledger.epochs == {"groups": sum(g.amount for g in plan.groups)}
+    assert out.ledger.epochs == {"groups": sum(g.epochs for g in plan.groups)}
     assert out.decisions["resilience_map"] == "ladder" and not out.decisions["robust_base"]["trained"]
     assert out.ledger.samples["screening"] > 0 and out.ledger.samples["verification"] > 0
     rec = out.record()

@@ -32,7 +32,7 @@ def _same(a: Any, b: Any) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_a_run_continued_from_its_checkpoint_amount_equals_the_whole_run(setup: Setup) -> None:
+def test_a_run_continued_from_its_checkpoint_equals_the_whole_run(setup: Setup) -> None:
     model, array, data, fm = setup
     cfg = pl.TrainConfig(lr=0.01, batch_size=64, seed=3)
     whole = dict(pl.train_through(model, array, fm, data, [1, 3], cfg))

@@ -75,7 +75,7 @@ def retrain_group(ctx: JobContext) -> dict[str, Any]:
         ckpts.restore()  # another machine's epochs, with the database artifact backend
     resumed_from = pipeline.checkpointed_epochs(ckpts.dir)
     note = f", resuming after epoch {resumed_from}" if resumed_from else ""
-    ctx.report(0.02, f"retraining {len(g.members)} chip(s) for {g.amount} epochs{note}")
+    ctx.report(0.02, f"retraining {len(g.members)} chip(s) for {g.epochs} epochs{note}")
 
     def on_epoch(done: int, total: int, metrics: dict[str, float]) -> None:
         ctx.check()  # a job taken over stores nothing more
@@ -163,7 +163,7 @@ def execute_plan(ctx: JobContext) -> dict[str, Any]:
                     group_id=grp.id,
                     fused=g.fused,
                     protect_layer=r.protect[0] if r.protect else None,
-                    training_epochs=g.amount,
+                    training_epochs=g.epochs,
                 )
 
     doc = pipeline.run_rounds(doc, fan_out, on_round=store_round)

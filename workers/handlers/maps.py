@@ -1,6 +1,6 @@
 """Resilience maps, cached by `resilience_key`: the full grid (one child job per cell,
-assembled here) or an adaptive map (`workers.adaptive_map`: the cells one fleet's amounts
-depend on), built in the plan's job in one process, each sampled map's run checkpointed
+assembled here) or an adaptive map (`workers.adaptive_map`: the cells one fleet's retraining
+epochs depend on), built in the plan's job in one process, each sampled map's run checkpointed
 every epoch. Its climb decides which sampled map to train next from every measurement so
 far, one at a time, so it does not fan out as cells do."""
 
@@ -43,7 +43,7 @@ def resilience_key(info: ModelInfo, spec: dict[str, Any], cfg: pipeline.TrainCon
 
 @handler("resilience_cell")
 def resilience_cell(ctx: JobContext) -> dict[str, Any]:
-    """One cell task of a resilience map: retrain on one sampled map, accuracy after each amount."""
+    """One cell task of a resilience map: retrain on one sampled map, accuracy after each count of epochs."""
     task = CellTask.from_dict(ctx.params["task"])
     loaded = load_base_model(ctx.engine, int(ctx.params["model_id"]))
     ctx.report(0.1, f"rate {task.rate:.4f} sample {task.sample}: retraining {task.training_epochs} epochs")
@@ -169,7 +169,7 @@ def ensure_adaptive_map(
 ) -> tuple[int, ResilienceMap, bool]:
     """The adaptive map of `model` for `fleet` (id, map, whether this call measured it).
 
-    A ready full-grid map of the same grid serves instead (it gives every amount, and costs
+    A ready full-grid map of the same grid serves instead (it gives every chip's epochs, and costs
     nothing now). Otherwise the adaptive map cached for the same model, chips and inputs, or
     built here (`pipeline.measure_adaptive_map`, charged to `em.ledger`), each sampled map's
     run checkpointed every epoch through the artifact store, so a job taken over resumes at

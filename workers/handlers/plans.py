@@ -183,7 +183,7 @@ def plan_summary(
         **doc.summary(),
         **ledger.to_dict(),
         "ledger": ledger.state(),
-        "fap_t_epochs_at_least": fap_t_epochs_at_least(failing, doc.resilience_map.smallest_positive_amount),
+        "fap_t_epochs_at_least": fap_t_epochs_at_least(failing, doc.resilience_map.smallest_positive_epochs),
         "thresholds": {
             "validation": thr.decision,
             "test": thr.verification,
