@@ -112,6 +112,13 @@ def per_chip_fat(
     return out
 
 
+def _write_chip_states(path: Path, plan: Any) -> None:
+    """The chips a strategy retrained (those with tries), as `ChipState.to_dict`, for analysis."""
+    retrained = {c: st.to_dict() for c, st in plan.chips.items() if st.history}
+    path.write_text(json.dumps(retrained, indent=1, default=str))
+    log(f"wrote {len(retrained)} retrained chips' states to {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -154,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default=None, help="torch device for retraining and evaluation (default: cpu)")
     ap.add_argument("--cache", type=Path, default=None, help="directory caching the trained base model")
+    ap.add_argument(
+        "--chip-states",
+        default=None,
+        help="write PREFIX.STRATEGY.batchN.json: each retrained chip's state and every try (epochs, accuracy)",
+    )
     args = ap.parse_args(argv)
     if not 0 < args.epoch_fraction <= 1:
         ap.error(f"--epoch-fraction {args.epoch_fraction}: must be in (0, 1]")
@@ -207,12 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     root = pl.Emulation.of(array, data, cfg)
     fap_t_settings = pl.FleetSettings.fap_t(seed=args.seed)
     # faultfleet's ladder reaches the same whole epochs as FAP+T's top rung, in its shorter rungs
-    top, rung, ladder = max(fap_t_settings.ladder) / args.epoch_fraction, 1, [0]
-    while rung <= top:
-        ladder.append(rung)
-        rung *= 2
     faultfleet_settings = pl.FleetSettings(
-        ladder=tuple(ladder),
+        ladder=pl.fine_ladder(round(max(fap_t_settings.ladder) / args.epoch_fraction)),
         max_group_size=args.max_group_size,
         robust_base=args.robust_base,
         resilience_map=args.resilience_map,
@@ -302,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "faultfleet":
                     libraries[name] = out.library
                 rec = out.record()
+                if args.chip_states:
+                    _write_chip_states(Path(f"{args.chip_states}.{name}.batch{b + 1}.json"), out.plan)
                 rec["wall_s"] = round(out.wall_s + extra_s, 1)
             results[name] = rec
             log(f"batch {b + 1} {name}: {json.dumps({k: v for k, v in rec.items() if k != 'decisions'})}")

@@ -74,6 +74,10 @@ NEEDS_NOTHING = "needs_nothing"
 PLANNED = "planned"
 VERIFIED = "verified"
 UNRECOVERABLE = "unrecoverable"
+# How a chip retrained alone climbs the epochs ladder after a miss (`planner.replan`): "full"
+# every rung to the top, then protected at the top (FAP+T); "bounded" stops a climb that its
+# own accuracies predict cannot reach the constraint, and protection climbs from the first rung.
+CLIMBS = ("full", "bounded")
 
 
 def _rate_to_json(rate: float) -> float | None:
@@ -243,6 +247,7 @@ class PlanSettings:
     ramp_fraction: float = 0.5
     placement: str = "screening"  # or "severity", or "conservative": the larger of both
     coarse_cluster_size: int = 128
+    climb: str = "full"  # or "bounded" (`CLIMBS`, `planner.replan`)
 
     def __post_init__(self) -> None:
         _check_int("max_group_size", self.max_group_size, 1)
@@ -253,6 +258,8 @@ class PlanSettings:
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement: {self.placement!r} is not one of {list(PLACEMENTS)}")
         _check_int("coarse_cluster_size", self.coarse_cluster_size, 1)
+        if self.climb not in CLIMBS:
+            raise ValueError(f"climb: {self.climb!r} is not one of {list(CLIMBS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -650,6 +657,7 @@ def plan_fleet(
     ramp_fraction: float = 0.5,
     placement: str = "screening",
     coarse_cluster_size: int = 128,
+    climb: str = "full",
     bypass_screening: Mapping[str, Mapping[str, float]] | None = None,
     served_by: Mapping[str, str] | None = None,
 ) -> Plan:
@@ -665,10 +673,11 @@ def plan_fleet(
     the bypassed PEs, which the chip must be configured with.
     `served_by`: chip id -> the library model whose screening `screening` holds, for chips
     that need nothing (recorded in their state; default "base").
+    `climb`: how verification escalates a chip alone (`CLIMBS`, `planner.replan`).
     """
     # Every argument is checked here, before any work: a bad one fails now, never later in a worker.
     try:
-        settings = PlanSettings(max_group_size, seed, schedule, ramp_fraction, placement, coarse_cluster_size)
+        settings = PlanSettings(max_group_size, seed, schedule, ramp_fraction, placement, coarse_cluster_size, climb)
     except ValueError as exc:
         raise ValueError(f"plan_fleet: {exc}") from None
     for name, value, kind, what in (

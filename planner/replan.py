@@ -21,41 +21,91 @@ The escalation ladder of a chip that missed after its group's retraining:
 5. unrecoverable: only after step 4 missed too; the reason and the best accuracy
    reached are recorded.
 
+That is the "full" climb (`PlanSettings.climb`, FAP+T's). The "bounded" climb differs in
+two places, both for chips alone: a climb (step 3, or step 4's) stops early once its own
+validation accuracies predict it cannot reach the constraint (`climb_cannot_reach`: even
+its best gain per doubling of epochs so far, kept up to the largest epochs, falls short),
+and protection (step 4) climbs the map's epochs from the smallest, warm, as step 3 does.
+A chip no climb can help then costs a few rungs instead of twice the largest epochs.
+
 Every step moves a chip strictly up this ladder (group size down, epochs up,
 protection on), so replanning terminates after at most
-1 + log2(max_group_size) + 1 + len(resilience_map.epochs) + 1 rounds.
+1 + log2(max_group_size) + 1 + len(resilience_map.epochs) + 1 rounds, and the "bounded"
+climb after len(resilience_map.epochs) more (protection's own climb).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 from planner.constraint import meets
-from planner.plan import UNRECOVERABLE, VERIFIED, Group, Plan, group_chips, make_group
+from planner.plan import UNRECOVERABLE, VERIFIED, ChipState, Group, Plan, group_chips, make_group
+
+# Validation accuracies are estimates (one standard error is about a point on 500 images at
+# 95%): a climb is stopped only when its optimistic forecast misses by more than this.
+CLIMB_NOISE = 0.01
 
 _Step = tuple[
     list[str], float, int, str, bool, str | None, int
 ]  # members, rate, epochs, reason, protect, warm_from, start_epoch
 
 
+def climb_cannot_reach(
+    climb: Sequence[tuple[int, float]], largest_epochs: int, threshold: float, *, noise: float = CLIMB_NOISE
+) -> bool:
+    """Whether a chip's climb so far predicts that no rung up to `largest_epochs` meets `threshold`.
+
+    `climb`: (total epochs, validation accuracy as a fraction) of its tries on one model,
+    epochs increasing. The forecast is optimistic: its best accuracy plus, for every doubling
+    of epochs still left, the best gain per doubling seen between two tries (returns usually
+    diminish), plus `noise`. Needs three tries (two gains); fewer never stop a climb.
+    """
+    if len(climb) < 3:
+        return False
+    if any(t1 <= t0 or t0 <= 0 for (t0, _), (t1, _) in zip(climb, climb[1:], strict=False)):
+        raise ValueError(f"climb_cannot_reach: epochs must be positive and increasing, got {list(climb)}")
+    gains = [(a1 - a0) / math.log2(t1 / t0) for (t0, a0), (t1, a1) in zip(climb, climb[1:], strict=False)]
+    doublings_left = max(0.0, math.log2(largest_epochs / climb[-1][0]))
+    forecast = max(a for _, a in climb) + doublings_left * max(0.0, *gains) + noise
+    return not meets(forecast, threshold)
+
+
+def _climb(state: ChipState, protect: bool) -> list[tuple[int, float]]:
+    """The chip's current climb: its latest tries alone with `protect`, one model warm."""
+    tries: list[tuple[int, float]] = []
+    for h in reversed(state.history):
+        if h["size"] != 1 or h["protect"] != protect or (tries and h["total_epochs"] >= tries[-1][0]):
+            break
+        tries.append((int(h["total_epochs"]), float(h["accuracy"])))
+    return tries[::-1]
+
+
 def _next_step(plan: Plan, group: Group, chip_id: str) -> _Step | None:
     """For a chip that missed alone in `group`: its next try, None when the ladder is exhausted.
 
     A chip the map places beyond its largest epochs (own `epochs` None) skips the larger
-    epochs, which the map already predicts to fail, and goes straight to the top rung.
+    epochs, which the map already predicts to fail, and goes straight to protection (at the
+    top, or in the "bounded" climb climbing on from its first, protected try).
     """
     rmap = plan.resilience_map
-    rate = plan.chips[chip_id].effective_rate
+    state = plan.chips[chip_id]
+    rate = state.effective_rate
+    bounded = plan.settings.climb == "bounded"
+    # "full" protects at the largest epochs in one go; "bounded" climbs there from the smallest
+    protect = ([chip_id], rate, rmap.smallest_positive_epochs if bounded else rmap.largest_epochs, "protect", True)
     at_top = group.protect and group.total_epochs >= rmap.largest_epochs
-    if plan.chips[chip_id].epochs is None and not at_top:
-        return ([chip_id], rate, rmap.largest_epochs, "protect", True, None, 0)
+    # "full" restarts protected at the top; "bounded" goes on climbing a protected try
+    if state.epochs is None and not (group.protect if bounded else at_top):
+        return (*protect, None, 0)
     nxt = rmap.next_epochs(group.total_epochs)
-    if nxt is not None:  # continue its own model: only the extra epochs
+    hopeless = bounded and climb_cannot_reach(_climb(state, group.protect), rmap.largest_epochs, plan.threshold)
+    if nxt is not None and not hopeless:  # continue its own model: only the extra epochs
         done = group.total_epochs
         return ([chip_id], rate, nxt - done, "more_epochs", group.protect, group.group_id, done)
     if not group.protect:
-        return ([chip_id], rate, rmap.largest_epochs, "protect", True, None, 0)
+        return (*protect, None, 0)
     return None
 
 
@@ -131,9 +181,11 @@ def replan(plan: Plan, verification: Mapping[str, float]) -> Plan:
             if step is None:
                 st = new.chips[c]
                 st.status = UNRECOVERABLE
+                top = new.resilience_map.largest_epochs
+                how = "the largest on the map" if g.total_epochs >= top else f"its climb to {top} predicted to miss"
                 st.reason = (
                     f"missed the constraint (accuracy {st.accuracy:.4f} < {thr:.4f}) after retraining alone for "
-                    f"{g.total_epochs} epochs (the largest on the map) with its most sensitive layer "
+                    f"{g.total_epochs} epochs ({how}) with its most sensitive layer "
                     f"protected; best accuracy {st.best_accuracy:.4f}"
                 )
                 continue

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import pytest
 
 from accelerator.faults import ArrayConfig
 from planner import AccuracyConstraint, Group, Plan, ResilienceMap, plan_fleet, replan
 from planner.plan import NEEDS_NOTHING, UNRECOVERABLE, VERIFIED
+from planner.replan import climb_cannot_reach
 from tests.planner.test_plan import fleet_and_screening
 
 
@@ -121,3 +123,67 @@ def test_a_member_that_misses_alone_after_its_group_continues_the_groups_model(
     (g2,) = again.pending_groups
     assert g2.reason == "more_epochs" and g2.warm_from == g.group_id
     assert g2.total_epochs == rmap.next_epochs(g.total_epochs)
+
+
+def test_climb_cannot_reach_forecasts_optimistically_from_three_tries() -> None:
+    thr = 0.96
+    assert not climb_cannot_reach([(1, 0.80), (2, 0.80)], 32, thr)  # two tries never stop a climb
+    # flat and far: 0.90 + 3 doublings left x 0.005 + noise 0.01 = 0.925 < 0.96
+    assert climb_cannot_reach([(1, 0.895), (2, 0.90), (4, 0.90)], 32, thr)
+    # the best gain a doubling (0.02, the first) kept for every doubling left reaches it
+    assert not climb_cannot_reach([(1, 0.88), (2, 0.90), (4, 0.90)], 32, thr)
+    # at the top of the ladder nothing is left to climb: only the noise allowance counts
+    assert climb_cannot_reach([(8, 0.94), (16, 0.945), (32, 0.948)], 32, thr)
+    assert not climb_cannot_reach([(8, 0.94), (16, 0.945), (32, 0.951)], 32, thr)
+    # a fall between tries is no gain; the best accuracy seen counts, not the last
+    assert not climb_cannot_reach([(1, 0.945), (2, 0.93), (3, 0.93)], 32, thr, noise=0.02)
+    with pytest.raises(ValueError, match="increasing"):
+        climb_cannot_reach([(2, 0.9), (2, 0.9), (4, 0.9)], 32, thr)
+    with pytest.raises(ValueError, match="increasing"):
+        climb_cannot_reach([(0, 0.9), (2, 0.9), (4, 0.9)], 32, thr)
+
+
+def _smooth_verify(plan: Plan, group: Group, chip_id: str) -> float:
+    """Accuracy that gains the same each doubling of epochs (a chip's own gain, 1.5x protected):
+    the returns the bounded climb's forecast assumes at most."""
+    h = hashlib.sha256(chip_id.encode()).digest()
+    gap, gain = 0.02 + 0.1 * h[0] / 255, 0.025 * h[1] / 255
+    gain *= 1.5 if group.protect else 1.0
+    return plan.threshold - gap + gain * math.log2(group.total_epochs)
+
+
+def _climb_to_the_end(plan: Plan) -> Plan:
+    for _ in range(60):
+        if plan.done:
+            return plan
+        plan = replan(plan, {c: _smooth_verify(plan, g, c) for g in plan.pending_groups for c in g.members})
+    raise AssertionError("replanning did not terminate")
+
+
+def test_a_bounded_climb_gives_up_only_chips_the_full_climb_gives_up_and_costs_less(
+    constraint: AccuracyConstraint, array: ArrayConfig
+) -> None:
+    fleet, screening = fleet_and_screening(300, 3, array)
+    screening = {c: 0.5 for c in screening}  # every chip retrains
+    ladder = ResilienceMap.ladder((0, 1, 2, 3, 4, 6, 8, 12, 16), baseline=0.98)
+    full, bounded = (
+        _climb_to_the_end(plan_fleet(fleet, screening, ladder, constraint, max_group_size=1, climb=climb))
+        for climb in ("full", "bounded")
+    )
+    assert full.settings.climb == "full" and bounded.settings.climb == "bounded"
+    verified = {c for c, st in full.chips.items() if st.status == VERIFIED}
+    given_up = {c for c, st in full.chips.items() if st.status == UNRECOVERABLE}
+    assert len(verified) > 30 and len(given_up) > 30  # both outcomes exercised
+    assert {c for c, st in bounded.chips.items() if st.status == VERIFIED} == verified
+    assert {c for c, st in bounded.chips.items() if st.status == UNRECOVERABLE} == given_up
+    assert bounded.planned_epochs < 0.7 * full.planned_epochs
+    for c in given_up:
+        st = bounded.chips[c]
+        assert st.history[-1]["protect"] and st.reason
+        if st.history[-1]["total_epochs"] < 16:
+            assert "predicted to miss" in st.reason
+        # protection climbs from the first rung, warm, instead of starting at the top
+        first_protected = next(h for h in st.history if h["protect"])
+        assert first_protected["total_epochs"] == 1
+    with pytest.raises(ValueError, match="climb"):
+        plan_fleet(fleet, screening, ladder, constraint, climb="sometimes")
