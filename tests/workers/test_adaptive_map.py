@@ -39,17 +39,35 @@ def fleet(n: int, seed: int) -> list[FaultMap]:
     return generate_fleet(n, seed, FleetSpec(array=ARRAY, defects_per_die=1.5, dies_across=4, mix=HARSH))
 
 
-@pytest.mark.slow
-def test_the_adaptive_map_agrees_with_the_full_grid_on_epochs(
-    setup: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+@dataclasses.dataclass(frozen=True)
+class Screened:
+    """A harsh 40-chip fleet screened with the base model and every bypass policy, as the fleet
+    loop screens it before planning (shared by the tests: each forks `em` for its own ledger)."""
+
+    model: Any
+    em: pl.Emulation
+    thr: pl.Thresholds
+    maps: list[FaultMap]
+    screens: dict[str, pl.Screen]
+
+
+@pytest.fixture(scope="module")
+def screened(setup: tuple[Any, Any]) -> Screened:
     model, data = setup
     em = pl.Emulation.of(ARRAY, data, pl.TrainConfig(lr=0.01, batch_size=64, seed=0))
     thr = em.thresholds(model, CONSTRAINT)
     maps = fleet(40, 3)
-    # the fleet loop's inputs to plan_fleet: screened with the base model, every bypass policy
     screens = pl.screen_fleet(em, [pl.LibraryModel("base", model)], maps, thr.decision, bypass=True, group_base="base")
-    screening, bypass_screening, served_by = pl.plan_inputs(screens)
+    return Screened(model, em, thr, maps, screens)
+
+
+@pytest.mark.slow
+def test_the_adaptive_map_agrees_with_the_full_grid_on_epochs(
+    screened: Screened, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, em, thr, maps = screened.model, screened.em.fork(), screened.thr, screened.maps
+    # the fleet loop's inputs to plan_fleet: screened with the base model, every bypass policy
+    screening, bypass_screening, served_by = pl.plan_inputs(screened.screens)
 
     # every epoch either map trains and every evaluation, counted where the work happens
     trained: list[int] = []
@@ -164,16 +182,12 @@ def test_arguments_are_checked_before_any_work() -> None:
 
 @pytest.mark.slow
 def test_plan_batch_measures_the_adaptive_map_for_fewer_cell_epochs_and_the_same_chip_epochs(
-    setup: tuple[Any, Any], capsys: pytest.CaptureFixture[str]
+    screened: Screened, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The fleet loop's map step: `plan_batch` with a measured map, adaptive cells against the
     full grid, on the same screening (one fork of the emulation each, so each ledger holds
     only its own map)."""
-    model, data = setup
-    em = pl.Emulation.of(ARRAY, data, pl.TrainConfig(lr=0.01, batch_size=64, seed=0))
-    thr = em.thresholds(model, CONSTRAINT)
-    maps = fleet(40, 3)
-    screens = pl.screen_fleet(em, [pl.LibraryModel("base", model)], maps, thr.decision, bypass=True, group_base="base")
+    model, em, thr, maps, screens = screened.model, screened.em, screened.thr, screened.maps, screened.screens
     batches, ledgers = {}, {}
     for cells in ("full", "adaptive"):
         settings = pl.FleetSettings(
@@ -234,15 +248,11 @@ def test_fleet_settings_check_map_cells_on_entry() -> None:
 
 
 @pytest.mark.slow
-def test_a_checkpointed_adaptive_map_resumes_without_training_again(setup: tuple[Any, Any], tmp_path: Any) -> None:
+def test_a_checkpointed_adaptive_map_resumes_without_training_again(screened: Screened, tmp_path: Any) -> None:
     """What the service's map job relies on when a worker dies: every sampled map's run
     checkpoints each epoch in one directory, and a build started again over it trains
     nothing it had finished and climbs to the same map."""
-    model, data = setup
-    em = pl.Emulation.of(ARRAY, data, pl.TrainConfig(lr=0.01, batch_size=64, seed=0))
-    thr = em.thresholds(model, CONSTRAINT)
-    maps = fleet(40, 3)
-    screens = pl.screen_fleet(em, [pl.LibraryModel("base", model)], maps, thr.decision, bypass=True, group_base="base")
+    model, em, thr, maps, screens = screened.model, screened.em, screened.thr, screened.maps, screened.screens
     screening, bypass_screening, served_by = pl.plan_inputs(screens)
     failing = [m for m in maps if screens[str(m.chip_id)].fit is None]
     settings = pl.FleetSettings(ladder=(0, 1, 2), map_rates=RATES, map_samples=1, map_max_undecided=0.0)
