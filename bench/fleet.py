@@ -13,8 +13,11 @@ job, on the same fleet in one run:
   8 epochs (warm, verified after each rung), then with its most sensitive layer protected;
   only then unrecoverable. No map, no robust base, no library.
 - faultfleet: the same screening against the model library, a fault-robust base where it
-  pays, groups with fused maps on the same ladder (or a measured map where it pays),
-  verification and replans; verified group models join the library.
+  pays, the chips it still fails retrained alone (or in groups with fused maps, with
+  --max-group-size) on the ladder 1, 2, 3, 4, 6, 8, ... rungs of --epoch-fraction passes up
+  to FAP+T's 8 passes (`pipeline.fine_ladder`), climbed warm with the "bounded" climb
+  (`planner.replan`), or on a measured map where it pays; verification and replans;
+  verified models join the library.
 - per_chip_fat (opt-in): the eFAT paper's baseline: a measured resilience map, every chip
   failing on its own map retrained alone for the map's epochs E, one round.
 
