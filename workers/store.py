@@ -172,6 +172,7 @@ def plan_settings(params: PlanParams) -> pipeline.FleetSettings:
         map_samples=grid.samples,
         map_cells=params.map_cells,
         schedule=params.schedule,
+        climb=params.climb,
         seed=params.seed,
     )
 

@@ -162,6 +162,12 @@ class PlanParams(StrictInput):
         description="train a fault-robust base model on the fleet's own maps for the library (on), never (off), "
         "or where it is predicted to save more retraining than it costs (auto)",
     )
+    climb: Literal["bounded", "full"] = Field(
+        default="bounded",
+        description="how verification climbs the epochs ladder for a chip retrained alone after a miss: "
+        "bounded stops a climb its own accuracies predict cannot reach the constraint and climbs again "
+        "protected from the first rung; full climbs every rung, then protected at the top (FAP+T's)",
+    )
     train: TrainIn = Field(default_factory=TrainIn)
     seed: Seed = 0
 

@@ -287,6 +287,8 @@ def test_bad_plan_and_model_requests_are_rejected(service: Any) -> None:
         r = c.post("/api/v1/plans", json={"model": "x", "constraint": {"max_drop": 0.01}, "map_cells": "sparse"})
         assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "map_cells"], r.text
         assert "'adaptive' or 'full'" in r.json()["errors"][0]["msg"], r.text
+        r = c.post("/api/v1/plans", json={"model": "x", "constraint": {"max_drop": 0.01}, "climb": "sometimes"})
+        assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "climb"], r.text
         r = c.post("/api/v1/plans", json={"model": "no-such-model", "constraint": {"max_drop": 0.01}})
         assert r.status_code == 404 and "no-such-model" in r.json()["detail"]
         r = c.post("/api/v1/plans", json={"model": "x", "constraint": {"max_drop": 0.01, "min_accuracy": 0.9}})

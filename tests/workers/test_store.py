@@ -50,6 +50,8 @@ def test_a_plans_stored_params_are_parsed_once_with_the_apis_defaults() -> None:
     )
     assert settings.map_cells == "adaptive" == params.map_cells  # the API's default reaches the loop
     assert store.plan_settings(PlanParams.stored({**stored, "map_cells": "full"})).map_cells == "full"
+    assert settings.climb == "bounded" == params.climb == pipeline.FleetSettings().climb
+    assert store.plan_settings(PlanParams.stored({**stored, "climb": "full"})).climb == "full"
     cfg = store.train_config(params, "cpu")
     assert (cfg.lr, cfg.batch_size, cfg.seed, cfg.device) == (0.02, 64, 0, "cpu")
     assert store.train_config(params.train) == pipeline.TrainConfig(lr=0.02)
