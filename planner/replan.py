@@ -46,6 +46,10 @@ from planner.plan import UNRECOVERABLE, VERIFIED, ChipState, Group, Plan, group_
 # Validation accuracies are estimates (one standard error is about a point on 500 images at
 # 95%): a climb is stopped only when its optimistic forecast misses by more than this.
 CLIMB_NOISE = 0.01
+# ... and only once at most this many doublings of epochs are left: gains do not always
+# diminish (on harsh fleet 1604 a chip FAP+T verified gained 0, 1 and 2.8 points over its
+# three doublings to 8 passes), so a forecast from the first quarter passes is not trusted.
+CLIMB_FORECAST_DOUBLINGS = 2.0
 
 _Step = tuple[
     list[str], float, int, str, bool, str | None, int
@@ -60,14 +64,17 @@ def climb_cannot_reach(
     `climb`: (total epochs, validation accuracy as a fraction) of its tries on one model,
     epochs increasing. The forecast is optimistic: its best accuracy plus, for every doubling
     of epochs still left, the best gain per doubling seen between two tries (returns usually
-    diminish), plus `noise`. Needs three tries (two gains); fewer never stop a climb.
+    diminish), plus `noise`. Needs three tries (two gains) and at most `CLIMB_FORECAST_DOUBLINGS`
+    doublings left to the top; before that a climb is never stopped.
     """
-    if len(climb) < 3:
-        return False
     if any(t1 <= t0 or t0 <= 0 for (t0, _), (t1, _) in zip(climb, climb[1:], strict=False)):
         raise ValueError(f"climb_cannot_reach: epochs must be positive and increasing, got {list(climb)}")
-    gains = [(a1 - a0) / math.log2(t1 / t0) for (t0, a0), (t1, a1) in zip(climb, climb[1:], strict=False)]
+    if len(climb) < 3:
+        return False
     doublings_left = max(0.0, math.log2(largest_epochs / climb[-1][0]))
+    if doublings_left > CLIMB_FORECAST_DOUBLINGS:
+        return False
+    gains = [(a1 - a0) / math.log2(t1 / t0) for (t0, a0), (t1, a1) in zip(climb, climb[1:], strict=False)]
     forecast = max(a for _, a in climb) + doublings_left * max(0.0, *gains) + noise
     return not meets(forecast, threshold)
 
