@@ -881,7 +881,9 @@ class FleetOutcome:
     rounds: int
 
     def record(self) -> dict[str, Any]:
-        """The JSON figures of this run (accuracies on the test split)."""
+        """The JSON figures of this run (accuracies on the test split; `verified_accuracy_margin`:
+        the verified chips' mean validation accuracy over the decision threshold, and their mean
+        test minus validation accuracy, as fractions; None when no chip was retrained)."""
         chips = self.plan.chips
         test = [st.test_accuracy for st in chips.values()]
         meeting = sum(1 for a in test if self.thresholds.met(a))
@@ -897,6 +899,20 @@ class FleetOutcome:
             row[0] += int(self.thresholds.met(st.test_accuracy))
             row[1] += 1
         known = [a for a in test if a is not None]
+        # how far above the decision threshold retrained chips were verified, and what the test
+        # split made of it: short rungs stop just above it (bench/README.md, fleet economics)
+        verified = [
+            (st.accuracy, st.test_accuracy)
+            for st in chips.values()
+            if st.status == VERIFIED and st.accuracy is not None and st.test_accuracy is not None
+        ]
+        margin = None
+        if verified:
+            mean_validation = sum(v for v, _ in verified) / len(verified)
+            margin = {
+                "validation_over_threshold": round(mean_validation - self.thresholds.decision, 4),
+                "test_over_validation": round(sum(t - v for v, t in verified) / len(verified), 4),
+            }
         return {
             **self.ledger.to_dict(),
             "wall_s": round(self.wall_s, 1),
@@ -907,6 +923,7 @@ class FleetOutcome:
             "chips_verified": len(self.plan.chips_with(VERIFIED)),
             "chips_served_without_retraining": dict(sorted(served.items())),
             "chips_retrained": sum(1 for st in chips.values() if st.status != NEEDS_NOTHING),
+            "verified_accuracy_margin": margin,
             "groups": len(self.plan.groups),
             "rounds": self.rounds,
             "protected_chips": len(self.protection),

@@ -80,6 +80,13 @@ def test_fap_t_climbs_the_ladder_alone_then_protects_then_gives_up(setup: tuple[
     assert sum(m for m, _ in by_kind.values()) == rec["chips_meeting_constraint"]
     retrained = [st for st in plan.chips.values() if st.status != "needs_nothing"]
     assert by_kind.get("retrained", [0, 0]) == [sum(thr.met(st.test_accuracy) for st in retrained), len(retrained)]
+    verified = [st for st in retrained if st.status == "verified"]
+    assert verified  # the fleet exercises the margin
+    margin = rec["verified_accuracy_margin"]
+    expected = sum(st.accuracy for st in verified) / len(verified) - thr.decision
+    assert margin["validation_over_threshold"] == pytest.approx(expected, abs=1e-4) and expected >= 0
+    shift = sum(st.test_accuracy - st.accuracy for st in verified) / len(verified)
+    assert margin["test_over_validation"] == pytest.approx(shift, abs=1e-4)
 
 
 def test_faultfleet_groups_verify_on_the_group_deployment_and_reproduce(setup: tuple[Any, Any]) -> None:
