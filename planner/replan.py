@@ -79,6 +79,24 @@ def climb_cannot_reach(
     return not meets(forecast, threshold)
 
 
+def training_collapsed(state: ChipState, drop: float = 0.2) -> bool:
+    """Whether, within one climb (tries with the same protection and growing epochs, each
+    continuing the last), a try of the chip fell more than `drop` (a fraction) below an earlier
+    one: its retraining diverged rather than converged (stuck high partial-sum bits blow some
+    runs up; bench/README.md, fleet economics)."""
+    if not 0.0 < drop <= 1.0:
+        raise ValueError(f"training_collapsed: drop {drop!r} must be in (0, 1]")
+    best, last = None, None
+    for h in state.history:
+        acc, key = float(h["accuracy"]), (bool(h["protect"]), int(h["total_epochs"]))
+        if last is None or key[0] != last[0] or key[1] <= last[1]:
+            best = None  # a new climb
+        if best is not None and acc < best - drop:
+            return True
+        best, last = acc if best is None else max(best, acc), key
+    return False
+
+
 def _climb(state: ChipState, protect: bool) -> list[tuple[int, float]]:
     """The chip's current climb: its latest tries alone with `protect`, one model warm."""
     tries: list[tuple[int, float]] = []

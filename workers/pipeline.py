@@ -55,6 +55,7 @@ from planner import (
 from planner.constraint import meets
 from planner.economics import resilience_map_pays, robust_base_pays, robust_rung_pays
 from planner.plan import CLIMBS, NEEDS_NOTHING, UNRECOVERABLE, VERIFIED
+from planner.replan import training_collapsed
 
 Progress = Callable[[str], None]
 EpochProgress = Callable[[int, int, dict[str, float]], None]
@@ -924,6 +925,8 @@ class FleetOutcome:
             "chips_served_without_retraining": dict(sorted(served.items())),
             "chips_retrained": sum(1 for st in chips.values() if st.status != NEEDS_NOTHING),
             "verified_accuracy_margin": margin,
+            # retraining that diverged (a climb fell more than 20 points): what a guard would retry
+            "chips_training_collapsed": sum(1 for st in chips.values() if training_collapsed(st)),
             "groups": len(self.plan.groups),
             "rounds": self.rounds,
             "protected_chips": len(self.protection),

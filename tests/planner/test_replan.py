@@ -8,7 +8,7 @@ import pytest
 from accelerator.faults import ArrayConfig
 from planner import AccuracyConstraint, Group, Plan, ResilienceMap, plan_fleet, replan
 from planner.plan import NEEDS_NOTHING, UNRECOVERABLE, VERIFIED
-from planner.replan import climb_cannot_reach
+from planner.replan import climb_cannot_reach, training_collapsed
 from tests.planner.test_plan import fleet_and_screening
 
 
@@ -191,3 +191,23 @@ def test_a_bounded_climb_gives_up_only_chips_the_full_climb_gives_up_and_costs_l
         assert first_protected["total_epochs"] == 1
     with pytest.raises(ValueError, match="climb"):
         plan_fleet(fleet, screening, ladder, constraint, climb="sometimes")
+
+
+def test_training_collapsed_sees_a_climb_that_fell_not_a_new_one() -> None:
+    from planner.plan import ChipState
+
+    def chip(*tries: tuple[int, bool, float]) -> ChipState:
+        st = ChipState("c", "verified", 0.5, 0.01)
+        st.history = [{"total_epochs": t, "protect": p, "accuracy": a, "size": 1} for t, p, a in tries]
+        return st
+
+    # 1704's L001-W04-X00Y05: 0.852 at 2 quarter passes, 0.466 at 6
+    assert training_collapsed(chip((1, False, 0.804), (2, False, 0.852), (3, False, 0.778), (6, False, 0.466)))
+    assert not training_collapsed(chip((1, False, 0.804), (2, False, 0.852), (3, False, 0.778)))  # noise
+    # a protected climb starting lower is a new climb, not a collapse
+    assert not training_collapsed(chip((32, False, 0.95), (1, True, 0.5), (2, True, 0.7)))
+    # FAP+T's 1704 L001-W04-X09Y06 stayed low from its first try: never converged, never fell
+    assert not training_collapsed(chip((1, False, 0.124), (2, False, 0.118), (4, False, 0.112)))
+    assert training_collapsed(chip((1, False, 0.9), (2, False, 0.75)), drop=0.1)
+    with pytest.raises(ValueError, match="drop"):
+        training_collapsed(chip(), drop=0)

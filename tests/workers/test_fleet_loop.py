@@ -14,6 +14,7 @@ import accelerator as acc  # noqa: E402
 from accelerator.faults import ArrayConfig, FaultMap  # noqa: E402
 from planner import AccuracyConstraint, FleetSpec, generate_fleet  # noqa: E402
 from planner.plan import NEEDS_NOTHING, UNRECOVERABLE, VERIFIED  # noqa: E402
+from planner.replan import training_collapsed  # noqa: E402
 from planner.synthetic_fleet import FaultMix  # noqa: E402
 from workers import pipeline as pl  # noqa: E402
 
@@ -87,6 +88,7 @@ def test_fap_t_climbs_the_ladder_alone_then_protects_then_gives_up(setup: tuple[
     assert margin["validation_over_threshold"] == pytest.approx(expected, abs=1e-4) and expected >= 0
     shift = sum(st.test_accuracy - st.accuracy for st in verified) / len(verified)
     assert margin["test_over_validation"] == pytest.approx(shift, abs=1e-4)
+    assert rec["chips_training_collapsed"] == sum(training_collapsed(st) for st in plan.chips.values())
 
 
 def test_faultfleet_groups_verify_on_the_group_deployment_and_reproduce(setup: tuple[Any, Any]) -> None:
