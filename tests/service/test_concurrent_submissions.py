@@ -14,7 +14,8 @@ import pytest
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
-from app.db.models import AcceleratorProfile, Job, ModelRecord, PlanRecord
+from app.db.models import Job, ModelRecord, PlanRecord
+from tests.rows import base_model_row
 
 pytestmark = pytest.mark.integration
 
@@ -29,12 +30,7 @@ def test_concurrent_executes_make_one_execution(api_on_fresh_pg: Any) -> None:
     engine = create_engine(svc.database_url)
     try:
         with Session(engine) as s:
-            prof = AcceleratorProfile(name="p", rows=8, cols=8, fmt="int8", bypass=True)
-            s.add(prof)
-            s.flush()
-            bm = ModelRecord(name="m", architecture="mlp", dataset="digits", accelerator_id=prof.id, status="ready")
-            s.add(bm)
-            s.flush()
+            bm = base_model_row(s, profile="p")
             plans = []
             for _ in range(5):  # planned (a document), not executed yet
                 plan = PlanRecord(base_model_id=bm.id, status="planned", constraint={}, document={"chips": []})

@@ -20,12 +20,13 @@ from sqlalchemy.orm import Session
 from app.api import errors as api_errors
 from app.core.config import Settings
 from app.db.migrate import upgrade
-from app.db.models import AcceleratorProfile, Chip, ChipAssignment, GroupRecord, ModelRecord, PlanRecord
+from app.db.models import Chip, ChipAssignment, GroupRecord, PlanRecord
 from app.db.session import make_engine
 from app.schemas.plans import PlanIn
 from app.services import chips as chipsvc
 from app.services import plans as svc
 from app.services.errors import Conflict, DomainError, Invalid, NotFound
+from tests.rows import base_model_row
 
 
 def test_services_import_nothing_of_http() -> None:
@@ -108,23 +109,13 @@ def engine(tmp_path: Path) -> Engine:
     return make_engine(settings)
 
 
-def _rows(s: Session, status: str = "pending") -> ModelRecord:
-    prof = AcceleratorProfile(name="sa8", rows=8, cols=8, fmt="int8", bypass=True)
-    s.add(prof)
-    s.flush()
-    bm = ModelRecord(name="m", architecture="mlp", dataset="digits", accelerator_id=prof.id, status=status, config={})
-    s.add(bm)
-    s.flush()
-    return bm
-
-
 def _plan_in(**kw: Any) -> PlanIn:
     return PlanIn.model_validate({"model": "m", "constraint": {"max_drop": 0.01}, **kw})
 
 
 def test_model_and_plan_services_raise_domain_errors(engine: Engine) -> None:
     with Session(engine) as s:
-        bm = _rows(s)
+        bm = base_model_row(s, status="pending", config={})
         with pytest.raises(NotFound) as nf:
             svc.get_model(s, "nope")
         assert nf.value.message == "no base model 'nope'" and nf.value.errors[0]["loc"] == ["path", "model"]
@@ -151,7 +142,7 @@ def test_model_and_plan_services_raise_domain_errors(engine: Engine) -> None:
 
 def test_download_services_raise_domain_errors(engine: Engine) -> None:
     with Session(engine) as s:
-        bm = _rows(s, status="ready")
+        bm = base_model_row(s, config={})
         plan = PlanRecord(base_model_id=bm.id, status="executed", constraint={})
         s.add(plan)
         s.flush()

@@ -15,8 +15,9 @@ from sqlalchemy.orm import Session
 from app.api import metrics
 from app.core.config import Settings
 from app.db.migrate import upgrade
-from app.db.models import AcceleratorProfile, Artifact, GroupRecord, ModelRecord, PlanRecord, ResilienceMapRecord
+from app.db.models import Artifact, GroupRecord, ModelRecord, PlanRecord, ResilienceMapRecord
 from app.db.session import make_engine
+from tests.rows import base_model_row
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
@@ -58,17 +59,6 @@ def _plan(s: Session, bm: ModelRecord, params: dict[str, object], groups: list[t
         )
 
 
-def _ready_model(s: Session) -> ModelRecord:
-    """A ready base model on an 8x8 profile, flushed so that plans and maps can refer to it."""
-    prof = AcceleratorProfile(name="sa8", rows=8, cols=8, fmt="int8", bypass=True)
-    s.add(prof)
-    s.flush()
-    bm = ModelRecord(name="m", architecture="mlp", dataset="digits", accelerator_id=prof.id, status="ready")
-    s.add(bm)
-    s.flush()
-    return bm
-
-
 def _map(s: Session, bm: ModelRecord, key: str, training_epochs: int, train: dict[str, object]) -> None:
     s.add(
         ResilienceMapRecord(
@@ -84,7 +74,7 @@ def _map(s: Session, bm: ModelRecord, key: str, training_epochs: int, train: dic
 
 def test_epochs_trained_counts_full_passes_over_the_train_split(engine: Engine) -> None:
     with Session(engine) as s:
-        bm = _ready_model(s)
+        bm = base_model_row(s)
         half = {"train": {"lr": 0.01, "batch_size": 64, "seed": 0, "epoch_fraction": 0.5}}
         _plan(s, bm, half, [(2, True), (4, True), (8, False)])  # 6 retraining epochs of half a pass
         _plan(s, bm, {"train": {"lr": 0.01, "epoch_fraction": 1.0}}, [(3, True)])
@@ -98,7 +88,7 @@ def test_epochs_trained_counts_full_passes_over_the_train_split(engine: Engine) 
 
 def test_the_scrape_shows_those_passes(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     with Session(engine) as s:
-        bm = _ready_model(s)
+        bm = base_model_row(s)
         _plan(s, bm, {"train": {"epoch_fraction": 0.5}}, [(3, True)])
         s.commit()
     from sqlalchemy.orm import sessionmaker

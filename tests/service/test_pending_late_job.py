@@ -18,10 +18,11 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.db.migrate import upgrade
-from app.db.models import AcceleratorProfile, Chip, Job, ModelRecord, PlanRecord
+from app.db.models import Chip, Job, PlanRecord
 from app.db.session import make_engine
 from app.services import jobs as jobsvc
 from app.services import plans as plansvc
+from tests.rows import base_model_row
 
 pytestmark = pytest.mark.integration
 
@@ -31,15 +32,10 @@ def engine(pg_database: str, tmp_path: Path) -> Iterator[Engine]:
     upgrade(pg_database)
     eng = make_engine(Settings(database_url=pg_database, var_dir=tmp_path))
     with Session(eng) as s:
-        prof = AcceleratorProfile(name="p", rows=4, cols=4, fmt="int8", bypass=True)
-        s.add(prof)
-        s.flush()
-        bm = ModelRecord(name="m", architecture="mlp", dataset="digits", accelerator_id=prof.id, status="ready")
-        s.add(bm)
-        s.flush()
+        bm = base_model_row(s, profile="p", size=4)
         s.add(PlanRecord(base_model_id=bm.id, status="executed", constraint={}, document={"chips": []}))
         for i in range(4):
-            s.add(Chip(chip_id=f"c{i}", accelerator_id=prof.id, **_chip_fields()))
+            s.add(Chip(chip_id=f"c{i}", accelerator_id=bm.accelerator_id, **_chip_fields()))
         s.commit()
     try:
         yield eng
