@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from planner.constraint import meets
 from planner.plan import UNRECOVERABLE, VERIFIED, ChipState, Group, Plan, group_chips, make_group
@@ -79,6 +80,19 @@ def climb_cannot_reach(
     return not meets(forecast, threshold)
 
 
+def _climbs(state: ChipState) -> list[list[dict[str, Any]]]:
+    """The chip's tries cut into climbs: a climb goes on while the protection stays the same
+    and the epochs grow (each try continuing the last); anything else starts a new one."""
+    climbs: list[list[dict[str, Any]]] = []
+    for h in state.history:
+        last = climbs[-1][-1] if climbs else None
+        if last is not None and h["protect"] == last["protect"] and h["total_epochs"] > last["total_epochs"]:
+            climbs[-1].append(h)
+        else:
+            climbs.append([h])
+    return climbs
+
+
 def training_collapsed(state: ChipState, drop: float = 0.2) -> bool:
     """Whether, within one climb (tries with the same protection and growing epochs, each
     continuing the last), a try of the chip fell more than `drop` (a fraction) below an earlier
@@ -86,22 +100,23 @@ def training_collapsed(state: ChipState, drop: float = 0.2) -> bool:
     runs up; bench/README.md, fleet economics)."""
     if not 0.0 < drop <= 1.0:
         raise ValueError(f"training_collapsed: drop {drop!r} must be in (0, 1]")
-    best, last = None, None
-    for h in state.history:
-        acc, key = float(h["accuracy"]), (bool(h["protect"]), int(h["total_epochs"]))
-        if last is None or key[0] != last[0] or key[1] <= last[1]:
-            best = None  # a new climb
-        if best is not None and acc < best - drop:
-            return True
-        best, last = acc if best is None else max(best, acc), key
+    for climb in _climbs(state):
+        best = float(climb[0]["accuracy"])
+        for h in climb[1:]:
+            if float(h["accuracy"]) < best - drop:
+                return True
+            best = max(best, float(h["accuracy"]))
     return False
 
 
 def _climb(state: ChipState, protect: bool) -> list[tuple[int, float]]:
-    """The chip's current climb: its latest tries alone with `protect`, one model warm."""
+    """The chip's current climb, if it is one with `protect`: its latest tries alone, one model warm."""
+    climbs = _climbs(state)
+    if not climbs or climbs[-1][0]["protect"] != protect:
+        return []
     tries: list[tuple[int, float]] = []
-    for h in reversed(state.history):
-        if h["size"] != 1 or h["protect"] != protect or (tries and h["total_epochs"] >= tries[-1][0]):
+    for h in reversed(climbs[-1]):
+        if h["size"] != 1:
             break
         tries.append((int(h["total_epochs"]), float(h["accuracy"])))
     return tries[::-1]

@@ -884,7 +884,7 @@ class FleetOutcome:
     def record(self) -> dict[str, Any]:
         """The JSON figures of this run (accuracies on the test split; `verified_accuracy_margin`:
         the verified chips' mean validation accuracy over the decision threshold, and their mean
-        test minus validation accuracy, as fractions; None when no chip was retrained)."""
+        test minus validation accuracy, as fractions; None when no chip was verified)."""
         chips = self.plan.chips
         test = [st.test_accuracy for st in chips.values()]
         meeting = sum(1 for a in test if self.thresholds.met(a))
